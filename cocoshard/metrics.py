@@ -117,8 +117,9 @@ def server_f1(pred: np.ndarray, labels: np.ndarray) -> ServerF1:
     class_precision = _ratio(tp, tp + fp)
     class_recall = _ratio(tp, positives)
     weights = class_weights(positives)
-    precision = float(weights @ class_precision)
-    recall = float(weights @ class_recall)
+    # the weights sum to 1 only up to rounding: keep a perfect score at exactly 1.0, not 1 + 2e-16
+    precision = min(float(weights @ class_precision), 1.0)
+    recall = min(float(weights @ class_recall), 1.0)
     return ServerF1(
         f1=float(harmonic_mean(precision, recall)),
         precision=precision,
