@@ -1,14 +1,40 @@
-"""Shared fixtures: the real COCO sample shipped beside the project, and scratch copies of it."""
+"""Shared fixtures: the real COCO sample, a small generated data set, and both packed in each format.
+
+Session-scoped, so a data set is drawn or packed once per test run. Shard folders are read-only
+by convention: a test that changes files packs its own copy with `pack_dir`.
+
+    sample_shards_jpeg / sample_shards_raw   coco-sample packed: ~100 train, ~25 val, 32 test
+    synth_shards_jpeg / synth_shards_raw     synth_root packed: 240 train, 60 val, 40 test
+Both use small shards (16 and 32 samples) so that splitting shards over ranks and workers is
+exercised; raw canvases are 224 x 224.
+"""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any, Callable
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 COCO_SAMPLE = Path(os.environ.get("COCOSHARD_SAMPLE", REPO.parent / "shared" / "coco-sample"))
+
+SYNTH_TRAIN = 300
+SYNTH_TEST = 40
+SAMPLE_SHARD_SAMPLES = 16
+SYNTH_SHARD_SAMPLES = 32
+
+PackDir = Callable[..., Path]
+
+
+def _pack(root: str | os.PathLike, out: str | os.PathLike, **overrides: Any) -> Path:
+    from cocoshard import config, pack
+
+    settings = {"root": str(root), "out": str(out), "workers": 2, **overrides}
+    cfg = config.resolve(config.PackConfig, settings)
+    pack.pack_folder(cfg, progress=False)
+    return Path(out)
 
 
 @pytest.fixture(scope="session")
@@ -17,3 +43,46 @@ def coco_sample() -> Path:
     if not (COCO_SAMPLE / "images").is_dir():
         pytest.fail(f"the real COCO sample is missing at {COCO_SAMPLE} (set COCOSHARD_SAMPLE)")
     return COCO_SAMPLE
+
+
+@pytest.fixture(scope="session")
+def pack_dir() -> PackDir:
+    """`pack_dir(root, out, **overrides) -> out`: run `cocoshard pack` in-process (2 workers, no progress
+    bar); overrides are PackConfig fields (format="raw", shard_samples=8, seed=1, strict=True, ...)."""
+    return _pack
+
+
+@pytest.fixture(scope="session")
+def synth_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A generated data set in the challenge layout: 300 labelled train and 40 test images, seed 0."""
+    from cocoshard.synth import write_synthetic
+
+    root = tmp_path_factory.mktemp("synth")
+    write_synthetic(root, train=SYNTH_TRAIN, test=SYNTH_TEST, seed=0, workers=2)
+    return root
+
+
+@pytest.fixture(scope="session")
+def sample_shards_jpeg(coco_sample: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """coco-sample packed with source JPEG bytes, 16 samples per shard."""
+    return _pack(coco_sample, tmp_path_factory.mktemp("sample-jpeg"), shard_samples=SAMPLE_SHARD_SAMPLES)
+
+
+@pytest.fixture(scope="session")
+def sample_shards_raw(coco_sample: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """coco-sample packed as raw 224 x 224 canvases, 16 samples per shard."""
+    out = tmp_path_factory.mktemp("sample-raw")
+    return _pack(coco_sample, out, format="raw", shard_samples=SAMPLE_SHARD_SAMPLES)
+
+
+@pytest.fixture(scope="session")
+def synth_shards_jpeg(synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The generated set packed with source JPEG bytes, 32 samples per shard."""
+    return _pack(synth_root, tmp_path_factory.mktemp("synth-jpeg"), shard_samples=SYNTH_SHARD_SAMPLES)
+
+
+@pytest.fixture(scope="session")
+def synth_shards_raw(synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The generated set packed as raw 224 x 224 canvases, 32 samples per shard."""
+    out = tmp_path_factory.mktemp("synth-raw")
+    return _pack(synth_root, out, format="raw", shard_samples=SYNTH_SHARD_SAMPLES)
