@@ -1,0 +1,230 @@
+"""Where and how a run executes, in one place: device, DDP, mixed precision, seeds and RNG states.
+
+Distributed runs come from torchrun only, which sets RANK, WORLD_SIZE and LOCAL_RANK:
+
+    $ torchrun --nproc_per_node=4 -m cocoshard train --shards shards
+
+NCCL joins the processes on CUDA, gloo on a CPU. Mixed precision is bf16 wherever the device has
+it (recent GPUs, and CPUs: autocast on a CPU only does bf16 well) and fp16 with a GradScaler on
+GPUs without bf16. Seeds for per-epoch randomness are derived from (seed, epoch, rank) so that a
+resumed run draws exactly what the uninterrupted run would have drawn.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from cocoshard.errors import ConfigError
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """The device, this process's place in the job, and the autocast dtype (None: full precision)."""
+
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    amp_dtype: Optional[torch.dtype] = None
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the only process that prints and writes files."""
+        return self.rank == 0
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """Mixed-precision context for forward passes (a no-op without AMP)."""
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def grad_scaler(self) -> torch.amp.GradScaler:
+        """A GradScaler that is active only for fp16, the one dtype whose gradients underflow."""
+        return torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+
+
+# ----------------------------------------------------------------------------------- resolution
+
+
+def resolve_device(choice: str) -> torch.device:
+    """"auto" → CUDA when available, else the CPU; "cuda" without a GPU is a config error."""
+    if choice == "auto":
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is visible; use --device cpu (or auto)")
+    if choice not in ("cpu", "cuda"):
+        raise ConfigError(f"--device must be auto, cpu or cuda (got {choice!r})")
+    return torch.device(choice)
+
+
+def resolve_amp_dtype(amp: bool, choice: str, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype for `--amp/--amp-dtype` on `device`, or None for full precision."""
+    if not amp:
+        return None
+    if device.type == "cuda":
+        bf16_ok = torch.cuda.is_bf16_supported()
+        if choice == "auto":
+            return torch.bfloat16 if bf16_ok else torch.float16
+        if choice == "bf16" and not bf16_ok:
+            raise ConfigError(f"--amp-dtype bf16: {torch.cuda.get_device_name(device)} lacks bf16; use fp16 or auto")
+        return AMP_DTYPES[choice]
+    if choice == "fp16":
+        raise ConfigError("--amp-dtype fp16 needs a GPU; on a CPU use --amp-dtype bf16 (or auto) or --no-amp")
+    return torch.bfloat16
+
+
+# ----------------------------------------------------------------------------------- set-up
+
+
+def _torchrun_env() -> tuple[int, int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", str(rank)))
+    return rank, world, local
+
+
+def setup(device: str = "auto", amp: bool = False, amp_dtype: str = "auto") -> Runtime:
+    """Resolve the device and AMP dtype; join the torchrun process group when there is one."""
+    rank, world, local = _torchrun_env()
+    dev = resolve_device(device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(local)
+        dev = torch.device("cuda", local)
+        torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    elif world > 1:
+        # Processes on one machine share its cores; oversubscribed threads slow every rank down.
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, device_id=dev if dev.type == "cuda" else None)
+    return Runtime(dev, rank, world, local, resolve_amp_dtype(amp, amp_dtype, dev))
+
+
+def cleanup() -> None:
+    """Leave the process group (if any) so that torchrun sees a clean exit."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def wrap_ddp(model: nn.Module, runtime: Runtime) -> nn.Module:
+    """DistributedDataParallel around `model` when the run has several processes, else `model`."""
+    if not runtime.distributed:
+        return model
+    ids = [runtime.device.index] if runtime.device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module under DDP and torch.compile wrappers (whose state dict has clean names)."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+# ----------------------------------------------------------------------------------- collectives
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum `tensor` over ranks in place (no-op in a single process); returns it."""
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def gather_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate every rank's rows (dim 0), which may differ in number, in rank order.
+
+    all_gather needs equal shapes, so each rank pads to the longest share and the padding is cut
+    off again using the gathered row counts."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tensor
+    world = dist.get_world_size()
+    count = torch.tensor([tensor.shape[0]], device=tensor.device, dtype=torch.long)
+    counts = [torch.zeros_like(count) for _ in range(world)]
+    dist.all_gather(counts, count)
+    sizes = [int(c.item()) for c in counts]
+    padded = tensor.new_zeros((max(sizes), *tensor.shape[1:]))
+    padded[: tensor.shape[0]] = tensor
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded.contiguous())
+    return torch.cat([part[:size] for part, size in zip(parts, sizes)])
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """Every rank's `obj` (picklable, small: keys, counts), in rank order."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op in a single process)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+# ----------------------------------------------------------------------------------- randomness
+
+
+def derive_seed(seed: int, *parts: int) -> int:
+    """A well-mixed 63-bit seed that is a pure function of `seed` and `parts` (e.g. epoch, rank)."""
+    state = np.random.SeedSequence([seed, *parts]).generate_state(2, dtype=np.uint32)
+    return int(state[0]) << 31 ^ int(state[1])
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's (every device's) global generators."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    """The global generators' states as tensors and lists (loadable with weights_only=True)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "python": {"version": version, "internal": list(internal), "gauss": gauss},
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what `rng_state` captured (CUDA states only when as many devices are visible)."""
+    torch.set_rng_state(state["torch"].cpu())
+    np_state = state["numpy"]
+    keys = np_state["keys"].numpy().astype(np.uint32)
+    np.random.set_state((np_state["kind"], keys, np_state["pos"], np_state["has_gauss"], np_state["cached_gaussian"]))
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["internal"]), py["gauss"]))
+    cuda = state.get("cuda") or []
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([s.cpu() for s in cuda])
