@@ -169,6 +169,7 @@ class EvaluateConfig:
 
     predictions: str = opt("predictions.json", "submission JSON to check and score")
     labels: Optional[str] = opt(None, "folder of .cls files, or shards folder (its val split); omit to only check the format")
+    images: Optional[str] = opt(None, "folder of images (or shards folder: its test split) the file must cover exactly, each once")
     scores: Optional[str] = opt(None, "raw probabilities (.npz from predict --scores) for mAP")
     per_class: bool = opt(False, "print a per-class table")
     report: Optional[str] = opt(None, "write PNG figures and a markdown summary to this folder")
@@ -176,7 +177,14 @@ class EvaluateConfig:
     json: bool = opt(False, "print the metrics as one JSON object on stdout")
 
     def validate(self) -> None:
-        pass
+        if self.labels is None:
+            for name in ("scores", "report"):
+                if getattr(self, name) is not None:
+                    raise ConfigError(f"--{name} needs --labels: there is nothing to score without them")
+            if self.per_class:
+                raise ConfigError("--per-class needs --labels: there is nothing to score without them")
+        if self.run is not None and self.report is None:
+            raise ConfigError("--run gives the curves of --report DIR: give --report too")
 
 
 @dataclass
