@@ -49,10 +49,18 @@ class SynthConfig:
     size: int = opt(224, "long side of every image in pixels")
     quality: int = opt(90, "JPEG quality")
     workers: int = opt(0, "processes drawing images (0: one per core)")
+    min_scale: float = opt(0.125, "smallest object as a fraction of the long side")
+    max_scale: float = opt(1 / 3, "largest object as a fraction of the long side")
+    clutter: float = opt(1.0, "background noise and distractor strokes (0: clean gradient)")
+    tail: float = opt(0.8, "class frequency ~ (id + 1) ** -tail (0: balanced classes)")
 
     def validate(self) -> None:
-        _positive(self, "train", "size", "quality")
-        _non_negative(self, "test", "workers")
+        _positive(self, "train", "size", "quality", "min_scale", "max_scale")
+        _non_negative(self, "test", "workers", "clutter", "tail")
+        if self.min_scale > self.max_scale or self.max_scale > 1:
+            raise ConfigError(f"need --min-scale <= --max-scale <= 1 (got {self.min_scale}, {self.max_scale})")
+        if self.quality > 100:
+            raise ConfigError(f"--quality must be at most 100 (got {self.quality})")
 
 
 @dataclass
@@ -85,9 +93,10 @@ class InspectConfig:
 
     shards: str = opt("shards", "folder holding manifest.json and the shards")
     verify: bool = opt(False, "re-hash every shard against the manifest and decode every sample")
+    workers: int = opt(0, "processes verifying shards (0: one per core)")
 
     def validate(self) -> None:
-        pass
+        _non_negative(self, "workers")
 
 
 @dataclass

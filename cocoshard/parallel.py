@@ -1,0 +1,67 @@
+"""Independent tasks spread over processes with one progress bar (pack, synth, inspect --verify).
+
+Workers are started with "spawn": a fresh interpreter per worker is safe whatever the parent holds
+(threads of torch or of a test runner), at the cost of ~0.2 s of imports per worker. A task's
+result depends only on the task, so the output is the same for any number of workers.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from typing import Any, Callable, Sequence, TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def cpu_count() -> int:
+    """Cores this process may run on (respects CPU affinity and container limits)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
+def worker_count(requested: int, tasks: int) -> int:
+    """Processes to start: `requested` (0 means one per core), never more than there are tasks."""
+    wanted = requested if requested > 0 else cpu_count()
+    return max(1, min(wanted, tasks))
+
+
+def _indexed(call: tuple[Callable[[Any], Any], int, Any]) -> tuple[int, Any]:
+    function, index, task = call
+    return index, function(task)
+
+
+def map_in_workers(
+    function: Callable[[T], R],
+    tasks: Sequence[T],
+    *,
+    workers: int = 0,
+    sizes: Sequence[int] | None = None,
+    progress: bool = False,
+    desc: str = "",
+    unit: str = "img",
+) -> list[R]:
+    """`[function(t) for t in tasks]`, computed by worker processes; results in task order.
+
+    `function` must be a module-level function (it is pickled by name). `sizes` weights each task
+    on the progress bar (e.g. images per task); one worker runs everything in this process.
+    """
+    from tqdm import tqdm
+
+    weights = list(sizes) if sizes is not None else [1] * len(tasks)
+    results: list[Any] = [None] * len(tasks)
+    count = worker_count(workers, len(tasks))
+    with tqdm(total=sum(weights), desc=desc, unit=unit, disable=not progress, dynamic_ncols=True) as bar:
+        if count == 1:
+            for index, task in enumerate(tasks):
+                results[index] = function(task)
+                bar.update(weights[index])
+            return results
+        calls = [(function, index, task) for index, task in enumerate(tasks)]
+        with multiprocessing.get_context("spawn").Pool(count) as pool:
+            for index, result in pool.imap_unordered(_indexed, calls):
+                results[index] = result
+                bar.update(weights[index])
+    return results
