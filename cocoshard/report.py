@@ -32,6 +32,7 @@ F1_FIGURE = "per_class_f1.png"
 PR_FIGURE = "precision_recall.png"
 CURVES_FIGURE = "curves.png"
 EPOCH_KEYS = ("epoch", "epochs")
+SCORE_LEAVES = ("server_f1", "server_f1_tuned", "map")
 ABSENT_COLOUR, F1_COLOUR, PRECISION_COLOUR, RECALL_COLOUR = "#bbbbbb", "#3b75af", "#e07b39", "#519e3e"
 
 
@@ -145,22 +146,37 @@ def read_metrics_log(run_dir: str | os.PathLike) -> list[dict[str, float]]:
     return records
 
 
-def _series(records: list[dict[str, float]], wanted: str) -> dict[str, tuple[list[float], list[float]]]:
-    """Every key containing `wanted` (e.g. "loss", "f1"), as (epochs, values)."""
+def _series(records: list[dict[str, float]], keep: Any) -> dict[str, tuple[list[float], list[float]]]:
+    """Every key whose last part (after the last '/') passes `keep`, as (epochs, values)."""
     series: dict[str, tuple[list[float], list[float]]] = {}
     for index, record in enumerate(records):
         epoch = next((record[k] for k in EPOCH_KEYS if k in record), float(index + 1))
         for key, value in record.items():
-            if wanted in key.lower() and key not in EPOCH_KEYS:
+            if key not in EPOCH_KEYS and keep(key.rsplit("/", 1)[-1].lower()):
                 xs, ys = series.setdefault(key, ([], []))
                 xs.append(epoch)
                 ys.append(value)
     return series
 
 
+def _is_loss(leaf: str) -> bool:
+    return leaf == "loss" or leaf.endswith("_loss")
+
+
+def _is_headline_score(leaf: str) -> bool:
+    return leaf in SCORE_LEAVES
+
+
+def curve_series(records: list[dict[str, float]]) -> tuple[dict, dict]:
+    """(losses, scores) to draw, each {key: (epochs, values)}: every loss, and the headline scores
+    when the log has them (a trainer logs many F1 variants), else every F1."""
+    scores = _series(records, _is_headline_score) or _series(records, lambda leaf: "f1" in leaf)
+    return _series(records, _is_loss), scores
+
+
 def plot_curves(records: list[dict[str, float]], path: Path, title: str) -> Optional[Path]:
     """Loss and F1 (and mAP) per epoch in two panels; None when the log has neither."""
-    losses, scores = _series(records, "loss"), {**_series(records, "f1"), **_series(records, "map")}
+    losses, scores = curve_series(records)
     if not losses and not scores:
         return None
     plt = _pyplot()

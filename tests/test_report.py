@@ -44,6 +44,18 @@ def test_metrics_log_is_read_defensively(tmp_path: Path) -> None:
     assert report.read_metrics_log(tmp_path / "absent") == []
 
 
+def test_curves_keep_losses_and_headline_scores_of_a_trainer_log() -> None:
+    record = {"epoch": 1.0, "lr": 0.1, "train/loss": 0.7, "train/server_f1": 0.3, "train/macro_f1": 0.4,
+              "val/ema/loss": 0.6, "val/ema/server_f1": 0.35, "val/ema/server_f1_tuned": 0.45, "val/ema/macro_f1": 0.5,
+              "val/ema/map": 0.6, "val/ema/heldout_gain": 0.05}
+    losses, scores = report.curve_series([record, {**record, "epoch": 2.0}])
+    assert set(losses) == {"train/loss", "val/ema/loss"}
+    assert set(scores) == {"train/server_f1", "val/ema/server_f1", "val/ema/server_f1_tuned", "val/ema/map"}
+    assert scores["val/ema/map"] == ([1.0, 2.0], [0.6, 0.6])
+    _, fallback = report.curve_series([{"epoch": 1.0, "f1_macro": 0.2}])
+    assert set(fallback) == {"f1_macro"}
+
+
 def test_curves_need_a_loss_or_a_score(tmp_path: Path) -> None:
     assert report.plot_curves([{"epoch": 1.0, "lr": 0.1}], tmp_path / "c.png", "t") is None
     records = [{"epoch": float(e), "train_loss": 1 / e, "val/server_f1": e / 10} for e in range(1, 6)]
