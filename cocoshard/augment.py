@@ -1,0 +1,245 @@
+"""Batch augmentation on the training device: random resized crop + flip + fused normalisation.
+
+    g = torch.Generator(device=batch.images.device).manual_seed(seed)
+    x = train_augment(batch.images, batch.sizes, out_size=224, generator=g)     # (N, 3, 224, 224)
+    x = eval_transform(batch.images, batch.sizes, out_size=224, dtype=torch.bfloat16)
+
+Input: uint8 canvases (N, S, S, 3) with each image in its top-left (h, w) corner. Crops are drawn
+only inside each image's own region, like torchvision's RandomResizedCrop (area scale and aspect
+ratio, ten tries, then the largest centred crop of an allowed ratio); evaluation resizes exactly
+the image's region to out x out (the whole image, never a centre crop). Output: ImageNet-normalised
+(N, 3, out, out) in `dtype`, channels_last (the NHWC memory of a permuted NHWC tensor, no copy).
+
+Two resamplers share the crop parameters, so they differ only by rounding:
+- "resize" (default on the CPU): each crop goes through PyTorch's separable uint8 bilinear kernel
+  (antialiased, AVX2) straight into a pooled uint8 batch, split across threads; one pass then turns
+  that batch into normalised floats. 8x faster on a CPU than a batched float `grid_sample`.
+- "grid" (default on CUDA): the whole batch in one `grid_sample` from per-image coordinate vectors
+  that reproduce `interpolate`'s bilinear sampling (edges clamped to the image's own region, so
+  nothing outside it leaks in); no antialiasing when shrinking.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from cocoshard.recycle import BufferPool
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+METHODS = ("auto", "resize", "grid")
+CROP_ATTEMPTS = 10
+
+_pool = BufferPool()
+_threads: ThreadPoolExecutor | None = None
+_threads_lock = threading.Lock()
+_norm_rows: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+# ------------------------------------------------------------------------------ parameters
+
+
+def sample_crops(sizes: torch.Tensor, *, generator: torch.Generator, scale: Sequence[float] = (0.35, 1.0),
+                 ratio: Sequence[float] = (3 / 4, 4 / 3), attempts: int = CROP_ATTEMPTS) -> torch.Tensor:
+    """Random resized crop boxes (top, left, height, width), int64 (N, 4), inside each (h, w).
+
+    Vectorised torchvision RandomResizedCrop.get_params: `attempts` draws of area fraction in
+    `scale` and log-uniform aspect ratio in `ratio`; the first that fits wins, else the whole image
+    cut to the nearest allowed ratio, centred.
+    """
+    device = sizes.device
+    n = sizes.shape[0]
+    height, width = sizes[:, 0:1].double(), sizes[:, 1:2].double()
+    draws = torch.rand((n, attempts, 2), generator=generator, device=device, dtype=torch.float64)
+    area = height * width * (scale[0] + (scale[1] - scale[0]) * draws[..., 0])
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    aspect = torch.exp(log_lo + (log_hi - log_lo) * draws[..., 1])
+    crop_w = torch.round(torch.sqrt(area * aspect))
+    crop_h = torch.round(torch.sqrt(area / aspect))
+    fits = (crop_w >= 1) & (crop_w <= width) & (crop_h >= 1) & (crop_h <= height)
+    first = fits.to(torch.uint8).argmax(dim=1, keepdim=True)
+    found = fits.any(dim=1, keepdim=True)
+    crop_w, crop_h = crop_w.gather(1, first), crop_h.gather(1, first)
+
+    in_ratio = width / height
+    whole_w = torch.where(in_ratio > ratio[1], torch.round(height * ratio[1]), width)
+    whole_h = torch.where(in_ratio < ratio[0], torch.round(width / ratio[0]), height)
+    crop_w = torch.where(found, crop_w, whole_w).clamp(1, None).minimum(width)
+    crop_h = torch.where(found, crop_h, whole_h).clamp(1, None).minimum(height)
+
+    where = torch.rand((n, 2), generator=generator, device=device, dtype=torch.float64)
+    top = torch.where(found, torch.floor(where[:, 0:1] * (height - crop_h + 1)), torch.floor((height - crop_h) / 2))
+    left = torch.where(found, torch.floor(where[:, 1:2] * (width - crop_w + 1)), torch.floor((width - crop_w) / 2))
+    top = top.minimum(height - crop_h)
+    left = left.minimum(width - crop_w)
+    return torch.cat([top, left, crop_h, crop_w], dim=1).long()
+
+
+def whole_boxes(sizes: torch.Tensor) -> torch.Tensor:
+    """Boxes (0, 0, h, w): each image's whole region."""
+    zeros = torch.zeros_like(sizes)
+    return torch.cat([zeros, sizes], dim=1).long()
+
+
+# ------------------------------------------------------------------------------ resamplers
+
+
+def _thread_pool() -> ThreadPoolExecutor | None:
+    global _threads
+    threads = torch.get_num_threads()
+    if threads <= 1:
+        return None
+    with _threads_lock:
+        if _threads is None or _threads._max_workers != threads:
+            _threads = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="cocoshard-augment")
+        return _threads
+
+
+def _resize_into(crop: torch.Tensor, out: torch.Tensor, antialias: bool) -> None:
+    """Bilinear-resize one (1, 3, h, w) crop into the (1, 3, o, o) slot `out`, without a temporary."""
+    if crop.shape[-2:] == out.shape[-2:]:
+        out.copy_(crop)
+    elif crop.device.type == "cpu" and crop.dtype == torch.uint8:
+        size = list(out.shape[-2:])
+        if antialias:
+            torch._C._nn._upsample_bilinear2d_aa(crop, size, False, None, None, out=out)
+        else:
+            torch._C._nn.upsample_bilinear2d(crop, size, False, None, None, out=out)
+    else:
+        out.copy_(F.interpolate(crop.float(), size=out.shape[-2:], mode="bilinear", align_corners=False,
+                                antialias=antialias))
+
+
+def _resize_each(images: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor, out_size: int,
+                 antialias: bool) -> torch.Tensor:
+    """Per-image crop + resize + flip into one (N, out, out, 3) batch (uint8 on CPU, else float32)."""
+    n = images.shape[0]
+    on_cpu = images.device.type == "cpu"
+    slab = _pool.take((n, out_size, out_size, 3), torch.uint8 if on_cpu else torch.float32, images.device)
+    source, target = images.permute(0, 3, 1, 2), slab.permute(0, 3, 1, 2)
+    box_rows, flip_rows = boxes.tolist(), flips.tolist()
+
+    def work(lo: int, hi: int) -> None:
+        for i in range(lo, hi):
+            top, left, height, width = box_rows[i]
+            crop = source[i : i + 1, :, top : top + height, left : left + width]
+            _resize_into(crop.flip(-1) if flip_rows[i] else crop, target[i : i + 1], antialias)
+
+    pool = _thread_pool() if on_cpu else None
+    if pool is None or n < 2 * pool._max_workers:
+        work(0, n)
+    else:
+        step = -(-n // pool._max_workers)
+        list(pool.map(lambda lo: work(lo, min(n, lo + step)), range(0, n, step)))
+    return slab
+
+
+def _source_grid(start: torch.Tensor, length: torch.Tensor, out_size: int, canvas: int) -> torch.Tensor:
+    """grid_sample coordinates (N, out) that sample [start, start + length) like `interpolate` does."""
+    step = length.double()[:, None] / out_size
+    dst = torch.arange(out_size, device=start.device, dtype=torch.float64)[None, :] + 0.5
+    src = (dst * step - 0.5).clamp(min=0).minimum(length.double()[:, None] - 1)
+    return ((2 * (start.double()[:, None] + src) + 1) / canvas - 1).float()
+
+
+def _grid_resample(images: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor, out_size: int) -> torch.Tensor:
+    """The whole batch in one grid_sample: float32 (N, 3, out, out), values 0-255."""
+    n, canvas = images.shape[0], images.shape[1]
+    gx = _source_grid(boxes[:, 1], boxes[:, 3], out_size, canvas)
+    gy = _source_grid(boxes[:, 0], boxes[:, 2], out_size, canvas)
+    gx = torch.where(flips.to(gx.device)[:, None], gx.flip(1), gx)
+    grid = torch.stack((gx[:, None, :].expand(n, out_size, out_size), gy[:, :, None].expand(n, out_size, out_size)), dim=-1)
+    source = images.permute(0, 3, 1, 2).float()
+    return F.grid_sample(source, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+# --------------------------------------------------------------------------- normalisation
+
+
+def _rows(out_size: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-element scale and shift for one NHWC row of out_size pixels: x * scale + shift."""
+    key = (out_size, dtype, device)
+    if key not in _norm_rows:
+        mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float64) * 255
+        std = torch.tensor(IMAGENET_STD, dtype=torch.float64) * 255
+        scale, shift = (1 / std).repeat(out_size), (-mean / std).repeat(out_size)
+        _norm_rows[key] = (scale.to(device=device, dtype=dtype), shift.to(device=device, dtype=dtype))
+    return _norm_rows[key]
+
+
+def _normalise_nhwc(slab: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(N, o, o, 3) pixel values -> normalised `dtype`, as an (N, 3, o, o) channels_last view.
+
+    One conversion pass and two in-place passes over rows of o * 3 contiguous values, into a pooled
+    buffer: broadcasting a 3-vector over NHWC or NCHW runs several times slower on a CPU.
+    """
+    n, size = slab.shape[0], slab.shape[1]
+    result = _pool.take(tuple(slab.shape), dtype, slab.device)
+    rows = result.view(n, size, size * 3)
+    rows.copy_(slab.view(n, size, size * 3))
+    scale, shift = _rows(size, dtype, slab.device)
+    rows.mul_(scale).add_(shift)
+    return result.permute(0, 3, 1, 2)
+
+
+def _normalise_nchw(pixels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    mean = torch.tensor(IMAGENET_MEAN, device=pixels.device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(IMAGENET_STD, device=pixels.device).view(1, 3, 1, 1) * 255
+    return ((pixels - mean) / std).to(dtype=dtype, memory_format=torch.channels_last)
+
+
+# ------------------------------------------------------------------------------- public API
+
+
+def crop_resize_normalise(images: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor, *, out_size: int,
+                          dtype: torch.dtype = torch.float32, channels_last: bool = True, method: str = "auto",
+                          antialias: bool = True) -> torch.Tensor:
+    """Crop each box, resize to out x out, mirror where `flips`, normalise: (N, 3, out, out) in `dtype`."""
+    if method not in METHODS:
+        raise ValueError(f"unknown resampling method {method!r}: choose one of {', '.join(METHODS)}")
+    if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[-1] != 3:
+        raise ValueError(f"expected uint8 canvases (N, S, S, 3), got {tuple(images.shape)} {images.dtype}")
+    if method == "auto":
+        method = "resize" if images.device.type == "cpu" else "grid"
+    images = images.contiguous()
+    if method == "grid":
+        out = _normalise_nchw(_grid_resample(images, boxes, flips, out_size), dtype)
+    else:
+        out = _normalise_nhwc(_resize_each(images, boxes.cpu(), flips.cpu(), out_size, antialias), dtype)
+    return out if channels_last else out.contiguous()
+
+
+def train_augment(images: torch.Tensor, sizes: torch.Tensor, *, out_size: int, generator: torch.Generator,
+                  scale: Sequence[float] = (0.35, 1.0), ratio: Sequence[float] = (3 / 4, 4 / 3), flip: bool = True,
+                  dtype: torch.dtype = torch.float32, channels_last: bool = True, method: str = "auto") -> torch.Tensor:
+    """Random resized crop inside each image + horizontal flip + normalisation, seeded by `generator`.
+
+    `scale` bounds the crop's share of the image area: keep its lower end generous (the default
+    0.35, not torchvision's 0.08) so most objects of a multi-label image stay in the frame.
+    """
+    if not 0 < scale[0] <= scale[1] <= 1:
+        raise ValueError(f"crop scale must satisfy 0 < min <= max <= 1 (got {tuple(scale)})")
+    if not 0 < ratio[0] <= ratio[1]:
+        raise ValueError(f"crop ratio must satisfy 0 < min <= max (got {tuple(ratio)})")
+    boxes = sample_crops(sizes.to(images.device), generator=generator, scale=scale, ratio=ratio)
+    if flip:
+        flips = torch.rand(images.shape[0], generator=generator, device=images.device) < 0.5
+    else:
+        flips = torch.zeros(images.shape[0], dtype=torch.bool, device=images.device)
+    return crop_resize_normalise(images, boxes, flips, out_size=out_size, dtype=dtype, channels_last=channels_last,
+                                 method=method)
+
+
+def eval_transform(images: torch.Tensor, sizes: torch.Tensor, *, out_size: int, dtype: torch.dtype = torch.float32,
+                   channels_last: bool = True, method: str = "auto", flip: bool = False) -> torch.Tensor:
+    """Each image's whole (h, w) region resized to out x out (no crop), normalised; `flip` mirrors all (TTA)."""
+    boxes = whole_boxes(sizes.to(images.device))
+    flips = torch.full((images.shape[0],), flip, dtype=torch.bool, device=images.device)
+    return crop_resize_normalise(images, boxes, flips, out_size=out_size, dtype=dtype, channels_last=channels_last,
+                                 method=method)
