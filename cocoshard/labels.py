@@ -38,6 +38,7 @@ def parse_cls(content: str | bytes, num_classes: int = NUM_CLASSES) -> ParsedLab
             content = content.decode("utf-8-sig")
         except UnicodeDecodeError as exc:
             raise LabelError(f"not UTF-8 text (byte {exc.start})") from None
+    content = content.removeprefix("\ufeff")
     seen: set[int] = set()
     duplicates = 0
     for number, line in enumerate(content.splitlines(), start=1):

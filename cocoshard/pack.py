@@ -32,20 +32,20 @@ from typing import Any, Iterable, NamedTuple
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from cocoshard import CLASSES, NUM_CLASSES, __version__
+from cocoshard import NUM_CLASSES, __version__
 from cocoshard.atomic import atomic_open, atomic_write_text, remove_stale_temporaries
 from cocoshard.errors import UserError
 from cocoshard.labels import multi_hot
 from cocoshard.parallel import map_in_workers
 from cocoshard.shards import (
     EXT_HW, EXT_JPEG, EXT_LABELS, EXT_PNG, EXT_RAW, FORMAT_VERSION, MANIFEST, SPLIT_METHOD, SPLITS,
-    encode_hw, encode_labels, is_shard_file, list_shard_files, member_name, shard_name, stratified_split,
+    encode_hw, encode_labels, list_shard_files, member_name, shard_name, stratified_split,
 )
-from cocoshard.sources import Inventory, Sources, find_sources, take_inventory
+from cocoshard.sources import Inventory, Sources, class_names, find_sources, take_inventory
 
 # Formats accepted by content (whatever the file is called). Naming them also keeps PIL from
 # handing an untrusted file to a plugin such as EPS, which would run Ghostscript.
-DECODABLE_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "BMP", "GIF", "TIFF")
+DECODABLE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")  # JPEG also opens MPO
 KEPT_JPEG_MODES = ("RGB", "L")  # JPEGs the loader decodes as they are; others become PNG
 MAX_EXAMPLES = 20
 
@@ -76,6 +76,7 @@ def decode_checked(data: bytes) -> Image.Image:
     """Fully decode an image file's bytes; BadImage says why it cannot be used."""
     if not data:
         raise BadImage("empty file (0 bytes)")
+    Image.init()  # registers every plugin, so that `formats` can name WEBP and TIFF
     try:
         image = Image.open(io.BytesIO(data), formats=DECODABLE_FORMATS)
         image.load()  # a full decode: a truncated file fails here, not at training time
@@ -83,7 +84,7 @@ def decode_checked(data: bytes) -> Image.Image:
         raise BadImage(f"not a JPEG or PNG image (first bytes {data[:8]!r})") from None
     except Image.DecompressionBombError as exc:
         raise BadImage(f"refused, too many pixels: {exc}") from None
-    except (OSError, SyntaxError, ValueError) as exc:
+    except Exception as exc:  # a malformed file can break a decoder in any way; it is the file's fault
         raise BadImage(f"truncated or corrupt {_format_hint(data)}: {exc}") from None
     return image
 
@@ -227,7 +228,7 @@ def plan_splits(inventory: Inventory, val_fraction: float, seed: int) -> dict[st
     is_val = stratified_split(matrix, val_fraction, seed)
     samples = [(key, str(image), str(cls), encode_labels(row)) for (key, image, cls, _), row in zip(labelled, matrix)]
     train = [samples[i] for i in np.flatnonzero(~is_val)]
-    order = np.random.default_rng([seed, len(train)]).permutation(len(train))
+    order = np.random.default_rng([seed, 1]).permutation(len(train))  # a stream apart from the split's
     return {
         "train": [train[i] for i in order],
         "val": [samples[i] for i in np.flatnonzero(is_val)],
@@ -277,7 +278,7 @@ def build_manifest(cfg: Any, sources: Sources, inventory: Inventory, results: li
         "shard_samples": cfg.shard_samples,
         "sources": {name: str(path) if path else None for name, path in vars(sources).items()},
         "num_classes": NUM_CLASSES,
-        "classes": list(CLASSES),
+        "classes": class_names(cfg.root),
         "splits": {split: _split_entry(split, results) for split in SPLITS},
         "rejected": rejected,
         "unlabelled_images": _examples(inventory.unlabelled),
@@ -289,7 +290,7 @@ def _remove_unlisted(out: Path, listed: Iterable[str]) -> None:
     """Shards of an earlier run that this one did not write, and temporaries of a killed run."""
     keep = set(listed)
     for path in list_shard_files(out):
-        if path.name not in keep and is_shard_file(path.name):
+        if path.name not in keep:
             path.unlink()
     remove_stale_temporaries(out)
 

@@ -202,10 +202,14 @@ def _deal_rarest_first(y: np.ndarray, rows: list[np.ndarray], val_fraction: floa
     unassigned = y.any(axis=1)
     by_class = np.ascontiguousarray(y.T)
     remaining = y.sum(axis=0).astype(np.int64)
-    shares = (1.0 - val_fraction, val_fraction)
-    # wanted[s][c]: how many more images of class c split s (0 train, 1 val) should receive
-    wanted = np.outer(shares, remaining.astype(np.float64))
-    wanted_total = [share * int(unassigned.sum()) for share in shares]
+    # wanted[s][c]: how many more images of class c split s (0 train, 1 val) should receive; a
+    # class of two or more images wants at least one in each split, so that rare classes, dealt
+    # first, are split at once rather than repaired afterwards
+    want_val = remaining * val_fraction
+    shared = remaining >= 2
+    want_val[shared] = np.clip(want_val[shared], 1.0, remaining[shared] - 1.0)
+    wanted = np.stack([remaining - want_val, want_val])
+    wanted_total = [(1.0 - val_fraction) * int(unassigned.sum()), val_fraction * int(unassigned.sum())]
     while remaining.any():
         fewest = np.where(remaining > 0, remaining, np.iinfo(np.int64).max)
         tied = np.flatnonzero(fewest == fewest.min())
@@ -235,8 +239,9 @@ def _choose_split(want_train: float, want_val: float, wanted_total: list[float],
 def _ensure_both_splits(y: np.ndarray, rows: list[np.ndarray], is_val: np.ndarray, rng: np.random.Generator) -> None:
     """Move single images until every class with >= 2 images is in both splits, where possible.
 
-    An image may leave its split only if every class it carries keeps another image there, so a
-    move never takes a class out of a split; presence only grows and the loop ends.
+    An image may leave its split only if every class of two or more images that it carries keeps
+    another image there, so a move never takes such a class out of a split: presence only grows
+    and the loop ends. (A class of one image cannot be in both splits; it may move with another.)
     """
     counts = np.stack([y[~is_val].sum(axis=0), y[is_val].sum(axis=0)])
     total = counts.sum(axis=0)
@@ -248,7 +253,7 @@ def _ensure_both_splits(y: np.ndarray, rows: list[np.ndarray], is_val: np.ndarra
             for target in (0, 1):
                 if counts[target, cls] > 0:
                     continue
-                image = _cheapest_move(y[:, cls] & (is_val != bool(target)), rows, counts[1 - target], rng)
+                image = _cheapest_move(y[:, cls] & (is_val != bool(target)), rows, counts[1 - target], total, rng)
                 if image is None:
                     continue
                 is_val[image] = bool(target)
@@ -257,13 +262,17 @@ def _ensure_both_splits(y: np.ndarray, rows: list[np.ndarray], is_val: np.ndarra
                 moved = True
 
 
-def _cheapest_move(candidates: np.ndarray, rows: list[np.ndarray], source_counts: np.ndarray, rng: np.random.Generator) -> int | None:
-    """Among candidate images, one whose classes all stay in the source split; fewest labels first."""
-    movable = [i for i in np.flatnonzero(candidates).tolist() if (source_counts[rows[i]] >= 2).all()]
+def _cheapest_move(candidates: np.ndarray, rows: list[np.ndarray], source_counts: np.ndarray, total: np.ndarray, rng: np.random.Generator) -> int | None:
+    """A candidate image whose move keeps every shared class in the source split, or None.
+
+    Preferred: moving no single-image class along (it would leave train for good), then the
+    fewest labels (the least disturbance of the other classes' shares), then chance.
+    """
+    movable = [i for i in np.flatnonzero(candidates).tolist() if ((source_counts[rows[i]] >= 2) | (total[rows[i]] < 2)).all()]
     if not movable:
         return None
-    fewest = min(len(rows[i]) for i in movable)
-    best = [i for i in movable if len(rows[i]) == fewest]
+    cost = [(int((total[rows[i]] < 2).sum()), len(rows[i])) for i in movable]
+    best = [i for i, c in zip(movable, cost) if c == min(cost)]
     return best[int(rng.integers(len(best)))]
 
 

@@ -12,9 +12,11 @@ paired or parsed is rejected here with its reason; images without a `.cls` are n
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cocoshard import CLASSES, NUM_CLASSES
 from cocoshard.errors import UserError
 from cocoshard.labels import LabelError, parse_cls
 from cocoshard.shards import key_problem
@@ -26,6 +28,7 @@ LAYOUTS = {
     "test_images": ("images/test-resized/test-resized", "images/test"),
 }
 LABEL_SUFFIX = ".cls"
+SYNTHETIC_MARKER = "synthetic.json"  # written by cocoshard.synth, with the names of its classes
 
 
 @dataclass
@@ -55,7 +58,7 @@ def find_sources(root: str, train_images: str | None = None, train_labels: str |
     if not all(explicit.values()) and not base.is_dir():
         raise UserError(
             f"--root {base} is not a folder: expected the challenge folder holding "
-            f"{', '.join(rel for rels in LAYOUTS.values() for rel in rels[:1])} (or the flat "
+            f"{', '.join(rel for rels in LAYOUTS.values() for rel in rels[:1])} (or the flat layout "
             f"{', '.join(rels[1] for rels in LAYOUTS.values())})"
         )
     found: dict[str, Path | None] = {}
@@ -132,3 +135,13 @@ def take_inventory(sources: Sources) -> Inventory:
     if sources.test_images is not None:
         inventory.test = sorted(_images_by_key(sources.test_images, inventory.rejected).items())
     return inventory
+
+
+def class_names(root: str | Path) -> list[str]:
+    """The 80 class names: a synthetic set's own (from its synthetic.json), else the challenge's."""
+    try:
+        names = json.loads((Path(root) / SYNTHETIC_MARKER).read_text()).get("classes")
+    except (OSError, ValueError, AttributeError):
+        return list(CLASSES)
+    valid = isinstance(names, list) and len(names) == NUM_CLASSES and all(isinstance(n, str) for n in names)
+    return names if valid else list(CLASSES)

@@ -40,6 +40,7 @@ from cocoshard.atomic import atomic_write_bytes, atomic_write_text
 from cocoshard.errors import UserError
 from cocoshard.labels import format_cls
 from cocoshard.parallel import map_in_workers
+from cocoshard.sources import SYNTHETIC_MARKER
 
 SHAPES = ("disc", "square", "triangle", "star", "plus", "crescent", "half-disc", "heart", "ell", "arrow")
 COLOURS = {
@@ -59,7 +60,7 @@ TRAIN_IMAGES = Path("images/train-resized/train-resized")
 TRAIN_LABELS = Path("labels/train/train")
 TEST_IMAGES = Path("images/test-resized/test-resized")
 TEST_LABELS = Path("labels/test/test")
-MARKER = "synthetic.json"
+MARKER = SYNTHETIC_MARKER
 TEST_KEY_OFFSET = 1_000_000_000  # test keys never collide with train keys
 _KEY_FILE = re.compile(r"^[0-9]{12}\.(jpg|cls)$")
 _CHUNK = 32
@@ -172,7 +173,7 @@ def _image_size(rng: np.random.Generator, size: int) -> tuple[int, int]:
 
 def _muted_colour(rng: np.random.Generator) -> np.ndarray:
     rgb = colorsys.hsv_to_rgb(rng.random(), rng.uniform(0.05, 0.35), rng.uniform(0.3, 0.8))
-    return np.array(rgb) * 255
+    return np.array(rgb, dtype=np.float32) * 255
 
 
 def _background(rng: np.random.Generator, width: int, height: int, clutter: float) -> Image.Image:
