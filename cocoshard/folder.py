@@ -18,37 +18,25 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
-from cocoshard.augment import IMAGENET_MEAN, IMAGENET_STD
 from cocoshard import NUM_CLASSES
+from cocoshard.augment import IMAGENET_MEAN, IMAGENET_STD
 from cocoshard.errors import UserError
-
-# (images, labels) below a challenge root, in the zip's layout and in the flatter one some copies use.
-TRAIN_LAYOUTS = (
-    ("images/train-resized/train-resized", "labels/train/train"),
-    ("images/train", "labels/train"),
-)
+from cocoshard.labels import LabelError, parse_cls
+from cocoshard.sources import find_sources
 
 
 def find_train_folders(root: str | os.PathLike) -> tuple[Path, Path]:
     """(image folder, label folder) of the labelled train set under a challenge-layout `root`."""
-    base = Path(root)
-    for images, labels in TRAIN_LAYOUTS:
-        if (base / images).is_dir() and (base / labels).is_dir():
-            return base / images, base / labels
-    tried = ", ".join(f"{i} + {l}" for i, l in TRAIN_LAYOUTS)
-    raise UserError(f"{base} holds no train images and labels (looked for {tried})")
+    sources = find_sources(str(root))
+    return sources.train_images, sources.train_labels
 
 
-def parse_label_file(path: Path) -> list[int]:
-    """Class ids of one `.cls` file (one integer 0-79 per line)."""
+def read_label_file(path: Path) -> list[int]:
+    """Class ids of one `.cls` file; UserError naming the file when it cannot be read."""
     try:
-        ids = [int(line) for line in path.read_text().split()]
-    except ValueError as exc:
-        raise UserError(f"{path}: not a list of class ids ({exc})") from exc
-    bad = [i for i in ids if not 0 <= i < NUM_CLASSES]
-    if bad:
-        raise UserError(f"{path}: class ids out of range 0-{NUM_CLASSES - 1}: {bad}")
-    return ids
+        return list(parse_cls(path.read_bytes()).ids)
+    except LabelError as exc:
+        raise UserError(f"{path}: {exc}") from exc
 
 
 class FolderDataset(torch.utils.data.Dataset):
@@ -71,7 +59,7 @@ class FolderDataset(torch.utils.data.Dataset):
         if self.transform is not None:
             image = self.transform(image)
         labels = torch.zeros(NUM_CLASSES)
-        labels[parse_label_file(self.label_dir / name)] = 1.0
+        labels[read_label_file(self.label_dir / name)] = 1.0
         return image, labels
 
 

@@ -351,12 +351,34 @@ class StreamLoader:
     def __iter__(self) -> Iterator[Batch]:
         self._epoch_cell[0] = self.epoch
         count = 0
-        for batch in self._loader:
-            self.skipped_samples += batch.skipped
-            count += 1
-            yield batch.to(self.device)
+        try:
+            for batch in self._loader:
+                self.skipped_samples += batch.skipped
+                count += 1
+                yield batch.to(self.device)
+        except Exception:
+            self.close()
+            raise
         if self.train and count != self._batches:
             raise RuntimeError(f"the loader yielded {count} batches instead of {self._batches}: epoch plan broken")
+
+    def close(self) -> None:
+        """Stop the worker processes now (the next iteration starts new ones).
+
+        Called after a failed epoch, and worth calling when done: left to the garbage collector,
+        the DataLoader joins its workers whenever a collection happens to run, with a 5 s timeout
+        per worker, and a later fork inherits the stale iterator.
+        """
+        iterator = getattr(self._loader, "_iterator", None)
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+        self._loader._iterator = None
+
+    def __enter__(self) -> "StreamLoader":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 # ---------------------------------------------------------------------------------- factory

@@ -44,12 +44,15 @@ def host_available_bytes() -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def _gib(nbytes: float) -> str:
-    return f"{nbytes / 2**30:.2f} GiB"
+def _human(nbytes: float) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{int(nbytes)} bytes"
 
 
-def choose_placement(needed: int, device: torch.device, memory_limit: Optional[int]) -> tuple[torch.device, bool]:
-    """(where the split lives, whether that host memory is pinned); UserError when nothing fits."""
+def choose_placement(needed: int, device: torch.device, memory_limit: Optional[int], what: str) -> tuple[torch.device, bool]:
+    """(where the split lives, whether that host memory is pinned); UserError naming `what` when nothing fits."""
     if device.type == "cuda":
         free = torch.cuda.mem_get_info(device)[0] * DEVICE_SHARE
         if needed <= (free if memory_limit is None else min(free, memory_limit)):
@@ -57,8 +60,8 @@ def choose_placement(needed: int, device: torch.device, memory_limit: Optional[i
     available = host_available_bytes() * HOST_SHARE
     budget = available if memory_limit is None else memory_limit
     if needed > budget:
-        reason = f"the memory limit is {_gib(memory_limit)}" if memory_limit is not None else f"{_gib(available)} of host memory is free to use"
-        raise UserError(f"resident mode needs {_gib(needed)} for this split but {reason}: use the stream loader (--loader stream)")
+        reason = f"the memory limit is {_human(memory_limit)}" if memory_limit is not None else f"only {_human(available)} of host memory is free to use"
+        raise UserError(f"resident mode needs {_human(needed)} for {what} but {reason}: use the stream loader (--loader stream)")
     return torch.device("cpu"), device.type == "cuda"
 
 
@@ -78,7 +81,8 @@ class ResidentLoader:
         self.epoch = 0
         counts = [int(e["samples"]) for e in entries]
         total = sum(counts)
-        self.placement, pinned = choose_placement(total * (size * size * 3 + NUM_CLASSES + 16), device, memory_limit)
+        what = f"the {total} images of split {split!r} ({size}x{size} canvases)"
+        self.placement, pinned = choose_placement(total * (size * size * 3 + NUM_CLASSES + 16), device, memory_limit, what)
         self.images = torch.empty((total, size, size, 3), dtype=torch.uint8, device=self.placement, pin_memory=pinned)
         self.sizes = torch.zeros((total, 2), dtype=torch.int64)
         self.labels = torch.zeros((total, NUM_CLASSES), dtype=torch.uint8) if self.labelled else None
@@ -140,6 +144,15 @@ class ResidentLoader:
     def set_epoch(self, epoch: int) -> None:
         """Choose the epoch whose permutation the next iteration uses."""
         self.epoch = epoch
+
+    def close(self) -> None:
+        """Nothing runs in the background; the memory goes with the object."""
+
+    def __enter__(self) -> "ResidentLoader":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def epoch_rows(self) -> torch.Tensor:
         """Rows of the resident tensor this rank reads this epoch, in order (CPU int64)."""
