@@ -27,6 +27,7 @@ from __future__ import annotations
 import colorsys
 import io
 import json
+import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,7 +37,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from cocoshard import NUM_CLASSES
-from cocoshard.atomic import atomic_write_bytes, atomic_write_text
+from cocoshard.atomic import TMP_PREFIX, atomic_write_text, remove_stale_temporaries
 from cocoshard.errors import UserError
 from cocoshard.labels import format_cls
 from cocoshard.parallel import map_in_workers
@@ -266,6 +267,15 @@ def _key(split: str, index: int) -> str:
     return f"{index + 1 if split == 'train' else TEST_KEY_OFFSET + index:012d}"
 
 
+def _write_whole(path: Path, data: bytes) -> None:
+    """Write under a temporary name, then rename: a killed run never leaves half a file under a
+    final name. Unlike `atomic_write_bytes` there is no fsync per file: it made drawing 3x slower
+    on a busy disk, and a generated set lost to a power cut is simply drawn again."""
+    temporary = path.with_name(f"{TMP_PREFIX}{path.name}")
+    temporary.write_bytes(data)
+    os.replace(temporary, path)
+
+
 def _write_chunk(task: tuple[str, str, int, int, int, int, int, dict[str, float]]) -> list[tuple[int, ...]]:
     """Draw and write images [start, stop) of one split; returns their classes."""
     out, split, start, stop, seed, size, quality, knobs = task
@@ -278,8 +288,8 @@ def _write_chunk(task: tuple[str, str, int, int, int, int, int, dict[str, float]
         buffer = io.BytesIO()
         image.save(buffer, format="JPEG", quality=quality)
         key = _key(split, index)
-        atomic_write_bytes(Path(out) / images / f"{key}.jpg", buffer.getvalue())
-        atomic_write_text(Path(out) / labels / f"{key}.cls", format_cls(classes))
+        _write_whole(Path(out) / images / f"{key}.jpg", buffer.getvalue())
+        _write_whole(Path(out) / labels / f"{key}.cls", format_cls(classes).encode())
         written.append(classes)
     return written
 
@@ -292,6 +302,7 @@ def _prepare_folder(out: Path) -> None:
         raise UserError(f"--out {out} is not empty and holds no {MARKER}: it was not written by cocoshard synth; choose an empty or new folder")
     for folder in (TRAIN_IMAGES, TRAIN_LABELS, TEST_IMAGES, TEST_LABELS):
         (out / folder).mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(out / folder)
         for entry in (out / folder).iterdir():
             if _KEY_FILE.match(entry.name):
                 entry.unlink()
