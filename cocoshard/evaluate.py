@@ -210,9 +210,18 @@ def check_file(cfg: EvaluateConfig, labels: Optional[dict[str, np.ndarray]]) -> 
     return submission, unsorted_entries(raw)
 
 
-def run(cfg: EvaluateConfig) -> int:
-    """Check the file, score it, print (or emit JSON), and write the report when asked."""
-    console = Console(stderr=cfg.json)
+@dataclass(frozen=True)
+class Assessment:
+    """What `evaluate` found: the checked file, notes on it, and its scores when labels were given."""
+
+    submission: Submission
+    notes: list[str]
+    evaluation: Optional[Evaluation]
+    report: list[Path]
+
+
+def assess(cfg: EvaluateConfig) -> Assessment:
+    """Check the file strictly, then score it and write the report when labels are given."""
     labels = load_labels(cfg.labels) if cfg.labels else None
     submission, unsorted = check_file(cfg, labels)
     notes = [f"{len(unsorted)} list(s) were not sorted (accepted; e.g. {unsorted[0]!r})"] if unsorted else []
@@ -220,39 +229,53 @@ def run(cfg: EvaluateConfig) -> int:
     if empty:
         notes.append(f"{empty} image(s) have no class at all (every COCO image has one: see predict --min-labels)")
     if labels is None:
-        return _report_format_only(cfg, console, submission, notes)
+        return Assessment(submission, notes, None, [])
     scores = load_scores(cfg.scores, sorted(submission)) if cfg.scores else None
     evaluation = score_submission(submission, labels, scores)
-    rows = per_class_rows(evaluation)
-    report_paths = _write_report(cfg, evaluation) if cfg.report else []
+    return Assessment(submission, notes, evaluation, _write_report(cfg, evaluation) if cfg.report else [])
+
+
+def show(cfg: EvaluateConfig, found: Assessment) -> None:
+    """Print the assessment for people, or as one JSON object on stdout with `--json`."""
+    if found.evaluation is None:
+        _show_format_only(cfg, found)
+        return
+    rows = per_class_rows(found.evaluation)
     if cfg.json:
-        payload: dict[str, Any] = {**evaluation.metrics, "format_ok": True, "notes": notes}
+        payload: dict[str, Any] = {**found.evaluation.metrics, "format_ok": True, "notes": found.notes}
         if cfg.per_class:
             payload["per_class"] = rows
-        if report_paths:
-            payload["report"] = [str(p) for p in report_paths]
+        if found.report:
+            payload["report"] = [str(p) for p in found.report]
         sys.stdout.write(json.dumps(payload) + "\n")
-        return 0
-    console.print(f"[green]format OK[/]: {cfg.predictions} ({len(submission)} images)")
-    for note in notes:
+        return
+    console = Console()
+    console.print(f"[green]format OK[/]: {cfg.predictions} ({len(found.submission)} images)")
+    for note in found.notes:
         console.print(f"[yellow]note[/]: {note}")
-    console.print(_summary_table(evaluation, cfg.predictions))
+    console.print(_summary_table(found.evaluation, cfg.predictions))
     if cfg.per_class:
         console.print(_per_class_table(rows))
-    if report_paths:
-        console.print(f"report: {report_paths[0]}")
+    if found.report:
+        console.print(f"report: {found.report[0]}")
+
+
+def run(cfg: EvaluateConfig) -> int:
+    """`cocoshard evaluate`: assess the file and show the result."""
+    show(cfg, assess(cfg))
     return 0
 
 
-def _report_format_only(cfg: EvaluateConfig, console: Console, submission: Submission, notes: list[str]) -> int:
+def _show_format_only(cfg: EvaluateConfig, found: Assessment) -> None:
     if cfg.json:
-        sys.stdout.write(json.dumps({"format_ok": True, "images": len(submission), "notes": notes}) + "\n")
-        return 0
-    scope = f"covers exactly the {len(submission)} images of {cfg.images}" if cfg.images else f"{len(submission)} images"
+        sys.stdout.write(json.dumps({"format_ok": True, "images": len(found.submission), "notes": found.notes}) + "\n")
+        return
+    count = len(found.submission)
+    scope = f"covers exactly the {count} images of {cfg.images}" if cfg.images else f"{count} images"
+    console = Console()
     console.print(f"[green]format OK[/]: {cfg.predictions} ({scope}); give --labels to score it")
-    for note in notes:
+    for note in found.notes:
         console.print(f"[yellow]note[/]: {note}")
-    return 0
 
 
 def _write_report(cfg: EvaluateConfig, evaluation: Evaluation) -> list[Path]:
