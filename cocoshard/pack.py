@@ -81,7 +81,7 @@ def decode_checked(data: bytes) -> Image.Image:
         image = Image.open(io.BytesIO(data), formats=DECODABLE_FORMATS)
         image.load()  # a full decode: a truncated file fails here, not at training time
     except UnidentifiedImageError:
-        raise BadImage(f"not a JPEG or PNG image (first bytes {data[:8]!r})") from None
+        raise BadImage(f"not an image ({', '.join(DECODABLE_FORMATS)}); first bytes {data[:8]!r}") from None
     except Image.DecompressionBombError as exc:
         raise BadImage(f"refused, too many pixels: {exc}") from None
     except Exception as exc:  # a malformed file can break a decoder in any way; it is the file's fault

@@ -280,7 +280,7 @@ def bad_root(tmp_path, coco_sample) -> Path:
 EXPECTED_REJECTIONS = {
     "zero.jpg": "empty file (0 bytes)", "zero.cls": "its image zero.jpg was rejected",
     "truncated.jpg": "truncated or corrupt JPEG", "truncated.cls": "its image truncated.jpg was rejected",
-    "html.jpg": "not a JPEG or PNG image", "html.cls": "its image html.jpg was rejected",
+    "html.jpg": "not an image (JPEG, PNG, WEBP, BMP, GIF, TIFF); first bytes b'<html>No'", "html.cls": "its image html.jpg was rejected",
     "truncated_png.png": "truncated or corrupt PNG", "truncated_png.cls": "was rejected",
     "badid.cls": "line 2: class id 80 is outside 0-79", "badid.jpg": "its labels file badid.cls was rejected",
     "nonint.cls": "line 2: 'cat' is not an integer class id", "nonint.jpg": "its labels file nonint.cls was rejected",
