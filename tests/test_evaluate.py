@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import random
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from test_metrics import statement_validation_loop
 
 from cocoshard import cli, config, evaluate, metrics, predict
@@ -149,3 +152,15 @@ def test_labels_from_the_val_split_of_shards(sample_shards_jpeg, sample_labels, 
     assert result["images"] == len(shard_labels)
     test_keys = evaluate.image_keys(sample_shards_jpeg)
     assert len(test_keys) == 32
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 2**32 - 1))
+def test_scores_do_not_depend_on_key_or_list_order(sample_labels, seed: int) -> None:
+    rnd = random.Random(seed)
+    submission, _ = noisy_submission(sample_labels, seed=7)
+    items = [(key, rnd.sample(ids, len(ids))) for key, ids in submission.items()]
+    rnd.shuffle(items)
+    shuffled = evaluate.validate_submission(dict(items), allowed=sample_labels.keys())
+    reference = evaluate.score_submission(submission, sample_labels).metrics
+    assert evaluate.score_submission(shuffled, sample_labels).metrics == reference
