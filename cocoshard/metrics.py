@@ -13,6 +13,13 @@ Server F1, as the statement's `validation_loop(multi_task=True, one_hot=True)` c
 A class absent from the labels (n_c = 0) is left out of the weights; the statement's code would
 divide by zero there. Because rare classes weigh the most, per-class thresholds tuned for this
 score (`tune_thresholds`) are worth more than any global one.
+
+P and R are averaged over classes separately, before the one harmonic mean: a class predicted
+almost everywhere (r_c near 1, p_c near its prevalence) and another predicted only when certain
+(p_c near 1, r_c small) together score far better than their per-class F1 suggests. Tuning for
+the server F1 finds such mixes (bimodal thresholds) whenever they score more; the leaderboard
+scores them the same way, but the figure on the images used for tuning is optimistic, which is
+why `holdout_threshold_gain` measures the gain on images the tuning did not see.
 """
 
 from __future__ import annotations
