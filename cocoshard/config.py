@@ -105,16 +105,16 @@ class TrainConfig:
 
     shards: str = opt("shards", "folder (or URL prefix) holding manifest.json and the shards")
     out: str = opt("runs/train", "run folder: config, metrics.jsonl, last.pt, best.pt, thresholds.json")
-    model: str = opt("convnext_tiny", "torchvision classification model name (resnet18, resnet50, efficientnet_b0, convnext_tiny, maxvit_t, ...)")
+    model: str = opt("maxvit_t", "torchvision classification model name (resnet18, resnet50, efficientnet_b0, convnext_tiny, maxvit_t, ...) or cocoshard_tiny")
     weights: str = opt("imagenet", "imagenet (torchvision's cache), none, or PATH to a local state dict")
     epochs: int = opt(12, "epochs in total, head-only warm-up included")
     batch_size: int = opt(128, "images per step on each process")
     lr: float = opt(1e-3, "peak learning rate of the head; the backbone gets lr * --backbone-lr-mult")
-    backbone_lr_mult: float = opt(0.1, "backbone learning rate as a fraction of --lr")
+    backbone_lr_mult: Optional[float] = opt(None, "backbone learning rate as a fraction of --lr (default: 0.1 with pretrained weights, 1 from scratch)")
     weight_decay: float = opt(0.05, "AdamW weight decay (never on norms and biases)")
-    freeze_epochs: int = opt(1, "epochs with the backbone frozen (head-only warm-up)")
-    warmup_epochs: float = opt(1.0, "linear learning-rate warm-up before the cosine decay")
-    schedule: Literal["cosine", "onecycle"] = opt("cosine", "learning-rate schedule after warm-up")
+    freeze_epochs: Optional[int] = opt(None, "epochs with the backbone frozen, head-only warm-up (default: 1 with pretrained weights, 0 from scratch)")
+    warmup_epochs: float = opt(1.0, "linear learning-rate warm-up (the backbone's starts when it is unfrozen)")
+    schedule: Literal["cosine", "onecycle"] = opt("cosine", "learning-rate schedule: warm-up + cosine, or one-cycle")
     loss: Literal["asl", "bce"] = opt("asl", "asymmetric loss (multi-label, long tail) or plain BCE")
     asl_gamma_neg: float = opt(4.0, "ASL focusing on negatives")
     asl_gamma_pos: float = opt(0.0, "ASL focusing on positives")
@@ -123,12 +123,12 @@ class TrainConfig:
     ema_decay: float = opt(0.999, "EMA decay per step")
     size: int = opt(224, "training resolution (square)")
     crop_scale_min: float = opt(0.35, "smallest crop area of the random resized crop (a fraction of the image)")
-    amp: bool = opt(True, "mixed precision (bf16 where supported, else fp16 + GradScaler)")
+    amp: bool = opt(True, "mixed precision (bf16 where supported, else fp16 + GradScaler; bf16 on a CPU)")
     amp_dtype: Literal["auto", "bf16", "fp16"] = opt("auto", "AMP dtype")
     channels_last: bool = opt(True, "channels_last memory format for model and inputs")
     compile: bool = opt(False, "torch.compile the model")
     loader: Literal["stream", "resident"] = opt("stream", "stream shards with workers, or hold the split in memory")
-    workers: int = opt(0, "loader processes per rank (0: cores / ranks)")
+    workers: Optional[int] = opt(None, "loader processes per rank (default: cores / ranks; 0: read in the training process)")
     device: Literal["auto", "cpu", "cuda"] = opt("auto", "where to train")
     seed: int = opt(0, "seed of initialisation, shuffling and augmentation")
     resume: bool = opt(False, "continue from OUT/last.pt")
@@ -137,12 +137,33 @@ class TrainConfig:
     log_every: int = opt(20, "steps between progress updates that sync the device")
 
     def validate(self) -> None:
-        _positive(self, "epochs", "batch_size", "lr", "size")
-        _non_negative(self, "freeze_epochs", "warmup_epochs", "workers", "max_steps", "weight_decay")
+        _positive(self, "epochs", "batch_size", "lr", "size", "log_every")
+        _non_negative(self, "warmup_epochs", "max_steps", "weight_decay", "asl_gamma_neg", "asl_gamma_pos", "asl_clip")
+        if self.workers is not None and self.workers < 0:
+            raise ConfigError(f"--workers must be >= 0 (got {self.workers})")
+        if self.freeze_epochs is not None and not 0 <= self.freeze_epochs < self.epochs:
+            raise ConfigError(f"--freeze-epochs must be in [0, --epochs) (got {self.freeze_epochs} of {self.epochs})")
+        if self.backbone_lr_mult is not None and not 0.0 < self.backbone_lr_mult <= 10.0:
+            raise ConfigError(f"--backbone-lr-mult must be in (0, 10] (got {self.backbone_lr_mult})")
         if not 0.0 < self.crop_scale_min <= 1.0:
             raise ConfigError(f"--crop-scale-min must be in (0, 1] (got {self.crop_scale_min})")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"--ema-decay must be in [0, 1) (got {self.ema_decay})")
+        if self.size < 32:
+            raise ConfigError(f"--size must be at least 32 pixels (got {self.size})")
+
+    @property
+    def pretrained(self) -> bool:
+        """True when the backbone starts from trained weights (ImageNet or a local file)."""
+        return self.weights != "none"
+
+    def resolved(self) -> "TrainConfig":
+        """A copy with the automatic settings (freeze epochs, backbone LR) filled in."""
+        return dataclasses.replace(
+            self,
+            freeze_epochs=self.freeze_epochs if self.freeze_epochs is not None else (1 if self.pretrained else 0),
+            backbone_lr_mult=self.backbone_lr_mult if self.backbone_lr_mult is not None else (0.1 if self.pretrained else 1.0),
+        )
 
 
 @dataclass
