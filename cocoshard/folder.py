@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 from PIL import Image
@@ -40,12 +40,20 @@ def read_label_file(path: Path) -> list[int]:
 
 
 class FolderDataset(torch.utils.data.Dataset):
-    """(transformed image, float32 multi-hot labels) for each `.cls` file, sorted by name."""
+    """(transformed image, float32 multi-hot labels) for each `.cls` file, sorted by name.
+
+    `keys` keeps only those samples (e.g. the keys of one packed split); `max_images` the first N.
+    """
 
     def __init__(self, image_dir: str | os.PathLike, label_dir: str | os.PathLike,
-                 transform: Optional[Callable] = None, max_images: Optional[int] = None) -> None:
+                 transform: Optional[Callable] = None, max_images: Optional[int] = None,
+                 keys: Optional[Iterable[str]] = None) -> None:
         self.image_dir, self.label_dir = Path(image_dir), Path(label_dir)
-        self.label_files = sorted(p.name for p in self.label_dir.glob("*.cls"))[:max_images]
+        names = sorted(p.name for p in self.label_dir.glob("*.cls"))
+        if keys is not None:
+            wanted = set(keys)
+            names = [name for name in names if Path(name).stem in wanted]
+        self.label_files = names[:max_images]
         if not self.label_files:
             raise UserError(f"no .cls label files in {self.label_dir}")
         self.transform = transform
@@ -75,11 +83,11 @@ def folder_train_transform(size: int, scale: Sequence[float] = (0.35, 1.0),
 
 
 def build_folder_loader(root: str | os.PathLike, *, batch_size: int, workers: int, size: int = 224,
-                        scale: Sequence[float] = (0.35, 1.0), seed: int = 0,
-                        max_images: Optional[int] = None) -> torch.utils.data.DataLoader:
+                        scale: Sequence[float] = (0.35, 1.0), seed: int = 0, max_images: Optional[int] = None,
+                        keys: Optional[Iterable[str]] = None) -> torch.utils.data.DataLoader:
     """The statement's training DataLoader over a challenge folder: shuffled, `workers` processes."""
     images, labels = find_train_folders(root)
-    dataset = FolderDataset(images, labels, folder_train_transform(size, scale), max_images=max_images)
+    dataset = FolderDataset(images, labels, folder_train_transform(size, scale), max_images=max_images, keys=keys)
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, shuffle=True, num_workers=workers, persistent_workers=workers > 0,
         generator=torch.Generator().manual_seed(seed),

@@ -16,13 +16,13 @@ import threading
 
 import torch
 
-# References to a pooled storage while it is idle: the pool's tensor and the temporary storage
-# object made to read the count.
-_IDLE_USE_COUNT = 2
+def storage_references(tensor: torch.Tensor) -> int:
+    """How many tensors (views included) and storage objects hold `tensor`'s memory."""
+    return torch._C._storage_Use_Count(tensor.untyped_storage()._cdata) - 1  # minus the temporary
 
 
 def _storage_in_use(buffer: torch.Tensor) -> bool:
-    return torch._C._storage_Use_Count(buffer.untyped_storage()._cdata) > _IDLE_USE_COUNT
+    return storage_references(buffer) > 1  # the pool's own tensor
 
 
 class BufferPool:

@@ -1,7 +1,7 @@
 """Reading one shard: its bytes (local path or any URL WebDataset opens), its checksum, its samples.
 
-A shard is read whole into memory, checked against the manifest's sha256 (once per process and
-file version), and indexed by a tar header parser that hands out zero-copy views of the members.
+A shard is read whole into memory, checked against the manifest's sha256 (once per file version),
+and indexed by a tar header parser that hands out zero-copy views of the members.
 Python's `tarfile` costs ~15 µs per member; this parser costs ~1 µs, which matters when a raw
 sample is three members and a 150 KB copy. Nothing is ever extracted: member names are only split
 into key and extension, so absolute or `..` paths cannot touch the filesystem.
@@ -17,6 +17,8 @@ import os
 import re
 from pathlib import Path
 from typing import NamedTuple
+
+import torch
 
 from cocoshard.errors import UserError
 from cocoshard.shards import is_url
@@ -41,8 +43,25 @@ class Sample(NamedTuple):
     members: dict[str, memoryview]
 
 
-# Shards whose checksum this process has already confirmed: (url, size, mtime) -> sha256.
-_verified: dict[tuple, str] = {}
+class ShardChecks:
+    """Which shards' checksums are confirmed, per file version, shared by a loader's workers.
+
+    Hashing a 120 MB raw shard costs ~0.1 s; each shard is hashed once per file version for all
+    workers, not once per worker. Lives in shared memory, so forked or spawned workers see it.
+    """
+
+    def __init__(self, count: int) -> None:
+        self._stamps = torch.zeros(max(count, 1), dtype=torch.int64).share_memory_()
+
+    def confirmed(self, index: int, stamp: int) -> bool:
+        return int(self._stamps[index]) == stamp
+
+    def confirm(self, index: int, stamp: int) -> None:
+        self._stamps[index] = stamp
+
+
+# Checksums this process confirmed for callers without a ShardChecks: url -> stamp.
+_confirmed_here: dict[str, int] = {}
 
 
 def read_shard_bytes(url: str) -> bytes:
@@ -58,21 +77,20 @@ def read_shard_bytes(url: str) -> bytes:
         raise BadShard(f"cannot read shard {url}: {exc}") from exc
 
 
-def _version_key(url: str, data: bytes) -> tuple:
-    if is_url(url):
-        return (url, len(data))
-    try:
-        return (url, len(data), os.stat(url).st_mtime_ns)
-    except OSError:
-        return (url, len(data))
+def version_stamp(url: str, data: bytes) -> int:
+    """A non-zero number that changes when a local file is rewritten (size, mtime) or a URL's size changes."""
+    mtime = 0
+    if not is_url(url):
+        try:
+            mtime = os.stat(url).st_mtime_ns
+        except OSError:
+            pass
+    return (mtime * 1_000_003 + len(data)) % (2**62) + 1
 
 
 def check_sha256(url: str, data: bytes, expected: str | None) -> None:
-    """Raise BadShard unless `data` hashes to `expected` (skipped when the manifest has no hash)."""
+    """Raise BadShard unless `data` hashes to `expected` (nothing to check when the manifest has no hash)."""
     if not expected:
-        return
-    key = _version_key(url, data)
-    if _verified.get(key) == expected:
         return
     actual = hashlib.sha256(data).hexdigest()
     if actual != expected:
@@ -80,7 +98,6 @@ def check_sha256(url: str, data: bytes, expected: str | None) -> None:
             f"shard {url} is corrupted: its sha256 is {actual[:16]}..., the manifest says {expected[:16]}... "
             "(re-run cocoshard pack, or pass --skip-bad-samples to train without it)"
         )
-    _verified[key] = expected
 
 
 def _octal(field: bytes, url: str, offset: int) -> int:
@@ -95,10 +112,12 @@ def _octal(field: bytes, url: str, offset: int) -> int:
 
 def _check_header(header: bytes, url: str, offset: int) -> None:
     stored = _octal(header[148:156], url, offset)
-    blanked = header[:148] + b" " * 8 + header[156:]
-    unsigned = sum(blanked)
-    signed = unsigned - 256 * sum(1 for b in blanked if b > 127)
-    if stored not in (unsigned, signed):
+    # The checksum field counts as eight spaces (8 * 32); old writers summed signed bytes.
+    unsigned = sum(header[:148]) + 256 + sum(header[156:])
+    if stored == unsigned:
+        return
+    signed = unsigned - 256 * sum(1 for b in header[:148] + header[156:] if b > 127)
+    if stored != signed:
         raise BadShard(f"shard {url} has a damaged tar header at byte {offset} (checksum mismatch)")
 
 
@@ -131,8 +150,11 @@ def _name(header: bytes) -> str:
     return name.decode("utf-8", "replace")
 
 
-def tar_members(data: bytes, url: str) -> list[tuple[str, memoryview]]:
-    """(name, bytes) of every regular file in a tar held in memory, in order; views, no copies."""
+def tar_members(data: bytes, url: str, check_headers: bool = True) -> list[tuple[str, memoryview]]:
+    """(name, bytes) of every regular file in a tar held in memory, in order; views, no copies.
+
+    `check_headers=False` skips the per-header checksums: for data whose sha256 already matched.
+    """
     view = memoryview(data)
     members: list[tuple[str, memoryview]] = []
     offset, end = 0, len(data)
@@ -142,7 +164,8 @@ def tar_members(data: bytes, url: str) -> list[tuple[str, memoryview]]:
         header = data[offset : offset + BLOCK]
         if header.count(0) == BLOCK:
             return members
-        _check_header(header, url, offset)
+        if check_headers:
+            _check_header(header, url, offset)
         size = _octal(header[124:136], url, offset)
         kind = header[156:157]
         if pax_size is not None and kind not in (_PAX_NEXT, _PAX_GLOBAL):
@@ -182,11 +205,24 @@ def group_samples(members: list[tuple[str, memoryview]], url: str) -> list[Sampl
     return samples
 
 
-def read_samples(url: str, sha256: str | None = None, expected_samples: int | None = None) -> list[Sample]:
-    """Read, check and index one shard. Raises BadShard naming the shard on any inconsistency."""
+def read_samples(url: str, sha256: str | None = None, expected_samples: int | None = None, *,
+                 checks: ShardChecks | None = None, index: int = 0) -> list[Sample]:
+    """Read, check and index one shard. Raises BadShard naming the shard on any inconsistency.
+
+    The checksum is computed once per file version: per process, or across a loader's workers
+    when they share `checks` (with `index`, the shard's number in it).
+    """
     data = read_shard_bytes(url)
-    check_sha256(url, data, sha256)
-    samples = group_samples(tar_members(data, url), url)
+    if sha256:
+        stamp = version_stamp(url, data)
+        known = checks.confirmed(index, stamp) if checks is not None else _confirmed_here.get(url) == stamp
+        if not known:
+            check_sha256(url, data, sha256)
+            if checks is not None:
+                checks.confirm(index, stamp)
+            else:
+                _confirmed_here[url] = stamp
+    samples = group_samples(tar_members(data, url, check_headers=not sha256), url)
     if expected_samples is not None and len(samples) != expected_samples:
         raise BadShard(f"shard {url} holds {len(samples)} samples, the manifest says {expected_samples}")
     return samples

@@ -48,6 +48,13 @@ def test_transform_gives_normalised_float_tensors(coco_sample):
     assert low - 1e-5 <= image.min() and image.max() <= high + 1e-5
 
 
+def test_keys_select_a_subset(coco_sample):
+    images, labels = find_train_folders(coco_sample)
+    everything = FolderDataset(images, labels).label_files
+    subset = FolderDataset(images, labels, keys=[everything[5][:-4], everything[2][:-4], "missing"])
+    assert subset.label_files == [everything[2], everything[5]]
+
+
 def test_loader_gives_float32_batches_in_worker_processes(coco_sample):
     loader = build_folder_loader(coco_sample, batch_size=32, workers=2, size=64, max_images=64)
     batches = list(loader)

@@ -18,7 +18,8 @@ import torch
 from PIL import Image
 
 from cocoshard.errors import UserError
-from cocoshard.loader import build_loader, plan_epoch, rank_batches, segments_between, shard_order
+from cocoshard.epochs import plan_epoch, rank_batches, segments_between, shard_order
+from cocoshard.loader import build_loader
 from cocoshard.shardio import BadSample, BadShard
 from cocoshard.shards import FORMAT_VERSION, MANIFEST, encode_hw, shard_name
 
@@ -209,6 +210,23 @@ def test_batches_hold_the_stored_pixels_sizes_and_labels(tmp_path):
             assert (h, w) == (CANVAS - index % 5, CANVAS - index % 3)
             assert bool((image == index % 251).all())
             assert torch.equal(labels, torch.tensor(list(_labels(index))).float())
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_batch_buffers_are_reused_but_never_while_held(tmp_path, workers):
+    shards = write_shards(tmp_path / "s", {"train": [40, 40, 40]})
+    loader = _loader(shards, workers=workers)
+    held = list(loader)  # every batch kept: no buffer may be refilled under them
+    for batch in held:
+        for image, key in zip(batch.images, batch.keys):
+            assert bool((image == int(key[1:]) % 251).all())
+    del held, batch, image
+    loader.set_epoch(1)
+    buffers = set()
+    for batch in loader:  # batches dropped as they are used: a few buffers go round
+        buffers.add(batch.images.untyped_storage().data_ptr())
+        assert bool((batch.images[0] == int(batch.keys[0][1:]) % 251).all())
+    assert len(buffers) < len(loader)
 
 
 def test_resident_and_stream_agree_on_keys_and_labels(tmp_path):
