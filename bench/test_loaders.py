@@ -1,0 +1,101 @@
+"""Training-ready images/s of each input pipeline, on the same images, batch size and worker count.
+
+    $ pytest bench/ --benchmark
+
+"Training-ready": the batch as the model would take it, on the training device, augmented (random
+resized crop + flip) and normalised. Our pipelines also deliver channels_last, in the AMP dtype on
+a GPU (bfloat16, or float16 without bf16 support) and float32 on a CPU. The folder baseline
+delivers what the statement's loop trains on: float32 NCHW, moved to the device; it pays no
+channels_last conversion, which favours it. One warm-up epoch (worker start, page cache, shard
+checksums) is excluded; each timed round is one more epoch; the median round is reported.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable, Iterator
+
+import pytest
+import torch
+from conftest import PIPELINE_ORDER, BenchData, BenchReport, bench_device, cores
+
+from cocoshard.augment import train_augment
+from cocoshard.folder import build_folder_loader
+from cocoshard.loader import build_loader
+from cocoshard.shardio import read_samples
+from cocoshard.shards import read_manifest, shard_urls, split_shards
+
+
+def training_dtype(device: torch.device) -> torch.dtype:
+    if device.type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def timed_rounds(epoch_images: Callable[[int], Iterator[int]], rounds: int, device: torch.device) -> list[float]:
+    """images/s of each epoch after the first; `epoch_images(epoch)` yields each ready batch's size."""
+    rates = []
+    for epoch in range(rounds + 1):
+        start = time.perf_counter()
+        count = sum(epoch_images(epoch))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if epoch > 0:
+            rates.append(count / (time.perf_counter() - start))
+    return rates
+
+
+def train_keys(shards) -> list[str]:
+    manifest = read_manifest(shards)
+    entries = split_shards(manifest, "train")
+    return [s.key for url, e in zip(shard_urls(shards, manifest, "train"), entries) for s in read_samples(url, e["sha256"], e["samples"])]
+
+
+def folder_epochs(data: BenchData, batch: int, workers: int, size: int, device: torch.device):
+    loader = build_folder_loader(data.root, batch_size=batch, workers=workers, size=size, keys=train_keys(data.shards["jpeg"]))
+
+    def epoch_images(epoch: int) -> Iterator[int]:
+        for images, labels in loader:
+            images = images.to(device, non_blocking=True)
+            labels = labels.to(device, non_blocking=True)
+            yield images.shape[0]
+
+    return epoch_images, None
+
+
+def shard_epochs(data: BenchData, pipeline: str, batch: int, workers: int, size: int, device: torch.device):
+    mode = "resident" if pipeline == "resident" else "stream"
+    pixel_format = "jpeg" if pipeline == "stream-jpeg" else "raw"
+    loader = build_loader(data.shards[pixel_format], "train", batch_size=batch, device=device, mode=mode, train=True,
+                          seed=0, workers=0 if mode == "resident" else workers)
+    generator = torch.Generator(device=device).manual_seed(0)
+    dtype = training_dtype(device)
+
+    def epoch_images(epoch: int) -> Iterator[int]:
+        loader.set_epoch(epoch)
+        for b in loader:
+            ready = train_augment(b.images, b.sizes, out_size=size, generator=generator, dtype=dtype)
+            yield ready.shape[0]
+
+    return epoch_images, loader
+
+
+@pytest.mark.parametrize("pipeline", PIPELINE_ORDER)
+def test_pipeline_throughput(pipeline: str, bench_data: BenchData, report: BenchReport, request: pytest.FixtureRequest):
+    opts = request.config.option
+    device, workers = bench_device(), cores()
+    batch, size, rounds = opts.bench_batch_size, opts.bench_size, opts.bench_rounds
+    report.settings.update(batch_size=batch, workers=workers, size=size, rounds=rounds, warmup_epochs=1,
+                           images=len(train_keys(bench_data.shards["jpeg"])), output_dtype=str(training_dtype(device)))
+    if pipeline == "folder":
+        epochs, loader = folder_epochs(bench_data, batch, workers, size, device)
+    else:
+        epochs, loader = shard_epochs(bench_data, pipeline, batch, workers, size, device)
+    try:
+        rates = timed_rounds(epochs, rounds, device)
+    finally:
+        if loader is not None:
+            loader.close()
+    report.pipelines[pipeline] = {"images_per_s": round(statistics.median(rates), 1), "rounds": [round(r, 1) for r in rates]}
+    assert all(rate > 0 for rate in rates)
