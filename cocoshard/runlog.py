@@ -78,15 +78,18 @@ class RunLog:
         self.out = Path(out)
         self.enabled = enabled
         self.console = (console or Console(stderr=True)) if enabled else None
-        self.tensorboard: Any = None
-        if enabled:
-            self.out.mkdir(parents=True, exist_ok=True)
+        self._tensorboard: Any = None
+
+    def _scalars(self) -> Any:
+        """The TensorBoard writer, opened at the first epoch (None when tensorboard is not installed)."""
+        if self._tensorboard is None:
             try:
                 from torch.utils.tensorboard import SummaryWriter
-            except ImportError:  # tensorboard is optional
-                SummaryWriter = None  # noqa: N806
-            if SummaryWriter is not None:
-                self.tensorboard = SummaryWriter(str(self.out / TENSORBOARD_DIR))
+            except ImportError:
+                self._tensorboard = False
+            else:
+                self._tensorboard = SummaryWriter(str(self.out / TENSORBOARD_DIR))
+        return self._tensorboard or None
 
     def note(self, message: str) -> None:
         """One line for the user."""
@@ -121,14 +124,16 @@ class RunLog:
         """Append one line to metrics.jsonl, log the scalars, print the epoch table."""
         if not self.enabled:
             return
+        self.out.mkdir(parents=True, exist_ok=True)
         with open(self.out / METRICS_LOG, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record, sort_keys=True) + "\n")
             handle.flush()
             os.fsync(handle.fileno())
-        if self.tensorboard is not None:
+        writer = self._scalars()
+        if writer is not None:
             for key, value in _flat_numbers(record).items():
-                self.tensorboard.add_scalar(key, value, record["epoch"])
-            self.tensorboard.flush()
+                writer.add_scalar(key, value, record["epoch"])
+            writer.flush()
         self._print_table(record, columns)
 
     def _print_table(self, record: dict[str, Any], columns: Sequence[str]) -> None:
@@ -151,5 +156,5 @@ class RunLog:
             atomic_write_text(self.out / THRESHOLDS_FILE, json.dumps(payload, indent=2) + "\n")
 
     def close(self) -> None:
-        if self.tensorboard is not None:
-            self.tensorboard.close()
+        if self._tensorboard:
+            self._tensorboard.close()

@@ -114,7 +114,9 @@ def train_one_epoch(tr: Trainer, epoch: int) -> dict[str, Any]:
     progress = tr.log.epoch_progress(f"epoch {epoch + 1}/{cfg.epochs}", steps, cfg.batch_size * runtime.world_size)
     started = time.perf_counter()
     try:
-        for index, batch in zip(range(steps), tr.train_loader):
+        for index, batch in enumerate(tr.train_loader):
+            if index == steps:
+                break  # --max-steps reached (the loader otherwise ends on its own, so it can finish cleanly)
             train_step(tr, batch, generator, meter)
             if (index + 1) % cfg.log_every == 0 or index + 1 == steps:
                 progress.update(index + 1, meter.mean_loss())
