@@ -16,9 +16,17 @@ import threading
 
 import torch
 
+_use_count = getattr(torch._C, "_storage_Use_Count", None)
+
+
 def storage_references(tensor: torch.Tensor) -> int:
-    """How many tensors (views included) and storage objects hold `tensor`'s memory."""
-    return torch._C._storage_Use_Count(tensor.untyped_storage()._cdata) - 1  # minus the temporary
+    """How many tensors (views included) and storage objects hold `tensor`'s memory.
+
+    On a PyTorch without the counter, a number so large that nothing is ever reused.
+    """
+    if _use_count is None:
+        return 1 << 30
+    return _use_count(tensor.untyped_storage()._cdata) - 1  # minus the temporary storage object
 
 
 def _storage_in_use(buffer: torch.Tensor) -> bool:
