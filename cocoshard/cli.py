@@ -37,7 +37,9 @@ QUIET = {"info"}  # commands that do not print their (empty) config
 
 def _add_field(parser: argparse.ArgumentParser, f: Any, kind: Any) -> None:
     flag = "--" + f.name.replace("_", "-")
-    help_text = f"{f.metadata.get('help', '')} (default: {f.default})"
+    help_text = f.metadata.get("help", "")
+    if "default" not in help_text:  # some helps explain a default that depends on other settings
+        help_text += f" (default: {f.default})"
     args = typing.get_args(kind)
     if typing.get_origin(kind) is typing.Union:  # Optional[X]
         kind = next(a for a in args if a is not type(None))
