@@ -10,7 +10,9 @@ rank, and each rank takes its slice of whole batches; batches are gathered with 
 
 from __future__ import annotations
 
+import math
 import os
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterator, Optional
 
@@ -61,9 +63,23 @@ def choose_placement(needed: int, device: torch.device, memory_limit: Optional[i
     available = host_available_bytes() * HOST_SHARE
     budget = available if memory_limit is None else memory_limit
     if needed > budget:
-        reason = f"the memory limit is {_human(memory_limit)}" if memory_limit is not None else f"only {_human(available)} of host memory is free to use"
-        raise UserError(f"resident mode needs {_human(needed)} for {what} but {reason}: use the stream loader (--loader stream)")
+        if memory_limit is not None:
+            reason = f"the memory limit is {_human(memory_limit)}"
+        else:
+            reason = f"only {_human(available)} of host memory is free to use"
+        raise UserError(f"resident mode needs {_human(needed)} for {what} but {reason}: "
+                        "use the stream loader (--loader stream)")
     return torch.device("cpu"), device.type == "cuda"
+
+
+def _allocate(shape: tuple[int, ...], placement: torch.device, pinned: bool) -> torch.Tensor:
+    """The split's uint8 tensor; page-locked when asked and the system allows it (else pageable)."""
+    if pinned:
+        try:
+            return torch.empty(shape, dtype=torch.uint8, pin_memory=True)
+        except RuntimeError as exc:
+            warnings.warn(f"cannot pin {_human(math.prod(shape))} of host memory ({exc}); copies to the GPU will not overlap")
+    return torch.empty(shape, dtype=torch.uint8, device=placement)
 
 
 class ResidentLoader:
@@ -84,7 +100,7 @@ class ResidentLoader:
         total = sum(counts)
         what = f"the {total} images of split {split!r} ({size}x{size} canvases)"
         self.placement, pinned = choose_placement(total * (size * size * 3 + NUM_CLASSES + 16), device, memory_limit, what)
-        self.images = torch.empty((total, size, size, 3), dtype=torch.uint8, device=self.placement, pin_memory=pinned)
+        self.images = _allocate((total, size, size, 3), self.placement, pinned)
         self.sizes = torch.zeros((total, 2), dtype=torch.int64)
         self.labels = torch.zeros((total, NUM_CLASSES), dtype=torch.uint8) if self.labelled else None
         self.keys: list[str] = [""] * total
@@ -118,8 +134,10 @@ class ResidentLoader:
             return count
         on_host = self.placement.type == "cpu"
         size = self.canvas_size
-        pixels = self.images[offset : offset + count].numpy() if on_host else np.empty((count, size, size, 3), np.uint8)
-        hw, labels = self.sizes[offset : offset + count].numpy(), None if self.labels is None else self.labels[offset : offset + count].numpy()
+        rows = slice(offset, offset + count)
+        pixels = self.images[rows].numpy() if on_host else np.empty((count, size, size, 3), np.uint8)
+        hw = self.sizes[rows].numpy()
+        labels = None if self.labels is None else self.labels[rows].numpy()
         skipped = 0
         for i, sample in enumerate(samples):
             try:
@@ -134,7 +152,7 @@ class ResidentLoader:
             self.keys[offset + i] = sample.key
             valid[offset + i] = True
         if not on_host:
-            self.images[offset : offset + count].copy_(torch.from_numpy(pixels))
+            self.images[rows].copy_(torch.from_numpy(pixels))
         return skipped
 
     # ---------------------------------------------------------------------------- iteration
