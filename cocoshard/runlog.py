@@ -106,7 +106,7 @@ class RunLog:
         return EpochProgress(self.console, description, steps, batch_images)
 
     def keep_epochs_up_to(self, epoch: int) -> None:
-        """On resume: drop log lines of epochs after the checkpoint (they will be run again)."""
+        """Drop log lines of epochs after `epoch`: on resume they are run again (0: a fresh run)."""
         path = self.out / METRICS_LOG
         if not self.enabled or not path.is_file():
             return

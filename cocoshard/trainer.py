@@ -170,6 +170,8 @@ def build_trainer(cfg: Any, runtime: Runtime, log: RunLog) -> Trainer:
     )
     if cfg.resume:
         restore(tr, out / LAST)
+    else:
+        log.keep_epochs_up_to(0)  # a run killed before its first checkpoint may have logged an epoch
     return tr
 
 
