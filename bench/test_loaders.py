@@ -6,15 +6,18 @@
 resized crop + flip) and normalised. Our pipelines also deliver channels_last, in the AMP dtype on
 a GPU (bfloat16, or float16 without bf16 support) and float32 on a CPU. The folder baseline
 delivers what the statement's loop trains on: float32 NCHW, moved to the device; it pays no
-channels_last conversion, which favours it. One warm-up epoch (worker start, page cache, shard
-checksums) is excluded; each timed round is one more epoch; the median round is reported.
+channels_last conversion, which favours it.
+
+Every pipeline first runs one warm-up epoch (worker start, page cache, shard checksums). Then the
+pipelines take turns, one epoch each per round, so that a change in the machine's load hits all of
+them alike rather than whichever ran last; the median round is reported.
 """
 
 from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional
 
 import pytest
 import torch
@@ -26,6 +29,8 @@ from cocoshard.loader import build_loader
 from cocoshard.shardio import read_samples
 from cocoshard.shards import read_manifest, shard_urls, split_shards
 
+Epochs = Callable[[int], Iterator[int]]  # epoch -> the size of each training-ready batch, as it is ready
+
 
 def training_dtype(device: torch.device) -> torch.dtype:
     if device.type != "cuda":
@@ -33,27 +38,17 @@ def training_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
-def timed_rounds(epoch_images: Callable[[int], Iterator[int]], rounds: int, device: torch.device) -> list[float]:
-    """images/s of each epoch after the first; `epoch_images(epoch)` yields each ready batch's size."""
-    rates = []
-    for epoch in range(rounds + 1):
-        start = time.perf_counter()
-        count = sum(epoch_images(epoch))
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if epoch > 0:
-            rates.append(count / (time.perf_counter() - start))
-    return rates
-
-
 def train_keys(shards) -> list[str]:
+    """Keys of the packed train split: the folder baseline reads exactly these images."""
     manifest = read_manifest(shards)
     entries = split_shards(manifest, "train")
-    return [s.key for url, e in zip(shard_urls(shards, manifest, "train"), entries) for s in read_samples(url, e["sha256"], e["samples"])]
+    urls = shard_urls(shards, manifest, "train")
+    return [s.key for url, e in zip(urls, entries) for s in read_samples(url, e["sha256"], e["samples"])]
 
 
-def folder_epochs(data: BenchData, batch: int, workers: int, size: int, device: torch.device):
-    loader = build_folder_loader(data.root, batch_size=batch, workers=workers, size=size, keys=train_keys(data.shards["jpeg"]))
+def folder_epochs(data: BenchData, batch: int, workers: int, size: int, device: torch.device) -> tuple[Epochs, None]:
+    loader = build_folder_loader(data.root, batch_size=batch, workers=workers, size=size,
+                                 keys=train_keys(data.shards["jpeg"]))
 
     def epoch_images(epoch: int) -> Iterator[int]:
         for images, labels in loader:
@@ -64,7 +59,7 @@ def folder_epochs(data: BenchData, batch: int, workers: int, size: int, device: 
     return epoch_images, None
 
 
-def shard_epochs(data: BenchData, pipeline: str, batch: int, workers: int, size: int, device: torch.device):
+def shard_epochs(data: BenchData, pipeline: str, batch: int, workers: int, size: int, device: torch.device) -> tuple[Epochs, object]:
     mode = "resident" if pipeline == "resident" else "stream"
     pixel_format = "jpeg" if pipeline == "stream-jpeg" else "raw"
     loader = build_loader(data.shards[pixel_format], "train", batch_size=batch, device=device, mode=mode, train=True,
@@ -81,21 +76,44 @@ def shard_epochs(data: BenchData, pipeline: str, batch: int, workers: int, size:
     return epoch_images, loader
 
 
-@pytest.mark.parametrize("pipeline", PIPELINE_ORDER)
-def test_pipeline_throughput(pipeline: str, bench_data: BenchData, report: BenchReport, request: pytest.FixtureRequest):
+def interleaved_rates(pipelines: dict[str, Epochs], rounds: int, device: torch.device) -> dict[str, list[float]]:
+    """images/s per pipeline and round, after one warm-up epoch each; pipelines alternate."""
+    for epochs in pipelines.values():
+        sum(epochs(0))
+    rates: dict[str, list[float]] = {name: [] for name in pipelines}
+    for epoch in range(1, rounds + 1):
+        for name, epochs in pipelines.items():
+            start = time.perf_counter()
+            count = sum(epochs(epoch))
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            rates[name].append(count / (time.perf_counter() - start))
+    return rates
+
+
+def test_pipeline_throughput(bench_data: BenchData, report: BenchReport, request: pytest.FixtureRequest):
     opts = request.config.option
     device, workers = bench_device(), cores()
     batch, size, rounds = opts.bench_batch_size, opts.bench_size, opts.bench_rounds
     report.settings.update(batch_size=batch, workers=workers, size=size, rounds=rounds, warmup_epochs=1,
-                           images=len(train_keys(bench_data.shards["jpeg"])), output_dtype=str(training_dtype(device)))
-    if pipeline == "folder":
-        epochs, loader = folder_epochs(bench_data, batch, workers, size, device)
-    else:
-        epochs, loader = shard_epochs(bench_data, pipeline, batch, workers, size, device)
+                           images=len(train_keys(bench_data.shards["jpeg"])), output_dtype=str(training_dtype(device)),
+                           order="one epoch of each pipeline per round")
+    pipelines: dict[str, Epochs] = {}
+    loaders: list[Optional[object]] = []
     try:
-        rates = timed_rounds(epochs, rounds, device)
+        for name in PIPELINE_ORDER:
+            if name == "folder":
+                epochs, loader = folder_epochs(bench_data, batch, workers, size, device)
+            else:
+                epochs, loader = shard_epochs(bench_data, name, batch, workers, size, device)
+            pipelines[name] = epochs
+            loaders.append(loader)
+        rates = interleaved_rates(pipelines, rounds, device)
     finally:
-        if loader is not None:
-            loader.close()
-    report.pipelines[pipeline] = {"images_per_s": round(statistics.median(rates), 1), "rounds": [round(r, 1) for r in rates]}
-    assert all(rate > 0 for rate in rates)
+        for loader in loaders:
+            if loader is not None:
+                loader.close()
+    for name in PIPELINE_ORDER:
+        report.pipelines[name] = {"images_per_s": round(statistics.median(rates[name]), 1),
+                                  "rounds": [round(r, 1) for r in rates[name]]}
+        assert all(rate > 0 for rate in rates[name])
