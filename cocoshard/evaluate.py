@@ -92,6 +92,16 @@ def read_shard_labels(location: str | os.PathLike, split: str = "val") -> dict[s
     return labels
 
 
+def class_names(location: Optional[str | os.PathLike]) -> tuple[str, ...]:
+    """The names of the classes: a shards folder's manifest says them (a generated set has its
+    own), anything else uses the challenge's."""
+    if location is not None and is_shard_folder(location):
+        names = read_manifest(location).get("classes")
+        if isinstance(names, list) and len(names) == NUM_CLASSES:
+            return tuple(str(name) for name in names)
+    return CLASSES
+
+
 def load_labels(location: str | os.PathLike) -> dict[str, np.ndarray]:
     """Labels from a shards folder (its val split) or from a folder of `.cls` files."""
     if not Path(location).is_dir():
@@ -131,10 +141,14 @@ class Evaluation:
     metrics: dict[str, float]
     server: metrics.ServerF1
     average_precision: Optional[np.ndarray]  # (C,) per-class AP, NaN without positives; None without scores
+    class_names: tuple[str, ...] = CLASSES
 
 
 def score_submission(
-    submission: Submission, labels: dict[str, np.ndarray], scores: Optional[np.ndarray] = None
+    submission: Submission,
+    labels: dict[str, np.ndarray],
+    scores: Optional[np.ndarray] = None,
+    names: tuple[str, ...] = CLASSES,
 ) -> Evaluation:
     """Metrics of the predicted images (in sorted key order; `scores` rows follow that order)."""
     keys = sorted(submission)
@@ -145,7 +159,7 @@ def score_submission(
     if scores is not None:
         ap = metrics.average_precision(scores, truth)
         result["map"] = metrics.mean_average_precision(scores, truth)
-    return Evaluation(keys, result, metrics.server_f1(pred, truth), ap)
+    return Evaluation(keys, result, metrics.server_f1(pred, truth), ap, names)
 
 
 def per_class_rows(evaluation: Evaluation) -> list[dict[str, Any]]:
@@ -154,7 +168,7 @@ def per_class_rows(evaluation: Evaluation) -> list[dict[str, Any]]:
     for c in range(len(server.class_f1)):
         row = {
             "id": c,
-            "name": CLASSES[c],
+            "name": evaluation.class_names[c],
             "positives": int(server.class_counts[c]),
             "weight": float(server.class_weights[c]),
             "tp": int(server.true_positives[c]),
@@ -231,7 +245,7 @@ def assess(cfg: EvaluateConfig) -> Assessment:
     if labels is None:
         return Assessment(submission, notes, None, [])
     scores = load_scores(cfg.scores, sorted(submission)) if cfg.scores else None
-    evaluation = score_submission(submission, labels, scores)
+    evaluation = score_submission(submission, labels, scores, class_names(cfg.labels))
     return Assessment(submission, notes, evaluation, _write_report(cfg, evaluation) if cfg.report else [])
 
 
@@ -283,5 +297,5 @@ def _write_report(cfg: EvaluateConfig, evaluation: Evaluation) -> list[Path]:
 
     return write_report(
         cfg.report, evaluation.metrics, evaluation.server, average_precision=evaluation.average_precision,
-        run_dir=cfg.run, title=f"Evaluation of {Path(cfg.predictions).name}",
+        run_dir=cfg.run, title=f"Evaluation of {Path(cfg.predictions).name}", names=evaluation.class_names,
     )

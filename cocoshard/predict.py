@@ -171,8 +171,11 @@ def shard_batches(
                           seed=0, rank=0, world_size=1, workers=workers, skip_bad_samples=False)
 
     def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
-        for batch in loader:
-            yield batch.images, batch.sizes, list(batch.keys)
+        try:
+            for batch in loader:
+                yield batch.images, batch.sizes, list(batch.keys)
+        finally:
+            loader.close()  # stop the worker processes now, not when the loader is collected
 
     return loader.num_samples, batches()
 

@@ -18,7 +18,7 @@ import io
 import json
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
@@ -61,16 +61,17 @@ def frequency_order(counts: np.ndarray) -> np.ndarray:
     return np.lexsort((np.arange(len(counts)), -np.asarray(counts)))
 
 
-def _class_axis(ax: Any, order: np.ndarray, counts: np.ndarray) -> None:
+def _class_axis(ax: Any, order: np.ndarray, counts: np.ndarray, names: Sequence[str]) -> None:
     ax.set_yticks(range(len(order)))
-    ax.set_yticklabels([f"{CLASSES[c]} ({int(counts[c])})" for c in order], fontsize=7)
+    ax.set_yticklabels([f"{names[c]} ({int(counts[c])})" for c in order], fontsize=7)
     ax.set_ylim(len(order) - 0.5, -0.5)  # most frequent at the top
     ax.set_xlim(0, 1.03)  # room for a dot at exactly 1
     ax.grid(axis="x", alpha=0.3)
     ax.set_axisbelow(True)
 
 
-def plot_class_f1(server: ServerF1, path: Path, title: str, average_precision: Optional[np.ndarray] = None) -> Path:
+def plot_class_f1(server: ServerF1, path: Path, title: str, average_precision: Optional[np.ndarray] = None,
+                  names: Sequence[str] = CLASSES) -> Path:
     """Horizontal F1 bars, classes sorted by frequency; each bar says the class's weight in the score.
     With `average_precision`, each class's AP is drawn as a dot on its bar."""
     plt = _pyplot()
@@ -85,14 +86,14 @@ def plot_class_f1(server: ServerF1, path: Path, title: str, average_precision: O
     for row, c in enumerate(order):
         if server.class_weights[c] >= 0.01:  # only the classes that move the score get a label
             ax.text(min(server.class_f1[c] + 0.01, 0.86), row, f"w {server.class_weights[c]:.0%}", va="center", fontsize=6)
-    _class_axis(ax, order, server.class_counts)
+    _class_axis(ax, order, server.class_counts, names)
     ax.set_xlabel("F1 per class (bars in grey: class absent from the labels)")
     ax.set_title(f"{title}\nserver F1 {server.f1:.3f}; classes by frequency (positives), w = weight in the server F1",
                  fontsize=9)
     return _save(figure, path)
 
 
-def plot_precision_recall(server: ServerF1, path: Path, title: str) -> Path:
+def plot_precision_recall(server: ServerF1, path: Path, title: str, names: Sequence[str] = CLASSES) -> Path:
     """Precision and recall of each class in two panels sharing the class axis."""
     plt = _pyplot()
     order = frequency_order(server.class_counts)
@@ -103,7 +104,7 @@ def plot_precision_recall(server: ServerF1, path: Path, title: str) -> Path:
         (right, server.class_recall, RECALL_COLOUR, "recall"),
     ):
         ax.barh(range(len(order)), values[order], color=colour, height=0.75)
-        _class_axis(ax, order, server.class_counts)
+        _class_axis(ax, order, server.class_counts, names)
         ax.set_xlabel(f"{name} per class")
     right.tick_params(labelleft=False)
     figure.suptitle(f"{title}\nweighted precision {server.precision:.3f}, weighted recall {server.recall:.3f} "
@@ -198,7 +199,8 @@ def plot_curves(records: list[dict[str, float]], path: Path, title: str) -> Opti
 # ----------------------------------------------------------------------------------- summary
 
 
-def _summary_text(metrics: dict[str, float], server: ServerF1, figures: list[Path], title: str) -> str:
+def _summary_text(metrics: dict[str, float], server: ServerF1, figures: list[Path], title: str,
+                  names: Sequence[str]) -> str:
     lines = [f"# {title}", "", "| metric | value |", "|---|---|"]
     for key in ("server_f1", "server_precision", "server_recall", "macro_f1", "micro_f1", "map", "labels_per_image"):
         if key in metrics:
@@ -210,7 +212,7 @@ def _summary_text(metrics: dict[str, float], server: ServerF1, figures: list[Pat
         lines += ["", "Where the server F1 is lost: the weakest of the ten heaviest classes", "",
                   "| class | positives | weight | precision | recall | F1 |", "|---|---|---|---|---|---|"]
         for c in weakest:
-            lines.append(f"| {CLASSES[c]} | {int(server.class_counts[c])} | {server.class_weights[c]:.1%} | "
+            lines.append(f"| {names[c]} | {int(server.class_counts[c])} | {server.class_weights[c]:.1%} | "
                          f"{server.class_precision[c]:.3f} | {server.class_recall[c]:.3f} | {server.class_f1[c]:.3f} |")
     lines.append("")
     lines += [f"![{figure.stem}]({figure.name})" for figure in figures]
@@ -225,18 +227,20 @@ def write_report(
     average_precision: Optional[np.ndarray] = None,
     run_dir: Optional[str | os.PathLike] = None,
     title: str = "Evaluation",
+    names: Sequence[str] = CLASSES,
 ) -> list[Path]:
-    """Write the figures and `summary.md` into `folder`; returns their paths, the summary first."""
+    """Write the figures and `summary.md` into `folder`; returns their paths, the summary first.
+    `names`: the class names to show (the challenge's by default)."""
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
     figures = [
-        plot_class_f1(server, out / F1_FIGURE, title, average_precision),
-        plot_precision_recall(server, out / PR_FIGURE, title),
+        plot_class_f1(server, out / F1_FIGURE, title, average_precision, names),
+        plot_precision_recall(server, out / PR_FIGURE, title, names),
     ]
     if run_dir is not None:
         curves = plot_curves(read_metrics_log(run_dir), out / CURVES_FIGURE, f"training run {run_dir}")
         if curves is not None:
             figures.append(curves)
     summary = out / SUMMARY
-    atomic_write_text(summary, _summary_text(metrics, server, figures, title))
+    atomic_write_text(summary, _summary_text(metrics, server, figures, title, names))
     return [summary, *figures]

@@ -164,3 +164,19 @@ def test_scores_do_not_depend_on_key_or_list_order(sample_labels, seed: int) -> 
     shuffled = evaluate.validate_submission(dict(items), allowed=sample_labels.keys())
     reference = evaluate.score_submission(submission, sample_labels).metrics
     assert evaluate.score_submission(shuffled, sample_labels).metrics == reference
+
+
+def test_class_names_come_from_the_shards_manifest(synth_shards_jpeg, coco_sample, tmp_path, capsys) -> None:
+    from cocoshard import CLASSES
+    from cocoshard.synth import class_names as synth_names
+
+    assert evaluate.class_names(synth_shards_jpeg) == tuple(synth_names())
+    assert evaluate.class_names(coco_sample / LABELS) == CLASSES
+    labels = evaluate.load_labels(synth_shards_jpeg)
+    submission, _ = noisy_submission(labels, seed=8)
+    result = evaluate_json(capsys, predictions=str(write(tmp_path / "p.json", submission)), labels=str(synth_shards_jpeg),
+                           per_class=True, report=str(tmp_path / "r"))
+    assert [row["name"] for row in result["per_class"]] == synth_names()
+    summary = (tmp_path / "r" / "summary.md").read_text()
+    assert any(f"| {name} |" in summary for name in synth_names())
+    assert not any(f"| {name} |" in summary for name in CLASSES)
