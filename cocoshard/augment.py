@@ -12,8 +12,8 @@ the image's region to out x out (the whole image, never a centre crop). Output: 
 
 Two resamplers share the crop parameters, so they differ only by rounding:
 - "resize" (default on the CPU): each crop goes through PyTorch's separable uint8 bilinear kernel
-  (antialiased, AVX2) straight into a pooled uint8 batch, split across threads; one pass then turns
-  that batch into normalised floats. 8x faster on a CPU than a batched float `grid_sample`.
+  (antialiased, AVX2), then straight into its normalised float row while still in cache; images
+  can be split across threads. 8x faster on a CPU than a batched float `grid_sample`.
 - "grid" (default on CUDA): the whole batch in one `grid_sample` from per-image coordinate vectors
   that reproduce `interpolate`'s bilinear sampling (edges clamped to the image's own region, so
   nothing outside it leaks in); no antialiasing when shrinking.
@@ -35,6 +35,9 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 METHODS = ("auto", "resize", "grid")
 CROP_ATTEMPTS = 10
+# CPU threads of the "resize" path. One: measured on 2 cores shared with loader workers or other
+# processes, a second thread cost throughput; on idle cores more threads scale (pass `threads`).
+DEFAULT_THREADS = 1
 
 _pool = BufferPool()
 _threads: ThreadPoolExecutor | None = None
@@ -96,11 +99,8 @@ def _single_threaded() -> None:
     torch.set_num_threads(1)
 
 
-def _thread_pool() -> ThreadPoolExecutor | None:
+def _thread_pool(threads: int) -> ThreadPoolExecutor:
     global _threads
-    threads = torch.get_num_threads()
-    if threads <= 1:
-        return None
     with _threads_lock:
         if _threads is None or _threads._max_workers != threads:
             _threads = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="cocoshard-augment",
@@ -124,12 +124,14 @@ def _resize_into(crop: torch.Tensor, out: torch.Tensor, antialias: bool) -> None
 
 
 def _resize_normalise_each(images: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor, out_size: int,
-                           dtype: torch.dtype, antialias: bool) -> torch.Tensor:
+                           dtype: torch.dtype, antialias: bool, threads: int) -> torch.Tensor:
     """Per image: crop, flip, resize (uint8 on CPU), normalise into row n of the (N, o, o, 3) result.
 
     Each image goes all the way while it sits in the core's cache (a 150 KB uint8 slot, a 600 KB
     float row); on the 2-core CPU that takes a third less CPU time than resizing the batch and then
-    normalising it in whole-batch passes. Images are split across threads (the kernels release the GIL).
+    normalising it in whole-batch passes. On the CPU the work runs in `threads` pool threads with
+    one OpenMP thread each: OpenMP regions on a busy machine stall (a 3 ms copy took 1 s), and
+    Python threads contending for the GIL there lost a third of the throughput of a single one.
     """
     n, size, device = images.shape[0], out_size, images.device
     result = _pool.take((n, size, size, 3), dtype, device)
@@ -156,12 +158,11 @@ def _resize_normalise_each(images: torch.Tensor, boxes: torch.Tensor, flips: tor
             if not direct:
                 targets[i].copy_(target)
 
-    pool = _thread_pool() if device.type == "cpu" else None
-    if pool is None or n < 2 * pool._max_workers:
+    if device.type != "cpu":
         work(0, n)
     else:
-        step = -(-n // pool._max_workers)
-        list(pool.map(lambda lo: work(lo, min(n, lo + step)), range(0, n, step)))
+        step = -(-n // max(1, threads))
+        list(_thread_pool(max(1, threads)).map(lambda lo: work(lo, min(n, lo + step)), range(0, n, step)))
     return result.permute(0, 3, 1, 2)
 
 
@@ -209,8 +210,12 @@ def _normalise_nchw(pixels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def crop_resize_normalise(images: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor, *, out_size: int,
                           dtype: torch.dtype = torch.float32, channels_last: bool = True, method: str = "auto",
-                          antialias: bool = True) -> torch.Tensor:
-    """Crop each box, resize to out x out, mirror where `flips`, normalise: (N, 3, out, out) in `dtype`."""
+                          antialias: bool = True, threads: int = DEFAULT_THREADS) -> torch.Tensor:
+    """Crop each box, resize to out x out, mirror where `flips`, normalise: (N, 3, out, out) in `dtype`.
+
+    `threads` splits the CPU "resize" path's images across that many threads (more only pays on
+    cores nothing else uses: loader workers and other processes make it slower).
+    """
     if method not in METHODS:
         raise ValueError(f"unknown resampling method {method!r}: choose one of {', '.join(METHODS)}")
     if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[-1] != 3:
@@ -221,13 +226,14 @@ def crop_resize_normalise(images: torch.Tensor, boxes: torch.Tensor, flips: torc
     if method == "grid":
         out = _normalise_nchw(_grid_resample(images, boxes, flips, out_size), dtype)
     else:
-        out = _resize_normalise_each(images, boxes.cpu(), flips.cpu(), out_size, dtype, antialias)
+        out = _resize_normalise_each(images, boxes.cpu(), flips.cpu(), out_size, dtype, antialias, threads)
     return out if channels_last else out.contiguous()
 
 
 def train_augment(images: torch.Tensor, sizes: torch.Tensor, *, out_size: int, generator: torch.Generator,
                   scale: Sequence[float] = (0.35, 1.0), ratio: Sequence[float] = (3 / 4, 4 / 3), flip: bool = True,
-                  dtype: torch.dtype = torch.float32, channels_last: bool = True, method: str = "auto") -> torch.Tensor:
+                  dtype: torch.dtype = torch.float32, channels_last: bool = True, method: str = "auto",
+                  threads: int = DEFAULT_THREADS) -> torch.Tensor:
     """Random resized crop inside each image + horizontal flip + normalisation, seeded by `generator`.
 
     `scale` bounds the crop's share of the image area: keep its lower end generous (the default
@@ -243,13 +249,14 @@ def train_augment(images: torch.Tensor, sizes: torch.Tensor, *, out_size: int, g
     else:
         flips = torch.zeros(images.shape[0], dtype=torch.bool, device=images.device)
     return crop_resize_normalise(images, boxes, flips, out_size=out_size, dtype=dtype, channels_last=channels_last,
-                                 method=method)
+                                 method=method, threads=threads)
 
 
 def eval_transform(images: torch.Tensor, sizes: torch.Tensor, *, out_size: int, dtype: torch.dtype = torch.float32,
-                   channels_last: bool = True, method: str = "auto", flip: bool = False) -> torch.Tensor:
+                   channels_last: bool = True, method: str = "auto", flip: bool = False,
+                   threads: int = DEFAULT_THREADS) -> torch.Tensor:
     """Each image's whole (h, w) region resized to out x out (no crop), normalised; `flip` mirrors all (TTA)."""
     boxes = whole_boxes(sizes.to(images.device))
     flips = torch.full((images.shape[0],), flip, dtype=torch.bool, device=images.device)
     return crop_resize_normalise(images, boxes, flips, out_size=out_size, dtype=dtype, channels_last=channels_last,
-                                 method=method)
+                                 method=method, threads=threads)

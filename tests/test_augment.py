@@ -122,6 +122,13 @@ def test_the_two_resamplers_agree():
     assert (a - b).abs().max() <= 1.1 / 255 / min(IMAGENET_STD)
 
 
+def test_threads_split_the_work_without_changing_it():
+    images, sizes = canvases(n=9)
+    one = train_augment(images, sizes, out_size=40, generator=gen(3), threads=1)
+    three = train_augment(images, sizes, out_size=40, generator=gen(3), threads=3)
+    assert torch.equal(one, three)
+
+
 def test_returned_batches_are_never_overwritten_by_later_calls():
     images, sizes = canvases()
     first = train_augment(images, sizes, out_size=32, generator=gen(1))
