@@ -18,7 +18,7 @@ from PIL import Image, UnidentifiedImageError
 
 from cocoshard import NUM_CLASSES
 from cocoshard.shardio import BadSample, Sample
-from cocoshard.shards import EXT_HW, EXT_JPEG, EXT_LABELS, EXT_PNG, EXT_RAW, decode_hw
+from cocoshard.shards import EXT_HW, EXT_JPEG, EXT_LABELS, EXT_PNG, EXT_RAW, decode_hw, key_problem
 
 _JPEG_EXTS = ("jpg", "jpeg")
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, UnidentifiedImageError, Image.DecompressionBombError)
@@ -96,6 +96,9 @@ def _stored_hw(sample: Sample, size: int) -> tuple[int, int] | None:
 
 def fill_canvas(sample: Sample, canvas: np.ndarray) -> tuple[int, int]:
     """Write a shard sample's image into `canvas`; returns its (h, w). Raises BadSample."""
+    problem = key_problem(sample.key)
+    if problem:  # a forged member name (a path) never becomes a sample, nor an output key
+        raise BadSample(problem)
     size = canvas.shape[0]
     stored = _stored_hw(sample, size)
     members = sample.members

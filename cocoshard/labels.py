@@ -47,9 +47,11 @@ def parse_cls(content: str | bytes, num_classes: int = NUM_CLASSES) -> ParsedLab
             continue
         if not _INTEGER.fullmatch(text):
             raise LabelError(f"line {number}: {_shorten(text)!r} is not an integer class id")
-        class_id = int(text)
-        if class_id >= num_classes:
-            raise LabelError(f"line {number}: class id {class_id} is outside 0-{num_classes - 1}")
+        digits = text.lstrip("0") or "0"
+        # Compare lengths first: int() of a huge digit string is slow and, past 4300 digits, refused.
+        if len(digits) > len(str(num_classes)) or int(digits) >= num_classes:
+            raise LabelError(f"line {number}: class id {_shorten(text)} is outside 0-{num_classes - 1}")
+        class_id = int(digits)
         if class_id in seen:
             duplicates += 1
         seen.add(class_id)

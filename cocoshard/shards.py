@@ -126,6 +126,10 @@ def key_problem(key: str) -> str | None:
         # WebDataset cuts a member name at its first dot: KEY.jpg for a key "a.b" would read as
         # key "a" with field "b.jpg", splitting one sample into a broken one.
         return f"the stem {key!r} contains a '.', which WebDataset reads as the end of the sample key"
+    if "/" in key or "\\" in key:
+        # A member name that is a path (absolute, `..`, or a folder) is never one of our samples;
+        # shards are only read, but such a key must not become an output file name either.
+        return f"the key {key!r} is a path, not an image stem"
     if key != key.strip() or any(ord(c) < 32 for c in key):
         return f"the stem {key!r} has leading/trailing spaces or control characters"
     return None

@@ -121,6 +121,8 @@ def parse_submission_text(text: str, source: str = "predictions") -> Any:
         return json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_unique_object)
     except ValueError as exc:  # json.JSONDecodeError is a ValueError
         raise UserError(f"{source}: not a valid submission JSON: {exc}") from exc
+    except RecursionError:
+        raise UserError(f"{source}: not a submission: JSON nested too deeply (a submission is one flat object)") from None
 
 
 def read_submission_json(path: str | os.PathLike) -> Any:
