@@ -70,7 +70,8 @@ def shard_epochs(data: BenchData, pipeline: str, batch: int, workers: int, size:
     def epoch_images(epoch: int) -> Iterator[int]:
         loader.set_epoch(epoch)
         for b in loader:
-            ready = train_augment(b.images, b.sizes, out_size=size, generator=generator, dtype=dtype)
+            ready = train_augment(b.images, b.sizes, out_size=size, generator=generator, dtype=dtype,
+                                  threads=loader.augment_threads)
             yield ready.shape[0]
 
     return epoch_images, loader

@@ -87,7 +87,8 @@ def build_loader(location: str | os.PathLike, split: str, *, batch_size: int, de
     Returns a StreamLoader or ResidentLoader: `len()` (batches per epoch on this rank, equal on
     every rank when training), iteration over `Batch`es on `device`, `set_epoch`, `num_samples`
     (samples per epoch on this rank), `split_samples`, `canvas_size`, `manifest`,
-    `skipped_samples` and `close()`. `workers` are loader processes for stream mode (0: read in
+    `skipped_samples`, `augment_threads` (cores this process has for CPU augmentation: pass it
+    as `train_augment(..., threads=)`) and `close()`. `workers` are loader processes for stream mode (0: read in
     this process); `prefetch` batches are queued per worker; `memory_limit` caps the bytes
     resident mode may hold (default: what the device or host has free). A split too small for one
     batch per rank, a bad mode or a bad shard raise UserError.

@@ -24,6 +24,7 @@ from cocoshard.decode import fill_canvas, fill_labels
 from cocoshard.errors import UserError
 from cocoshard.epochs import rank_batches
 from cocoshard.loader import Batch
+from cocoshard.parallel import cpu_count
 from cocoshard.recycle import BufferPool
 from cocoshard.shardio import BadSample, BadShard, read_samples
 from cocoshard.shards import shard_urls, split_shards
@@ -112,6 +113,8 @@ class ResidentLoader:
         self.labels = None if self.labels is None else self.labels.to(self.placement).float()
         _, sizes = rank_batches(self.split_samples, batch_size=batch_size, rank=rank, world_size=world_size, train=train)
         self._batch_sizes, self.num_samples = sizes, sum(sizes)
+        # No loader processes here: CPU augmentation may use every core.
+        self.augment_threads = cpu_count()
         self._pool = BufferPool(max_per_key=_STAGING_SLOTS)
         self._in_flight: list[tuple[Any, torch.Tensor]] = []  # (CUDA event, pinned slot being copied)
 
@@ -119,7 +122,7 @@ class ResidentLoader:
 
     def _load(self, urls: list[str], entries: list[dict], counts: list[int], valid: np.ndarray) -> None:
         offsets = np.concatenate([[0], np.cumsum(counts)]).astype(int).tolist()
-        threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        threads = cpu_count()
         jobs = [(urls[i], entries[i].get("sha256"), counts[i], offsets[i]) for i in range(len(urls))]
         with ThreadPoolExecutor(max_workers=threads) as pool:
             for skipped in pool.map(lambda job: self._load_shard(*job, valid), jobs):

@@ -23,6 +23,7 @@ from cocoshard import NUM_CLASSES
 from cocoshard.decode import fill_canvas, fill_labels
 from cocoshard.epochs import SAMPLE_BUFFER_STREAM, Segment, WorkerPlan, plan_epoch, rank_batches
 from cocoshard.loader import Batch
+from cocoshard.parallel import cpu_count
 from cocoshard.recycle import storage_references
 from cocoshard.shardio import BadSample, BadShard, Sample, ShardChecks, read_samples
 from cocoshard.shards import shard_urls, split_shards
@@ -259,6 +260,8 @@ class StreamLoader:
         )
         _, sizes = rank_batches(self.split_samples, batch_size=batch_size, rank=rank, world_size=world_size, train=train)
         self._batches, self.num_samples = len(sizes), sum(sizes)
+        # Cores left to CPU augmentation in this process once the workers have theirs.
+        self.augment_threads = max(1, cpu_count() - workers)
         self._loader = torch.utils.data.DataLoader(
             self._dataset, batch_size=None, num_workers=workers, pin_memory=device.type == "cuda",
             persistent_workers=workers > 0, prefetch_factor=prefetch if workers > 0 else None,

@@ -20,6 +20,7 @@ from PIL import Image
 from cocoshard.errors import UserError
 from cocoshard.epochs import plan_epoch, rank_batches, segments_between, shard_order
 from cocoshard.loader import build_loader
+from cocoshard.parallel import cpu_count
 from cocoshard.shardio import BadSample, BadShard
 from cocoshard.shards import FORMAT_VERSION, MANIFEST, encode_hw, shard_name
 
@@ -176,6 +177,8 @@ def test_fewer_shards_than_workers(tmp_path):
     loader = _loader(shards, workers=4)
     keys = epoch_keys(loader)
     assert len(keys) == len(loader) * 8 == 40 and len(set(keys)) == 40
+    assert loader.augment_threads == max(1, cpu_count() - 4)
+    assert _loader(shards, mode="resident").augment_threads == cpu_count()
     val = _loader(shards, "val", workers=4)
     assert len(val) == 2 and epoch_keys(val) == [f"k{i:06d}" for i in range(40, 51)]
 
