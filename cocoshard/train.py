@@ -207,9 +207,6 @@ def finish_epoch(tr: Trainer, epoch: int, train: dict[str, Any], figures: dict, 
               "frozen_backbone": tr.frozen, "selected": selected, "best": improved, "best_epoch": tr.best_epoch,
               "val": figures, **train}
     tr.log.record_epoch(record, list(figures))
-    # predict uses the EMA whenever a checkpoint has one: last.pt carries the EMA's thresholds.
-    kept = EMA if EMA in figures else RAW
-    save_checkpoint(tr.out / LAST, checkpoint_state(tr, epoch + 1, thresholds[kept], figures[kept], keep_ema=True))
     if improved:
         save_checkpoint(tr.out / BEST, checkpoint_state(tr, epoch + 1, thresholds[selected], figures[selected],
                                                         keep_ema=selected == EMA))
@@ -217,6 +214,11 @@ def finish_epoch(tr: Trainer, epoch: int, train: dict[str, Any], figures: dict, 
                                 "thresholds": [float(t) for t in thresholds[selected]],
                                 "server_f1_tuned": score, "server_f1_at_0.5": figures[selected]["server_f1"],
                                 "heldout_gain": figures[selected]["heldout_gain"]})
+    # best.pt and thresholds.json before last.pt: resume trusts last.pt's best score, so a kill in
+    # between must leave the best files already written, never named by the log but missing.
+    # predict uses the EMA whenever a checkpoint has one: last.pt carries the EMA's thresholds.
+    kept = EMA if EMA in figures else RAW
+    save_checkpoint(tr.out / LAST, checkpoint_state(tr, epoch + 1, thresholds[kept], figures[kept], keep_ema=True))
 
 
 def fit(tr: Trainer) -> None:

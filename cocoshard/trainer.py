@@ -172,6 +172,8 @@ def build_trainer(cfg: Any, runtime: Runtime, log: RunLog) -> Trainer:
         restore(tr, out / LAST)
     else:
         log.keep_epochs_up_to(0)  # a run killed before its first checkpoint may have logged an epoch
+        if runtime.is_main and out.is_dir():
+            remove_stale_temporaries(out)  # and may have left a half-written checkpoint
     return tr
 
 
