@@ -1,11 +1,12 @@
 """Resident loader: the whole split held once as one uint8 tensor; an epoch is a permutation.
 
-Raw shards are copied in, JPEG shards decoded once (threads; PIL releases the GIL while decoding).
-The tensor lives on the training device when it fits, else in pinned host memory (CUDA) or plain
-host memory (CPU); a split that fits neither the memory it is given nor what is free is refused
-before anything is allocated. Each epoch draws one permutation of (seed, epoch), identical on every
-rank, and each rank takes its slice of whole batches; batches are gathered with `index_select`
-(on a 2-D view: 400x faster than on the 4-D tensor) and copied non_blocking. No worker processes.
+Raw shards are copied in, JPEG shards decoded once (one thread per core; the decoders release the
+GIL). The tensor lives on the training device when it fits, else in pinned host memory (CUDA) or
+plain host memory (CPU); a split that fits neither the memory it is given nor what is free is
+refused before anything is allocated. Each epoch draws one permutation of (seed, epoch), identical
+on every rank, and each rank takes its slice of whole batches. Batches are gathered row by row:
+`index_select` on the device, numpy's single-threaded `take` in host memory (into recycled, pinned
+when the device is a GPU, buffers), then copied non_blocking. No worker processes.
 """
 
 from __future__ import annotations
