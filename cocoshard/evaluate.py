@@ -264,14 +264,14 @@ def show(cfg: EvaluateConfig, found: Assessment) -> None:
         sys.stdout.write(json.dumps(payload) + "\n")
         return
     console = Console()
-    console.print(f"[green]format OK[/]: {cfg.predictions} ({len(found.submission)} images)")
+    console.print(f"[green]format OK[/]: {cfg.predictions} ({len(found.submission)} images)", soft_wrap=True)
     for note in found.notes:
         console.print(f"[yellow]note[/]: {note}")
     console.print(_summary_table(found.evaluation, cfg.predictions))
     if cfg.per_class:
         console.print(_per_class_table(rows))
     if found.report:
-        console.print(f"report: {found.report[0]}")
+        console.print(f"report: {found.report[0]}", soft_wrap=True)
 
 
 def run(cfg: EvaluateConfig) -> int:
@@ -287,7 +287,7 @@ def _show_format_only(cfg: EvaluateConfig, found: Assessment) -> None:
     count = len(found.submission)
     scope = f"covers exactly the {count} images of {cfg.images}" if cfg.images else f"{count} images"
     console = Console()
-    console.print(f"[green]format OK[/]: {cfg.predictions} ({scope}); give --labels to score it")
+    console.print(f"[green]format OK[/]: {cfg.predictions} ({scope}); give --labels to score it", soft_wrap=True)
     for note in found.notes:
         console.print(f"[yellow]note[/]: {note}")
 

@@ -276,8 +276,9 @@ def run(cfg: PredictConfig) -> int:
         f"[green]wrote[/] {cfg.out}: {len(keys)} images, {labels / max(len(keys), 1):.2f} classes per image "
         f"({filled} topped up to --min-labels {cfg.min_labels}); {predictor.weights} weights, "
         f"{'--threshold ' + str(cfg.threshold) if cfg.threshold is not None else 'tuned thresholds'}"
-        f"{', TTA' if cfg.tta else ''}; {len(keys) / max(elapsed, 1e-9):.0f} images/s on {device}"
+        f"{', TTA' if cfg.tta else ''}; {len(keys) / max(elapsed, 1e-9):.0f} images/s on {device}",
+        soft_wrap=True, highlight=False,
     )
     if cfg.scores:
-        console.print(f"scores: {cfg.scores}")
+        console.print(f"scores: {cfg.scores}", soft_wrap=True, highlight=False)
     return 0
