@@ -221,16 +221,27 @@ class EvaluateConfig:
 class DemoConfig:
     """The whole job on synthetic data: synth, pack, train, predict, evaluate, report."""
 
-    out: str = opt("demo", "folder for every output of the demo")
-    train: int = opt(3000, "synthetic train images")
+    out: str = opt("demo", "folder for every output of the demo (a re-run replaces the demo's own outputs)")
+    train: int = opt(3000, "synthetic labelled images (train + val)")
     test: int = opt(300, "synthetic test images")
+    image_size: int = opt(96, "long side of the generated images, and the shards' canvas")
     epochs: int = opt(8, "training epochs")
     size: int = opt(96, "training resolution")
     model: str = opt("cocoshard_tiny", "model trained from scratch")
+    batch_size: int = opt(64, "images per training step")
+    lr: float = opt(1e-2, "peak learning rate")
+    crop_scale_min: float = opt(1.0, "smallest crop area of the random resized crop (1: flips only; crops cut small objects out)")
+    loss: Literal["asl", "bce"] = opt("bce", "training loss (BCE learns faster from scratch here)")
+    amp: bool = opt(False, "mixed precision (off by default: bf16 on a CPU is slower for a model this small)")
+    device: Literal["auto", "cpu", "cuda"] = opt("auto", "where to train and predict")
+    workers: int = opt(0, "processes for synth, pack and predict (0: one per core)")
     seed: int = opt(0, "seed of every stage")
 
     def validate(self) -> None:
-        _positive(self, "train", "test", "epochs", "size")
+        _positive(self, "train", "test", "epochs", "size", "image_size", "batch_size", "lr")
+        _non_negative(self, "workers")
+        if not 0.0 < self.crop_scale_min <= 1.0:
+            raise ConfigError(f"--crop-scale-min must be in (0, 1] (got {self.crop_scale_min})")
 
 
 @dataclass
