@@ -18,7 +18,8 @@ sizes, float32 multi-hot labels (None for the test split) and the sample keys, a
 - stream: `cocoshard.stream` (worker processes, recycled shared-memory batches, pinned, non_blocking).
 - resident: `cocoshard.resident` (the split in one tensor, a permutation per epoch).
 - Undecodable samples stop the run with the shard and key named, or with skip_bad_samples are
-  skipped and counted in `skipped_samples`; a shard that fails its sha256 counts whole.
+  skipped and counted in `skipped_samples` (bad samples of the latest pass over the split); a
+  shard that fails its sha256 counts whole.
 """
 
 from __future__ import annotations

@@ -186,8 +186,8 @@ class _BatchAssembler:
         stream = self._stream()
         for size in self.plan.batch_sizes:
             batch, stream = self._fill(size, stream)
-            if len(batch) or self.source.train:
-                yield batch
+            if len(batch) or self.source.train or batch.skipped:
+                yield batch  # an empty evaluation batch still carries its skipped count
             elif batch.slot is not None:
                 self.ring.busy[batch.slot[1]] = 0
 
@@ -277,13 +277,15 @@ class StreamLoader:
 
     def __iter__(self) -> Iterator[Batch]:
         self._epoch_cell[0] = self.epoch
+        self.skipped_samples = 0  # per pass, as resident mode counts its split once
         count = 0
         try:
             for batch in self._loader:
                 self._recycle(batch)
                 self.skipped_samples += batch.skipped
                 count += 1
-                yield batch.to(self.device)
+                if len(batch) or self.train:
+                    yield batch.to(self.device)
         except Exception:
             self.close()
             raise
