@@ -128,7 +128,7 @@ class TrainConfig:
     channels_last: bool = opt(True, "channels_last memory format for model and inputs")
     compile: bool = opt(False, "torch.compile the model")
     loader: Literal["stream", "resident"] = opt("stream", "stream shards with workers, or hold the split in memory")
-    workers: Optional[int] = opt(None, "loader processes per rank (default: cores / ranks; 0: read in the training process)")
+    workers: Optional[int] = opt(None, "loader processes per rank (default: cores / ranks on a GPU, 0 on a CPU; 0: read in the training process)")
     device: Literal["auto", "cpu", "cuda"] = opt("auto", "where to train")
     seed: int = opt(0, "seed of initialisation, shuffling and augmentation")
     resume: bool = opt(False, "continue from OUT/last.pt")
