@@ -67,6 +67,7 @@ class EpochProgress:
         self.progress.update(self.task, completed=step, loss=f"{loss:.4f}", rate=f"{rate:,.0f}")
 
     def close(self) -> None:
+        """Stop redrawing the bar (it stays on screen)."""
         if self.progress is not None:
             self.progress.stop()
 
@@ -156,5 +157,6 @@ class RunLog:
             atomic_write_text(self.out / THRESHOLDS_FILE, json.dumps(payload, indent=2) + "\n")
 
     def close(self) -> None:
+        """Flush and close the TensorBoard writer."""
         if self._tensorboard:
             self._tensorboard.close()

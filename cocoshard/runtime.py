@@ -40,6 +40,7 @@ class Runtime:
 
     @property
     def distributed(self) -> bool:
+        """True when torchrun started several processes."""
         return self.world_size > 1
 
     @property

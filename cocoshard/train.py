@@ -57,6 +57,7 @@ class OnlineMetrics:
         self.labels: list[torch.Tensor] = []
 
     def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        """Count one batch (device operations only)."""
         self.loss_sum += loss.detach().double() * labels.shape[0]
         self.images += labels.shape[0]
         self.predicted.append((logits.detach() > 0).to(torch.uint8))

@@ -62,6 +62,7 @@ class Trainer:
 
     @property
     def out(self) -> Path:
+        """The run folder."""
         return Path(self.cfg.out)
 
     def skipped_samples(self) -> int:
@@ -115,6 +116,10 @@ def class_prior(manifest: dict[str, Any]) -> Optional[list[float]]:
 def _loader_workers(cfg: Any, runtime: Runtime) -> int:
     if cfg.workers is not None:
         return cfg.workers
+    if runtime.device.type == "cpu":
+        # Training on the CPU already uses every core; loader processes beside it stall the
+        # compute threads (each parallel region waits for its slowest thread) more than they save.
+        return 0
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", runtime.world_size))
     return max(1, cores // local_world)
