@@ -53,10 +53,11 @@ class SynthConfig:
     max_scale: float = opt(1 / 3, "largest object as a fraction of the long side")
     clutter: float = opt(1.0, "background noise and distractor strokes (0: clean gradient)")
     tail: float = opt(0.8, "class frequency ~ (id + 1) ** -tail (0: balanced classes)")
+    rotation: float = opt(180.0, "objects turn by up to this many degrees either way (0: upright)")
 
     def validate(self) -> None:
         _positive(self, "train", "size", "quality", "min_scale", "max_scale")
-        _non_negative(self, "test", "workers", "clutter", "tail")
+        _non_negative(self, "test", "workers", "clutter", "tail", "rotation")
         if self.min_scale > self.max_scale or self.max_scale > 1:
             raise ConfigError(f"need --min-scale <= --max-scale <= 1 (got {self.min_scale}, {self.max_scale})")
         if self.quality > 100:

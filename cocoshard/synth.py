@@ -75,12 +75,13 @@ class Difficulty:
     max_scale: float = 1 / 3  # largest object, as a fraction of the long side
     clutter: float = 1.0  # multiplies background noise and the number of distractor strokes
     tail: float = 0.8  # class frequency ~ (class + 1) ** -tail; 0 gives balanced classes
+    rotation: float = 180.0  # objects turn by up to this many degrees either way; 0 keeps them upright
 
     def validate(self) -> None:
         if not 0.0 < self.min_scale <= self.max_scale <= 1.0:
             raise UserError(f"object scales must satisfy 0 < min_scale <= max_scale <= 1 (got {self.min_scale}, {self.max_scale})")
-        if self.clutter < 0 or self.tail < 0:
-            raise UserError(f"clutter and tail must be >= 0 (got {self.clutter}, {self.tail})")
+        if self.clutter < 0 or self.tail < 0 or not 0 <= self.rotation <= 180:
+            raise UserError(f"need clutter >= 0, tail >= 0, 0 <= rotation <= 180 (got {self.clutter}, {self.tail}, {self.rotation})")
 
 
 # ----------------------------------------------------------------------------------- classes
@@ -250,7 +251,7 @@ def draw_image(rng: np.random.Generator, size: int, difficulty: Difficulty) -> t
             continue
         centre = centre or (width / 2, height / 2)
         shape, colour = class_shape_colour(class_id)
-        turn = rng.uniform(0, 2 * np.pi)
+        turn = np.radians(rng.uniform(-difficulty.rotation, difficulty.rotation))
         rotation = np.array([[np.cos(turn), -np.sin(turn)], [np.sin(turn), np.cos(turn)]])
         points = OUTLINES[shape] @ rotation.T * radius + centre
         draw.polygon([tuple(p) for p in points.tolist()], fill=_object_colour(rng, colour))
@@ -328,16 +329,18 @@ def write_synthetic(
     max_scale: float = Difficulty.max_scale,
     clutter: float = Difficulty.clutter,
     tail: float = Difficulty.tail,
+    rotation: float = Difficulty.rotation,
     progress: bool = False,
 ) -> dict[str, Any]:
     """Draw `train` labelled and `test` unlabelled images into `out` in the challenge layout.
 
     The difficulty knobs: object size range as fractions of the long side (`min_scale`,
-    `max_scale`), `clutter` (background noise and distractor strokes; 0 gives a clean gradient)
-    and `tail` (steepness of the class-frequency power law; 0 gives balanced classes). Returns
+    `max_scale`), `clutter` (background noise and distractor strokes; 0 gives a clean gradient),
+    `tail` (steepness of the class-frequency power law; 0 gives balanced classes) and `rotation`
+    (largest turn of an object in degrees; 0 keeps shapes upright, which needs less data). Returns
     the metadata also saved as `out/synthetic.json` (settings, class names, class counts).
     """
-    difficulty = Difficulty(min_scale, max_scale, clutter, tail)
+    difficulty = Difficulty(min_scale, max_scale, clutter, tail, rotation)
     difficulty.validate()
     if train < 1 or test < 0 or not 1 <= quality <= 100 or size < 16:
         raise UserError(f"need train >= 1, test >= 0, 1 <= quality <= 100, size >= 16 (got {train}, {test}, {quality}, {size})")
@@ -373,7 +376,8 @@ def run(cfg: Any) -> int:
 
     metadata = write_synthetic(
         cfg.out, cfg.train, cfg.test, cfg.seed, size=cfg.size, quality=cfg.quality, workers=cfg.workers,
-        min_scale=cfg.min_scale, max_scale=cfg.max_scale, clutter=cfg.clutter, tail=cfg.tail, progress=True,
+        min_scale=cfg.min_scale, max_scale=cfg.max_scale, clutter=cfg.clutter, tail=cfg.tail,
+        rotation=cfg.rotation, progress=True,
     )
     counts = np.array(metadata["class_counts"]["train"])
     names = metadata["classes"]

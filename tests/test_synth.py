@@ -136,3 +136,26 @@ def test_cli(tmp_path):
     assert len(_files(tmp_path, TRAIN_IMAGES, ".jpg")) == 10
     assert json.loads((tmp_path / MARKER).read_text())["difficulty"]["clutter"] == 0.5
     assert main(["synth", "--out", str(tmp_path), "--min-scale", "0.5", "--max-scale", "0.4"]) == 2
+
+
+def test_rotation_zero_keeps_shapes_upright():
+    # an upright square fills its bounding box; turned by a random angle it mostly does not
+    def square_fill(rotation):
+        fills = []
+        for seed in range(400):
+            image, classes = draw_image(np.random.default_rng(seed), 224, Difficulty(clutter=0.0, tail=0.0, rotation=rotation))
+            colours = [class_shape_colour(c)[1] for c in classes]
+            for c in classes:
+                shape, colour = class_shape_colour(c)
+                if shape == "square" and colours.count(colour) == 1:
+                    near = np.abs(np.asarray(image, np.int32) - np.array(COLOURS[colour])).max(axis=2) < 60
+                    rows, cols = np.flatnonzero(near.any(axis=1)), np.flatnonzero(near.any(axis=0))
+                    fills.append(near.sum() / ((rows[-1] - rows[0] + 1) * (cols[-1] - cols[0] + 1)))
+            if len(fills) >= 8:
+                return np.array(fills)
+        raise AssertionError("too few squares drawn")
+
+    assert square_fill(0.0).min() > 0.85
+    assert np.median(square_fill(180.0)) < 0.8
+    with pytest.raises(UserError):
+        Difficulty(rotation=200).validate()
