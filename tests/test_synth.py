@@ -159,3 +159,21 @@ def test_rotation_zero_keeps_shapes_upright():
     assert np.median(square_fill(180.0)) < 0.8
     with pytest.raises(UserError):
         Difficulty(rotation=200).validate()
+
+
+def test_colour_statistics_alone_do_not_name_the_classes(synth_root):
+    # score each class by how many pixels of its colour the image holds: the best a model that
+    # sees colour but not shape can do. It must stay far below a model that binds shape to colour.
+    from cocoshard.metrics import mean_average_precision
+
+    palette = np.array(list(COLOURS.values()))
+    colour_of = [list(COLOURS).index(class_shape_colour(c)[1]) for c in range(NUM_CLASSES)]
+    scores, labels = [], []
+    for path in _files(synth_root, TRAIN_IMAGES, ".jpg"):
+        pixels = np.asarray(Image.open(path), np.int32)[::2, ::2].reshape(-1, 1, 3)
+        counts = (np.abs(pixels - palette[None]).max(axis=2) < 50).sum(axis=0)
+        scores.append(counts[colour_of])
+        ids = parse_cls((synth_root / TRAIN_LABELS / f"{path.stem}.cls").read_bytes()).ids
+        labels.append(np.isin(np.arange(NUM_CLASSES), ids))
+    colour_only = mean_average_precision(np.array(scores, float), np.array(labels))
+    assert 0.05 < colour_only < 0.3, colour_only
