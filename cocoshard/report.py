@@ -83,8 +83,10 @@ def plot_class_f1(server: ServerF1, path: Path, title: str, average_precision: O
     if average_precision is not None:
         ax.plot(average_precision[order], range(len(order)), "o", color="black", markersize=2.5, label="AP")
         ax.legend(loc="lower right", fontsize=7)
+    # label only the classes that move the score: at least twice an even share of the weight
+    heavy = max(0.01, 2.0 / max(int(present.sum()), 1))
     for row, c in enumerate(order):
-        if server.class_weights[c] >= 0.01:  # only the classes that move the score get a label
+        if server.class_weights[c] >= heavy:
             ax.text(min(server.class_f1[c] + 0.01, 0.86), row, f"w {server.class_weights[c]:.0%}", va="center", fontsize=6)
     _class_axis(ax, order, server.class_counts, names)
     ax.set_xlabel("F1 per class (bars in grey: class absent from the labels)")
