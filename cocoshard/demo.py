@@ -45,7 +45,7 @@ STAGES = 6
 # The generated set's difficulty for the demo: every class equally frequent, no clutter, objects a
 # quarter to a half of the long side. At cocoshard synth's defaults (clutter, small objects, long
 # tail) a small network trained from scratch needs far more than a CPU's few minutes.
-DEMO_DIFFICULTY = {"tail": 0.0, "clutter": 0.0, "min_scale": 0.25, "max_scale": 0.5}
+DEMO_DIFFICULTY = {"tail": 0.0, "clutter": 0.0, "min_scale": 0.25, "max_scale": 0.5, "rotation": 0.0}
 
 
 @dataclass
