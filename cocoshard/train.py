@@ -21,7 +21,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from cocoshard import metrics
+from cocoshard import NUM_CLASSES, metrics
 from cocoshard.checkpoint import BEST, LAST, save_checkpoint
 from cocoshard.model import set_train_mode
 from cocoshard.optim import BACKBONE, HEAD
@@ -70,9 +70,10 @@ class OnlineMetrics:
     def summary(self, is_main: bool) -> dict[str, float]:
         """Loss and headline metrics over every rank (collective: call on all ranks)."""
         totals = all_reduce_sum(torch.stack([self.loss_sum, self.loss_sum.new_tensor(float(self.images))]))
-        predicted = gather_rows(torch.cat(self.predicted)) if self.predicted else None
-        labels = gather_rows(torch.cat(self.labels)) if self.labels else None
-        if not is_main or predicted is None:
+        none = torch.zeros((0, NUM_CLASSES), dtype=torch.uint8, device=self.loss_sum.device)
+        predicted = gather_rows(torch.cat(self.predicted) if self.predicted else none)
+        labels = gather_rows(torch.cat(self.labels) if self.labels else none)
+        if not is_main or len(labels) == 0:
             return {}
         result = metrics.metrics_from_predictions(predicted.cpu().numpy(), labels.cpu().numpy())
         return {"loss": float(totals[0] / totals[1].clamp(min=1)), "server_f1": result["server_f1"],
