@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from cocoshard import NUM_CLASSES
+from cocoshard.checkpoint import safe_load
 from cocoshard.errors import ConfigError, UserError
 
 IMAGENET_CLASSES = 1000
@@ -194,12 +195,11 @@ def _clean_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """A state dict from a local file: a bare state dict, or a checkpoint holding one under
-    `model`, `state_dict` or `model_state_dict`. Loaded with `weights_only=True`."""
-    from cocoshard.checkpoint import safe_load
-
+    """A state dict from a local file: a bare state dict, or a checkpoint holding one under `ema`
+    (a cocoshard checkpoint's averaged weights, preferred), `model`, `state_dict` or
+    `model_state_dict`. Loaded with `weights_only=True`."""
     data = safe_load(path, what="weights file")
-    for key in ("model", "state_dict", "model_state_dict"):
+    for key in ("ema", "model", "state_dict", "model_state_dict"):
         if isinstance(data, dict) and isinstance(data.get(key), dict):
             data = data[key]
             break
@@ -220,7 +220,8 @@ def _load_matching(model: nn.Module, state: dict[str, torch.Tensor], source: str
 def load_local_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Load a local state dict into a 1000-class model; an 80-class file replaces the head first.
 
-    Returns the model with an 80-way head whose bias the caller may reset."""
+    The model keeps a 1000-class head when the file had one (`build_model` then replaces it) and
+    gets the file's own 80-way head otherwise."""
     state = read_state_dict(path)
     head_weight = state.get(head_layer_name(model) + ".weight")
     if head_weight is not None and head_weight.shape[0] == NUM_CLASSES:

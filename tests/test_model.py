@@ -104,6 +104,15 @@ def test_local_80_class_checkpoint_keeps_its_head(tmp_path: Path) -> None:
     assert torch.equal(model.stem[0].weight, trained.stem[0].weight)
 
 
+def test_a_checkpoint_with_an_ema_gives_its_averaged_weights(tmp_path: Path) -> None:
+    raw, averaged = build_model("cocoshard_tiny"), build_model("cocoshard_tiny")
+    path = tmp_path / "best.pt"
+    torch.save({"model": raw.state_dict(), "ema": averaged.state_dict(), "epoch": 3}, path)
+    model = build_model("cocoshard_tiny", str(path))
+    assert torch.equal(model.stem[0].weight, averaged.stem[0].weight)
+    assert not torch.equal(model.stem[0].weight, raw.stem[0].weight)
+
+
 def test_weights_of_another_architecture_are_refused(tmp_path: Path) -> None:
     path = tmp_path / "tiny.pt"
     torch.save(build_model("cocoshard_tiny").state_dict(), path)
