@@ -265,6 +265,12 @@ def _kill(process: subprocess.Popen) -> None:
     process.stderr.close()
 
 
+def _epochs_logged(run: Path) -> int:
+    """Complete lines in metrics.jsonl (a line being written does not count yet)."""
+    path = run / METRICS_LOG
+    return path.read_bytes().count(b"\n") if path.is_file() else 0
+
+
 def _final_figures(run: Path) -> dict[str, Any]:
     last = records(run)[-1]
     return {"epoch": last["epoch"], "step": last["step"], "train": last["train"], "val": last["val"]}
@@ -299,7 +305,7 @@ def test_kill_during_a_checkpoint_write_leaves_a_loadable_last_pt(synth_shards_r
 
     run = tmp_path / "run"
     process = _start(synth_shards_raw, run)
-    _wait_for(lambda: len(records(run)) >= 2 if (run / METRICS_LOG).is_file() else False, process)
+    _wait_for(lambda: _epochs_logged(run) >= 2, process)
     # epoch 2 is logged and its last.pt is being written (or just was): kill on the temporary file
     _wait_for(lambda: any(run.glob(TMP_PREFIX + LAST + "*")) or load_checkpoint(run / LAST)["epoch"] == 2, process)
     _kill(process)
