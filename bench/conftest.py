@@ -66,12 +66,13 @@ class BenchReport:
         self.load[when] = [round(x, 2) for x in os.getloadavg()]
 
     def to_json(self) -> dict[str, Any]:
-        baseline = self.pipelines.get("folder", {}).get("images_per_s")
+        folder = self.pipelines.get("folder", {})
         pipelines = {}
         for name in sorted(self.pipelines, key=lambda n: PIPELINE_ORDER.index(n) if n in PIPELINE_ORDER else 99):
             entry = dict(self.pipelines[name])
-            if baseline:
-                entry["ratio_to_folder"] = round(entry["images_per_s"] / baseline, 2)
+            if folder:
+                entry["ratio_to_folder"] = round(entry["images_per_s"] / folder["images_per_s"], 2)
+                entry["cpu_ratio_to_folder"] = round(folder["cpu_us_per_image"] / entry["cpu_us_per_image"], 2)
             pipelines[name] = entry
         return {"machine": machine(), "device": device_name(), "settings": self.settings, "load_average": self.load,
                 "pipelines": pipelines, "train_step": self.train_step}
@@ -109,6 +110,35 @@ def cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def process_tree_cpu_seconds() -> float:
+    """CPU time (user + system) of this process and its children (loader workers), so far.
+
+    Read from /proc, so that workers still alive count; elsewhere only this process is counted.
+    """
+    import glob
+    import resource
+
+    proc = Path("/proc/self/stat")
+    if not proc.exists():
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
+    tick = os.sysconf("SC_CLK_TCK")
+    pids = ["self"]
+    for listing in glob.glob("/proc/self/task/*/children"):
+        try:
+            pids += Path(listing).read_text().split()
+        except OSError:
+            continue
+    total = 0.0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # a worker that just exited
+        total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
 def bench_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -133,10 +163,11 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
     write(f"device: {data['device']}; batch {found.settings.get('batch_size')}, {found.settings.get('workers')} workers, "
           f"{found.settings.get('size')} px, {found.settings.get('images')} images; load average {found.load}")
     if data["pipelines"]:
-        write(f"{'pipeline':<14}{'images/s':>10}{'min':>9}{'max':>9}{'x folder':>10}")
+        write(f"{'pipeline':<14}{'images/s':>10}{'min':>9}{'max':>9}{'x folder':>10}{'CPU us/img':>12}{'x folder':>10}")
         for name, entry in data["pipelines"].items():
             write(f"{name:<14}{entry['images_per_s']:>10.0f}{min(entry['rounds']):>9.0f}{max(entry['rounds']):>9.0f}"
-                  f"{entry.get('ratio_to_folder', float('nan')):>10.2f}")
+                  f"{entry.get('ratio_to_folder', float('nan')):>10.2f}{entry['cpu_us_per_image']:>12.0f}"
+                  f"{entry.get('cpu_ratio_to_folder', float('nan')):>10.2f}")
     for name, entry in data["train_step"].items():
         if isinstance(entry, dict) and "images_per_s" in entry:
             write(f"train step {name:<28}{entry['images_per_s']:>10.1f} images/s")

@@ -10,7 +10,10 @@ channels_last conversion, which favours it.
 
 Every pipeline first runs one warm-up epoch (worker start, page cache, shard checksums). Then the
 pipelines take turns, one epoch each per round, so that a change in the machine's load hits all of
-them alike rather than whichever ran last; the median round is reported.
+them alike rather than whichever ran last; the median round is reported. Each pipeline's CPU time
+per image (main process and its loader workers) is reported too: on a machine other processes
+keep busy, images/s measures the share of the CPU each pipeline won as much as its efficiency,
+while CPU time per image measures the work itself.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from typing import Callable, Iterator, Optional
 
 import pytest
 import torch
-from conftest import PIPELINE_ORDER, BenchData, BenchReport, bench_device, cores
+from conftest import PIPELINE_ORDER, BenchData, BenchReport, bench_device, cores, process_tree_cpu_seconds
 
 from cocoshard.augment import train_augment
 from cocoshard.folder import build_folder_loader
@@ -77,19 +80,25 @@ def shard_epochs(data: BenchData, pipeline: str, batch: int, workers: int, size:
     return epoch_images, loader
 
 
-def interleaved_rates(pipelines: dict[str, Epochs], rounds: int, device: torch.device) -> dict[str, list[float]]:
-    """images/s per pipeline and round, after one warm-up epoch each; pipelines alternate."""
+def interleaved_rates(pipelines: dict[str, Epochs], rounds: int,
+                      device: torch.device) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """images/s per pipeline and round after one warm-up epoch each, pipelines alternating; and
+    each pipeline's CPU time per image over all its rounds (this process and its workers)."""
     for epochs in pipelines.values():
         sum(epochs(0))
     rates: dict[str, list[float]] = {name: [] for name in pipelines}
+    cpu = {name: 0.0 for name in pipelines}
+    images = {name: 0 for name in pipelines}
     for epoch in range(1, rounds + 1):
         for name, epochs in pipelines.items():
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), process_tree_cpu_seconds()
             count = sum(epochs(epoch))
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             rates[name].append(count / (time.perf_counter() - start))
-    return rates
+            cpu[name] += process_tree_cpu_seconds() - cpu_start
+            images[name] += count
+    return rates, {name: cpu[name] / images[name] for name in pipelines}
 
 
 def test_pipeline_throughput(bench_data: BenchData, report: BenchReport, request: pytest.FixtureRequest):
@@ -109,12 +118,13 @@ def test_pipeline_throughput(bench_data: BenchData, report: BenchReport, request
                 epochs, loader = shard_epochs(bench_data, name, batch, workers, size, device)
             pipelines[name] = epochs
             loaders.append(loader)
-        rates = interleaved_rates(pipelines, rounds, device)
+        rates, cpu_per_image = interleaved_rates(pipelines, rounds, device)
     finally:
         for loader in loaders:
             if loader is not None:
                 loader.close()
     for name in PIPELINE_ORDER:
         report.pipelines[name] = {"images_per_s": round(statistics.median(rates[name]), 1),
-                                  "rounds": [round(r, 1) for r in rates[name]]}
+                                  "rounds": [round(r, 1) for r in rates[name]],
+                                  "cpu_us_per_image": round(cpu_per_image[name] * 1e6, 1)}
         assert all(rate > 0 for rate in rates[name])

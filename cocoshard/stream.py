@@ -278,10 +278,12 @@ class StreamLoader:
     def __iter__(self) -> Iterator[Batch]:
         self._epoch_cell[0] = self.epoch
         self.skipped_samples = 0  # per pass, as resident mode counts its split once
+        self._release_idle()  # the last epoch's final batches, before workers start filling again
         count = 0
         try:
             for batch in self._loader:
-                self._recycle(batch)
+                self._release_idle()
+                self._track(batch)
                 self.skipped_samples += batch.skipped
                 count += 1
                 if len(batch) or self.train:
@@ -292,12 +294,15 @@ class StreamLoader:
         if self.train and count != self._batches:
             raise RuntimeError(f"the loader yielded {count} batches instead of {self._batches}: epoch plan broken")
 
-    def _recycle(self, batch: Batch) -> None:
-        """Free the slots of earlier batches nobody holds any more; remember this batch's slot."""
+    def _release_idle(self) -> None:
+        """Hand back to the workers the slots of earlier batches that nobody holds any more."""
         for slot in list(self._busy):
             if all(storage_references(t) <= self._idle_references for t in self._slot_views[slot]):
                 self._slot_table[slot] = 0
                 self._busy.discard(slot)
+
+    def _track(self, batch: Batch) -> None:
+        """Remember the slot a batch arrived in, until the caller lets go of it."""
         if batch.slot is None:
             return
         if batch.pinned:  # the page-locked copy is all the caller sees
