@@ -3,10 +3,10 @@
     $ pytest bench/ --benchmark
 
 "Training-ready": the batch as the model would take it, on the training device, augmented (random
-resized crop + flip) and normalised. Our pipelines also deliver channels_last, in the AMP dtype on
-a GPU (bfloat16, or float16 without bf16 support) and float32 on a CPU. The folder baseline
-delivers what the statement's loop trains on: float32 NCHW, moved to the device; it pays no
-channels_last conversion, which favours it.
+resized crop + flip) and normalised. Our pipelines deliver what `cocoshard train` feeds its model
+with AMP on (its default): channels_last, in bfloat16 (float16 on a GPU without bf16). The folder
+baseline delivers what the statement's loop trains on: float32 NCHW, moved to the device; it pays
+no channels_last conversion.
 
 Every pipeline first runs one warm-up epoch (worker start, page cache, shard checksums). Then the
 pipelines take turns, one epoch each per round, so that a change in the machine's load hits all of
@@ -36,9 +36,11 @@ Epochs = Callable[[int], Iterator[int]]  # epoch -> the size of each training-re
 
 
 def training_dtype(device: torch.device) -> torch.dtype:
-    if device.type != "cuda":
-        return torch.float32
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    """What `cocoshard train` feeds its model with AMP on (the default): bf16 on a CPU and on GPUs
+    that have it, else fp16."""
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return torch.float16
+    return torch.bfloat16
 
 
 def train_keys(shards) -> list[str]:
