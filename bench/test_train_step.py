@@ -15,7 +15,7 @@ import torch
 import torchvision
 from conftest import BenchReport, bench_device
 
-CPU_BATCH, CPU_STEPS, GPU_STEPS, WARMUP_STEPS = 16, 4, 30, 3
+CPU_BATCH, CPU_STEPS, GPU_STEPS, WARMUP_STEPS = 16, 6, 30, 3
 
 
 def amp_dtype(device: torch.device) -> torch.dtype:

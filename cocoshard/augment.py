@@ -36,8 +36,8 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 METHODS = ("auto", "resize", "grid")
 CROP_ATTEMPTS = 10
-# CPU threads of the "resize" path. One: measured on 2 cores shared with loader workers or other
-# processes, a second thread cost throughput; on idle cores more threads scale (pass `threads`).
+# CPU threads of the "resize" path. One by default: loader workers and other processes usually
+# hold the other cores. Loaders say how many are left (`loader.augment_threads`); pass that.
 DEFAULT_THREADS = 1
 
 _pool = BufferPool()
@@ -149,8 +149,7 @@ def _resize_normalise_each(images: torch.Tensor, boxes: torch.Tensor, flips: tor
     Each image goes all the way while it sits in the core's cache (a 150 KB uint8 slot, a 600 KB
     float row); on the 2-core CPU that takes a third less CPU time than resizing the batch and then
     normalising it in whole-batch passes. On the CPU the work runs in `threads` pool threads with
-    one OpenMP thread each: OpenMP regions on a busy machine stall (a 3 ms copy took 1 s), and
-    Python threads contending for the GIL there lost a third of the throughput of a single one.
+    one OpenMP thread each: OpenMP regions on a busy machine stall (a 3 ms copy took 1 s).
     """
     n, size, device = images.shape[0], out_size, images.device
     result = _pool.take((n, size, size, 3), dtype, device)
