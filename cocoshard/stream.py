@@ -14,6 +14,7 @@ from __future__ import annotations
 import gc
 import math
 import os
+from dataclasses import replace
 from typing import Any, Iterator, Optional
 
 import numpy as np
@@ -24,7 +25,7 @@ from cocoshard.decode import fill_canvas, fill_labels
 from cocoshard.epochs import SAMPLE_BUFFER_STREAM, Segment, WorkerPlan, plan_epoch, rank_batches
 from cocoshard.loader import Batch
 from cocoshard.parallel import cpu_count
-from cocoshard.recycle import storage_references
+from cocoshard.recycle import alias, released
 from cocoshard.shardio import BadSample, BadShard, Sample, ShardChecks, read_samples
 from cocoshard.shards import shard_urls, split_shards
 
@@ -245,13 +246,12 @@ class StreamLoader:
         self.epoch = 0
         self._epoch_cell = torch.zeros(1, dtype=torch.int64).share_memory_()
         self._slot_table = torch.zeros((max(1, workers), prefetch + SPARE_SLOTS), dtype=torch.int8).share_memory_()
-        # Our own views of every slot's memory, kept so that its mapping here stays alive (a slot
-        # sent again arrives as the same storage: no new mmap, no page faults), and the slots
-        # handed out but not yet seen free. A slot is free when only our view (in-process, also the
-        # ring's tensor) still holds its memory.
-        self._slot_views: dict[tuple[int, int], list[torch.Tensor]] = {}
-        self._busy: set[tuple[int, int]] = set()
-        self._idle_references = 1 if workers > 0 else 2
+        # Every slot's tensors as they arrived, kept so that the slot's mapping here stays alive (a
+        # slot sent again arrives as the same storage: no new mmap, no page faults); the caller
+        # gets aliases of them (see cocoshard.recycle), and a slot goes back to its worker once
+        # the weak references to all of its aliases have expired.
+        self._slot_tensors: dict[tuple[int, int], list[torch.Tensor]] = {}
+        self._lent: dict[tuple[int, int], list] = {}
         self._dataset = ShardBatches(
             shard_urls(location, manifest, split), counts, [e.get("sha256") for e in entries],
             canvas_size=self.canvas_size, labelled=split != "test", batch_size=batch_size, seed=seed, rank=rank,
@@ -283,7 +283,7 @@ class StreamLoader:
         try:
             for batch in self._loader:
                 self._release_idle()
-                self._track(batch)
+                batch = self._lend(batch)
                 self.skipped_samples += batch.skipped
                 count += 1
                 if len(batch) or self.train:
@@ -296,21 +296,23 @@ class StreamLoader:
 
     def _release_idle(self) -> None:
         """Hand back to the workers the slots of earlier batches that nobody holds any more."""
-        for slot in list(self._busy):
-            if all(storage_references(t) <= self._idle_references for t in self._slot_views[slot]):
+        for slot, references in list(self._lent.items()):
+            if all(released(r) for r in references):
                 self._slot_table[slot] = 0
-                self._busy.discard(slot)
+                del self._lent[slot]
 
-    def _track(self, batch: Batch) -> None:
-        """Remember the slot a batch arrived in, until the caller lets go of it."""
+    def _lend(self, batch: Batch) -> Batch:
+        """The batch as the caller gets it: aliases of its slot's tensors, watched until dropped."""
         if batch.slot is None:
-            return
+            return batch
         if batch.pinned:  # the page-locked copy is all the caller sees
             self._slot_table[batch.slot] = 0
-            return
-        # Views of our own: the caller's tensor objects must count as separate holders.
-        self._slot_views[batch.slot] = [t.view(t.shape) for t in (batch.images, batch.sizes, batch.labels) if t is not None]
-        self._busy.add(batch.slot)
+            return batch
+        originals = [batch.images, batch.sizes, batch.labels]
+        self._slot_tensors[batch.slot] = [t for t in originals if t is not None]
+        lent = [alias(t) if t is not None else (None, None) for t in originals]
+        self._lent[batch.slot] = [reference for _, reference in lent]
+        return replace(batch, images=lent[0][0], sizes=lent[1][0], labels=lent[2][0])
 
     def close(self) -> None:
         """Stop the worker processes now (the next iteration starts new ones).
@@ -324,8 +326,8 @@ class StreamLoader:
             iterator._shutdown_workers()
         self._loader._iterator = None
         # New workers make new buffers: forget the old ones (views the caller still has stay valid).
-        self._slot_views.clear()
-        self._busy.clear()
+        self._slot_tensors.clear()
+        self._lent.clear()
         self._slot_table.zero_()
         self._dataset._ring = None
 
