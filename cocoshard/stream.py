@@ -2,11 +2,12 @@
 
 Each worker reads only its `(shard, skip, take)` segments of the epoch (see `cocoshard.epochs`),
 shuffles them through a seeded buffer (training), decodes into uint8 batch buffers and sends them
-to the main process. The buffers live in shared memory and are recycled: a fresh 19 MB
+to the main process. The buffers live in shared memory and are recycled: filling a fresh 19 MB
 shared-memory batch costs ~100 µs per image in page faults and zeroing, a reused one ~10 µs (2-core
-x86 CPU). A worker refills a buffer only after the main process has seen every view of it dropped,
-and allocates a new one when all of its buffers are still held, so nothing waits and nothing held
-is overwritten. The main process pins batches (CUDA) and copies them non_blocking.
+x86 CPU). The caller gets aliases of a buffer (`cocoshard.recycle`); its worker refills it only once
+every tensor made from them is gone, and allocates a new one when all of its buffers are still
+held, so nothing waits and nothing held is overwritten. Workers freeze the garbage collector on
+what they inherit. The main process pins batches (CUDA) and copies them non_blocking.
 """
 
 from __future__ import annotations
@@ -283,11 +284,13 @@ class StreamLoader:
         try:
             for batch in self._loader:
                 self._release_idle()
-                batch = self._lend(batch)
                 self.skipped_samples += batch.skipped
                 count += 1
-                if len(batch) or self.train:
-                    yield batch.to(self.device)
+                if not (len(batch) or self.train):  # an evaluation batch emptied by bad samples:
+                    if batch.slot is not None:     # only its skipped count mattered
+                        self._slot_table[batch.slot] = 0
+                    continue
+                yield self._lend(batch).to(self.device)
         except Exception:
             self.close()
             raise
