@@ -186,7 +186,8 @@ def plot_curves(records: list[dict[str, float]], path: Path, title: str) -> Opti
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     for ax, series, label in ((left, losses, "loss"), (right, scores, "score")):
         for key, (xs, ys) in sorted(series.items()):
-            ax.plot(xs, ys, marker="o", markersize=3, label=key, linewidth=2.2 if "server" in key else 1.2)
+            ax.plot(xs, ys, marker="o", markersize=3, label=key, linewidth=2.2 if "server" in key else 1.2,
+                    linestyle="--" if key.endswith("map") else "-")
         ax.set_xlabel("epoch")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
