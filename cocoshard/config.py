@@ -223,10 +223,10 @@ class DemoConfig:
     """The whole job on synthetic data: synth, pack, train, predict, evaluate, report."""
 
     out: str = opt("demo", "folder for every output of the demo (a re-run replaces the demo's own outputs)")
-    train: int = opt(6000, "synthetic labelled images (train + val)")
+    train: int = opt(8000, "synthetic labelled images (train + val)")
     test: int = opt(300, "synthetic test images")
     image_size: int = opt(96, "long side of the generated images, and the shards' canvas")
-    epochs: int = opt(16, "training epochs")
+    epochs: int = opt(14, "training epochs")
     size: int = opt(96, "training resolution")
     model: str = opt("cocoshard_tiny", "model trained from scratch")
     batch_size: int = opt(64, "images per training step")
