@@ -92,7 +92,7 @@ def report(request: pytest.FixtureRequest) -> BenchReport:
 
 
 def machine() -> dict[str, Any]:
-    from cocoshard.info import pil_flavour
+    from cocoshard.info import pil_build
 
     cpu = platform.processor() or platform.machine()
     try:
@@ -103,7 +103,7 @@ def machine() -> dict[str, Any]:
     except OSError:
         pass
     return {"cpu": cpu, "cores": cores(), "memory_gib": round(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30, 1),
-            "python": platform.python_version(), "torch": torch.__version__, "PIL": pil_flavour(), "platform": platform.platform()}
+            "python": platform.python_version(), "torch": torch.__version__, "PIL": pil_build().describe(), "platform": platform.platform()}
 
 
 def cores() -> int:

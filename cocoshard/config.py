@@ -247,7 +247,9 @@ class DemoConfig:
 
 @dataclass
 class InfoConfig:
-    """Versions, the active PIL (pillow-simd or Pillow) and the devices this machine offers."""
+    """Versions, the PIL actually imported (pillow-simd or stock Pillow, probed) and the devices."""
+
+    brief: bool = opt(False, "one line: the versions and the PIL in use (what --version prints)")
 
     def validate(self) -> None:
         pass

@@ -21,9 +21,9 @@ R = TypeVar("R")
 
 def cpu_count() -> int:
     """Cores this process may run on (respects CPU affinity and container limits)."""
-    if hasattr(os, "sched_getaffinity"):
-        return max(1, len(os.sched_getaffinity(0)))
-    return max(1, os.cpu_count() or 1)
+    from cocoshard.machine import usable_cores
+
+    return usable_cores()
 
 
 def worker_count(requested: int, tasks: int) -> int:

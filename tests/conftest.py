@@ -19,7 +19,9 @@ from typing import Any, Callable
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-COCO_SAMPLE = Path(os.environ.get("COCOSHARD_SAMPLE", REPO.parent / "shared" / "coco-sample"))
+# Real COCO photos kept in the repository (tests/data/coco-sample/README.md: source and licence);
+# COCOSHARD_SAMPLE=PATH points the suite at another folder of the same layout.
+COCO_SAMPLE = Path(os.environ.get("COCOSHARD_SAMPLE", REPO / "tests" / "data" / "coco-sample"))
 
 SYNTH_TRAIN = 300
 SYNTH_TEST = 40

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from cocoshard import config
-from cocoshard.info import pil_flavour
+from cocoshard.info import pil_build
 from cocoshard.pack import pack_folder
 from cocoshard.parallel import cpu_count
 from cocoshard.sources import find_sources
@@ -37,7 +37,7 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    return f"{model}, {cpu_count()} cores usable, {pil_flavour()}, Python {platform.python_version()}"
+    return f"{model}, {cpu_count()} cores usable, {pil_build().describe()}, Python {platform.python_version()}"
 
 
 def time_pack(root: Path, out: Path, pixel_format: str, repeats: int, workers: int, shard_samples: int) -> list[float]:
