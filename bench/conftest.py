@@ -191,7 +191,8 @@ def _cache_key(root: Optional[str], images: int, size: int) -> str:
 
 
 def _pack(root: Path, out: Path, pixel_format: str, size: int) -> None:
-    from cocoshard import config, pack
+    from cocoshard import config
+    from cocoshard.prepare import pack
 
     settings = {"root": str(root), "out": str(out), "format": pixel_format, "size": size, "val_fraction": 0.01,
                 "workers": cores()}
@@ -211,7 +212,7 @@ def bench_data(request: pytest.FixtureRequest) -> BenchData:
         folder.mkdir(parents=True)
         root = Path(opts.bench_root) if opts.bench_root else folder / "root"
         if opts.bench_root is None:
-            from cocoshard.synth import write_synthetic
+            from cocoshard.prepare.synth import write_synthetic
 
             write_synthetic(root, train=opts.bench_images, test=0, seed=0, size=size, workers=cores())
         for pixel_format in ("jpeg", "raw"):

@@ -24,13 +24,20 @@ from typing import Callable, Iterator, Optional
 
 import pytest
 import torch
-from conftest import PIPELINE_ORDER, BenchData, BenchReport, bench_device, cores, process_tree_cpu_seconds
+from baseline import build_folder_loader
+from conftest import (
+    PIPELINE_ORDER,
+    BenchData,
+    BenchReport,
+    bench_device,
+    cores,
+    process_tree_cpu_seconds,
+)
 
-from cocoshard.augment import train_augment
-from cocoshard.folder import build_folder_loader
-from cocoshard.loader import build_loader
-from cocoshard.shardio import read_samples
-from cocoshard.shards import read_manifest, shard_urls, split_shards
+from cocoshard.loading.augment import train_augment
+from cocoshard.loading.loader import build_loader
+from cocoshard.loading.tario import read_samples
+from cocoshard.prepare.manifest import read_manifest, shard_urls, split_shards
 
 Epochs = Callable[[int], Iterator[int]]  # epoch -> the size of each training-ready batch, as it is ready
 

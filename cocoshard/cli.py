@@ -13,26 +13,13 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 import typing
 from typing import Any, Literal, Sequence
 
-from cocoshard import __version__, config
+from cocoshard import config
+from cocoshard.commands import COMMANDS, run_command
 from cocoshard.errors import UserError
-
-# command -> (config class, module whose run(cfg) does the work)
-COMMANDS: dict[str, tuple[type, str]] = {
-    "synth": (config.SynthConfig, "cocoshard.synth"),
-    "pack": (config.PackConfig, "cocoshard.pack"),
-    "inspect": (config.InspectConfig, "cocoshard.verify"),
-    "train": (config.TrainConfig, "cocoshard.train"),
-    "predict": (config.PredictConfig, "cocoshard.predict"),
-    "evaluate": (config.EvaluateConfig, "cocoshard.evaluate"),
-    "demo": (config.DemoConfig, "cocoshard.demo"),
-    "info": (config.InfoConfig, "cocoshard.info"),
-}
-QUIET = {"info"}  # commands that do not print their (empty) config
 
 
 def _add_field(parser: argparse.ArgumentParser, f: Any, kind: Any) -> None:
@@ -78,12 +65,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not ns.command:
         parser.print_help()
         return 2
-    cls, module_name = COMMANDS[ns.command]
+    cls, _module = COMMANDS[ns.command]
     overrides = {k: v for k, v in vars(ns).items() if k not in ("command", "config", "version")}
     try:
         cfg = config.resolve(cls, overrides, ns.config)
-        module = importlib.import_module(module_name)
-        return int(module.run(cfg) or 0)
+        return run_command(ns.command, cfg)
     except UserError as exc:
         from rich.console import Console
 

@@ -206,10 +206,11 @@ class EvaluateConfig:
     report: Optional[str] = opt(None, "write PNG figures and a markdown summary to this folder")
     run: Optional[str] = opt(None, "run folder whose metrics.jsonl gives loss and F1 curves for --report")
     json: bool = opt(False, "print the metrics as one JSON object on stdout")
+    out: Optional[str] = opt(None, "also write the metrics (and, with --per-class, the per-class rows) to this JSON file")
 
     def validate(self) -> None:
         if self.labels is None:
-            for name in ("scores", "report"):
+            for name in ("scores", "report", "out"):
                 if getattr(self, name) is not None:
                     raise ConfigError(f"--{name} needs --labels: there is nothing to score without them")
             if self.per_class:

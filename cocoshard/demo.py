@@ -37,12 +37,14 @@ from rich.rule import Rule
 
 from cocoshard import config
 from cocoshard.atomic import atomic_write_text
+from cocoshard.commands import run_command
 from cocoshard.config import DemoConfig
 from cocoshard.errors import UserError
 
 MARKER = "demo.json"
 DATA, SHARDS, RUN, REPORT = "data", "shards", "run", "report"
 TEST_JSON, VAL_JSON, VAL_SCORES = "predictions.json", "val_predictions.json", "val_scores.npz"
+VAL_METRICS, TEST_METRICS = "val_metrics.json", "test_metrics.json"
 SYNTH_TEST_LABELS = Path("labels/test/test")  # answers the generated set keeps (the challenge hides its own)
 TARGET_F1 = 0.5
 STAGES = 6
@@ -75,7 +77,7 @@ def prepare_folder(out: Path) -> None:
                         f"choose an empty or new folder")
     for name in (RUN, REPORT, SHARDS):
         shutil.rmtree(out / name, ignore_errors=True)
-    for name in (TEST_JSON, VAL_JSON, VAL_SCORES):
+    for name in (TEST_JSON, VAL_JSON, VAL_SCORES, VAL_METRICS, TEST_METRICS):
         (out / name).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -120,8 +122,8 @@ def predict_config(cfg: DemoConfig, out: Path, split: str, target: str, scores: 
     })
 
 
-def evaluate_config(out: Path, predictions: str, labels: Path, report: bool) -> config.EvaluateConfig:
-    settings: dict[str, Any] = {"predictions": str(out / predictions), "labels": str(labels)}
+def evaluate_config(out: Path, predictions: str, labels: Path, metrics: str, report: bool) -> config.EvaluateConfig:
+    settings: dict[str, Any] = {"predictions": str(out / predictions), "labels": str(labels), "out": str(out / metrics)}
     if report:
         settings.update(scores=str(out / VAL_SCORES), report=str(out / REPORT), run=str(out / RUN))
     return config.resolve(config.EvaluateConfig, settings)
@@ -132,26 +134,24 @@ def evaluate_config(out: Path, predictions: str, labels: Path, report: bool) -> 
 
 def run_stages(cfg: DemoConfig, out: Path, console: Console, timings: Timings) -> tuple[float, Optional[float]]:
     """Every stage in order; returns the server F1 on validation and on the generated test answers."""
-    from cocoshard import evaluate, pack, predict, synth, train
-
-    timings.run(console, "synth", "a generated data set in the challenge layout",
-                lambda: _check(synth.run(synth_config(cfg, out)), "synth"))
-    timings.run(console, "pack", "raw WebDataset shards", lambda: _check(pack.run(pack_config(cfg, out)), "pack"))
-    timings.run(console, "train", f"{cfg.model} from scratch", lambda: _check(train.run(train_config(cfg, out)), "train"))
-    timings.run(console, "predict test", "the submission",
-                lambda: _check(predict.run(predict_config(cfg, out, "test", TEST_JSON)), "predict"))
-    timings.run(console, "predict val", "scores for the evaluation",
-                lambda: _check(predict.run(predict_config(cfg, out, "val", VAL_JSON, VAL_SCORES)), "predict"))
+    stages = [
+        ("synth", "a generated data set in the challenge layout", "synth", synth_config(cfg, out)),
+        ("pack", "raw WebDataset shards", "pack", pack_config(cfg, out)),
+        ("train", f"{cfg.model} from scratch", "train", train_config(cfg, out)),
+        ("predict test", "the submission", "predict", predict_config(cfg, out, "test", TEST_JSON)),
+        ("predict val", "scores for the evaluation", "predict", predict_config(cfg, out, "val", VAL_JSON, VAL_SCORES)),
+    ]
+    for name, title, command, stage_cfg in stages:
+        timings.run(console, name, title, lambda: _check(run_command(command, stage_cfg), command))
 
     def score() -> tuple[float, Optional[float]]:
-        val_cfg = evaluate_config(out, VAL_JSON, out / SHARDS, report=True)
-        found = evaluate.assess(val_cfg)
-        evaluate.show(val_cfg, found)
+        _check(run_command("evaluate", evaluate_config(out, VAL_JSON, out / SHARDS, VAL_METRICS, report=True)), "evaluate")
+        val_f1 = json.loads((out / VAL_METRICS).read_text())["server_f1"]
         test_labels = out / DATA / SYNTH_TEST_LABELS
         if not test_labels.is_dir():
-            return found.evaluation.metrics["server_f1"], None
-        test = evaluate.assess(evaluate_config(out, TEST_JSON, test_labels, report=False))
-        return found.evaluation.metrics["server_f1"], test.evaluation.metrics["server_f1"]
+            return val_f1, None
+        _check(run_command("evaluate", evaluate_config(out, TEST_JSON, test_labels, TEST_METRICS, report=False)), "evaluate")
+        return val_f1, json.loads((out / TEST_METRICS).read_text())["server_f1"]
 
     return timings.run(console, "evaluate", "validation split, report, and the generated test answers", score)
 

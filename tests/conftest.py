@@ -32,7 +32,8 @@ PackDir = Callable[..., Path]
 
 
 def _pack(root: str | os.PathLike, out: str | os.PathLike, **overrides: Any) -> Path:
-    from cocoshard import config, pack
+    from cocoshard import config
+    from cocoshard.prepare import pack
 
     settings = {"root": str(root), "out": str(out), "workers": 2, **overrides}
     cfg = config.resolve(config.PackConfig, settings)
@@ -58,7 +59,7 @@ def pack_dir() -> PackDir:
 @pytest.fixture(scope="session")
 def synth_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A generated data set in the challenge layout: 300 labelled train and 40 test images, seed 0."""
-    from cocoshard.synth import write_synthetic
+    from cocoshard.prepare.synth import write_synthetic
 
     root = tmp_path_factory.mktemp("synth")
     write_synthetic(root, train=SYNTH_TRAIN, test=SYNTH_TEST, seed=0, workers=2)

@@ -9,7 +9,7 @@ import pytest
 
 from cocoshard import cli, config, demo
 from cocoshard.errors import UserError
-from cocoshard.submission import load_submission
+from cocoshard.scoring.submission import load_submission
 
 SMALL = {"train": 240, "test": 24, "epochs": 2, "image_size": 64, "size": 64, "batch_size": 32, "workers": 2,
          "device": "cpu"}

@@ -28,8 +28,13 @@ from pathlib import Path
 import pytest
 
 from cocoshard.errors import UserError
-from cocoshard.loader import build_loader
-from cocoshard.synth import TEST_IMAGES, TRAIN_IMAGES, TRAIN_LABELS, write_synthetic
+from cocoshard.loading.loader import build_loader
+from cocoshard.prepare.synth import (
+    TEST_IMAGES,
+    TRAIN_IMAGES,
+    TRAIN_LABELS,
+    write_synthetic,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -45,7 +50,7 @@ RESIDENT_LIMIT = 4 * GiB
 PAGE = os.sysconf("SC_PAGE_SIZE")
 EPOCH_SCRIPT = """
 import json, sys, time
-from cocoshard.loader import build_loader
+from cocoshard.loading.loader import build_loader
 started = time.perf_counter()
 loader = build_loader(sys.argv[1], "train", batch_size=256, device="cpu", mode="stream", train=True, seed=0, workers=2)
 keys = [key for batch in loader for key in batch.keys]

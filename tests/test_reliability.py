@@ -2,7 +2,7 @@
 untrusted checkpoints and tar members, and property tests of the parsers user files go through.
 
 A kill is deterministic: the command runs under `KILLER`, a wrapper that replaces one function
-(`os.replace`, `torch.save`, `cocoshard.pack.add_member`, ...) and SIGKILLs the whole process group,
+(`os.replace`, `torch.save`, `cocoshard.prepare.pack.add_member`, ...) and SIGKILLs the whole process group,
 forked workers included, at its Nth call. Production code has no hook for it. docs/reliability.md
 lists every fault tried here and in the module tests, what the tool does, and the test that proves it.
 """
@@ -32,13 +32,14 @@ from PIL import Image
 
 from cocoshard import cli
 from cocoshard.atomic import TMP_PREFIX
-from cocoshard.checkpoint import BEST, LAST, load_checkpoint
 from cocoshard.errors import UserError
-from cocoshard.labels import LabelError, parse_cls
-from cocoshard.loader import build_loader
-from cocoshard.runlog import METRICS_LOG, THRESHOLDS_FILE
-from cocoshard.shards import FORMAT_VERSION, MANIFEST, encode_hw, is_shard_file
-from cocoshard.submission import parse_submission_text, validate_submission
+from cocoshard.loading.loader import build_loader
+from cocoshard.prepare.format import FORMAT_VERSION, encode_hw, is_shard_file
+from cocoshard.prepare.labels import LabelError, parse_cls
+from cocoshard.prepare.manifest import MANIFEST
+from cocoshard.scoring.submission import parse_submission_text, validate_submission
+from cocoshard.training.checkpoint import BEST, LAST, load_checkpoint
+from cocoshard.training.runlog import METRICS_LOG, THRESHOLDS_FILE
 
 REPO = Path(__file__).resolve().parents[1]
 KILLER = '''"""killer.py TARGET N WHEN MATCH -- ARGS: `python -m cocoshard ARGS`, SIGKILLed at the Nth call of
@@ -142,10 +143,10 @@ def assert_manifest_describes_whole_shards(folder: Path) -> bool:
 
 
 @pytest.mark.parametrize("target, call, when, match, manifest_after", [
-    ("cocoshard.pack.plan_splits", 1, "before", "", False),  # early: old manifest gone, nothing written yet
-    ("cocoshard.pack.add_member", 70, "before", "", False),  # mid-shard, in a worker's second shard
+    ("cocoshard.prepare.pack.plan_splits", 1, "before", "", False),  # early: old manifest gone, nothing written yet
+    ("cocoshard.prepare.pack.add_member", 70, "before", "", False),  # mid-shard, in a worker's second shard
     ("os.replace", 2, "before", ".tar", False),  # a whole shard not yet under its final name
-    ("cocoshard.pack._remove_unlisted", 1, "before", "", False),  # every shard written, old ones still there
+    ("cocoshard.prepare.pack._remove_unlisted", 1, "before", "", False),  # every shard written, old ones still there
     ("os.replace", 1, "before", MANIFEST, False),  # manifest complete under its temporary name
     ("os.replace", 1, "after", MANIFEST, True),  # manifest renamed, its folder not yet fsync'ed
 ], ids=["early", "mid-shard", "shard-unrenamed", "before-cleanup", "manifest-unrenamed", "manifest-renamed"])
@@ -212,7 +213,7 @@ def uninterrupted(sample_shards_jpeg: Path, tmp_path_factory: pytest.TempPathFac
 
 @pytest.mark.slow
 @pytest.mark.parametrize("target, call, when, match, saved_epoch", [
-    ("cocoshard.train.train_step", STEPS_PER_EPOCH + 2, "before", "", 1),  # mid-epoch 2
+    ("cocoshard.training.loop.train_step", STEPS_PER_EPOCH + 2, "before", "", 1),  # mid-epoch 2
     ("torch.save", 3, "midway", "", 1),  # half of epoch 2's last.pt written (1: last.pt, 2: best.pt of epoch 1)
     ("os.replace", 1, "after", LAST, 1),  # epoch 1's last.pt in place, its best.pt (epoch 1 always improves) not yet
 ], ids=["mid-epoch", "during-last.pt-write", "between-last.pt-and-best.pt"])

@@ -21,10 +21,10 @@ from pathlib import Path
 
 from cocoshard import config
 from cocoshard.info import pil_build
-from cocoshard.pack import pack_folder
-from cocoshard.parallel import cpu_count
-from cocoshard.sources import find_sources
-from cocoshard.synth import write_synthetic
+from cocoshard.prepare.pack import pack_folder
+from cocoshard.prepare.pool import cpu_count
+from cocoshard.prepare.sources import find_sources
+from cocoshard.prepare.synth import write_synthetic
 
 
 def machine() -> str:

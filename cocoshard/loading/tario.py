@@ -1,0 +1,228 @@
+"""Reading one shard: its bytes (local path or any URL WebDataset opens), its checksum, its samples.
+
+A shard is read whole into memory, checked against the manifest's sha256 (once per file version),
+and indexed by a tar header parser that hands out zero-copy views of the members.
+Python's `tarfile` costs ~15 µs per member; this parser costs ~1 µs, which matters when a raw
+sample is three members and a 150 KB copy. Nothing is ever extracted: member names are only split
+into key and extension, so absolute or `..` paths cannot touch the filesystem.
+
+    samples = read_samples(url, expected_sha256, expected_samples)
+    for key, members in samples: members["rgb"], members["hw"], members["labels"]
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+from cocoshard.errors import UserError
+from cocoshard.prepare.manifest import is_url
+
+BLOCK = 512
+_REGULAR = (b"0", b"\0", b"7")
+_PAX_NEXT, _PAX_GLOBAL, _GNU_LONGNAME, _GNU_LONGLINK = b"x", b"g", b"L", b"K"
+# WebDataset's rule: the key is everything up to the first dot of the last path component.
+_KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)[.]([^/]*)$")
+
+
+class BadSample(UserError):
+    """A sample that cannot be decoded: the message names the shard and the key."""
+
+
+class BadShard(BadSample):
+    """A shard that cannot be used at all: missing, truncated, or not matching its checksum."""
+
+
+class Sample(NamedTuple):
+    key: str
+    members: dict[str, memoryview]
+
+
+class ShardChecks:
+    """Which shards' checksums are confirmed, per file version, shared by a loader's workers.
+
+    Hashing a 120 MB raw shard costs ~0.1 s; each shard is hashed once per file version for all
+    workers, not once per worker. Lives in shared memory, so forked or spawned workers see it.
+    """
+
+    def __init__(self, count: int) -> None:
+        self._stamps = torch.zeros(max(count, 1), dtype=torch.int64).share_memory_()
+
+    def confirmed(self, index: int, stamp: int) -> bool:
+        return int(self._stamps[index]) == stamp
+
+    def confirm(self, index: int, stamp: int) -> None:
+        self._stamps[index] = stamp
+
+
+# Checksums this process confirmed for callers without a ShardChecks: url -> stamp.
+_confirmed_here: dict[str, int] = {}
+
+
+def read_shard_bytes(url: str) -> bytes:
+    """The whole shard: a local file, or anything `webdataset.gopen` opens (http, pipe:, gs, ...)."""
+    try:
+        if is_url(url):
+            from webdataset import gopen
+
+            with gopen(url, "rb") as stream:
+                return stream.read()
+        return Path(url).read_bytes()
+    except (OSError, ValueError) as exc:
+        raise BadShard(f"cannot read shard {url}: {exc}") from exc
+
+
+def version_stamp(url: str, data: bytes) -> int:
+    """A non-zero number that changes when a local file is rewritten (size, mtime) or a URL's size changes."""
+    mtime = 0
+    if not is_url(url):
+        try:
+            mtime = os.stat(url).st_mtime_ns
+        except OSError:
+            pass
+    return (mtime * 1_000_003 + len(data)) % (2**62) + 1
+
+
+def check_sha256(url: str, data: bytes, expected: str | None) -> None:
+    """Raise BadShard unless `data` hashes to `expected` (nothing to check when the manifest has no hash)."""
+    if not expected:
+        return
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != expected:
+        raise BadShard(
+            f"shard {url} is corrupted: its sha256 is {actual[:16]}..., the manifest says {expected[:16]}... "
+            "(re-run cocoshard pack, or pass --skip-bad-samples to train without it)"
+        )
+
+
+def _octal(field: bytes, url: str, offset: int) -> int:
+    if field and field[0] & 0x80:  # GNU base-256 for sizes >= 8 GiB
+        return int.from_bytes(field[1:], "big")
+    text = field.split(b"\0", 1)[0].strip()
+    try:
+        return int(text, 8) if text else 0
+    except ValueError as exc:
+        raise BadShard(f"shard {url} has a damaged tar header at byte {offset}") from exc
+
+
+def _check_header(header: bytes, url: str, offset: int) -> None:
+    stored = _octal(header[148:156], url, offset)
+    # The checksum field counts as eight spaces (8 * 32); old writers summed signed bytes.
+    unsigned = sum(header[:148]) + 256 + sum(header[156:])
+    if stored == unsigned:
+        return
+    signed = unsigned - 256 * sum(1 for b in header[:148] + header[156:] if b > 127)
+    if stored != signed:
+        raise BadShard(f"shard {url} has a damaged tar header at byte {offset} (checksum mismatch)")
+
+
+def _pax_path(records: bytes, url: str) -> tuple[str | None, int | None]:
+    path = size = None
+    pos = 0
+    while pos < len(records):
+        space = records.find(b" ", pos)
+        if space < 0:
+            break
+        try:
+            length = int(records[pos:space])
+        except ValueError as exc:
+            raise BadShard(f"shard {url} has a damaged pax header") from exc
+        if length <= 0:
+            raise BadShard(f"shard {url} has a damaged pax header")
+        name, _, value = records[space + 1 : pos + length - 1].partition(b"=")
+        if name == b"path":
+            path = value.decode("utf-8", "replace")
+        elif name == b"size":
+            size = int(value)
+        pos += length
+    return path, size
+
+
+def _name(header: bytes) -> str:
+    name = header[:100].split(b"\0", 1)[0]
+    if header[257:262] == b"ustar" and header[345] != 0:
+        name = header[345:500].split(b"\0", 1)[0] + b"/" + name
+    return name.decode("utf-8", "replace")
+
+
+def tar_members(data: bytes, url: str, check_headers: bool = True) -> list[tuple[str, memoryview]]:
+    """(name, bytes) of every regular file in a tar held in memory, in order; views, no copies.
+
+    `check_headers=False` skips the per-header checksums: for data whose sha256 already matched.
+    """
+    view = memoryview(data)
+    members: list[tuple[str, memoryview]] = []
+    offset, end = 0, len(data)
+    long_name: str | None = None
+    pax_size: int | None = None
+    while offset + BLOCK <= end:
+        header = data[offset : offset + BLOCK]
+        if header.count(0) == BLOCK:
+            return members
+        if check_headers:
+            _check_header(header, url, offset)
+        size = _octal(header[124:136], url, offset)
+        kind = header[156:157]
+        if pax_size is not None and kind not in (_PAX_NEXT, _PAX_GLOBAL):
+            size = pax_size
+        start = offset + BLOCK
+        if start + size > end:
+            raise BadShard(f"shard {url} is truncated: a member at byte {offset} needs {size} bytes, the file ends first")
+        payload = view[start : start + size]
+        if kind == _PAX_NEXT:
+            long_name, pax_size = _pax_path(bytes(payload), url)
+        elif kind == _GNU_LONGNAME:
+            long_name = bytes(payload).split(b"\0", 1)[0].decode("utf-8", "replace")
+        elif kind not in (_PAX_GLOBAL, _GNU_LONGLINK):
+            if kind in _REGULAR:
+                members.append((long_name or _name(header), payload))
+            long_name, pax_size = None, None
+        offset = start + (size + BLOCK - 1) // BLOCK * BLOCK
+    if offset != end:
+        raise BadShard(f"shard {url} is truncated: it ends inside a tar header at byte {offset}")
+    return members
+
+
+def group_samples(members: list[tuple[str, memoryview]], url: str) -> list[Sample]:
+    """Consecutive members sharing a key make one sample (WebDataset's grouping rule)."""
+    samples: list[Sample] = []
+    for name, payload in members:
+        match = _KEY_EXT.match(name)
+        if match is None:
+            continue  # a member without an extension belongs to no sample
+        key, ext = match.group(1), match.group(2)
+        if samples and samples[-1].key == key:
+            if ext in samples[-1].members:
+                raise BadShard(f"shard {url} holds {key}.{ext} twice in one sample")
+            samples[-1].members[ext] = payload
+        else:
+            samples.append(Sample(key, {ext: payload}))
+    return samples
+
+
+def read_samples(url: str, sha256: str | None = None, expected_samples: int | None = None, *,
+                 checks: ShardChecks | None = None, index: int = 0) -> list[Sample]:
+    """Read, check and index one shard. Raises BadShard naming the shard on any inconsistency.
+
+    The checksum is computed once per file version: per process, or across a loader's workers
+    when they share `checks` (with `index`, the shard's number in it).
+    """
+    data = read_shard_bytes(url)
+    if sha256:
+        stamp = version_stamp(url, data)
+        known = checks.confirmed(index, stamp) if checks is not None else _confirmed_here.get(url) == stamp
+        if not known:
+            check_sha256(url, data, sha256)
+            if checks is not None:
+                checks.confirm(index, stamp)
+            else:
+                _confirmed_here[url] = stamp
+    samples = group_samples(tar_members(data, url, check_headers=not sha256), url)
+    if expected_samples is not None and len(samples) != expected_samples:
+        raise BadShard(f"shard {url} holds {len(samples)} samples, the manifest says {expected_samples}")
+    return samples

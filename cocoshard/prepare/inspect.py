@@ -1,0 +1,188 @@
+"""`cocoshard inspect`: what packed shards hold and, with --verify, proof that they hold it intact.
+
+    $ cocoshard inspect --shards shards
+    $ cocoshard inspect --shards shards --verify
+
+The summary reads only `manifest.json` (`cocoshard.prepare.summary`). `--verify` re-hashes every
+shard against the manifest and reads every sample back: one pixel member of the manifest's format
+that decodes to the size its `.hw` gives, labels of 80 zeros and ones on train and val samples
+only, no key twice. It names each bad shard and exits 1 on any mismatch.
+
+The members are read with Python's own `tarfile`, not with the loader's parser
+(`cocoshard.loading.tario`), on purpose: a shard that passes is readable by the standard tar
+reader any other tool uses, and a fault one parser tolerates cannot hide in the other's blind spot.
+Members are read, never extracted, so names inside a shard never touch the filesystem.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import tarfile
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from cocoshard.errors import UserError
+from cocoshard.prepare.format import (
+    EXT_HW,
+    EXT_JPEG,
+    EXT_LABELS,
+    EXT_PNG,
+    EXT_RAW,
+    SPLITS,
+    decode_hw,
+    decode_labels,
+    key_problem,
+    split_member_name,
+)
+from cocoshard.prepare.manifest import is_url, list_shard_files, read_manifest
+from cocoshard.prepare.pool import map_in_workers
+from cocoshard.prepare.summary import print_summary
+
+IMAGE_FIELDS = {"jpeg": (EXT_JPEG, EXT_PNG), "raw": (EXT_RAW,)}
+
+
+def check_sample(key: str, fields: dict[str, bytes], split: str, pixel_format: str, size: int) -> list[str]:
+    """What is wrong with one sample (an empty list when nothing is)."""
+    problems = [key_problem(key)] if key_problem(key) else []
+    images = [f for f in fields if f in IMAGE_FIELDS[pixel_format]]
+    expected = set(images[:1]) | {EXT_HW} | ({EXT_LABELS} if split != "test" else set())
+    if len(images) != 1:
+        problems.append(f"{len(images)} pixel members, expected one of {'/'.join(IMAGE_FIELDS[pixel_format])}")
+    if set(fields) != expected:
+        problems.append(f"members {sorted(fields)}, expected {sorted(expected)}")
+    if EXT_LABELS in fields:
+        try:
+            decode_labels(fields[EXT_LABELS])
+        except ValueError as exc:
+            problems.append(str(exc))
+    if EXT_HW not in fields or len(fields[EXT_HW]) != 4:
+        return problems + ["no valid .hw member (2 x uint16)"]
+    height, width = decode_hw(fields[EXT_HW])
+    if not (1 <= height <= size and 1 <= width <= size):
+        problems.append(f"hw {height}x{width} outside 1..{size}")
+    elif len(images) == 1:
+        problems += _check_pixels(fields[images[0]], images[0], height, width, size)
+    return [f"{key}: {p}" for p in problems]
+
+
+def _check_pixels(data: bytes, field: str, height: int, width: int, size: int) -> list[str]:
+    if field == EXT_RAW:
+        if len(data) != size * size * 3:
+            return [f"{len(data)} raw bytes, expected {size}x{size}x3"]
+        canvas = np.frombuffer(data, dtype=np.uint8).reshape(size, size, 3)
+        outside = canvas[height:].any() or canvas[:height, width:].any()
+        return ["non-zero pixels outside the image's hw region"] if outside else []
+    try:
+        image = Image.open(io.BytesIO(data), formats=("JPEG",) if field == EXT_JPEG else ("PNG",))
+        image.load()
+    except Exception as exc:  # any decoder failure is a bad sample, whatever the exception type
+        return [f"{field} does not decode: {exc}"]
+    if image.size != (width, height):
+        return [f"{field} decodes to {image.size[1]}x{image.size[0]}, hw says {height}x{width}"]
+    return []
+
+
+MAX_PROBLEMS_PER_SHARD = 20
+
+
+def _file_digest(path: Path) -> tuple[int, str]:
+    digest, size = hashlib.sha256(), 0
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+            size += len(chunk)
+    return size, digest.hexdigest()
+
+
+def _read_samples(path: Path, problems: list[str]) -> list[tuple[str, dict[str, bytes]]]:
+    """The samples of a tar shard as WebDataset groups them: consecutive members sharing a key."""
+    samples: list[tuple[str, dict[str, bytes]]] = []
+    try:
+        with tarfile.open(path, mode="r:") as tar:
+            for member in tar:
+                key, field = split_member_name(member.name)
+                if not member.isfile():
+                    problems.append(f"{member.name}: not a regular file")
+                    continue
+                if not samples or samples[-1][0] != key:
+                    samples.append((key, {}))
+                if field in samples[-1][1]:
+                    problems.append(f"{member.name}: member appears twice")
+                samples[-1][1][field] = tar.extractfile(member).read()
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        problems.append(f"cannot be read as a tar file: {exc}")
+    return samples
+
+
+def verify_shard(task: tuple[str, str, dict[str, Any], str, int]) -> tuple[list[str], list[str]]:
+    """(problems, keys) of one shard: size and sha256 against its manifest entry, then every sample."""
+    path_text, split, entry, pixel_format, size = task
+    path = Path(path_text)
+    if not path.is_file():
+        return ["missing"], []
+    problems: list[str] = []
+    length, digest = _file_digest(path)
+    if length != entry["bytes"]:
+        problems.append(f"{length:,} bytes, the manifest says {entry['bytes']:,}")
+    if digest != entry["sha256"]:
+        problems.append("sha256 differs from the manifest")
+    samples = _read_samples(path, problems)
+    for key, fields in samples:
+        problems += check_sample(key, fields, split, pixel_format, size)
+    if len(samples) != entry["samples"]:
+        problems.append(f"{len(samples)} samples, the manifest says {entry['samples']}")
+    keys = [key for key, _ in samples]
+    problems += [f"{key}: key appears {n} times" for key, n in Counter(keys).items() if n > 1]
+    if len(problems) > MAX_PROBLEMS_PER_SHARD:
+        problems = problems[:MAX_PROBLEMS_PER_SHARD] + [f"... and {len(problems) - MAX_PROBLEMS_PER_SHARD} more"]
+    return problems, keys
+
+
+def verify_shards(folder: str | Path, manifest: dict[str, Any], workers: int = 0, progress: bool = False) -> dict[str, list[str]]:
+    """Problems by shard name (and by split for cross-shard checks); empty when everything is intact."""
+    entries = [(split, entry) for split in SPLITS for entry in manifest["splits"].get(split, {}).get("shards", [])]
+    tasks = [(str(Path(folder) / entry["name"]), split, entry, manifest["pixel_format"], manifest["size"]) for split, entry in entries]
+    results = map_in_workers(verify_shard, tasks, workers=workers, sizes=[e["samples"] for _, e in entries], progress=progress, desc="verify", unit="sample")
+    problems = {entry["name"]: found for (_, entry), (found, _) in zip(entries, results) if found}
+    keys: dict[str, list[str]] = {split: [] for split in SPLITS}
+    for (split, _), (_, shard_keys) in zip(entries, results):
+        keys[split] += shard_keys
+    for group in (("train", "val"), ("test",)):
+        seen = Counter(key for split in group for key in keys[split])
+        repeated = sorted(key for key, n in seen.items() if n > 1)
+        if repeated:
+            problems["/".join(group)] = [f"{len(repeated)} keys appear in more than one sample, e.g. {', '.join(repeated[:5])}"]
+    return problems
+
+
+def run(cfg: Any) -> int:
+    """`cocoshard inspect`: print the summary; with --verify check every shard, exit 1 on any problem."""
+    from rich.console import Console
+
+    console = Console()
+    manifest = read_manifest(cfg.shards)
+    print_summary(manifest, console, title=f"shards in {cfg.shards}")
+    if not is_url(cfg.shards):
+        listed = {entry["name"] for split in manifest["splits"].values() for entry in split["shards"]}
+        extra = [p.name for p in list_shard_files(cfg.shards) if p.name not in listed]
+        if extra:
+            console.print(f"note: {len(extra)} shard files not in the manifest (ignored): {', '.join(extra[:5])}", highlight=False)
+    if not cfg.verify:
+        return 0
+    if is_url(cfg.shards):
+        raise UserError(f"--verify reads local shards; {cfg.shards} is a URL: download the shards first")
+    problems = verify_shards(cfg.shards, manifest, cfg.workers, progress=True)
+    total = sum(len(split["shards"]) for split in manifest["splits"].values())
+    if not problems:
+        console.print(f"[bold green]verified[/] {total} shards: sizes, sha256 and every sample match the manifest", highlight=False)
+        return 0
+    console.print(f"[bold red]{len(problems)} of {total} shards fail verification:[/]", highlight=False)
+    for name, found in problems.items():
+        for problem in found:
+            console.print(f"  {name}: {problem}", highlight=False, soft_wrap=True)
+    return 1

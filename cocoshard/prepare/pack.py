@@ -1,0 +1,359 @@
+"""`cocoshard pack`: the challenge folder, read once, into WebDataset tar shards and a manifest.
+
+    $ cocoshard pack --root ms-coco --out shards --format jpeg --shard-samples 800
+
+A training sample is an image with a `.cls` file (as the challenge's own Dataset has it); the
+labelled images are split into train and val by iterative stratification (`shards.stratified_split`),
+train is shuffled with the seed so that a streaming shuffle buffer sees mixed classes, val and test
+are sorted by key. Worker processes each write whole shards; every image is fully decoded on the
+way, so a truncated or corrupt file is caught here and not in the middle of a training run.
+
+Every input file ends in a shard or in `manifest["rejected"]` with its reason; images without labels
+are counted in `manifest["unlabelled_images"]`. `--strict` turns any rejection into a failed run
+(exit 1, no manifest).
+
+Atomic and repeatable: the old manifest is removed before anything else is written, each shard is
+written under a `.tmp-` name and renamed when complete, the manifest is written last, and shard
+files the new manifest does not list are removed. A killed run therefore never leaves a manifest
+describing missing or partial shards, and a re-run over the same input writes the same bytes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, NamedTuple
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from cocoshard import NUM_CLASSES, __version__
+from cocoshard.atomic import atomic_open, atomic_write_text, remove_stale_temporaries
+from cocoshard.errors import UserError
+from cocoshard.prepare.format import (
+    EXT_HW,
+    EXT_JPEG,
+    EXT_LABELS,
+    EXT_PNG,
+    EXT_RAW,
+    FORMAT_VERSION,
+    SPLITS,
+    encode_hw,
+    encode_labels,
+    member_name,
+    shard_name,
+)
+from cocoshard.prepare.labels import multi_hot
+from cocoshard.prepare.manifest import MANIFEST, list_shard_files
+from cocoshard.prepare.pool import map_in_workers
+from cocoshard.prepare.sources import (
+    Inventory,
+    Sources,
+    class_names,
+    find_sources,
+    take_inventory,
+)
+from cocoshard.prepare.split import SPLIT_METHOD, stratified_split
+
+# Formats accepted by content (whatever the file is called). Naming them also keeps PIL from
+# handing an untrusted file to a plugin such as EPS, which would run Ghostscript.
+DECODABLE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")  # JPEG also opens MPO
+KEPT_JPEG_MODES = ("RGB", "L")  # JPEGs the loader decodes as they are; others become PNG
+MAX_EXAMPLES = 20
+
+
+class BadImage(ValueError):
+    """An input image that cannot become a sample; the message is the reason recorded."""
+
+
+class InputsRejected(Exception):
+    """Raised under --strict: some inputs were rejected, so no manifest was written."""
+
+    def __init__(self, rejected: list[dict[str, str]]):
+        super().__init__(f"{len(rejected)} input files rejected")
+        self.rejected = rejected
+
+
+# ----------------------------------------------------------------------------------- one image
+
+
+class EncodedImage(NamedTuple):
+    field: str  # EXT_JPEG, EXT_PNG or EXT_RAW
+    payload: bytes
+    height: int
+    width: int
+
+
+def decode_checked(data: bytes) -> Image.Image:
+    """Fully decode an image file's bytes; BadImage says why it cannot be used."""
+    if not data:
+        raise BadImage("empty file (0 bytes)")
+    Image.init()  # registers every plugin, so that `formats` can name WEBP and TIFF
+    try:
+        image = Image.open(io.BytesIO(data), formats=DECODABLE_FORMATS)
+        image.load()  # a full decode: a truncated file fails here, not at training time
+    except UnidentifiedImageError:
+        raise BadImage(f"not an image ({', '.join(DECODABLE_FORMATS)}); first bytes {data[:8]!r}") from None
+    except Image.DecompressionBombError as exc:
+        raise BadImage(f"refused, too many pixels: {exc}") from None
+    except Exception as exc:  # a malformed file can break a decoder in any way; it is the file's fault
+        raise BadImage(f"truncated or corrupt {_format_hint(data)}: {exc}") from None
+    return image
+
+
+def _format_hint(data: bytes) -> str:
+    if data.startswith(b"\xff\xd8"):
+        return "JPEG"
+    if data.startswith(b"\x89PNG"):
+        return "PNG"
+    return "image"
+
+
+def fit_within(image: Image.Image, size: int) -> Image.Image:
+    """The image in RGB, shrunk (aspect kept) so that its long side is at most `size`."""
+    rgb = image.convert("RGB")
+    width, height = rgb.size
+    if max(width, height) <= size:
+        return rgb
+    scale = size / max(width, height)
+    target = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return rgb.resize(target, Image.Resampling.LANCZOS)
+
+
+def encode_image(data: bytes, pixel_format: str, size: int) -> EncodedImage:
+    """The pixel member of a sample: the source JPEG as it is, a PNG, or a raw size x size canvas.
+
+    EXIF orientation is not applied, as the challenge's Dataset does not apply it either.
+    """
+    image = decode_checked(data)
+    if pixel_format == "jpeg":
+        if image.format == "JPEG" and image.mode in KEPT_JPEG_MODES and max(image.size) <= size:
+            return EncodedImage(EXT_JPEG, data, image.height, image.width)
+        rgb = fit_within(image, size)
+        buffer = io.BytesIO()
+        rgb.save(buffer, format="PNG")
+        return EncodedImage(EXT_PNG, buffer.getvalue(), rgb.height, rgb.width)
+    rgb = fit_within(image, size)
+    canvas = np.zeros((size, size, 3), dtype=np.uint8)
+    canvas[: rgb.height, : rgb.width] = np.asarray(rgb)
+    return EncodedImage(EXT_RAW, canvas.tobytes(), rgb.height, rgb.width)
+
+
+# ----------------------------------------------------------------------------------- one shard
+
+
+@dataclass
+class ShardTask:
+    out: str
+    name: str
+    pixel_format: str
+    size: int
+    # (key, image path, labels path or "", labels uint8[80] bytes or b"" for test)
+    samples: list[tuple[str, str, str, bytes]]
+
+
+@dataclass
+class ShardResult:
+    name: str
+    samples: int = 0
+    bytes: int = 0
+    sha256: str = ""
+    class_counts: list[int] = field(default_factory=lambda: [0] * NUM_CLASSES)
+    empty_labels: int = 0
+    fields: dict[str, int] = field(default_factory=dict)
+    rejected: list[dict[str, str]] = field(default_factory=list)
+
+
+class _HashingWriter:
+    """A write-only file that hashes and counts what passes through it."""
+
+    def __init__(self, raw: Any):
+        self.raw, self.sha256, self.size = raw, hashlib.sha256(), 0
+
+    def write(self, data: bytes) -> int:
+        self.raw.write(data)
+        self.sha256.update(data)
+        self.size += len(data)
+        return len(data)
+
+    def tell(self) -> int:
+        return self.size
+
+
+def add_member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
+    """One regular file with fixed metadata (mtime 0, root, mode 0644): same input, same bytes."""
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(payload), 0, 0o644
+    info.uid, info.gid, info.uname, info.gname = 0, 0, "", ""
+    tar.addfile(info, io.BytesIO(payload))
+
+
+def _add_sample(tar: tarfile.TarFile, task: ShardTask, sample: tuple[str, str, str, bytes], result: ShardResult) -> np.ndarray | None:
+    """Append one sample; returns its labels (None for a test sample or a rejected image)."""
+    key, image_path, labels_path, labels = sample
+    try:
+        encoded = encode_image(Path(image_path).read_bytes(), task.pixel_format, task.size)
+    except (OSError, BadImage) as exc:
+        reason = f"cannot be read: {exc}" if isinstance(exc, OSError) else str(exc)
+        result.rejected.append({"path": image_path, "reason": reason})
+        if labels_path:
+            result.rejected.append({"path": labels_path, "reason": f"its image {Path(image_path).name} was rejected: {reason}"})
+        return None
+    add_member(tar, member_name(key, encoded.field), encoded.payload)
+    add_member(tar, member_name(key, EXT_HW), encode_hw(encoded.height, encoded.width))
+    if labels_path:
+        add_member(tar, member_name(key, EXT_LABELS), labels)
+    result.fields[encoded.field] = result.fields.get(encoded.field, 0) + 1
+    result.samples += 1
+    return np.frombuffer(labels, dtype=np.uint8) if labels_path else None
+
+
+def write_shard(task: ShardTask) -> ShardResult:
+    """Write one shard (temporary name, then renamed); a shard left with no sample is removed."""
+    result = ShardResult(task.name)
+    counts = np.zeros(NUM_CLASSES, dtype=np.int64)
+    path = Path(task.out) / task.name
+    with atomic_open(path, "wb") as handle:
+        sink = _HashingWriter(handle)
+        with tarfile.open(fileobj=sink, mode="w", format=tarfile.PAX_FORMAT, encoding="utf-8") as tar:
+            for sample in task.samples:
+                labels = _add_sample(tar, task, sample, result)
+                if labels is not None:
+                    counts += labels
+                    result.empty_labels += int(not labels.any())
+    if result.samples == 0:
+        path.unlink()
+    result.bytes, result.sha256, result.class_counts = sink.size, sink.sha256.hexdigest(), counts.tolist()
+    return result
+
+
+# ----------------------------------------------------------------------------------- the run
+
+
+Sample = tuple[str, str, str, bytes]
+
+
+def plan_splits(inventory: Inventory, val_fraction: float, seed: int) -> dict[str, list[Sample]]:
+    """The samples of each split in shard order: train shuffled with the seed, val and test by key."""
+    labelled = inventory.labelled
+    matrix = np.stack([multi_hot(ids) for *_, ids in labelled]) if labelled else np.zeros((0, NUM_CLASSES), np.uint8)
+    is_val = stratified_split(matrix, val_fraction, seed)
+    samples = [(key, str(image), str(cls), encode_labels(row)) for (key, image, cls, _), row in zip(labelled, matrix)]
+    train = [samples[i] for i in np.flatnonzero(~is_val)]
+    order = np.random.default_rng([seed, 1]).permutation(len(train))  # a stream apart from the split's
+    return {
+        "train": [train[i] for i in order],
+        "val": [samples[i] for i in np.flatnonzero(is_val)],
+        "test": [(key, str(image), "", b"") for key, image in inventory.test],
+    }
+
+
+def shard_tasks(plan: dict[str, list[Sample]], out: Path, pixel_format: str, size: int, per_shard: int) -> list[ShardTask]:
+    """Consecutive runs of `per_shard` samples, named `{split}-NNNNNN.tar` from 0 in each split."""
+    return [
+        ShardTask(str(out), shard_name(split, start // per_shard), pixel_format, size, samples[start : start + per_shard])
+        for split in SPLITS
+        for samples in (plan[split],)
+        for start in range(0, len(samples), per_shard)
+    ]
+
+
+def _split_entry(split: str, results: list[ShardResult]) -> dict[str, Any]:
+    mine = [r for r in results if r.name.startswith(split + "-") and r.samples]
+    entry: dict[str, Any] = {"samples": sum(r.samples for r in mine), "bytes": sum(r.bytes for r in mine)}
+    fields: dict[str, int] = {}
+    for r in mine:
+        for name, count in r.fields.items():
+            fields[name] = fields.get(name, 0) + count
+    entry["fields"] = dict(sorted(fields.items()))
+    if split != "test":
+        entry["class_counts"] = np.sum([r.class_counts for r in mine], axis=0, dtype=np.int64).tolist() if mine else [0] * NUM_CLASSES
+        entry["empty_labels"] = sum(r.empty_labels for r in mine)
+    entry["shards"] = [{"name": r.name, "samples": r.samples, "bytes": r.bytes, "sha256": r.sha256} for r in mine]
+    return entry
+
+
+def _examples(paths: list[str]) -> dict[str, Any]:
+    return {"count": len(paths), "examples": paths[:MAX_EXAMPLES]}
+
+
+def build_manifest(cfg: Any, sources: Sources, inventory: Inventory, results: list[ShardResult], rejected: list[dict[str, str]]) -> dict[str, Any]:
+    """Everything a reader needs about the shards; see docs/architecture.md for the schema."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "created_by": f"cocoshard {__version__}",
+        "pixel_format": cfg.format,
+        "size": cfg.size,
+        "seed": cfg.seed,
+        "val_fraction": cfg.val_fraction,
+        "split_method": SPLIT_METHOD,
+        "shard_samples": cfg.shard_samples,
+        "sources": {name: str(path) if path else None for name, path in vars(sources).items()},
+        "num_classes": NUM_CLASSES,
+        "classes": class_names(cfg.root),
+        "splits": {split: _split_entry(split, results) for split in SPLITS},
+        "rejected": rejected,
+        "unlabelled_images": _examples(inventory.unlabelled),
+        "deduplicated_labels": _examples(inventory.deduplicated),
+    }
+
+
+def _remove_unlisted(out: Path, listed: Iterable[str]) -> None:
+    """Shards of an earlier run that this one did not write, and temporaries of a killed run."""
+    keep = set(listed)
+    for path in list_shard_files(out):
+        if path.name not in keep:
+            path.unlink()
+    remove_stale_temporaries(out)
+
+
+def pack_folder(cfg: Any, progress: bool = False) -> dict[str, Any]:
+    """Pack the folder described by a PackConfig; returns the manifest written to `cfg.out`.
+
+    Raises UserError when the inputs cannot be found, and InputsRejected under `cfg.strict` when
+    any input was rejected (then no manifest is written and no shard is left).
+    """
+    sources = find_sources(cfg.root, cfg.train_images, cfg.train_labels, cfg.test_images)
+    inventory = take_inventory(sources)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    # First of all: from here on the folder is never described by a manifest of another run.
+    with contextlib.suppress(FileNotFoundError):
+        (out / MANIFEST).unlink()
+    plan = plan_splits(inventory, cfg.val_fraction, cfg.seed)
+    tasks = shard_tasks(plan, out, cfg.format, cfg.size, cfg.shard_samples)
+    results = map_in_workers(write_shard, tasks, workers=cfg.workers, sizes=[len(t.samples) for t in tasks], progress=progress, desc="pack")
+    rejected = sorted(inventory.rejected + [item for r in results for item in r.rejected], key=lambda item: item["path"])
+    if cfg.strict and rejected:
+        _remove_unlisted(out, ())
+        raise InputsRejected(rejected)
+    if not any(r.samples for r in results if not r.name.startswith("test-")):
+        _remove_unlisted(out, ())
+        raise UserError(f"no usable labelled image in {sources.train_images}: all {len(rejected)} inputs were rejected, e.g. {rejected[0]['path']}: {rejected[0]['reason']}")
+    manifest = build_manifest(cfg, sources, inventory, results, rejected)
+    _remove_unlisted(out, (r.name for r in results if r.samples))
+    atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+    return manifest
+
+
+def run(cfg: Any) -> int:
+    """`cocoshard pack`: pack, then print the summary (and every rejected file under --strict)."""
+    from rich.console import Console
+
+    from cocoshard.prepare.summary import print_summary
+
+    console = Console(stderr=True)
+    try:
+        manifest = pack_folder(cfg, progress=True)
+    except InputsRejected as exc:
+        console.print(f"[bold red]--strict: {len(exc.rejected)} input files rejected; nothing written:[/]", highlight=False)
+        for item in exc.rejected:
+            console.print(f"  {item['path']}: {item['reason']}", highlight=False, soft_wrap=True)
+        return 1
+    print_summary(manifest, console, title=f"packed into {cfg.out}")
+    return 0

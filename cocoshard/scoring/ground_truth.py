@@ -1,0 +1,96 @@
+"""What a submission is checked and scored against: the true labels, and the keys it must cover.
+
+    labels = load_labels("shards")                          # the val split of a shards folder
+    labels = load_labels("ms-coco/labels/train/train")      # a folder of .cls files
+    keys = image_keys("ms-coco/images/test-resized/test-resized")
+
+Shards are read through the loaders' checked reader (`cocoshard.loading.tario.read_samples`): a
+shard whose size, sha256 or sample count differs from the manifest is refused by name, so a
+damaged label is never scored.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from cocoshard import CLASSES
+from cocoshard.errors import UserError
+from cocoshard.loading.image_files import list_images
+from cocoshard.loading.tario import Sample, read_samples
+from cocoshard.prepare.format import EXT_LABELS, decode_labels
+from cocoshard.prepare.labels import LabelError, multi_hot, parse_cls
+from cocoshard.prepare.manifest import (
+    MANIFEST,
+    manifest_class_names,
+    read_manifest,
+    shard_urls,
+    split_shards,
+)
+from cocoshard.prepare.sources import LABEL_SUFFIX
+
+
+def is_shard_folder(location: str | os.PathLike) -> bool:
+    """True for a folder that holds a `manifest.json`."""
+    return (Path(location) / MANIFEST).is_file()
+
+
+def read_label_folder(folder: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Multi-hot labels (bool) from a folder of `.cls` files, keyed by file stem."""
+    files = sorted(Path(folder).glob("*" + LABEL_SUFFIX))
+    if not files:
+        raise UserError(f"{folder}: no {LABEL_SUFFIX} files here (give the labels folder or a shards folder)")
+    labels = {}
+    for file in files:
+        try:
+            labels[file.stem] = multi_hot(parse_cls(file.read_bytes()).ids).astype(bool)
+        except LabelError as exc:
+            raise UserError(f"{file}: {exc}") from exc
+    return labels
+
+
+def split_samples(location: str | os.PathLike, split: str) -> list[Sample]:
+    """Every sample of one split of a shards folder, each shard checked against the manifest."""
+    manifest = read_manifest(location)
+    entries = split_shards(manifest, split)
+    samples: list[Sample] = []
+    for url, entry in zip(shard_urls(location, manifest, split), entries):
+        samples += read_samples(url, entry.get("sha256"), entry.get("samples"))
+    return samples
+
+
+def read_shard_labels(location: str | os.PathLike, split: str = "val") -> dict[str, np.ndarray]:
+    """Multi-hot labels (bool) of one split of a shards folder, keyed by sample key."""
+    labels = {}
+    for sample in split_samples(location, split):
+        if EXT_LABELS not in sample.members:
+            raise UserError(f"{location}: sample {sample.key!r} of the {split} split has no labels")
+        try:
+            labels[sample.key] = decode_labels(sample.members[EXT_LABELS]).astype(bool)
+        except ValueError as exc:
+            raise UserError(f"{location}: sample {sample.key!r}: {exc}") from exc
+    return labels
+
+
+def class_names_of(location: Optional[str | os.PathLike]) -> tuple[str, ...]:
+    """The class names to report with: a shards folder's own (a generated set has its own), else the challenge's."""
+    if location is not None and is_shard_folder(location):
+        return manifest_class_names(read_manifest(location))
+    return CLASSES
+
+
+def load_labels(location: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Labels from a shards folder (its val split) or from a folder of `.cls` files."""
+    if not Path(location).is_dir():
+        raise UserError(f"--labels {location}: no such folder")
+    return read_shard_labels(location, "val") if is_shard_folder(location) else read_label_folder(location)
+
+
+def image_keys(location: str | os.PathLike, split: str = "test") -> list[str]:
+    """The keys a submission for `location` must hold: stems of a folder's images, or a split's keys."""
+    if is_shard_folder(location):
+        return sorted(sample.key for sample in split_samples(location, split))
+    return [file.stem for file in list_images(location)]

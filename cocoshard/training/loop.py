@@ -1,0 +1,273 @@
+"""`cocoshard train`: fine-tune a classifier on packed shards for the leaderboard's F1, fast.
+
+    $ cocoshard train --shards shards --out runs/maxvit                     # defaults: the best recipe
+    $ cocoshard train --shards shards --out runs/maxvit --resume            # after a crash or kill -9
+    $ torchrun --nproc_per_node=4 -m cocoshard train --shards shards --out runs/ddp
+    $ cocoshard train --shards demo/shards --model cocoshard_tiny --weights none --size 96 --device cpu
+
+The shape of torchvision's classification reference: `run` resolves the configuration and builds
+the state (`trainer.build_trainer`), then each epoch is `train_one_epoch` followed by `evaluate` of
+the raw weights and of their EMA, threshold tuning on the validation split for the server F1, one
+line in metrics.jsonl and atomic `last.pt` / `best.pt`. Batches arrive from the loader as uint8 on
+the device; augmentation and normalisation happen there. The step never waits for the device
+except every `--log-every` steps, to show progress.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from cocoshard import NUM_CLASSES
+from cocoshard.scoring import metrics
+from cocoshard.training.checkpoint import (
+    BEST,
+    EMA,
+    LAST,
+    RAW,
+    checkpoint_state,
+    save_checkpoint,
+)
+from cocoshard.training.model import set_train_mode
+from cocoshard.training.optim import BACKBONE, HEAD
+from cocoshard.training.runlog import THRESHOLDS_FILE, RunLog
+from cocoshard.training.runtime import (
+    all_reduce_sum,
+    barrier,
+    cleanup,
+    derive_seed,
+    gather_objects,
+    gather_rows,
+    setup,
+)
+from cocoshard.training.state import Trainer, build_trainer, enter_phase
+
+RRC_RATIO = (3.0 / 4.0, 4.0 / 3.0)  # aspect ratios of the random resized crop (torchvision's default)
+SEED_AUGMENT, SEED_TORCH = 1, 2  # streams of derive_seed(seed, epoch, rank, stream)
+
+
+# ----------------------------------------------------------------------------------- training
+
+
+class OnlineMetrics:
+    """Training figures accumulated on the device as the epoch runs: no second pass, no per-step sync.
+
+    Predictions at 0.5 (logit > 0) and labels are kept as uint8 rows (80 bytes per image), so the
+    epoch's server F1 comes from the batches the model actually trained on.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+        self.images = 0
+        self.predicted: list[torch.Tensor] = []
+        self.labels: list[torch.Tensor] = []
+
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        """Count one batch (device operations only)."""
+        self.loss_sum += loss.detach().double() * labels.shape[0]
+        self.images += labels.shape[0]
+        self.predicted.append((logits.detach() > 0).to(torch.uint8))
+        self.labels.append(labels.to(torch.uint8))
+
+    def mean_loss(self) -> float:
+        """This rank's mean loss so far (waits for the device)."""
+        return self.loss_sum.item() / max(self.images, 1)
+
+    def summary(self, is_main: bool) -> dict[str, float]:
+        """Loss and headline metrics over every rank (collective: call on all ranks)."""
+        totals = all_reduce_sum(torch.stack([self.loss_sum, self.loss_sum.new_tensor(float(self.images))]))
+        none = torch.zeros((0, NUM_CLASSES), dtype=torch.uint8, device=self.loss_sum.device)
+        predicted = gather_rows(torch.cat(self.predicted) if self.predicted else none)
+        labels = gather_rows(torch.cat(self.labels) if self.labels else none)
+        if not is_main or len(labels) == 0:
+            return {}
+        result = metrics.metrics_from_predictions(predicted.cpu().numpy(), labels.cpu().numpy())
+        return {"loss": float(totals[0] / totals[1].clamp(min=1)), "server_f1": result["server_f1"],
+                "macro_f1": result["macro_f1"], "micro_f1": result["micro_f1"]}
+
+
+def train_step(tr: Trainer, batch: Any, generator: torch.Generator, meter: OnlineMetrics) -> None:
+    """Augment on the device, forward under autocast, backward, step; no host synchronisation."""
+    from cocoshard.loading.augment import train_augment
+
+    cfg = tr.cfg
+    inputs = train_augment(batch.images, batch.sizes, out_size=cfg.size, generator=generator,
+                           scale=(cfg.crop_scale_min, 1.0), ratio=RRC_RATIO, flip=True,
+                           dtype=tr.input_dtype, channels_last=cfg.channels_last)
+    with tr.runtime.autocast():
+        logits = tr.net(inputs)
+    loss = tr.criterion(logits, batch.labels)
+    tr.scaler.scale(loss).backward()
+    tr.scaler.step(tr.optimizer)
+    tr.scaler.update()
+    tr.optimizer.zero_grad(set_to_none=True)
+    tr.scheduler.step()
+    if tr.ema is not None:
+        tr.ema.update()
+    tr.step += 1
+    meter.add(loss, logits, batch.labels)
+
+
+def train_one_epoch(tr: Trainer, epoch: int) -> dict[str, Any]:
+    """One pass over this rank's share of the train split; returns the epoch's train figures."""
+    cfg, runtime = tr.cfg, tr.runtime
+    tr.train_loader.set_epoch(epoch)
+    torch.manual_seed(derive_seed(cfg.seed, epoch, runtime.rank, SEED_TORCH))  # dropout, stochastic depth
+    generator = torch.Generator(device=runtime.device).manual_seed(derive_seed(cfg.seed, epoch, runtime.rank, SEED_AUGMENT))
+    set_train_mode(tr.model, backbone_frozen=tr.frozen)
+    meter = OnlineMetrics(runtime.device)
+    steps = tr.steps_per_epoch
+    if cfg.max_steps:
+        steps = min(steps, cfg.max_steps - tr.step)
+    progress = tr.log.epoch_progress(f"epoch {epoch + 1}/{cfg.epochs}", steps, cfg.batch_size * runtime.world_size)
+    started = time.perf_counter()
+    try:
+        for index, batch in enumerate(tr.train_loader):
+            if index == steps:
+                break  # --max-steps reached (the loader otherwise ends on its own, so it can finish cleanly)
+            train_step(tr, batch, generator, meter)
+            if (index + 1) % cfg.log_every == 0 or index + 1 == steps:
+                progress.update(index + 1, meter.mean_loss())
+    finally:
+        progress.close()
+    if runtime.device.type == "cuda":
+        torch.cuda.synchronize(runtime.device)
+    elapsed = time.perf_counter() - started
+    images = int(all_reduce_sum(torch.tensor(float(meter.images), device=runtime.device)).item())
+    steps_per_rank = gather_objects(len(meter.predicted))
+    return {"train": meter.summary(runtime.is_main), "time_s": elapsed, "images_per_s": images / max(elapsed, 1e-9),
+            "steps_per_rank": steps_per_rank}
+
+
+# ----------------------------------------------------------------------------------- validation
+
+
+@torch.no_grad()
+def evaluate(tr: Trainer, model: torch.nn.Module) -> tuple[Optional[np.ndarray], Optional[np.ndarray], float]:
+    """Scores and labels of the whole validation split (gathered on rank 0) and its mean loss."""
+    from cocoshard.loading.augment import eval_transform
+
+    cfg, runtime = tr.cfg, tr.runtime
+    model.eval()
+    scores, labels, keys = [], [], []
+    loss_sum = torch.zeros((), device=runtime.device, dtype=torch.float64)
+    for batch in tr.val_loader:
+        inputs = eval_transform(batch.images, batch.sizes, out_size=cfg.size, dtype=tr.input_dtype,
+                                channels_last=cfg.channels_last)
+        with runtime.autocast():
+            logits = model(inputs).float()
+        loss_sum += tr.criterion(logits, batch.labels).double() * batch.labels.shape[0]
+        scores.append(torch.sigmoid(logits))
+        labels.append(batch.labels.to(torch.uint8))
+        keys.extend(batch.keys)
+    empty = torch.zeros((0, tr.num_classes), device=runtime.device)
+    all_scores = gather_rows(torch.cat(scores) if scores else empty)
+    all_labels = gather_rows(torch.cat(labels) if labels else empty.to(torch.uint8))
+    all_keys = [key for part in gather_objects(keys) for key in part]
+    loss_sum = all_reduce_sum(loss_sum)
+    if not runtime.is_main:
+        return None, None, 0.0
+    # A loader may repeat a sample to even out ranks: count every image once.
+    _, first = np.unique(np.asarray(all_keys), return_index=True)
+    first.sort()
+    return all_scores.cpu().numpy()[first], all_labels.cpu().numpy()[first], float(loss_sum) / max(len(all_keys), 1)
+
+
+def score_validation(scores: np.ndarray, labels: np.ndarray, loss: float, seed: int) -> tuple[dict[str, float], np.ndarray]:
+    """Headline metrics at 0.5 and at thresholds tuned for the server F1, and those thresholds."""
+    at_half = metrics.metrics_from_scores(scores, labels)
+    thresholds = metrics.tune_thresholds(scores, labels)
+    tuned = metrics.metrics_from_scores(scores, labels, thresholds)
+    holdout = metrics.holdout_threshold_gain(scores, labels, seed=seed)
+    figures = {"loss": loss, "server_f1": at_half["server_f1"], "server_f1_tuned": tuned["server_f1"],
+               "server_precision_tuned": tuned["server_precision"], "server_recall_tuned": tuned["server_recall"],
+               "heldout_gain": holdout["gain"], "macro_f1": at_half["macro_f1"], "micro_f1": at_half["micro_f1"],
+               "macro_f1_tuned": tuned["macro_f1"], "map": at_half["map"], "images": at_half["images"]}
+    return figures, thresholds
+
+
+def validate(tr: Trainer) -> tuple[dict[str, dict[str, float]], dict[str, np.ndarray]]:
+    """Evaluate the raw weights and the EMA; on rank 0, their figures and tuned thresholds."""
+    candidates = {RAW: tr.model}
+    if tr.ema is not None:
+        candidates[EMA] = tr.ema.module
+    figures, thresholds = {}, {}
+    for name, model in candidates.items():
+        scores, labels, loss = evaluate(tr, model)
+        if tr.runtime.is_main:
+            figures[name], thresholds[name] = score_validation(scores, labels, loss, tr.cfg.seed)
+    return figures, thresholds
+
+
+# ----------------------------------------------------------------------------------- epochs
+
+
+def finish_epoch(tr: Trainer, epoch: int, train: dict[str, Any], figures: dict, thresholds: dict) -> None:
+    """Rank 0: choose the better weights, log the epoch, write last.pt, and best.pt when it improved."""
+    selected = max(figures, key=lambda name: (figures[name]["server_f1_tuned"], name == EMA))
+    score = figures[selected]["server_f1_tuned"]
+    improved = score > tr.best_score
+    if improved:
+        tr.best_score, tr.best_epoch = score, epoch + 1
+    lrs = {group["part"]: group["lr"] for group in tr.optimizer.param_groups}
+    record = {"epoch": epoch + 1, "epochs": tr.cfg.epochs, "step": tr.step, "lr_head": lrs.get(HEAD, 0.0),
+              "lr_backbone": lrs.get(BACKBONE, 0.0),
+              "frozen_backbone": tr.frozen, "selected": selected, "best": improved, "best_epoch": tr.best_epoch,
+              "val": figures, **train}
+    tr.log.record_epoch(record, list(figures))
+    if improved:
+        save_checkpoint(tr.out / BEST, checkpoint_state(tr, epoch + 1, thresholds[selected], figures[selected],
+                                                        keep_ema=selected == EMA))
+        tr.log.save_thresholds({"epoch": epoch + 1, "weights": selected, "classes": list(tr.classes),
+                                "thresholds": [float(t) for t in thresholds[selected]],
+                                "server_f1_tuned": score, "server_f1_at_0.5": figures[selected]["server_f1"],
+                                "heldout_gain": figures[selected]["heldout_gain"]})
+    # best.pt and thresholds.json before last.pt: resume trusts last.pt's best score, so a kill in
+    # between must leave the best files already written, never named by the log but missing.
+    # predict uses the EMA whenever a checkpoint has one: last.pt carries the EMA's thresholds.
+    kept = EMA if EMA in figures else RAW
+    save_checkpoint(tr.out / LAST, checkpoint_state(tr, epoch + 1, thresholds[kept], figures[kept], keep_ema=True))
+
+
+def fit(tr: Trainer) -> None:
+    """Epochs from where the state stands to `--epochs` (or `--max-steps`)."""
+    for epoch in range(tr.epoch, tr.cfg.epochs):
+        enter_phase(tr, epoch)
+        train = train_one_epoch(tr, epoch)
+        started = time.perf_counter()
+        figures, thresholds = validate(tr)
+        train["val_time_s"] = time.perf_counter() - started
+        skipped = all_reduce_sum(torch.tensor(float(tr.skipped_samples()), device=tr.runtime.device))
+        train["skipped_samples"] = int(skipped.item())
+        tr.epoch = epoch + 1
+        if tr.runtime.is_main:
+            finish_epoch(tr, epoch, train, figures, thresholds)
+        barrier()
+        if tr.cfg.max_steps and tr.step >= tr.cfg.max_steps:
+            tr.log.note(f"stopping after --max-steps {tr.cfg.max_steps} ({tr.step} steps)")
+            break
+
+
+def run(cfg: Any) -> int:
+    """Entry point of `cocoshard train` (and of each torchrun process)."""
+    runtime = setup(cfg.device, cfg.amp, cfg.amp_dtype)
+    log = RunLog(cfg.out, enabled=runtime.is_main)
+    tr = None
+    try:
+        tr = build_trainer(cfg, runtime, log)
+        if tr.epoch >= tr.cfg.epochs:
+            log.note(f"{tr.out / LAST} already completed {tr.epoch} of {tr.cfg.epochs} epochs: nothing to do")
+            return 0
+        fit(tr)
+        log.note(f"best epoch {tr.best_epoch}: server F1 {tr.best_score:.4f} with tuned thresholds → "
+                 f"{tr.out / BEST}, {tr.out / THRESHOLDS_FILE}")
+        return 0
+    finally:
+        if tr is not None:
+            for loader in (tr.train_loader, tr.val_loader):
+                loader.close()  # stop worker processes now rather than at garbage collection
+        log.close()
+        cleanup()

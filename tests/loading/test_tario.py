@@ -1,0 +1,79 @@
+"""Reading shards: the tar parser against Python's tarfile, checksums, damaged and hostile tars."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import tarfile
+
+import pytest
+
+from cocoshard.loading.tario import (
+    BadShard,
+    check_sha256,
+    group_samples,
+    read_samples,
+    tar_members,
+)
+
+
+def make_tar(members: list[tuple[str, bytes]], fmt: int = tarfile.PAX_FORMAT) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=fmt) as tar:
+        for name, payload in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_parser_agrees_with_tarfile_on_long_and_unicode_names(fmt):
+    long_dir = "d" * 120 if fmt != tarfile.USTAR_FORMAT else "d" * 90
+    names = ["000000000139.jpg", "000000000139.hw", f"{long_dir}/k1.labels", "é-clé.rgb", "empty.txt"]
+    if fmt == tarfile.USTAR_FORMAT:
+        names[3] = "plain.rgb"
+    members = [(name, bytes([i]) * (i * 700)) for i, name in enumerate(names)]
+    data = make_tar(members, fmt)
+    parsed = [(name, bytes(view)) for name, view in tar_members(data, "x.tar")]
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        reference = [(m.name, tar.extractfile(m).read()) for m in tar if m.isfile()]
+    assert parsed == reference == members
+
+
+def test_samples_group_consecutive_members_by_key():
+    data = make_tar([("a.jpg", b"1"), ("a.hw", b"2"), ("b.jpg", b"3"), ("dir/c.x.y", b"4"), ("noext", b"5")])
+    samples = group_samples(tar_members(data, "x.tar"), "x.tar")
+    assert [(s.key, sorted(s.members)) for s in samples] == [("a", ["hw", "jpg"]), ("b", ["jpg"]), ("dir/c", ["x.y"])]
+    with pytest.raises(BadShard, match="holds a.jpg twice"):
+        group_samples(tar_members(make_tar([("a.jpg", b"1"), ("a.jpg", b"2")]), "x.tar"), "x.tar")
+
+
+def test_hostile_member_names_are_only_keys():
+    data = make_tar([("/etc/passwd.jpg", b"1"), ("../../evil.jpg", b"2")])
+    assert [s.key for s in group_samples(tar_members(data, "x.tar"), "x.tar")] == ["/etc/passwd", "../../evil"]
+
+
+def test_damaged_header_and_truncation_are_named():
+    data = bytearray(make_tar([("a.jpg", b"x" * 3000), ("b.jpg", b"y" * 10)]))
+    flipped = bytes(data[:5] + bytes([data[5] ^ 1]) + data[6:])
+    with pytest.raises(BadShard, match="s.tar has a damaged tar header at byte 0"):
+        tar_members(flipped, "s.tar")
+    with pytest.raises(BadShard, match="s.tar is truncated"):
+        tar_members(bytes(data[:2000]), "s.tar")
+    with pytest.raises(BadShard, match="ends inside a tar header"):
+        tar_members(bytes(data[: 512 * 7 + 100]), "s.tar")
+
+
+def test_read_samples_checks_hash_and_count(tmp_path):
+    data = make_tar([("a.jpg", b"1"), ("b.jpg", b"2")])
+    path = tmp_path / "s.tar"
+    path.write_bytes(data)
+    digest = hashlib.sha256(data).hexdigest()
+    assert [s.key for s in read_samples(str(path), digest, 2)] == ["a", "b"]
+    with pytest.raises(BadShard, match="holds 2 samples, the manifest says 3"):
+        read_samples(str(path), digest, 3)
+    with pytest.raises(BadShard, match="s.tar is corrupted"):
+        check_sha256(str(path), data + b"\0", digest)
+    with pytest.raises(BadShard, match="cannot read shard .*missing.tar"):
+        read_samples(str(tmp_path / "missing.tar"))

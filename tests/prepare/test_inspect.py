@@ -1,0 +1,148 @@
+"""`cocoshard inspect [--verify]`: the summary, and every kind of damage named by shard."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import shutil
+import tarfile
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from cocoshard.cli import main
+from cocoshard.prepare.format import encode_hw
+from cocoshard.prepare.inspect import check_sample
+from cocoshard.prepare.pack import add_member
+from cocoshard.prepare.summary import class_frequency_lines
+
+
+@pytest.fixture
+def jpeg_copy(tmp_path, sample_shards_jpeg) -> Path:
+    return Path(shutil.copytree(sample_shards_jpeg, tmp_path / "shards"))
+
+
+@pytest.fixture
+def raw_copy(tmp_path, sample_shards_raw) -> Path:
+    return Path(shutil.copytree(sample_shards_raw, tmp_path / "raw"))
+
+
+def inspect(folder: Path, capsys, *flags: str) -> tuple[int, str]:
+    code = main(["inspect", "--shards", str(folder), "--workers", "1", *flags])
+    captured = capsys.readouterr()
+    return code, "".join((captured.out + captured.err).split())  # the console wraps long lines
+
+
+def rewrite_sample(folder: Path, shard: str, change) -> None:
+    """Rewrite one shard with `change(fields)` applied to its first sample, and re-seal the manifest
+    with the new size and sha256, so that only the sample checks can catch the damage."""
+    samples: list[tuple[str, dict[str, bytes]]] = []
+    with tarfile.open(folder / shard) as tar:
+        for member in tar:
+            key, field = member.name.split(".", 1)
+            if not samples or samples[-1][0] != key:
+                samples.append((key, {}))
+            samples[-1][1][field] = tar.extractfile(member).read()
+    change(samples[0][1])
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for key, fields in samples:
+            for field, data in fields.items():
+                add_member(tar, f"{key}.{field}", data)
+    (folder / shard).write_bytes(buffer.getvalue())
+    manifest = json.loads((folder / "manifest.json").read_text())
+    for split in manifest["splits"].values():
+        for entry in split["shards"]:
+            if entry["name"] == shard:
+                entry["bytes"], entry["sha256"] = len(buffer.getvalue()), hashlib.sha256(buffer.getvalue()).hexdigest()
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_summary_without_verify(sample_shards_jpeg, capsys):
+    code, out = inspect(sample_shards_jpeg, capsys)
+    assert code == 0 and "verified" not in out
+    manifest = json.loads((sample_shards_jpeg / "manifest.json").read_text())
+    for split in ("train", "val", "test"):
+        assert f"│{split}│{manifest['splits'][split]['samples']}│{len(manifest['splits'][split]['shards'])}│" in out
+    assert "mostfrequent:person(0):" in out and "leastfrequent:" in out
+    assert "2imageswithouta.clsfile" in out and "formatjpeg" in out
+
+
+def test_class_frequency_head_and_tail():
+    manifest = {"classes": [f"c{i}" for i in range(80)], "splits": {"train": {"class_counts": list(range(80))}, "val": {"class_counts": [1] * 80}}}
+    head, tail = class_frequency_lines(manifest)
+    assert head.startswith("most frequent: c79 (79): 80, c78 (78): 79")
+    assert tail.startswith("least frequent: c0 (0): 1, c1 (1): 2")
+
+
+@pytest.mark.parametrize("fixture", ["sample_shards_jpeg", "sample_shards_raw", "synth_shards_jpeg"])
+def test_intact_shards_verify(fixture, request, capsys):
+    code, out = inspect(request.getfixturevalue(fixture), capsys, "--verify")
+    assert code == 0 and "verified" in out
+
+
+def test_a_flipped_byte_is_caught(jpeg_copy, capsys):
+    shard = jpeg_copy / "train-000001.tar"
+    data = bytearray(shard.read_bytes())
+    data[5000] ^= 0x01
+    shard.write_bytes(bytes(data))
+    code, out = inspect(jpeg_copy, capsys, "--verify")
+    assert code == 1 and "1of" in out and "train-000001.tar:sha256differsfromthemanifest" in out
+
+
+def test_a_truncated_shard_is_caught(jpeg_copy, capsys):
+    shard = jpeg_copy / "val-000000.tar"
+    shard.write_bytes(shard.read_bytes()[:70_000])
+    code, out = inspect(jpeg_copy, capsys, "--verify")
+    assert code == 1 and "val-000000.tar:70,000bytes,themanifestsays" in out and "val-000000.tar:sha256differs" in out
+
+
+def test_a_deleted_shard_is_caught(jpeg_copy, capsys):
+    (jpeg_copy / "test-000001.tar").unlink()
+    code, out = inspect(jpeg_copy, capsys, "--verify")
+    assert code == 1 and "test-000001.tar:missing" in out
+
+
+def test_bad_labels_are_caught_even_with_a_matching_hash(jpeg_copy, capsys):
+    rewrite_sample(jpeg_copy, "train-000000.tar", lambda fields: fields.update(labels=b"\x02" * 80))
+    code, out = inspect(jpeg_copy, capsys, "--verify")
+    assert code == 1 and "train-000000.tar:" in out and "labelsholdvaluesotherthan0and1" in out
+    assert "sha256" not in out
+
+
+def test_a_wrong_size_is_caught_by_decoding(jpeg_copy, capsys):
+    rewrite_sample(jpeg_copy, "val-000001.tar", lambda fields: fields.update(hw=encode_hw(10, 10)))
+    code, out = inspect(jpeg_copy, capsys, "--verify")
+    assert code == 1 and "hwsays10x10" in out
+
+
+def test_raw_pixels_outside_the_image_are_caught(raw_copy, capsys):
+    def shrink_hw(fields):
+        fields["hw"] = encode_hw(100, 100)  # the image is larger: its pixels now lie outside hw
+
+    rewrite_sample(raw_copy, "train-000000.tar", shrink_hw)
+    code, out = inspect(raw_copy, capsys, "--verify")
+    assert code == 1 and "non-zeropixelsoutside" in out
+
+
+def test_check_sample_rules():
+    labels, hw = bytes(80), encode_hw(2, 3)
+    buffer = io.BytesIO()
+    Image.new("RGB", (3, 2)).save(buffer, format="JPEG")
+    jpg = buffer.getvalue()
+    assert check_sample("k", {"jpg": jpg, "hw": hw, "labels": labels}, "train", "jpeg", 224) == []
+    assert check_sample("k", {"jpg": jpg, "hw": hw}, "test", "jpeg", 224) == []
+    assert "expected" in check_sample("k", {"jpg": jpg, "hw": hw}, "val", "jpeg", 224)[0]  # labels missing
+    assert check_sample("k", {"jpg": jpg, "hw": hw, "labels": labels}, "test", "jpeg", 224)  # test has none
+    assert check_sample("k", {"jpg": jpg, "png": jpg, "hw": hw}, "test", "jpeg", 224)
+    assert "raw bytes" in check_sample("k", {"rgb": bytes(10), "hw": hw}, "test", "raw", 224)[0]
+    assert "outside 1..224" in check_sample("k", {"jpg": jpg, "hw": encode_hw(300, 3)}, "test", "jpeg", 224)[0]
+    assert "does not decode" in check_sample("k", {"jpg": jpg[:-200], "hw": hw}, "test", "jpeg", 224)[0]
+    assert "'.'" in check_sample("a.b", {"jpg": jpg, "hw": hw}, "test", "jpeg", 224)[0]
+
+
+def test_missing_manifest_is_a_user_error(tmp_path, capsys):
+    code, out = inspect(tmp_path, capsys)
+    assert code == 2 and "nomanifest.json" in out

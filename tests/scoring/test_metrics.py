@@ -1,0 +1,255 @@
+"""The metrics against the statement's `validation_loop`, brute-force definitions and properties."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from cocoshard.scoring import metrics
+
+# ----------------------------------------------------------------------------------- reference
+
+
+def statement_validation_loop(outputs: np.ndarray, labels: np.ndarray, threshold: float = 0.5, batch: int = 7) -> dict:
+    """The statement's `validation_loop(multi_task=True, one_hot=True, class_metrics=True)`,
+    re-implemented on precomputed outputs: same batching, same accumulation, same zero conventions."""
+    num_classes = outputs.shape[1]
+    class_total = {c: 0 for c in range(num_classes)}
+    class_tp = {c: 0 for c in range(num_classes)}
+    class_fp = {c: 0 for c in range(num_classes)}
+    for start in range(0, len(outputs), batch):
+        out = torch.tensor(outputs[start : start + batch], dtype=torch.float64)
+        lab = torch.tensor(labels[start : start + batch], dtype=torch.float64)
+        predictions = torch.where(out > threshold, 1.0, 0.0).double()
+        tps = predictions * lab
+        fps = predictions - tps
+        tps, fps, lbls = tps.sum(dim=0), fps.sum(dim=0), lab.sum(dim=0)
+        for c in range(num_classes):
+            class_tp[c] += tps[c]
+            class_fp[c] += fps[c]
+            class_total[c] += lbls[c]
+    class_prec, class_recall, freqs = [], [], []
+    for c in range(num_classes):
+        class_prec.append(0 if class_tp[c] == 0 else class_tp[c] / (class_tp[c] + class_fp[c]))
+        class_recall.append(0 if class_tp[c] == 0 else class_tp[c] / class_total[c])
+        freqs.append(class_total[c])
+    freqs = torch.tensor(freqs, dtype=torch.float64)
+    weights = 1.0 / freqs
+    weights /= weights.sum()
+    prec = (torch.tensor(class_prec, dtype=torch.float64) * weights).sum()
+    recall = (torch.tensor(class_recall, dtype=torch.float64) * weights).sum()
+    with np.errstate(divide="ignore"):
+        f1 = 2.0 / (1 / prec + 1 / recall)
+    class_f1 = [0 if p == r == 0 else 2.0 / (1 / p + 1 / r) for p, r in zip(class_prec, class_recall)]
+    return {"f1": float(f1), "precision": float(prec), "recall": float(recall), "class_f1": np.array(class_f1, float)}
+
+
+def reference_on_present_classes(outputs: np.ndarray, labels: np.ndarray, threshold: float = 0.5) -> dict:
+    """The reference restricted to the classes present in the labels (where it does not divide by 0)."""
+    present = labels.sum(axis=0) > 0
+    return statement_validation_loop(outputs[:, present], labels[:, present], threshold)
+
+
+def random_problem(seed: int, images: int = 200, classes: int = 80) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    frequency = np.geomspace(0.5, 5.0 / images, classes)
+    labels = rng.random((images, classes)) < frequency
+    labels[np.arange(images), rng.integers(0, classes, images)] = True  # every image has a label
+    logits = rng.normal(size=(images, classes)) + 2.5 * labels - 1.5
+    return 1.0 / (1.0 + np.exp(-logits)), labels
+
+
+def brute_force_ap(column: np.ndarray, truth: np.ndarray) -> float:
+    """AP by definition: over distinct thresholds, highest first, sum (R_k - R_{k-1}) P_k."""
+    ap, previous_recall = 0.0, 0.0
+    for t in sorted(set(column.tolist()), reverse=True):
+        chosen = column >= t
+        tp = (chosen & truth).sum()
+        recall = tp / truth.sum()
+        ap += (recall - previous_recall) * tp / chosen.sum()
+        previous_recall = recall
+    return ap
+
+
+# ----------------------------------------------------------------------------------- server F1
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_server_f1_equals_statement_on_random_inputs(seed: int) -> None:
+    scores, labels = random_problem(seed)
+    for threshold in (0.3, 0.5, 0.8):
+        ours = metrics.server_f1(scores > threshold, labels)
+        ref = reference_on_present_classes(scores, labels, threshold)
+        assert ours.f1 == pytest.approx(ref["f1"], abs=1e-6)
+        assert ours.precision == pytest.approx(ref["precision"], abs=1e-6)
+        assert ours.recall == pytest.approx(ref["recall"], abs=1e-6)
+        present = labels.sum(axis=0) > 0
+        np.testing.assert_allclose(ours.class_f1[present], ref["class_f1"], atol=1e-6)
+
+
+def test_class_never_predicted() -> None:
+    scores, labels = random_problem(1, images=100, classes=10)
+    scores[:, 3] = 0.0
+    ours = metrics.server_f1(scores > 0.5, labels)
+    assert ours.class_precision[3] == ours.class_recall[3] == ours.class_f1[3] == 0.0
+    assert ours.f1 == pytest.approx(statement_validation_loop(scores, labels)["f1"], abs=1e-6)
+
+
+def test_class_absent_from_labels_is_left_out_of_the_weights() -> None:
+    scores, labels = random_problem(2, images=100, classes=10)
+    labels[:, 4] = False
+    scores[:, 4] = 0.9  # predicted everywhere: its false positives must not move the score
+    ours = metrics.server_f1(scores > 0.5, labels)
+    assert ours.class_weights[4] == 0.0
+    assert ours.class_weights.sum() == pytest.approx(1.0)
+    assert ours.f1 == pytest.approx(reference_on_present_classes(scores, labels)["f1"], abs=1e-6)
+    with np.errstate(all="ignore"):
+        assert np.isnan(statement_validation_loop(scores, labels)["f1"])  # why the class is left out
+
+
+def test_all_empty_predictions_score_zero() -> None:
+    _, labels = random_problem(3, images=50, classes=8)
+    empty = np.zeros_like(labels)
+    ours = metrics.server_f1(empty, labels)
+    assert ours.f1 == ours.precision == ours.recall == 0.0
+    assert statement_validation_loop(empty.astype(float), labels)["f1"] == 0.0
+
+
+def test_perfect_predictions_score_one_and_rare_classes_weigh_most() -> None:
+    _, labels = random_problem(4, images=300, classes=20)
+    assert metrics.server_f1(labels, labels).f1 == pytest.approx(1.0)
+    weights = metrics.server_f1(labels, labels).class_weights
+    counts = labels.sum(axis=0)
+    assert weights[np.argmin(counts)] == weights.max()
+
+
+def test_no_labels_at_all_scores_zero_without_warnings() -> None:
+    with np.errstate(all="raise"):
+        result = metrics.server_f1(np.ones((5, 3), bool), np.zeros((5, 3), bool))
+    assert result.f1 == 0.0
+
+
+def test_shape_mismatch_is_an_error() -> None:
+    with pytest.raises(ValueError, match="differ in shape"):
+        metrics.server_f1(np.zeros((4, 80), bool), np.zeros((4, 79), bool))
+    with pytest.raises(ValueError, match="2-D"):
+        metrics.server_f1(np.zeros(80, bool), np.zeros(80, bool))
+
+
+matrices = st.integers(1, 30).flatmap(
+    lambda n: st.integers(1, 12).flatmap(
+        lambda c: st.tuples(arrays(np.bool_, (n, c)), arrays(np.bool_, (n, c)), st.randoms(use_true_random=False))
+    )
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(matrices)
+def test_server_f1_properties(case: tuple) -> None:
+    pred, labels, rnd = case
+    result = metrics.server_f1(pred, labels)
+    assert 0.0 <= result.f1 <= 1.0
+    assert 0.0 <= result.precision <= 1.0 and 0.0 <= result.recall <= 1.0
+    order = list(range(len(pred)))
+    rnd.shuffle(order)
+    assert metrics.server_f1(pred[order], labels[order]).f1 == pytest.approx(result.f1, abs=1e-12)
+    if labels.any():
+        ref = reference_on_present_classes(pred.astype(float), labels)
+        assert result.f1 == pytest.approx(ref["f1"], abs=1e-6)
+
+
+# ----------------------------------------------------------------------------------- other metrics
+
+
+def test_macro_micro_on_a_hand_computed_case() -> None:
+    labels = np.array([[1, 0, 0], [1, 1, 0], [0, 1, 0]], bool)
+    pred = np.array([[1, 0, 1], [0, 1, 0], [0, 1, 0]], bool)
+    # class 0: tp 1 fp 0 n 2 -> p 1, r .5, f1 2/3; class 1: p 1 r 1 f1 1; class 2: fp only -> 0
+    result = metrics.macro_micro(pred, labels)
+    assert result["macro_f1"] == pytest.approx((2 / 3 + 1 + 0) / 3)
+    assert result["micro_precision"] == pytest.approx(3 / 4)
+    assert result["micro_recall"] == pytest.approx(3 / 4)
+    assert result["micro_f1"] == pytest.approx(3 / 4)
+
+
+def test_average_precision_known_value_and_brute_force() -> None:
+    ap = metrics.average_precision(np.array([[0.1], [0.4], [0.35], [0.8]]), np.array([[0], [0], [1], [1]]))
+    assert ap[0] == pytest.approx(0.8333333, abs=1e-6)
+    rng = np.random.default_rng(0)
+    scores = np.round(rng.random((60, 6)), 1)  # rounded: many ties
+    labels = rng.random((60, 6)) < 0.3
+    labels[:, 5] = False
+    ap = metrics.average_precision(scores, labels)
+    for c in range(5):
+        assert ap[c] == pytest.approx(brute_force_ap(scores[:, c], labels[:, c]), abs=1e-12)
+    assert np.isnan(ap[5])
+    assert metrics.mean_average_precision(scores, labels) == pytest.approx(np.mean(ap[:5]))
+
+
+def test_metrics_from_scores_has_every_headline_figure() -> None:
+    scores, labels = random_problem(5)
+    result = metrics.metrics_from_scores(scores, labels, 0.5)
+    for key in ("server_f1", "server_precision", "server_recall", "macro_f1", "micro_f1", "map"):
+        assert isinstance(result[key], float) and 0.0 <= result[key] <= 1.0
+    assert result["server_f1"] == pytest.approx(reference_on_present_classes(scores, labels)["f1"], abs=1e-6)
+
+
+def test_threshold_comparison_is_strict_and_float64() -> None:
+    score = np.float32(0.3)
+    just_below = float(score) - 1e-10  # rounds onto the score itself in float32
+    pred = metrics.predictions_from_scores(np.array([[0.5, score]], dtype=np.float32), np.array([0.5, just_below]))
+    assert pred.tolist() == [[False, True]]
+
+
+# ----------------------------------------------------------------------------------- thresholds
+
+
+def test_tuning_never_lowers_the_server_f1_on_its_own_data() -> None:
+    scores, labels = random_problem(6, images=400)
+    tuned = metrics.tune_thresholds(scores, labels, min_positives=1)
+    before = metrics.server_f1(scores > 0.5, labels).f1
+    after = metrics.server_f1(metrics.predictions_from_scores(scores, tuned), labels).f1
+    assert after > before + 0.01
+
+
+def test_tuning_one_class_finds_the_exact_optimum() -> None:
+    rng = np.random.default_rng(7)
+    labels = rng.random((300, 1)) < 0.2
+    scores = np.clip(rng.normal(0.4, 0.2, (300, 1)) + 0.25 * labels, 0, 1)
+    tuned = metrics.tune_thresholds(scores, labels, min_positives=1)
+    best = max(metrics.server_f1(scores >= t, labels).f1 for t in np.unique(scores))
+    assert metrics.server_f1(metrics.predictions_from_scores(scores, tuned), labels).f1 == pytest.approx(best)
+    assert tuned[0] not in set(scores[:, 0].tolist())  # a midpoint, not a seen score
+
+
+def test_rare_classes_keep_the_default_and_shrink_pulls_towards_it() -> None:
+    scores, labels = random_problem(8, images=300, classes=10)
+    labels[:, 9] = False
+    labels[:4, 9] = True
+    tuned = metrics.tune_thresholds(scores, labels, min_positives=5, default=0.4)
+    assert tuned[9] == 0.4
+    shrunk = metrics.tune_thresholds(scores, labels, min_positives=5, default=0.4, shrink=1e6)
+    np.testing.assert_allclose(shrunk, 0.4, atol=1e-3)
+
+
+def test_tuning_is_fast_enough_for_a_real_validation_set() -> None:
+    scores, labels = random_problem(9, images=10_000, classes=80)
+    start = time.perf_counter()
+    tuned = metrics.tune_thresholds(scores, labels)
+    assert time.perf_counter() - start < 5.0
+    assert tuned.shape == (80,) and np.isfinite(tuned).all()
+
+
+def test_holdout_gain_is_measured_on_unseen_images() -> None:
+    scores, labels = random_problem(10, images=2000)
+    result = metrics.holdout_threshold_gain(scores, labels, seed=3)
+    assert set(result) == {"server_f1_default", "server_f1_tuned", "gain"}
+    assert result["gain"] == pytest.approx(result["server_f1_tuned"] - result["server_f1_default"])
+    assert result == metrics.holdout_threshold_gain(scores, labels, seed=3)
+    assert result["gain"] > 0.0  # the scores are miscalibrated for 0.5: tuning must help
