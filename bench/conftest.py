@@ -107,7 +107,9 @@ def machine() -> dict[str, Any]:
 
 
 def cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    from cocoshard.machine import usable_cores
+
+    return usable_cores()
 
 
 def process_tree_cpu_seconds() -> float:
@@ -212,9 +214,10 @@ def bench_data(request: pytest.FixtureRequest) -> BenchData:
         folder.mkdir(parents=True)
         root = Path(opts.bench_root) if opts.bench_root else folder / "root"
         if opts.bench_root is None:
+            from cocoshard.config import SynthConfig
             from cocoshard.prepare.synth import write_synthetic
 
-            write_synthetic(root, train=opts.bench_images, test=0, seed=0, size=size, workers=cores())
+            write_synthetic(SynthConfig(out=str(root), train=opts.bench_images, test=0, seed=0, size=size, workers=cores()))
         for pixel_format in ("jpeg", "raw"):
             _pack(root, folder / f"shards-{pixel_format}", pixel_format, size)
         marker.write_text(json.dumps(wanted))

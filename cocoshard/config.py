@@ -1,8 +1,13 @@
-"""One typed configuration per command: every knob declared once, with its default and its help.
+"""One typed configuration per command: every knob declared once, with its type, default and help.
 
 The CLI builds its flags from these dataclasses; a `--config FILE` (TOML or JSON) overrides the
-defaults and command-line flags override the file. `resolve()` validates once; `to_dict()` is what
-gets printed at start and saved beside every checkpoint.
+defaults and command-line flags override the file (`resolve`). Every config validates itself when
+it is made (`__post_init__`), so a value that cannot work is refused before any work starts,
+wherever the config comes from. `to_dict` is what gets printed at start (`print_config`) and saved
+beside every checkpoint; `from_dict` reads it back.
+
+`workers` means the same for every command: unset chooses automatically, 0 does the work in this
+process, N uses N worker processes.
 """
 
 from __future__ import annotations
@@ -13,9 +18,13 @@ import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, TypeVar
 
 from cocoshard.errors import ConfigError
+
+C = TypeVar("C")
+WORKERS_HELP = "worker processes (unset: automatic; 0: in this process)"
+RESUME_LAST = "auto"  # `--resume` without a path: OUT/last.pt
 
 
 def opt(default: Any, help: str, **extra: Any) -> Any:
@@ -23,23 +32,44 @@ def opt(default: Any, help: str, **extra: Any) -> Any:
     return field(default=default, metadata={"help": help, **extra})
 
 
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
 def _positive(cfg: Any, *names: str) -> None:
     for name in names:
         if getattr(cfg, name) <= 0:
-            raise ConfigError(f"--{name.replace('_', '-')} must be > 0 (got {getattr(cfg, name)})")
+            raise ConfigError(f"{_flag(name)} must be > 0 (got {getattr(cfg, name)})")
 
 
 def _non_negative(cfg: Any, *names: str) -> None:
     for name in names:
-        if getattr(cfg, name) < 0:
-            raise ConfigError(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(cfg, name)})")
+        value = getattr(cfg, name)
+        if value is not None and value < 0:
+            raise ConfigError(f"{_flag(name)} must be >= 0 (got {value})")
+
+
+def _fraction(cfg: Any, name: str, low_open: bool = True) -> None:
+    value = getattr(cfg, name)
+    if not (0.0 < value <= 1.0 if low_open else 0.0 <= value <= 1.0):
+        raise ConfigError(f"{_flag(name)} must be in {'(0' if low_open else '[0'}, 1] (got {value})")
+
+
+class Validated:
+    """Validates on construction (and on `dataclasses.replace`): one place holds each rule."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the flag when a value cannot work."""
 
 
 # ----------------------------------------------------------------------------------- commands
 
 
 @dataclass
-class SynthConfig:
+class SynthConfig(Validated):
     """Write a learnable synthetic multi-label data set in the challenge's folder layout."""
 
     out: str = opt("synthetic", "output folder (challenge layout: images/..., labels/...)")
@@ -48,24 +78,32 @@ class SynthConfig:
     seed: int = opt(0, "random seed: the same seed gives the same files")
     size: int = opt(224, "long side of every image in pixels")
     quality: int = opt(90, "JPEG quality")
-    workers: int = opt(0, "processes drawing images (0: one per core)")
+    workers: Optional[int] = opt(None, WORKERS_HELP)
     min_scale: float = opt(0.125, "smallest object as a fraction of the long side")
     max_scale: float = opt(1 / 3, "largest object as a fraction of the long side")
     clutter: float = opt(1.0, "background noise and distractor strokes (0: clean gradient)")
     tail: float = opt(0.8, "class frequency ~ (id + 1) ** -tail (0: balanced classes)")
     rotation: float = opt(180.0, "objects turn by up to this many degrees either way (0: upright)")
 
+    MAX_IMAGES = 999_999_999  # keys are 12 digits and test keys start at 1,000,000,000
+
     def validate(self) -> None:
-        _positive(self, "train", "size", "quality", "min_scale", "max_scale")
-        _non_negative(self, "test", "workers", "clutter", "tail", "rotation")
-        if self.min_scale > self.max_scale or self.max_scale > 1:
-            raise ConfigError(f"need --min-scale <= --max-scale <= 1 (got {self.min_scale}, {self.max_scale})")
-        if self.quality > 100:
-            raise ConfigError(f"--quality must be at most 100 (got {self.quality})")
+        _positive(self, "train")
+        _non_negative(self, "test", "workers", "clutter", "tail")
+        if self.size < 16:
+            raise ConfigError(f"--size must be at least 16 pixels (got {self.size})")
+        if not 1 <= self.quality <= 100:
+            raise ConfigError(f"--quality must be in 1-100 (got {self.quality})")
+        if not 0.0 < self.min_scale <= self.max_scale <= 1.0:
+            raise ConfigError(f"need 0 < --min-scale <= --max-scale <= 1 (got {self.min_scale}, {self.max_scale})")
+        if not 0.0 <= self.rotation <= 180.0:
+            raise ConfigError(f"--rotation must be in [0, 180] degrees (got {self.rotation})")
+        if max(self.train, self.test) > self.MAX_IMAGES:
+            raise ConfigError(f"at most {self.MAX_IMAGES:,} images per split")
 
 
 @dataclass
-class PackConfig:
+class PackConfig(Validated):
     """Pack the challenge folder, once, into WebDataset tar shards plus a manifest."""
 
     root: str = opt("ms-coco", "challenge folder (either layout: images/train-resized/train-resized or images/train)")
@@ -76,9 +114,9 @@ class PackConfig:
     val_fraction: float = opt(0.2, "share of labelled images held out for validation (stratified)")
     seed: int = opt(0, "seed of the train/val split")
     format: Literal["jpeg", "raw"] = opt("jpeg", "pixels as source JPEG bytes (small) or decoded raw uint8 (no decode at train time)")
-    size: int = opt(224, "largest side stored; raw shards hold size x size canvases")
+    size: int = opt(224, "largest side stored: larger images are shrunk to it (and it is the loaders' canvas)")
     shard_samples: int = opt(800, "samples per shard (65k train images give >= 64 shards)")
-    workers: int = opt(0, "processes reading and checking images (0: one per core)")
+    workers: Optional[int] = opt(None, WORKERS_HELP)
     strict: bool = opt(False, "exit non-zero when any input is rejected")
 
     def validate(self) -> None:
@@ -89,19 +127,19 @@ class PackConfig:
 
 
 @dataclass
-class InspectConfig:
+class InspectConfig(Validated):
     """Summarise packed shards; --verify re-hashes and decodes every sample."""
 
     shards: str = opt("shards", "folder holding manifest.json and the shards")
     verify: bool = opt(False, "re-hash every shard against the manifest and decode every sample")
-    workers: int = opt(0, "processes verifying shards (0: one per core)")
+    workers: Optional[int] = opt(None, WORKERS_HELP)
 
     def validate(self) -> None:
         _non_negative(self, "workers")
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Validated):
     """Train a classifier on packed shards: AMP, channels_last, tuned thresholds, resume, DDP."""
 
     shards: str = opt("shards", "folder (or URL prefix) holding manifest.json and the shards")
@@ -129,25 +167,30 @@ class TrainConfig:
     channels_last: bool = opt(True, "channels_last memory format for model and inputs")
     compile: bool = opt(False, "torch.compile the model")
     loader: Literal["stream", "resident"] = opt("stream", "stream shards with workers, or hold the split in memory")
-    workers: Optional[int] = opt(None, "loader processes per rank (default: cores / ranks on a GPU, 0 on a CPU; 0: read in the training process)")
+    decode: Literal["host", "device"] = opt("host", "JPEG shards: decode in the loader (host) or send the bytes and decode each batch on the device (nvJPEG on a GPU)")
+    workers: Optional[int] = opt(None, "loader processes per rank (unset: automatic, cores / ranks on a GPU, 0 on a CPU; 0: in the training process)")
+    threads: Optional[int] = opt(None, "CPU threads of the training process (unset: automatic, from the cores this process may use and its loader workers)")
     device: Literal["auto", "cpu", "cuda"] = opt("auto", "where to train")
     seed: int = opt(0, "seed of initialisation, shuffling and augmentation")
-    resume: bool = opt(False, "continue from OUT/last.pt")
+    resume: Optional[str] = opt(None, "continue a run: --resume alone continues OUT/last.pt, --resume PATH/last.pt that one; the run's own settings are used", const=RESUME_LAST)
     skip_bad_samples: bool = opt(False, "skip (and count) samples that fail to decode instead of stopping")
     max_steps: int = opt(0, "stop after this many optimizer steps in total (0: no limit; for smoke tests)")
     log_every: int = opt(20, "steps between progress updates that sync the device")
+    # The settings given on the command line or in --config (not defaults): --resume keeps the
+    # run's own settings and lets only these change it.
+    given: frozenset = field(default=frozenset(), repr=False, compare=False, metadata={"internal": True})
 
     def validate(self) -> None:
         _positive(self, "epochs", "batch_size", "lr", "size", "log_every")
-        _non_negative(self, "warmup_epochs", "max_steps", "weight_decay", "asl_gamma_neg", "asl_gamma_pos", "asl_clip")
-        if self.workers is not None and self.workers < 0:
-            raise ConfigError(f"--workers must be >= 0 (got {self.workers})")
+        _non_negative(self, "warmup_epochs", "max_steps", "weight_decay", "asl_gamma_neg", "asl_gamma_pos",
+                      "asl_clip", "workers")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"--threads must be >= 1 (got {self.threads})")
         if self.freeze_epochs is not None and not 0 <= self.freeze_epochs < self.epochs:
             raise ConfigError(f"--freeze-epochs must be in [0, --epochs) (got {self.freeze_epochs} of {self.epochs})")
         if self.backbone_lr_mult is not None and not 0.0 < self.backbone_lr_mult <= 10.0:
             raise ConfigError(f"--backbone-lr-mult must be in (0, 10] (got {self.backbone_lr_mult})")
-        if not 0.0 < self.crop_scale_min <= 1.0:
-            raise ConfigError(f"--crop-scale-min must be in (0, 1] (got {self.crop_scale_min})")
+        _fraction(self, "crop_scale_min")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"--ema-decay must be in [0, 1) (got {self.ema_decay})")
         if self.size < 32:
@@ -159,7 +202,7 @@ class TrainConfig:
         return self.weights != "none"
 
     def resolved(self) -> "TrainConfig":
-        """A copy with the automatic settings (freeze epochs, backbone LR) filled in."""
+        """A copy with the automatic settings that depend only on other settings filled in."""
         return dataclasses.replace(
             self,
             freeze_epochs=self.freeze_epochs if self.freeze_epochs is not None else (1 if self.pretrained else 0),
@@ -168,7 +211,7 @@ class TrainConfig:
 
 
 @dataclass
-class PredictConfig:
+class PredictConfig(Validated):
     """Predict classes for every test image and write the strict submission JSON."""
 
     checkpoint: str = opt("runs/train/best.pt", "checkpoint written by `cocoshard train`")
@@ -177,30 +220,37 @@ class PredictConfig:
     images: Optional[str] = opt(None, "read a folder of JPEGs instead (e.g. the zip's test folder)")
     out: str = opt("predictions.json", "submission JSON to write")
     threshold: Optional[float] = opt(None, "one threshold for every class instead of the checkpoint's tuned ones")
+    thresholds: Optional[str] = opt(None, "per-class thresholds from this file (`cocoshard thresholds --out`) instead of the checkpoint's")
     min_labels: int = opt(1, "keep the top classes of an image until it has at least this many")
+    unreadable: Literal["fail", "prior"] = opt("fail", "images that cannot be read: fail, naming each; or prior: give them the most frequent training class (said on screen and in the scores file)")
     tta: bool = opt(False, "average with the horizontally flipped image")
     scores: Optional[str] = opt(None, "also save raw probabilities with keys (.npz) for re-thresholding")
     batch_size: int = opt(256, "images per forward pass")
-    workers: int = opt(0, "loader processes (0: one per core)")
+    workers: Optional[int] = opt(None, WORKERS_HELP)
     amp: bool = opt(True, "mixed precision on the device")
     device: Literal["auto", "cpu", "cuda"] = opt("auto", "where to run")
 
     def validate(self) -> None:
         if (self.shards is None) == (self.images is None):
             raise ConfigError("give exactly one of --shards (with --split) or --images DIR")
+        if self.threshold is not None and self.thresholds is not None:
+            raise ConfigError("give one of --threshold (one for every class) or --thresholds FILE, not both")
         if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
             raise ConfigError(f"--threshold must be a probability in [0, 1] (got {self.threshold})")
+        if not 0 <= self.min_labels <= 80:
+            raise ConfigError(f"--min-labels must be in 0-80: there are 80 classes (got {self.min_labels})")
         _positive(self, "batch_size")
-        _non_negative(self, "min_labels", "workers")
+        _non_negative(self, "workers")
 
 
 @dataclass
-class EvaluateConfig:
+class EvaluateConfig(Validated):
     """Score a submission JSON against .cls labels: the leaderboard's F1 and friends."""
 
     predictions: str = opt("predictions.json", "submission JSON to check and score")
     labels: Optional[str] = opt(None, "folder of .cls files, or shards folder (its val split); omit to only check the format")
     images: Optional[str] = opt(None, "folder of images (or shards folder: its test split) the file must cover exactly, each once")
+    subset: bool = opt(False, "score the images the file predicts even when it leaves out some of the labelled ones")
     scores: Optional[str] = opt(None, "raw probabilities (.npz from predict --scores) for mAP")
     per_class: bool = opt(False, "print a per-class table")
     report: Optional[str] = opt(None, "write PNG figures and a markdown summary to this folder")
@@ -212,65 +262,92 @@ class EvaluateConfig:
         if self.labels is None:
             for name in ("scores", "report", "out"):
                 if getattr(self, name) is not None:
-                    raise ConfigError(f"--{name} needs --labels: there is nothing to score without them")
-            if self.per_class:
-                raise ConfigError("--per-class needs --labels: there is nothing to score without them")
+                    raise ConfigError(f"{_flag(name)} needs --labels: there is nothing to score without them")
+            for name in ("per_class", "subset"):
+                if getattr(self, name):
+                    raise ConfigError(f"{_flag(name)} needs --labels: there is nothing to score without them")
         if self.run is not None and self.report is None:
             raise ConfigError("--run gives the curves of --report DIR: give --report too")
 
 
 @dataclass
-class DemoConfig:
+class ThresholdsConfig(Validated):
+    """Tune per-class thresholds for the server F1 from saved scores; write a file predict takes."""
+
+    scores: str = opt("val-scores.npz", "scores of the validation split (`cocoshard predict --split val --scores`)")
+    labels: str = opt("shards", "shards folder (its val split) or folder of .cls files with the true labels")
+    out: str = opt("thresholds.json", "thresholds file to write (`cocoshard predict --thresholds FILE`)")
+    min_positives: int = opt(10, "classes with fewer positive images keep the default threshold (fewer overfit)")
+    default: float = opt(0.5, "the threshold of classes too rare to tune")
+
+    def validate(self) -> None:
+        _positive(self, "min_positives")
+        _fraction(self, "default", low_open=False)
+
+
+def inherit(source: type, name: str, default: Any) -> Any:
+    """A field that means exactly what `source`'s field `name` means (its help), with its own default."""
+    original = next(f for f in dataclasses.fields(source) if f.name == name)
+    return field(default=default, metadata={**original.metadata, "inherited": source.__name__})
+
+
+@dataclass
+class DemoConfig(Validated):
     """The whole job on synthetic data: synth, pack, train, predict, evaluate, report."""
 
     out: str = opt("demo", "folder for every output of the demo (a re-run replaces the demo's own outputs)")
     train: int = opt(8000, "synthetic labelled images (train + val)")
     test: int = opt(300, "synthetic test images")
     image_size: int = opt(96, "long side of the generated images, and the shards' canvas")
-    epochs: int = opt(14, "training epochs")
-    size: int = opt(96, "training resolution")
-    model: str = opt("cocoshard_tiny", "model trained from scratch")
-    batch_size: int = opt(64, "images per training step")
-    lr: float = opt(1e-2, "peak learning rate")
-    crop_scale_min: float = opt(1.0, "smallest crop area of the random resized crop (1: flips only; crops cut small objects out)")
-    loss: Literal["asl", "bce"] = opt("bce", "training loss (BCE learns faster from scratch here)")
-    amp: bool = opt(False, "mixed precision (off by default: bf16 on a CPU is slower for a model this small)")
-    device: Literal["auto", "cpu", "cuda"] = opt("auto", "where to train and predict")
-    workers: int = opt(0, "processes for synth, pack and predict (0: one per core)")
-    seed: int = opt(0, "seed of every stage")
+    # What the demo trains with: TrainConfig's own settings, with the demo's defaults (a small
+    # model from scratch on a CPU: BCE, no crop, no AMP, bf16 being slower for a model this small).
+    epochs: int = inherit(TrainConfig, "epochs", 14)
+    size: int = inherit(TrainConfig, "size", 96)
+    model: str = inherit(TrainConfig, "model", "cocoshard_tiny")
+    batch_size: int = inherit(TrainConfig, "batch_size", 64)
+    lr: float = inherit(TrainConfig, "lr", 1e-2)
+    crop_scale_min: float = inherit(TrainConfig, "crop_scale_min", 1.0)
+    loss: Literal["asl", "bce"] = inherit(TrainConfig, "loss", "bce")
+    amp: bool = inherit(TrainConfig, "amp", False)
+    device: Literal["auto", "cpu", "cuda"] = inherit(TrainConfig, "device", "auto")
+    workers: Optional[int] = inherit(TrainConfig, "workers", None)
+    threads: Optional[int] = inherit(TrainConfig, "threads", None)
+    seed: int = inherit(TrainConfig, "seed", 0)
 
     def validate(self) -> None:
-        _positive(self, "train", "test", "epochs", "size", "image_size", "batch_size", "lr")
-        _non_negative(self, "workers")
-        if not 0.0 < self.crop_scale_min <= 1.0:
-            raise ConfigError(f"--crop-scale-min must be in (0, 1] (got {self.crop_scale_min})")
+        _positive(self, "train", "test", "image_size")
+        # the training settings are checked by TrainConfig itself, with the same rules
+        TrainConfig(**self.train_settings())
+
+    def train_settings(self) -> dict[str, Any]:
+        """The TrainConfig settings this demo sets."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata.get("inherited")}
 
 
 @dataclass
-class InfoConfig:
+class InfoConfig(Validated):
     """Versions, the PIL actually imported (pillow-simd or stock Pillow, probed) and the devices."""
 
     brief: bool = opt(False, "one line: the versions and the PIL in use (what --version prints)")
-
-    def validate(self) -> None:
-        pass
 
 
 # ----------------------------------------------------------------------------------- machinery
 
 
 def fields_of(cls: type) -> list[tuple[dataclasses.Field, Any]]:
-    """Each field of a config class with its resolved type."""
+    """Each setting of a config class (internal fields aside) with its resolved type."""
     hints = typing.get_type_hints(cls)
-    return [(f, hints[f.name]) for f in dataclasses.fields(cls)]
+    return [(f, hints[f.name]) for f in dataclasses.fields(cls) if not f.metadata.get("internal")]
 
 
-def _coerce(name: str, value: Any, kind: Any) -> Any:
+def _coerce(name: str, value: Any, kind: Any, const: Any = None) -> Any:
     """Check a value read from a config file against the field's type."""
     origin, args = typing.get_origin(kind), typing.get_args(kind)
     if origin is typing.Union and type(None) in args:
         if value is None:
             return None
+        if const is not None and isinstance(value, bool):  # `resume = true` in a file
+            return const if value else None
         kind = next(a for a in args if a is not type(None))
         origin, args = typing.get_origin(kind), typing.get_args(kind)
     if origin is Literal:
@@ -309,37 +386,45 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     return {k.replace("-", "_"): v for k, v in data.items()}
 
 
-def resolve(cls: type, overrides: dict[str, Any] | None = None, file: str | None = None) -> Any:
-    """Defaults, then the config file, then explicit overrides; validated once."""
-    known = {f.name: kind for f, kind in fields_of(cls)}
+def resolve(cls: type[C], overrides: dict[str, Any] | None = None, file: str | None = None) -> C:
+    """Defaults, then the config file, then explicit overrides; validated once, when built."""
+    known = {f.name: (kind, f.metadata.get("const")) for f, kind in fields_of(cls)}
     values: dict[str, Any] = {}
     for source, data in (("config file", read_config_file(file) if file else {}), ("override", overrides or {})):
         for key, value in data.items():
             if key not in known:
                 raise ConfigError(f"unknown setting {key!r} in {source} for {cls.__name__}; known: {', '.join(known)}")
-            values[key] = _coerce(key, value, known[key])
-    cfg = cls(**values)
-    cfg.validate()
-    return cfg
+            values[key] = _coerce(key, value, *known[key])
+    if any(f.name == "given" for f in dataclasses.fields(cls)):
+        values["given"] = frozenset(values)
+    return cls(**values)
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
-    """The resolved configuration as plain JSON-able values."""
-    return dataclasses.asdict(cfg)
+    """The settings of a config as plain JSON-able values (internal fields aside)."""
+    return {f.name: getattr(cfg, f.name) for f, _ in fields_of(type(cfg))}
 
 
-def from_dict(cls: type, data: dict[str, Any]) -> Any:
-    """Rebuild a config saved by `to_dict` (unknown keys from other versions are ignored)."""
-    known = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in data.items() if k in known})
+def from_dict(cls: type[C], data: dict[str, Any], source: str = "settings") -> C:
+    """Rebuild a config saved by `to_dict`, checking every value's type (keys this version does not
+    know, from another version, are ignored)."""
+    known = {f.name: (kind, f.metadata.get("const")) for f, kind in fields_of(cls)}
+    return cls(**{key: _coerce(f"{source}: {key}", value, *known[key]) for key, value in data.items() if key in known})
 
 
-def print_config(cfg: Any, console: Any = None) -> None:
-    """Print the resolved configuration once, as a compact table."""
+def print_config(cfg: Any, console: Any = None, extra: dict[str, Any] | None = None) -> None:
+    """Print the resolved configuration once (and `extra`: what a run resolved at start), two per row."""
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
-    table = Table(title=f"{type(cfg).__name__}", show_header=False, box=None, pad_edge=False)
-    for key, value in to_dict(cfg).items():
-        table.add_row(f"[cyan]{key}[/]", repr(value))
+    items = [*to_dict(cfg).items(), *(extra or {}).items()]
+    table = Table(title=type(cfg).__name__.removesuffix("Config").lower() + " settings", title_justify="left",
+                  show_header=False, box=None, pad_edge=False)
+    for _ in range(2):
+        table.add_column(style="cyan", no_wrap=True)
+        table.add_column(overflow="fold")
+    half = (len(items) + 1) // 2
+    for left, right in zip(items[:half], items[half:] + [("", "")]):
+        table.add_row(Text(left[0]), Text(repr(left[1])), Text(right[0]), Text(repr(right[1]) if right[0] else ""))
     (console or Console(stderr=True)).print(table)

@@ -38,7 +38,7 @@ from rich.rule import Rule
 from cocoshard import config
 from cocoshard.atomic import atomic_write_text
 from cocoshard.commands import run_command
-from cocoshard.config import DemoConfig
+from cocoshard.config import DemoConfig, print_config
 from cocoshard.errors import UserError
 
 MARKER = "demo.json"
@@ -175,6 +175,7 @@ def _summary(out: Path, val_f1: float, test_f1: Optional[float], timings: Timing
 
 def run(cfg: DemoConfig) -> int:
     """`cocoshard demo`: run every stage, then say where each output is and the score reached."""
+    print_config(cfg)
     console = Console(stderr=True)
     out = Path(cfg.out)
     prepare_folder(out)

@@ -7,3 +7,11 @@ class UserError(Exception):
 
 class ConfigError(UserError):
     """A configuration value that cannot work; raised before any work starts."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM (what schedulers and `timeout` send), raised like Ctrl-C so both end a run the same way."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"signal {signum}")
+        self.signum = signum

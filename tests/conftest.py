@@ -59,10 +59,11 @@ def pack_dir() -> PackDir:
 @pytest.fixture(scope="session")
 def synth_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A generated data set in the challenge layout: 300 labelled train and 40 test images, seed 0."""
+    from cocoshard.config import SynthConfig
     from cocoshard.prepare.synth import write_synthetic
 
     root = tmp_path_factory.mktemp("synth")
-    write_synthetic(root, train=SYNTH_TRAIN, test=SYNTH_TEST, seed=0, workers=2)
+    write_synthetic(SynthConfig(out=str(root), train=SYNTH_TRAIN, test=SYNTH_TEST, seed=0, workers=2))
     return root
 
 

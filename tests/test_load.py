@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pytest
 
+from cocoshard.config import SynthConfig
 from cocoshard.errors import UserError
 from cocoshard.loading.loader import build_loader
 from cocoshard.prepare.synth import (
@@ -165,7 +166,7 @@ def packed(workspace: Path) -> dict[str, tuple[Path, Measured]]:
     """The challenge-sized set and one ten times smaller, each packed (jpeg) by `cocoshard pack`, measured."""
     started = time.perf_counter()
     drawn = workspace / "drawn"
-    write_synthetic(drawn, train=DISTINCT, test=0, seed=0, workers=2, clutter=0.0, quality=85)
+    write_synthetic(SynthConfig(out=str(drawn), train=DISTINCT, test=0, seed=0, workers=2, clutter=0.0, quality=85))
     print(f"\ndrew {DISTINCT} images in {time.perf_counter() - started:.0f} s")
     result = {}
     for name, scale in (("tenth", SCALE_DOWN), ("full", 1)):

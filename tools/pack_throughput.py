@@ -21,9 +21,10 @@ from pathlib import Path
 
 from cocoshard import config
 from cocoshard.info import pil_build
+from cocoshard.machine import usable_cores
 from cocoshard.prepare.pack import pack_folder
-from cocoshard.prepare.pool import cpu_count
 from cocoshard.prepare.sources import find_sources
+from cocoshard.config import SynthConfig
 from cocoshard.prepare.synth import write_synthetic
 
 
@@ -37,7 +38,7 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    return f"{model}, {cpu_count()} cores usable, {pil_build().describe()}, Python {platform.python_version()}"
+    return f"{model}, {usable_cores()} cores usable, {pil_build().describe()}, Python {platform.python_version()}"
 
 
 def time_pack(root: Path, out: Path, pixel_format: str, repeats: int, workers: int, shard_samples: int) -> list[float]:
@@ -74,7 +75,7 @@ def main() -> None:
         root = Path(args.root) if args.root else work / "synthetic"
         if not args.root:
             start = time.perf_counter()
-            write_synthetic(root, train=args.images, test=0, seed=0, workers=args.workers, progress=True)
+            write_synthetic(SynthConfig(out=str(root), train=args.images, test=0, seed=0, workers=args.workers), progress=True)
             elapsed = time.perf_counter() - start
             print(f"synth: {args.images:,} images in {elapsed:.1f} s = {args.images / elapsed:,.0f} images/s")
         images = count_inputs(root)

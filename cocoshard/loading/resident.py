@@ -27,8 +27,8 @@ from cocoshard.loading.buffers import BufferPool
 from cocoshard.loading.decode import fill_canvas, fill_labels
 from cocoshard.loading.plan import rank_batches
 from cocoshard.loading.tario import BadSample, BadShard, read_samples
+from cocoshard.machine import usable_cores
 from cocoshard.prepare.manifest import shard_urls, split_shards
-from cocoshard.prepare.pool import cpu_count
 
 # Share of free device memory the split may take: the model, activations and optimizer need the rest.
 DEVICE_SHARE = 0.5
@@ -115,7 +115,7 @@ class ResidentLoader:
         _, sizes = rank_batches(self.split_samples, batch_size=batch_size, rank=rank, world_size=world_size, train=train)
         self._batch_sizes, self.num_samples = sizes, sum(sizes)
         # No loader processes here: CPU augmentation may use every core.
-        self.augment_threads = cpu_count()
+        self.augment_threads = usable_cores()
         self._pool = BufferPool(max_per_key=_STAGING_SLOTS)
         self._in_flight: list[tuple[Any, torch.Tensor]] = []  # (CUDA event, pinned slot being copied)
 
@@ -123,7 +123,7 @@ class ResidentLoader:
 
     def _load(self, urls: list[str], entries: list[dict], counts: list[int], valid: np.ndarray) -> None:
         offsets = np.concatenate([[0], np.cumsum(counts)]).astype(int).tolist()
-        threads = cpu_count()
+        threads = usable_cores()
         jobs = [(urls[i], entries[i].get("sha256"), counts[i], offsets[i]) for i in range(len(urls))]
         with ThreadPoolExecutor(max_workers=threads) as pool:
             for skipped in pool.map(lambda job: self._load_shard(*job, valid), jobs):

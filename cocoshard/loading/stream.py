@@ -39,8 +39,8 @@ from cocoshard.loading.tario import (
     ShardChecks,
     read_samples,
 )
+from cocoshard.machine import usable_cores
 from cocoshard.prepare.manifest import shard_urls, split_shards
-from cocoshard.prepare.pool import cpu_count
 
 # Buffers per worker beyond its queued batches: the one it fills and the two the caller may hold.
 SPARE_SLOTS = 3
@@ -274,7 +274,7 @@ class StreamLoader:
         _, sizes = rank_batches(self.split_samples, batch_size=batch_size, rank=rank, world_size=world_size, train=train)
         self._batches, self.num_samples = len(sizes), sum(sizes)
         # Cores left to CPU augmentation in this process once the workers have theirs.
-        self.augment_threads = max(1, cpu_count() - workers)
+        self.augment_threads = max(1, usable_cores() - workers)
         self._loader = torch.utils.data.DataLoader(
             self._dataset, batch_size=None, num_workers=workers, pin_memory=device.type == "cuda",
             persistent_workers=workers > 0, prefetch_factor=prefetch if workers > 0 else None,

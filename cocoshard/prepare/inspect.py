@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from cocoshard.config import InspectConfig, print_config
 from cocoshard.errors import UserError
 from cocoshard.prepare.format import (
     EXT_HW,
@@ -147,7 +148,8 @@ def verify_shards(folder: str | Path, manifest: dict[str, Any], workers: int = 0
     """Problems by shard name (and by split for cross-shard checks); empty when everything is intact."""
     entries = [(split, entry) for split in SPLITS for entry in manifest["splits"].get(split, {}).get("shards", [])]
     tasks = [(str(Path(folder) / entry["name"]), split, entry, manifest["pixel_format"], manifest["size"]) for split, entry in entries]
-    results = map_in_workers(verify_shard, tasks, workers=workers, sizes=[e["samples"] for _, e in entries], progress=progress, desc="verify", unit="sample")
+    results = map_in_workers(verify_shard, tasks, workers=workers, sizes=[e["samples"] for _, e in entries], progress=progress, desc="verify", unit="sample",
+                             describe=lambda task: Path(task[0]).name)
     problems = {entry["name"]: found for (_, entry), (found, _) in zip(entries, results) if found}
     keys: dict[str, list[str]] = {split: [] for split in SPLITS}
     for (split, _), (_, shard_keys) in zip(entries, results):
@@ -160,8 +162,9 @@ def verify_shards(folder: str | Path, manifest: dict[str, Any], workers: int = 0
     return problems
 
 
-def run(cfg: Any) -> int:
+def run(cfg: InspectConfig) -> int:
     """`cocoshard inspect`: print the summary; with --verify check every shard, exit 1 on any problem."""
+    print_config(cfg)
     from rich.console import Console
 
     console = Console()

@@ -34,6 +34,7 @@ from PIL import Image, UnidentifiedImageError
 
 from cocoshard import NUM_CLASSES, __version__
 from cocoshard.atomic import atomic_open, atomic_write_text, remove_stale_temporaries
+from cocoshard.config import PackConfig, print_config
 from cocoshard.errors import UserError
 from cocoshard.prepare.format import (
     EXT_HW,
@@ -54,7 +55,7 @@ from cocoshard.prepare.pool import map_in_workers
 from cocoshard.prepare.sources import (
     Inventory,
     Sources,
-    class_names,
+    dataset_class_names,
     find_sources,
     take_inventory,
 )
@@ -282,7 +283,7 @@ def _examples(paths: list[str]) -> dict[str, Any]:
     return {"count": len(paths), "examples": paths[:MAX_EXAMPLES]}
 
 
-def build_manifest(cfg: Any, sources: Sources, inventory: Inventory, results: list[ShardResult], rejected: list[dict[str, str]]) -> dict[str, Any]:
+def build_manifest(cfg: PackConfig, sources: Sources, inventory: Inventory, results: list[ShardResult], rejected: list[dict[str, str]]) -> dict[str, Any]:
     """Everything a reader needs about the shards; see docs/architecture.md for the schema."""
     return {
         "format_version": FORMAT_VERSION,
@@ -295,7 +296,7 @@ def build_manifest(cfg: Any, sources: Sources, inventory: Inventory, results: li
         "shard_samples": cfg.shard_samples,
         "sources": {name: str(path) if path else None for name, path in vars(sources).items()},
         "num_classes": NUM_CLASSES,
-        "classes": class_names(cfg.root),
+        "classes": dataset_class_names(cfg.root),
         "splits": {split: _split_entry(split, results) for split in SPLITS},
         "rejected": rejected,
         "unlabelled_images": _examples(inventory.unlabelled),
@@ -312,7 +313,7 @@ def _remove_unlisted(out: Path, listed: Iterable[str]) -> None:
     remove_stale_temporaries(out)
 
 
-def pack_folder(cfg: Any, progress: bool = False) -> dict[str, Any]:
+def pack_folder(cfg: PackConfig, progress: bool = False) -> dict[str, Any]:
     """Pack the folder described by a PackConfig; returns the manifest written to `cfg.out`.
 
     Raises UserError when the inputs cannot be found, and InputsRejected under `cfg.strict` when
@@ -327,7 +328,8 @@ def pack_folder(cfg: Any, progress: bool = False) -> dict[str, Any]:
         (out / MANIFEST).unlink()
     plan = plan_splits(inventory, cfg.val_fraction, cfg.seed)
     tasks = shard_tasks(plan, out, cfg.format, cfg.size, cfg.shard_samples)
-    results = map_in_workers(write_shard, tasks, workers=cfg.workers, sizes=[len(t.samples) for t in tasks], progress=progress, desc="pack")
+    results = map_in_workers(write_shard, tasks, workers=cfg.workers, sizes=[len(t.samples) for t in tasks], progress=progress, desc="pack",
+                             describe=lambda task: task.name)
     rejected = sorted(inventory.rejected + [item for r in results for item in r.rejected], key=lambda item: item["path"])
     if cfg.strict and rejected:
         _remove_unlisted(out, ())
@@ -341,8 +343,9 @@ def pack_folder(cfg: Any, progress: bool = False) -> dict[str, Any]:
     return manifest
 
 
-def run(cfg: Any) -> int:
+def run(cfg: PackConfig) -> int:
     """`cocoshard pack`: pack, then print the summary (and every rejected file under --strict)."""
+    print_config(cfg)
     from rich.console import Console
 
     from cocoshard.prepare.summary import print_summary

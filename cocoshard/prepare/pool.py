@@ -1,55 +1,61 @@
-"""Independent tasks spread over processes with one progress bar (pack, synth, inspect --verify).
+"""Independent tasks spread over worker processes with one progress bar (pack, synth, inspect --verify).
+
+    results = map_in_workers(write_shard, tasks, workers=None, sizes=[800, 800, 347], progress=True)
+
+`workers`: None starts one process per usable core, 0 runs every task in this process, N starts N
+(never more than there are tasks). A task's result depends only on the task, so the output is the
+same for any number of workers.
 
 Workers are forked on Linux, as PyTorch's DataLoader does: no start-up cost, and a script that
 calls `pack_folder` or `write_synthetic` needs no `if __name__ == "__main__":` guard (with "spawn"
-each worker re-runs the caller's script). The workers only run numpy and PIL, never torch, so
-threads the parent may hold do not matter to them. Elsewhere "spawn" is used. A task's result
-depends only on the task, so the output is the same for any number of workers.
+each worker re-runs the caller's script). Elsewhere "spawn" is used. The pool is
+`concurrent.futures.ProcessPoolExecutor`, which notices a worker that dies (the OOM killer,
+kill -9): the run stops at once with `WorkerDied` naming what was lost, never waits forever for a
+task that will not come back (`multiprocessing.Pool` does).
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import sys
-from typing import Any, Callable, Sequence, TypeVar
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any, Callable, Optional, Sequence, TypeVar
+
+from cocoshard.errors import UserError
+from cocoshard.machine import usable_cores
 
 START_METHOD = "fork" if sys.platform.startswith("linux") else "spawn"
 T = TypeVar("T")
 R = TypeVar("R")
 
 
-def cpu_count() -> int:
-    """Cores this process may run on (respects CPU affinity and container limits)."""
-    from cocoshard.machine import usable_cores
-
-    return usable_cores()
+class WorkerDied(UserError):
+    """A worker process ended without finishing its task (killed, out of memory)."""
 
 
-def worker_count(requested: int, tasks: int) -> int:
-    """Processes to start: `requested` (0 means one per core), never more than there are tasks."""
-    wanted = requested if requested > 0 else cpu_count()
-    return max(1, min(wanted, tasks))
-
-
-def _indexed(call: tuple[Callable[[Any], Any], int, Any]) -> tuple[int, Any]:
-    function, index, task = call
-    return index, function(task)
+def worker_count(requested: Optional[int], tasks: int) -> int:
+    """Processes to start: one per usable core when unset, `requested` otherwise, never more than tasks."""
+    wanted = usable_cores() if requested is None else requested
+    return max(0, min(wanted, tasks))
 
 
 def map_in_workers(
     function: Callable[[T], R],
     tasks: Sequence[T],
     *,
-    workers: int = 0,
+    workers: Optional[int] = None,
     sizes: Sequence[int] | None = None,
     progress: bool = False,
     desc: str = "",
     unit: str = "img",
+    describe: Callable[[T], str] = str,
 ) -> list[R]:
     """`[function(t) for t in tasks]`, computed by worker processes; results in task order.
 
     `function` must be a module-level function (it is pickled by name). `sizes` weights each task
-    on the progress bar (e.g. images per task); one worker runs everything in this process.
+    on the progress bar (e.g. images per task); `describe(task)` names a task in the message
+    raised when a worker dies with it.
     """
     from tqdm import tqdm
 
@@ -57,14 +63,27 @@ def map_in_workers(
     results: list[Any] = [None] * len(tasks)
     count = worker_count(workers, len(tasks))
     with tqdm(total=sum(weights), desc=desc, unit=unit, disable=not progress, dynamic_ncols=True) as bar:
-        if count == 1:
+        if count == 0:
             for index, task in enumerate(tasks):
                 results[index] = function(task)
                 bar.update(weights[index])
             return results
-        calls = [(function, index, task) for index, task in enumerate(tasks)]
-        with multiprocessing.get_context(START_METHOD).Pool(count) as pool:
-            for index, result in pool.imap_unordered(_indexed, calls):
-                results[index] = result
-                bar.update(weights[index])
+        context = multiprocessing.get_context(START_METHOD)
+        with ProcessPoolExecutor(max_workers=count, mp_context=context) as pool:
+            pending = {pool.submit(function, task): index for index, task in enumerate(tasks)}
+            try:
+                while pending:
+                    done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                    for future in done:
+                        index = pending.pop(future)
+                        results[index] = future.result()
+                        bar.update(weights[index])
+            except BrokenProcessPool:
+                lost = sorted(pending.values())
+                names = ", ".join(describe(tasks[i]) for i in lost[:3]) + (" ..." if len(lost) > 3 else "")
+                raise WorkerDied(
+                    f"a {desc or 'worker'} process died before finishing (killed, or out of memory?); "
+                    f"{len(lost)} task(s) unfinished: {names}. Nothing half-done was kept: run the command again"
+                    + (" with fewer --workers" if count > 1 else "")
+                ) from None
     return results

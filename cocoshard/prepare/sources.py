@@ -137,7 +137,7 @@ def take_inventory(sources: Sources) -> Inventory:
     return inventory
 
 
-def class_names(root: str | Path) -> list[str]:
+def dataset_class_names(root: str | Path) -> list[str]:
     """The 80 class names: a synthetic set's own (from its synthetic.json), else the challenge's."""
     try:
         names = json.loads((Path(root) / SYNTHETIC_MARKER).read_text()).get("classes")

@@ -38,6 +38,7 @@ from PIL import Image, ImageDraw
 
 from cocoshard import NUM_CLASSES
 from cocoshard.atomic import TMP_PREFIX, atomic_write_text, remove_stale_temporaries
+from cocoshard.config import SynthConfig, print_config
 from cocoshard.errors import UserError
 from cocoshard.prepare.labels import format_cls
 from cocoshard.prepare.pool import map_in_workers
@@ -77,11 +78,6 @@ class Difficulty:
     tail: float = 0.8  # class frequency ~ (class + 1) ** -tail; 0 gives balanced classes
     rotation: float = 180.0  # objects turn by up to this many degrees either way; 0 keeps them upright
 
-    def validate(self) -> None:
-        if not 0.0 < self.min_scale <= self.max_scale <= 1.0:
-            raise UserError(f"object scales must satisfy 0 < min_scale <= max_scale <= 1 (got {self.min_scale}, {self.max_scale})")
-        if self.clutter < 0 or self.tail < 0 or not 0 <= self.rotation <= 180:
-            raise UserError(f"need clutter >= 0, tail >= 0, 0 <= rotation <= 180 (got {self.clutter}, {self.tail}, {self.rotation})")
 
 
 # ----------------------------------------------------------------------------------- classes
@@ -95,7 +91,7 @@ def class_shape_colour(class_id: int) -> tuple[str, str]:
     return SHAPES[shape], COLOUR_NAMES[colour]
 
 
-def class_names() -> list[str]:
+def generated_class_names() -> list[str]:
     """'red disc', 'orange square', ... in class-id order."""
     return [" ".join(reversed(class_shape_colour(c))) for c in range(NUM_CLASSES)]
 
@@ -316,23 +312,8 @@ def _class_counts(labels: Sequence[tuple[int, ...]]) -> list[int]:
     return counts.tolist()
 
 
-def write_synthetic(
-    out: str | Path,
-    train: int = 4000,
-    test: int = 500,
-    seed: int = 0,
-    *,
-    size: int = 224,
-    quality: int = 90,
-    workers: int = 0,
-    min_scale: float = Difficulty.min_scale,
-    max_scale: float = Difficulty.max_scale,
-    clutter: float = Difficulty.clutter,
-    tail: float = Difficulty.tail,
-    rotation: float = Difficulty.rotation,
-    progress: bool = False,
-) -> dict[str, Any]:
-    """Draw `train` labelled and `test` unlabelled images into `out` in the challenge layout.
+def write_synthetic(cfg: SynthConfig, progress: bool = False) -> dict[str, Any]:
+    """Draw `cfg.train` labelled and `cfg.test` unlabelled images into `cfg.out` in the challenge layout.
 
     The difficulty knobs: object size range as fractions of the long side (`min_scale`,
     `max_scale`), `clutter` (background noise and distractor strokes; 0 gives a clean gradient),
@@ -340,12 +321,8 @@ def write_synthetic(
     (largest turn of an object in degrees; 0 keeps shapes upright, which needs less data). Returns
     the metadata also saved as `out/synthetic.json` (settings, class names, class counts).
     """
-    difficulty = Difficulty(min_scale, max_scale, clutter, tail, rotation)
-    difficulty.validate()
-    if train < 1 or test < 0 or not 1 <= quality <= 100 or size < 16:
-        raise UserError(f"need train >= 1, test >= 0, 1 <= quality <= 100, size >= 16 (got {train}, {test}, {quality}, {size})")
-    if max(train, test) >= TEST_KEY_OFFSET:
-        raise UserError(f"at most {TEST_KEY_OFFSET - 1} images per split")
+    difficulty = Difficulty(cfg.min_scale, cfg.max_scale, cfg.clutter, cfg.tail, cfg.rotation)
+    out, train, test, seed, size, quality = cfg.out, cfg.train, cfg.test, cfg.seed, cfg.size, cfg.quality
     root = Path(out)
     _prepare_folder(root)
     settings = {"seed": seed, "train": train, "test": test, "size": size, "quality": quality, "difficulty": asdict(difficulty)}
@@ -355,14 +332,14 @@ def write_synthetic(
         for split, count in (("train", train), ("test", test))
         for start in range(0, count, _CHUNK)
     ]
-    chunks = map_in_workers(_write_chunk, tasks, workers=workers, sizes=[t[3] - t[2] for t in tasks], progress=progress, desc="synth")
+    chunks = map_in_workers(_write_chunk, tasks, workers=cfg.workers, sizes=[t[3] - t[2] for t in tasks], progress=progress, desc="synth")
     labels = {"train": [], "test": []}
     for task, chunk in zip(tasks, chunks):
         labels[task[1]].extend(chunk)
     metadata = {
         "status": "complete",
         **settings,
-        "classes": class_names(),
+        "classes": generated_class_names(),
         "class_counts": {split: _class_counts(found) for split, found in labels.items()},
         "labels_per_image": {split: float(np.mean([len(c) for c in found])) if found else 0.0 for split, found in labels.items()},
     }
@@ -370,15 +347,12 @@ def write_synthetic(
     return metadata
 
 
-def run(cfg: Any) -> int:
+def run(cfg: SynthConfig) -> int:
     """`cocoshard synth`: write the data set and summarise it."""
     from rich.console import Console
 
-    metadata = write_synthetic(
-        cfg.out, cfg.train, cfg.test, cfg.seed, size=cfg.size, quality=cfg.quality, workers=cfg.workers,
-        min_scale=cfg.min_scale, max_scale=cfg.max_scale, clutter=cfg.clutter, tail=cfg.tail,
-        rotation=cfg.rotation, progress=True,
-    )
+    print_config(cfg)
+    metadata = write_synthetic(cfg, progress=True)
     counts = np.array(metadata["class_counts"]["train"])
     names = metadata["classes"]
     Console(stderr=True).print(

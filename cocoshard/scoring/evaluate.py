@@ -26,7 +26,7 @@ from rich.table import Table
 
 from cocoshard import CLASSES, NUM_CLASSES
 from cocoshard.atomic import atomic_write_text
-from cocoshard.config import EvaluateConfig
+from cocoshard.config import EvaluateConfig, print_config
 from cocoshard.scoring import metrics
 from cocoshard.scoring.ground_truth import class_names_of, image_keys, load_labels
 from cocoshard.scoring.scores import load_scores
@@ -47,7 +47,7 @@ class Evaluation:
     metrics: dict[str, float]
     server: metrics.ServerF1
     average_precision: Optional[np.ndarray]  # (C,) per-class AP, NaN without positives; None without scores
-    class_names: tuple[str, ...] = CLASSES
+    names: tuple[str, ...] = CLASSES  # the class names to report with
 
 
 def score_submission(
@@ -74,7 +74,7 @@ def per_class_rows(evaluation: Evaluation) -> list[dict[str, Any]]:
     for c in range(len(server.class_f1)):
         row = {
             "id": c,
-            "name": evaluation.class_names[c],
+            "name": evaluation.names[c],
             "positives": int(server.class_counts[c]),
             "weight": float(server.class_weights[c]),
             "tp": int(server.true_positives[c]),
@@ -185,6 +185,7 @@ def metrics_payload(cfg: EvaluateConfig, found: Assessment) -> dict[str, Any]:
 
 def run(cfg: EvaluateConfig) -> int:
     """`cocoshard evaluate`: assess the file, show the result, and write it with --out."""
+    print_config(cfg)
     found = assess(cfg)
     show(cfg, found)
     if cfg.out and found.evaluation is not None:
@@ -209,5 +210,5 @@ def _write_report(cfg: EvaluateConfig, evaluation: Evaluation) -> list[Path]:
 
     return write_report(
         cfg.report, evaluation.metrics, evaluation.server, average_precision=evaluation.average_precision,
-        run_dir=cfg.run, title=f"Evaluation of {Path(cfg.predictions).name}", names=evaluation.class_names,
+        run_dir=cfg.run, title=f"Evaluation of {Path(cfg.predictions).name}", names=evaluation.names,
     )

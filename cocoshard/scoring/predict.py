@@ -28,9 +28,10 @@ from rich.console import Console
 from torch import nn
 
 from cocoshard import NUM_CLASSES
-from cocoshard.config import PredictConfig
+from cocoshard.config import PredictConfig, print_config
 from cocoshard.errors import UserError
 from cocoshard.loading.image_files import folder_batches
+from cocoshard.machine import usable_cores
 from cocoshard.scoring.metrics import predictions_from_scores
 from cocoshard.scoring.scores import save_scores
 from cocoshard.scoring.submission import (
@@ -147,11 +148,12 @@ def _check_keys(keys: list[str], expected: int, source: str) -> None:
 
 def run(cfg: PredictConfig) -> int:
     """Load, predict, threshold, write the JSON atomically, read it back and check it."""
+    print_config(cfg)
     console = Console(stderr=True)
     device = resolve_device(cfg.device)
     amp_dtype = resolve_amp_dtype(cfg.amp, "auto", device)
     predictor = load_predictor(cfg.checkpoint, device)
-    workers = cfg.workers or (os.cpu_count() or 1)
+    workers = usable_cores() if cfg.workers is None else cfg.workers
     if cfg.images:
         source = cfg.images
         total, batches = folder_batches(cfg.images, max(DEFAULT_CANVAS, predictor.size), cfg.batch_size, workers, device)

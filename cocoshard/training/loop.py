@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from cocoshard import NUM_CLASSES
+from cocoshard.config import TrainConfig
 from cocoshard.scoring import metrics
 from cocoshard.training.checkpoint import (
     BEST,
@@ -251,7 +252,7 @@ def fit(tr: Trainer) -> None:
             break
 
 
-def run(cfg: Any) -> int:
+def run(cfg: TrainConfig) -> int:
     """Entry point of `cocoshard train` (and of each torchrun process)."""
     runtime = setup(cfg.device, cfg.amp, cfg.amp_dtype)
     log = RunLog(cfg.out, enabled=runtime.is_main)

@@ -24,6 +24,7 @@ import torch.distributed as dist
 from torch import nn
 
 from cocoshard.errors import ConfigError
+from cocoshard.machine import cores_per_process
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -111,8 +112,7 @@ def setup(device: str = "auto", amp: bool = False, amp_dtype: str = "auto") -> R
         torch.backends.cudnn.allow_tf32 = True
     elif world > 1:
         # Processes on one machine share its cores; oversubscribed threads slow every rank down.
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+        torch.set_num_threads(cores_per_process())
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, device_id=dev if dev.type == "cuda" else None)

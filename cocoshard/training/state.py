@@ -8,7 +8,6 @@ model, loaders, optimiser, schedule and EMA; with `--resume` it restores them fr
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -18,8 +17,9 @@ from torch import nn
 
 from cocoshard import CLASSES, NUM_CLASSES
 from cocoshard.atomic import remove_stale_temporaries
-from cocoshard.config import print_config, to_dict
+from cocoshard.config import TrainConfig, print_config, to_dict
 from cocoshard.errors import ConfigError, UserError
+from cocoshard.machine import cores_per_process
 from cocoshard.prepare.manifest import is_url, read_manifest, shard_urls
 from cocoshard.training.checkpoint import LAST, restore
 from cocoshard.training.loss import build_loss
@@ -38,7 +38,7 @@ from cocoshard.training.runtime import Runtime, seed_everything, wrap_ddp
 class Trainer:
     """Everything a run needs between steps; `net` is the model as the step calls it (DDP, compiled)."""
 
-    cfg: Any
+    cfg: TrainConfig
     runtime: Runtime
     log: RunLog
     model: nn.Module
@@ -70,7 +70,7 @@ class Trainer:
         return sum(int(getattr(loader, "skipped_samples", 0)) for loader in (self.train_loader, self.val_loader))
 
 
-def check_shards(cfg: Any, world_size: int) -> dict[str, Any]:
+def check_shards(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
     """The manifest, after checking that both splits exist, have files, and fit the batch size."""
     manifest = read_manifest(cfg.shards)
     for split in ("train", "val"):
@@ -107,19 +107,17 @@ def class_prior(manifest: dict[str, Any]) -> Optional[list[float]]:
     return [count / train["samples"] for count in counts]
 
 
-def _loader_workers(cfg: Any, runtime: Runtime) -> int:
+def _loader_workers(cfg: TrainConfig, runtime: Runtime) -> int:
     if cfg.workers is not None:
         return cfg.workers
     if runtime.device.type == "cpu":
         # Training on the CPU already uses every core; loader processes beside it stall the
         # compute threads (each parallel region waits for its slowest thread) more than they save.
         return 0
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", runtime.world_size))
-    return max(1, cores // local_world)
+    return cores_per_process()
 
 
-def build_loaders(cfg: Any, runtime: Runtime) -> tuple[Any, Any]:
+def build_loaders(cfg: TrainConfig, runtime: Runtime) -> tuple[Any, Any]:
     """The train loader (shuffled, equal steps on every rank) and the validation loader."""
     from cocoshard.loading.loader import build_loader
 
@@ -140,7 +138,7 @@ def agreed_steps(loader: Any, runtime: Runtime) -> int:
     return int(steps)
 
 
-def build_trainer(cfg: Any, runtime: Runtime, log: RunLog) -> Trainer:
+def build_trainer(cfg: TrainConfig, runtime: Runtime, log: RunLog) -> Trainer:
     """Check everything that can be checked, then build the state (restored with --resume)."""
     cfg = cfg.resolved()
     check_model_name(cfg.model)

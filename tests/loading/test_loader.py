@@ -26,9 +26,9 @@ from cocoshard.loading.plan import (
     shard_order,
 )
 from cocoshard.loading.tario import BadSample, BadShard
+from cocoshard.machine import usable_cores
 from cocoshard.prepare.format import FORMAT_VERSION, encode_hw, shard_name
 from cocoshard.prepare.manifest import MANIFEST
-from cocoshard.prepare.pool import cpu_count
 
 CANVAS = 32
 # Tests start more loader workers than this machine has cores on purpose.
@@ -183,8 +183,8 @@ def test_fewer_shards_than_workers(tmp_path):
     loader = _loader(shards, workers=4)
     keys = epoch_keys(loader)
     assert len(keys) == len(loader) * 8 == 40 and len(set(keys)) == 40
-    assert loader.augment_threads == max(1, cpu_count() - 4)
-    assert _loader(shards, mode="resident").augment_threads == cpu_count()
+    assert loader.augment_threads == max(1, usable_cores() - 4)
+    assert _loader(shards, mode="resident").augment_threads == usable_cores()
     val = _loader(shards, "val", workers=4)
     assert len(val) == 2 and epoch_keys(val) == [f"k{i:06d}" for i in range(40, 51)]
 

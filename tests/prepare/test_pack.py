@@ -198,7 +198,7 @@ def test_a_failing_run_leaves_no_manifest(tmp_path, pack_dir, coco_sample, monke
 
     monkeypatch.setattr(pack, "write_shard", fail_on_third)
     with pytest.raises(RuntimeError):
-        pack_dir(coco_sample, tmp_path, shard_samples=16, workers=1)
+        pack_dir(coco_sample, tmp_path, shard_samples=16, workers=0)
     assert not (tmp_path / "manifest.json").exists()
     assert not list(tmp_path.glob(".tmp-*"))
     for shard in tmp_path.glob("*.tar"):  # whatever is under a final name is a whole tar

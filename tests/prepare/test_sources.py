@@ -9,7 +9,7 @@ import pytest
 
 from cocoshard import CLASSES
 from cocoshard.errors import UserError
-from cocoshard.prepare.sources import class_names, find_sources, take_inventory
+from cocoshard.prepare.sources import dataset_class_names, find_sources, take_inventory
 
 ZIP_LAYOUT = ("images/train-resized/train-resized", "labels/train/train", "images/test-resized/test-resized")
 FLAT_LAYOUT = ("images/train", "labels/train", "images/test")
@@ -70,10 +70,10 @@ def test_inventory_of_the_real_sample(coco_sample):
 
 
 def test_class_names_come_from_a_synthetic_set(tmp_path):
-    assert class_names(tmp_path) == list(CLASSES)
+    assert dataset_class_names(tmp_path) == list(CLASSES)
     (tmp_path / "synthetic.json").write_text(json.dumps({"classes": [f"thing {i}" for i in range(80)]}))
-    assert class_names(tmp_path)[79] == "thing 79"
+    assert dataset_class_names(tmp_path)[79] == "thing 79"
     (tmp_path / "synthetic.json").write_text(json.dumps({"classes": ["too", "few"]}))
-    assert class_names(tmp_path) == list(CLASSES)
+    assert dataset_class_names(tmp_path) == list(CLASSES)
     (tmp_path / "synthetic.json").write_text("{not json")
-    assert class_names(tmp_path) == list(CLASSES)
+    assert dataset_class_names(tmp_path) == list(CLASSES)

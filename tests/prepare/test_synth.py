@@ -10,6 +10,7 @@ from PIL import Image
 
 from cocoshard import NUM_CLASSES
 from cocoshard.cli import main
+from cocoshard.config import SynthConfig
 from cocoshard.errors import UserError
 from cocoshard.prepare.labels import parse_cls
 from cocoshard.prepare.synth import (
@@ -22,10 +23,10 @@ from cocoshard.prepare.synth import (
     TRAIN_IMAGES,
     TRAIN_LABELS,
     Difficulty,
-    class_names,
     class_probabilities,
     class_shape_colour,
     draw_image,
+    generated_class_names,
     write_synthetic,
 )
 
@@ -85,7 +86,7 @@ def test_default_tail_keeps_the_rarest_class_learnable():
 def test_every_class_is_a_distinct_shape_and_colour():
     pairs = {class_shape_colour(c) for c in range(NUM_CLASSES)}
     assert len(pairs) == NUM_CLASSES == len(SHAPES) * len(COLOURS)
-    assert len(set(class_names())) == NUM_CLASSES
+    assert len(set(generated_class_names())) == NUM_CLASSES
     # frequent classes spread over colours: the ten most frequent use at least six colours
     assert len({class_shape_colour(c)[1] for c in range(10)}) >= 6
     for outline in OUTLINES.values():  # unit size: an object never exceeds its drawn diameter
@@ -110,9 +111,9 @@ def test_drawn_labels_match_the_pixels(seed):
 
 
 def test_same_seed_same_bytes_whatever_the_workers(tmp_path):
-    one = write_synthetic(tmp_path / "a", train=24, test=6, seed=5, workers=1)
-    write_synthetic(tmp_path / "b", train=24, test=6, seed=5, workers=2)
-    write_synthetic(tmp_path / "c", train=24, test=6, seed=6, workers=1)
+    one = write_synthetic(SynthConfig(out=str(tmp_path / 'a'), train=24, test=6, seed=5, workers=1))
+    write_synthetic(SynthConfig(out=str(tmp_path / 'b'), train=24, test=6, seed=5, workers=2))
+    write_synthetic(SynthConfig(out=str(tmp_path / 'c'), train=24, test=6, seed=6, workers=1))
     files = lambda root: {p.relative_to(root): p.read_bytes() for p in root.rglob("*") if p.is_file() and p.name != MARKER}  # noqa: E731
     assert files(tmp_path / "a") == files(tmp_path / "b")
     assert files(tmp_path / "a") != files(tmp_path / "c")
@@ -120,8 +121,8 @@ def test_same_seed_same_bytes_whatever_the_workers(tmp_path):
 
 
 def test_rewriting_a_folder_replaces_the_old_set(tmp_path):
-    write_synthetic(tmp_path, train=20, test=4, seed=0, workers=1)
-    write_synthetic(tmp_path, train=8, test=0, seed=1, workers=1)
+    write_synthetic(SynthConfig(out=str(tmp_path), train=20, test=4, seed=0, workers=1))
+    write_synthetic(SynthConfig(out=str(tmp_path), train=8, test=0, seed=1, workers=1))
     assert len(_files(tmp_path, TRAIN_IMAGES, ".jpg")) == len(_files(tmp_path, TRAIN_LABELS, ".cls")) == 8
     assert not _files(tmp_path, TEST_IMAGES, ".jpg")
 
@@ -130,14 +131,14 @@ def test_refuses_a_folder_it_did_not_write(tmp_path):
     (tmp_path / "images").mkdir()
     (tmp_path / "images" / "photo.jpg").write_bytes(b"precious")
     with pytest.raises(UserError, match="not written by cocoshard synth"):
-        write_synthetic(tmp_path, train=4, test=0)
+        write_synthetic(SynthConfig(out=str(tmp_path), train=4, test=0))
     assert (tmp_path / "images" / "photo.jpg").read_bytes() == b"precious"
 
 
 def test_difficulty_knobs_are_checked_and_used(tmp_path):
     with pytest.raises(UserError):
-        write_synthetic(tmp_path, train=2, min_scale=0.5, max_scale=0.2)
-    flat = write_synthetic(tmp_path, train=200, test=0, tail=0.0, workers=1)
+        write_synthetic(SynthConfig(out=str(tmp_path), train=2, min_scale=0.5, max_scale=0.2))
+    flat = write_synthetic(SynthConfig(out=str(tmp_path), train=200, test=0, tail=0.0, workers=1))
     counts = np.array(flat["class_counts"]["train"])
     assert counts.max() < 4 * max(counts.mean(), 1)  # balanced classes: no head
     assert flat["difficulty"]["tail"] == 0.0
@@ -170,7 +171,7 @@ def test_rotation_zero_keeps_shapes_upright():
     assert square_fill(0.0).min() > 0.85
     assert np.median(square_fill(180.0)) < 0.8
     with pytest.raises(UserError):
-        Difficulty(rotation=200).validate()
+        SynthConfig(rotation=200)  # the rule lives in the config, checked when it is made
 
 
 def test_colour_statistics_alone_do_not_name_the_classes(synth_root):

@@ -175,7 +175,7 @@ def test_scores_do_not_depend_on_key_or_list_order(sample_labels, seed: int) -> 
 
 def test_class_names_come_from_the_shards_manifest(synth_shards_jpeg, coco_sample, tmp_path, capsys) -> None:
     from cocoshard import CLASSES
-    from cocoshard.prepare.synth import class_names as synth_names
+    from cocoshard.prepare.synth import generated_class_names as synth_names
 
     assert class_names_of(synth_shards_jpeg) == tuple(synth_names())
     assert class_names_of(coco_sample / LABELS) == CLASSES

@@ -208,11 +208,11 @@ LEARN_IMAGES, LEARN_SIZE = 1500, 64
 def learnable_shards(tmp_path_factory: pytest.TempPathFactory, pack_dir: Any) -> Path:
     """A generated set big enough to learn from in a minute: 1,200 train and 300 val images at 64 px,
     balanced classes on plain backgrounds (the shapes and colours still have to be told apart)."""
+    from cocoshard.config import SynthConfig
     from cocoshard.prepare.synth import write_synthetic
 
     root = tmp_path_factory.mktemp("learnable")
-    write_synthetic(root / "data", train=LEARN_IMAGES, test=0, seed=1, size=LEARN_SIZE, workers=2,
-                    clutter=0.0, tail=0.0, min_scale=0.25)
+    write_synthetic(SynthConfig(out=str(root / 'data'), train=LEARN_IMAGES, test=0, seed=1, size=LEARN_SIZE, workers=2, clutter=0.0, tail=0.0, min_scale=0.25))
     return pack_dir(root / "data", root / "shards", format="raw", size=LEARN_SIZE, shard_samples=256)
 
 
