@@ -3,15 +3,24 @@
 Data goes to a temporary file in the same folder, is flushed and fsync'ed, then renamed over the
 final name with `os.replace` (atomic on POSIX); the folder is fsync'ed so the rename survives a
 power cut. A temporary left by a killed process starts with `.tmp-` and is never a final name.
+
+A write that fails (the disk is full, a quota, an I/O error) removes its temporary, leaves the
+file it was replacing as it was, and raises `WriteFailed` naming the file and the cause, which the
+CLI prints as one line. Writers that go through another library (`torch.save`, `tarfile`) write
+into the handle `atomic_open` gives, which records the operating system's error, so the cause is
+named even when the library reports its own.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO, Any, Iterator
+
+from cocoshard.errors import UserError
 
 TMP_PREFIX = ".tmp-"
 
@@ -29,23 +38,65 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+class WriteFailed(UserError):
+    """A file could not be written (disk full, quota, I/O error); the file it would replace is intact."""
+
+
+class _RecordingFile:
+    """A file handle that remembers the first OSError its writes raised (other libraries may
+    replace it with an error of their own, `torch.save` does)."""
+
+    def __init__(self, handle: IO) -> None:
+        self._handle, self.error = handle, None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self._handle.write(data)
+        except OSError as exc:
+            self.error = self.error or exc
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._handle, name)
+
+
+def _cause(exc: BaseException, recorded: OSError | None) -> str:
+    error = recorded or (exc if isinstance(exc, OSError) else None)
+    if error is not None and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "the disk is full (no space left on device)"
+    if error is not None:
+        return error.strerror or str(error)
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
-    """Open a temporary file beside `path`; on a clean exit it replaces `path` atomically."""
+    """Open a temporary file beside `path`; on a clean exit it replaces `path` atomically.
+
+    Raises WriteFailed (the temporary removed, `path` untouched) when the data cannot be written."""
     final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + final.name + ".", dir=final.parent)
     try:
-        with os.fdopen(fd, mode) as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
+        final.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + final.name + ".", dir=final.parent)
+    except OSError as exc:
+        raise WriteFailed(f"cannot write {final}: {_cause(exc, None)}") from exc
+    handle = None
+    try:
+        with os.fdopen(fd, mode) as raw:
+            handle = _RecordingFile(raw)
+            yield handle  # type: ignore[misc]
+            raw.flush()
+            os.fsync(raw.fileno())
         os.chmod(tmp, 0o644)
         os.replace(tmp, final)
         _fsync_dir(final.parent)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        recorded = handle.error if handle is not None else None
+        if isinstance(exc, (OSError, RuntimeError)) or recorded is not None:
+            raise WriteFailed(f"cannot write {final}: {_cause(exc, recorded)}; "
+                              f"{'the earlier file is left as it was' if final.exists() else 'nothing was written'}") from exc
         raise
 
 

@@ -2,7 +2,8 @@
 
 Layers, lowest first (docs/architecture.md has the table):
 
-    foundation   cocoshard (the class tuple), errors, atomic, machine, seeds, console, config, commands
+    foundation   cocoshard (the class tuple), errors, atomic, folder_lock, machine, seeds, console, config,
+                 commands
     pure         prepare.labels, prepare.format, prepare.split, loading.plan, scoring.metrics
     prepare      the rest of cocoshard.prepare
     loading      the rest of cocoshard.loading
@@ -24,8 +25,8 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "cocoshard"
 
-FOUNDATION = {"cocoshard", "cocoshard.errors", "cocoshard.atomic", "cocoshard.machine", "cocoshard.seeds",
-              "cocoshard.console", "cocoshard.config", "cocoshard.commands"}
+FOUNDATION = {"cocoshard", "cocoshard.errors", "cocoshard.atomic", "cocoshard.folder_lock", "cocoshard.machine",
+              "cocoshard.seeds", "cocoshard.console", "cocoshard.config", "cocoshard.commands"}
 PURE = {"cocoshard.prepare.labels", "cocoshard.prepare.format", "cocoshard.prepare.split", "cocoshard.loading.plan",
         "cocoshard.scoring.metrics"}
 TOP = {"cocoshard.demo", "cocoshard.info", "cocoshard.cli", "cocoshard.__main__"}

@@ -34,7 +34,7 @@ from cocoshard import cli
 from cocoshard.atomic import TMP_PREFIX
 from cocoshard.errors import UserError
 from cocoshard.loading.loader import build_loader
-from cocoshard.prepare.format import FORMAT_VERSION, encode_hw, is_shard_file
+from cocoshard.prepare.format import FORMAT_VERSION, encode_labels, is_shard_file, npy_layout
 from cocoshard.prepare.labels import LabelError, parse_cls
 from cocoshard.prepare.manifest import MANIFEST
 from cocoshard.scoring.submission import parse_submission_text, validate_submission
@@ -256,7 +256,8 @@ def damage(folder: Path, kind: str, victim: str = VICTIM) -> None:
     data = bytearray(shard.read_bytes())
     offsets = member_offsets(shard)
     if kind == "labels-byte":  # one more class: still a valid multi-hot row, a silent wrong label if trusted
-        start, _ = offsets[next(n for n in sorted(offsets) if n.endswith(".labels"))]
+        start, size = offsets[next(n for n in sorted(offsets) if n.endswith(".labels.npy"))]
+        start += npy_layout(bytes(data[start : start + size])).offset
         data[start + int(np.argmin(data[start : start + 80]))] ^= 1
     elif kind == "pixel-byte":
         start, size = offsets[next(n for n in sorted(offsets) if n.endswith(".jpg"))]
@@ -309,7 +310,8 @@ def shard_keys(folder: Path, split: str, *names: str) -> dict[str, bytes]:
         if names and entry["name"] not in names:
             continue
         with tarfile.open(folder / entry["name"]) as tar:
-            labels.update({m.name.split(".")[0]: tar.extractfile(m).read() for m in tar if m.name.endswith(".labels")})
+            labels.update({m.name.split(".")[0]: np.load(io.BytesIO(tar.extractfile(m).read()), allow_pickle=False).tobytes()
+                           for m in tar if m.name.endswith(".labels.npy")})
     return labels
 
 
@@ -393,7 +395,7 @@ def hostile_shards(folder: Path, kind: str, outside: Path) -> Path:
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for key in ("000000000001", hostile, "000000000002"):
-            for field, payload in (("jpg", _jpeg()), ("hw", encode_hw(10, 20)), ("labels", bytes(3) + b"\1" + bytes(76))):
+            for field, payload in (("jpg", _jpeg()), ("labels.npy", encode_labels(np.eye(80, dtype=np.uint8)[3]))):
                 info = tarfile.TarInfo(f"{key}.{field}")
                 if kind == "symlink" and key == hostile and field == "jpg":
                     info.type, info.linkname = tarfile.SYMTYPE, str(outside / "escaped.jpg")
@@ -408,7 +410,8 @@ def hostile_shards(folder: Path, kind: str, outside: Path) -> Path:
     splits = {"train": {"samples": 0, "shards": [], "class_counts": [0] * 80}, "test": {"samples": 0, "shards": []},
               "val": {"samples": 3, "shards": [entry], "class_counts": [0] * 80}}
     manifest = {"format_version": FORMAT_VERSION, "created_by": "a forger", "pixel_format": "jpeg", "size": 32,
-                "seed": 0, "val_fraction": 0.2, "split_method": "none", "splits": splits, "rejected": []}
+                "seed": 0, "val_fraction": 0.2, "split_method": "none", "splits": splits, "rejected": [],
+                "classes": [f"class {i}" for i in range(80)]}
     (folder / MANIFEST).write_text(json.dumps(manifest))
     return folder
 

@@ -1,22 +1,30 @@
-"""Batch augmentation on the training device: random resized crop + flip + fused normalisation.
+"""Batch augmentation where the batch is: random resized crop + flip + fused normalisation.
 
     g = torch.Generator(device=batch.images.device).manual_seed(seed)
     x = train_augment(batch.images, batch.sizes, out_size=224, generator=g)     # (N, 3, 224, 224)
     x = eval_transform(batch.images, batch.sizes, out_size=224, dtype=torch.bfloat16)
+    x = TrainTransform(out_size=224, dtype=torch.bfloat16).apply(images, sizes, generator=g)
 
 Input: uint8 canvases (N, S, S, 3) with each image in its top-left (h, w) corner. Crops are drawn
 only inside each image's own region, like torchvision's RandomResizedCrop (area scale and aspect
 ratio, ten tries, then the largest centred crop of an allowed ratio); evaluation resizes exactly
 the image's region to out x out (the whole image, never a centre crop). Output: ImageNet-normalised
 (N, 3, out, out) in `dtype`, channels_last (the NHWC memory of a permuted NHWC tensor, no copy).
+`TrainTransform` and `EvalTransform` carry these settings, so that a loader can apply them where
+the batch is: in its worker processes on a CPU, on the device after the copy on CUDA.
 
 Two resamplers share the crop parameters, so they differ only by rounding:
 - "resize" (default on the CPU): each crop goes through PyTorch's separable uint8 bilinear kernel
-  (antialiased, AVX2), then straight into its normalised float row while still in cache; images
-  can be split across threads. 8x faster on a CPU than a batched float `grid_sample`.
+  (AVX2; antialiased only when it shrinks: the challenge's images never need it, and without it
+  the kernel is 15% faster with identical output), then straight into its normalised row while
+  still in cache; images can be split across threads. 8x faster on a CPU than a batched
+  `grid_sample`.
 - "grid" (default on CUDA): the whole batch in one `grid_sample` from per-image coordinate vectors
   that reproduce `interpolate`'s bilinear sampling (edges clamped to the image's own region, so
   nothing outside it leaks in); no antialiasing when shrinking.
+
+No step on CUDA waits for the device: the crop boxes and flips are drawn there, and the
+normalisation constants are made once per device and kept.
 """
 
 from __future__ import annotations
@@ -25,7 +33,8 @@ import contextlib
 import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Iterator, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -36,21 +45,22 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 METHODS = ("auto", "resize", "grid")
 CROP_ATTEMPTS = 10
+RRC_RATIO = (3.0 / 4.0, 4.0 / 3.0)  # aspect ratios of the random resized crop (torchvision's default)
 # CPU threads of the "resize" path. One by default: loader workers and other processes usually
 # hold the other cores. Loaders say how many are left (`loader.augment_threads`); pass that.
 DEFAULT_THREADS = 1
 
 _pool = BufferPool()
-_threads: ThreadPoolExecutor | None = None
+_threads: tuple[int, ThreadPoolExecutor] | None = None  # (how many, the pool)
 _threads_lock = threading.Lock()
-_norm_rows: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+_constants: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 # ------------------------------------------------------------------------------ parameters
 
 
 def sample_crops(sizes: torch.Tensor, *, generator: torch.Generator, scale: Sequence[float] = (0.35, 1.0),
-                 ratio: Sequence[float] = (3 / 4, 4 / 3), attempts: int = CROP_ATTEMPTS) -> torch.Tensor:
+                 ratio: Sequence[float] = RRC_RATIO, attempts: int = CROP_ATTEMPTS) -> torch.Tensor:
     """Random resized crop boxes (top, left, height, width), int64 (N, 4), inside each (h, w).
 
     Vectorised torchvision RandomResizedCrop.get_params: `attempts` draws of area fraction in
@@ -121,46 +131,47 @@ def _single_threaded() -> None:
 def _thread_pool(threads: int) -> ThreadPoolExecutor:
     global _threads
     with _threads_lock:
-        if _threads is None or _threads._max_workers != threads:
-            _threads = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="cocoshard-augment",
-                                          initializer=_single_threaded)
-        return _threads
+        if _threads is None or _threads[0] != threads:
+            if _threads is not None:
+                _threads[1].shutdown(wait=False)
+            _threads = (threads, ThreadPoolExecutor(max_workers=threads, thread_name_prefix="cocoshard-augment",
+                                                    initializer=_single_threaded))
+        return _threads[1]
 
 
-def _resize_into(crop: torch.Tensor, out: torch.Tensor, antialias: bool) -> None:
-    """Bilinear-resize one (1, 3, h, w) crop into the (1, 3, o, o) slot `out`, without a temporary."""
+def resize_into(crop: torch.Tensor, out: torch.Tensor) -> None:
+    """Bilinear-resize one (1, 3, h, w) crop into the (1, 3, o, o) tensor `out`.
+
+    Antialiased only when the crop is larger than `out` in a dimension: when it grows, PyTorch's
+    antialiased kernel gives the same pixels as the plain one, which is 15% faster on uint8.
+    """
     if crop.shape[-2:] == out.shape[-2:]:
         out.copy_(crop)
-    elif crop.device.type == "cpu" and crop.dtype == torch.uint8:
-        size = list(out.shape[-2:])
-        if antialias:
-            torch._C._nn._upsample_bilinear2d_aa(crop, size, False, None, None, out=out)
-        else:
-            torch._C._nn.upsample_bilinear2d(crop, size, False, None, None, out=out)
-    else:
-        out.copy_(F.interpolate(crop.float(), size=out.shape[-2:], mode="bilinear", align_corners=False,
-                                antialias=antialias))
+        return
+    shrinks = crop.shape[-2] > out.shape[-2] or crop.shape[-1] > out.shape[-1]
+    source = crop if crop.device.type == "cpu" and crop.dtype == torch.uint8 else crop.float()
+    out.copy_(F.interpolate(source, size=out.shape[-2:], mode="bilinear", align_corners=False, antialias=shrinks))
 
 
-def _resize_normalise_each(images: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor, out_size: int,
-                           dtype: torch.dtype, antialias: bool, threads: int) -> torch.Tensor:
-    """Per image: crop, flip, resize (uint8 on CPU), normalise into row n of the (N, o, o, 3) result.
+def _resize_normalise_each(images: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor, rows: Optional[torch.Tensor],
+                           result: torch.Tensor, threads: int) -> None:
+    """Per image: crop, flip, resize (uint8 on CPU), normalise into row n of `result` (N, o, o, 3).
 
-    Each image goes all the way while it sits in the core's cache (a 150 KB uint8 slot, a 600 KB
-    float row); on the 2-core CPU that takes a third less CPU time than resizing the batch and then
+    Image n is `images[rows[n]]` (all of `images` in order without `rows`): a loader holding a
+    split in memory hands over the split and the rows, and no batch is gathered first. Each image
+    goes all the way while it sits in the core's cache (a 150 KB uint8 slot, a 600 KB float row);
+    on the 2-core CPU that takes a third less CPU time than resizing the batch and then
     normalising it in whole-batch passes. On the CPU the work runs in `threads` pool threads with
     one OpenMP thread each: OpenMP regions on a busy machine stall (a 3 ms copy took 1 s).
     """
-    n, size, device = images.shape[0], out_size, images.device
-    result = _pool.take((n, size, size, 3), dtype, device)
-    rows = result.view(n, size, size * 3)
+    n, size, device, dtype = result.shape[0], result.shape[1], images.device, result.dtype
+    targets = result.view(n, size, size * 3).unbind(0)
     source = images.permute(0, 3, 1, 2)
     box_rows, flip_rows = boxes.tolist(), flips.tolist()
+    source_rows = rows.tolist() if rows is not None else range(n)
     work_dtype = torch.uint8 if device.type == "cpu" else torch.float32
-    scale, shift = _rows(size, torch.float32, device)
-
+    scale, shift = _row_constants(size, device)
     direct = dtype == torch.float32  # else normalise in float32, then round once to `dtype`
-    targets = rows.unbind(0)
 
     def work(lo: int, hi: int) -> None:
         slot = torch.empty((1, size, size, 3), dtype=work_dtype, device=device)
@@ -168,20 +179,20 @@ def _resize_normalise_each(images: torch.Tensor, boxes: torch.Tensor, flips: tor
         scratch = None if direct else torch.empty((size, size * 3), device=device)
         for i in range(lo, hi):
             top, left, height, width = box_rows[i]
-            crop = source[i : i + 1, :, top : top + height, left : left + width]
-            _resize_into(crop.flip(-1) if flip_rows[i] else crop, resized, antialias)
+            j = source_rows[i]
+            crop = source[j : j + 1, :, top : top + height, left : left + width]
+            resize_into(crop.flip(-1) if flip_rows[i] else crop, resized)
             target = targets[i] if direct else scratch
             target.copy_(pixels)
             torch.addcmul(shift, target, scale, out=target)
             if not direct:
                 targets[i].copy_(target)
 
-    if device.type != "cpu":
+    if device.type != "cpu" or threads <= 1 or n < 2:
         work(0, n)
-    else:
-        step = -(-n // max(1, threads))
-        list(_thread_pool(max(1, threads)).map(lambda lo: work(lo, min(n, lo + step)), range(0, n, step)))
-    return result.permute(0, 3, 1, 2)
+        return
+    step = -(-n // threads)
+    list(_thread_pool(threads).map(lambda lo: work(lo, min(n, lo + step)), range(0, n, step)))
 
 
 def _source_grid(start: torch.Tensor, length: torch.Tensor, out_size: int, canvas: int) -> torch.Tensor:
@@ -206,33 +217,49 @@ def _grid_resample(images: torch.Tensor, boxes: torch.Tensor, flips: torch.Tenso
 # --------------------------------------------------------------------------- normalisation
 
 
-def _rows(out_size: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-element scale and shift for one NHWC row of out_size pixels: x * scale + shift."""
-    key = (out_size, dtype, device)
-    if key not in _norm_rows:
+def _constants_on(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel 1/std and -mean/std for 0-255 pixels, float32 on `device`; made once per device
+    (a tensor built from Python numbers on a GPU is a blocking host-to-device copy)."""
+    key = ("channels", device)
+    if key not in _constants:
         mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float64) * 255
         std = torch.tensor(IMAGENET_STD, dtype=torch.float64) * 255
-        scale, shift = (1 / std).repeat(out_size), (-mean / std).repeat(out_size)
-        _norm_rows[key] = (scale.to(device=device, dtype=dtype), shift.to(device=device, dtype=dtype))
-    return _norm_rows[key]
+        _constants[key] = ((1 / std).float().to(device), (-mean / std).float().to(device))
+    return _constants[key]
+
+
+def _row_constants(out_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same constants repeated along one NHWC row of out_size pixels: x * scale + shift."""
+    key = ("row", out_size, device)
+    if key not in _constants:
+        scale, shift = _constants_on(device)
+        _constants[key] = (scale.repeat(out_size), shift.repeat(out_size))
+    return _constants[key]
 
 
 def _normalise_nchw(pixels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    mean = torch.tensor(IMAGENET_MEAN, device=pixels.device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(IMAGENET_STD, device=pixels.device).view(1, 3, 1, 1) * 255
-    return ((pixels - mean) / std).to(dtype=dtype, memory_format=torch.channels_last)
+    scale, shift = _constants_on(pixels.device)
+    normalised = torch.addcmul(shift.view(1, 3, 1, 1), pixels, scale.view(1, 3, 1, 1))
+    return normalised.to(dtype=dtype, memory_format=torch.channels_last)
 
 
 # ------------------------------------------------------------------------------- public API
 
 
+def output_buffer(n: int, out_size: int, dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
+    """An (N, out, out, 3) NHWC tensor for `out=`: its permute(0, 3, 1, 2) is the channels_last result."""
+    return torch.empty((n, out_size, out_size, 3), dtype=dtype, device=device)
+
+
 def crop_resize_normalise(images: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor, *, out_size: int,
                           dtype: torch.dtype = torch.float32, channels_last: bool = True, method: str = "auto",
-                          antialias: bool = True, threads: int = DEFAULT_THREADS) -> torch.Tensor:
+                          threads: int = DEFAULT_THREADS, rows: Optional[torch.Tensor] = None,
+                          out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Crop each box, resize to out x out, mirror where `flips`, normalise: (N, 3, out, out) in `dtype`.
 
-    `threads` splits the CPU "resize" path's images across that many threads (more only pays on
-    cores nothing else uses: loader workers and other processes make it slower).
+    `rows` picks image n from `images[rows[n]]` ("resize" only). `out`, an NHWC buffer from
+    `output_buffer`, receives the result (channels_last). `threads` splits the CPU "resize" path's
+    images across that many threads (more only pays on cores nothing else uses).
     """
     if method not in METHODS:
         raise ValueError(f"unknown resampling method {method!r}: choose one of {', '.join(METHODS)}")
@@ -240,42 +267,92 @@ def crop_resize_normalise(images: torch.Tensor, boxes: torch.Tensor, flips: torc
         raise ValueError(f"expected uint8 canvases (N, S, S, 3), got {tuple(images.shape)} {images.dtype}")
     if method == "auto":
         method = "resize" if images.device.type == "cpu" else "grid"
-    images = images.contiguous()
+    n = boxes.shape[0]
     if method == "grid":
-        out = _normalise_nchw(_grid_resample(images, boxes, flips, out_size), dtype)
+        source = images if rows is None else images.index_select(0, rows.to(images.device))
+        result = _normalise_nchw(_grid_resample(source.contiguous(), boxes, flips, out_size), dtype)
+        if out is not None:
+            out[:n].copy_(result.permute(0, 2, 3, 1))
+            result = out[:n].permute(0, 3, 1, 2)
     else:
-        out = _resize_normalise_each(images, boxes.cpu(), flips.cpu(), out_size, dtype, antialias, threads)
-    return out if channels_last else out.contiguous()
+        target = out[:n] if out is not None else _pool.take((n, out_size, out_size, 3), dtype, images.device)
+        _resize_normalise_each(images.contiguous(), boxes.cpu(), flips.cpu(), rows, target, threads)
+        result = target.permute(0, 3, 1, 2)
+    return result if channels_last else result.contiguous()
 
 
 def train_augment(images: torch.Tensor, sizes: torch.Tensor, *, out_size: int, generator: torch.Generator,
-                  scale: Sequence[float] = (0.35, 1.0), ratio: Sequence[float] = (3 / 4, 4 / 3), flip: bool = True,
+                  scale: Sequence[float] = (0.35, 1.0), ratio: Sequence[float] = RRC_RATIO, flip: bool = True,
                   dtype: torch.dtype = torch.float32, channels_last: bool = True, method: str = "auto",
-                  threads: int = DEFAULT_THREADS) -> torch.Tensor:
+                  threads: int = DEFAULT_THREADS, rows: Optional[torch.Tensor] = None,
+                  out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Random resized crop inside each image + horizontal flip + normalisation, seeded by `generator`.
 
     `scale` bounds the crop's share of the image area: keep its lower end generous (the default
     0.35, not torchvision's 0.08) so most objects of a multi-label image stay in the frame.
+    `sizes` has one row per output image (`images[rows]` when `rows` is given).
     """
     if not 0 < scale[0] <= scale[1] <= 1:
         raise ValueError(f"crop scale must satisfy 0 < min <= max <= 1 (got {tuple(scale)})")
     if not 0 < ratio[0] <= ratio[1]:
         raise ValueError(f"crop ratio must satisfy 0 < min <= max (got {tuple(ratio)})")
+    n = sizes.shape[0]
     with _one_intra_op_thread(images.device):
         boxes = sample_crops(sizes.to(images.device), generator=generator, scale=scale, ratio=ratio)
         if flip:
-            flips = torch.rand(images.shape[0], generator=generator, device=images.device) < 0.5
+            flips = torch.rand(n, generator=generator, device=images.device) < 0.5
         else:
-            flips = torch.zeros(images.shape[0], dtype=torch.bool, device=images.device)
+            flips = torch.zeros(n, dtype=torch.bool, device=images.device)
     return crop_resize_normalise(images, boxes, flips, out_size=out_size, dtype=dtype, channels_last=channels_last,
-                                 method=method, threads=threads)
+                                 method=method, threads=threads, rows=rows, out=out)
 
 
 def eval_transform(images: torch.Tensor, sizes: torch.Tensor, *, out_size: int, dtype: torch.dtype = torch.float32,
                    channels_last: bool = True, method: str = "auto", flip: bool = False,
-                   threads: int = DEFAULT_THREADS) -> torch.Tensor:
+                   threads: int = DEFAULT_THREADS, rows: Optional[torch.Tensor] = None,
+                   out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Each image's whole (h, w) region resized to out x out (no crop), normalised; `flip` mirrors all (TTA)."""
     boxes = whole_boxes(sizes.to(images.device))
-    flips = torch.full((images.shape[0],), flip, dtype=torch.bool, device=images.device)
+    flips = torch.full((sizes.shape[0],), flip, dtype=torch.bool, device=images.device)
     return crop_resize_normalise(images, boxes, flips, out_size=out_size, dtype=dtype, channels_last=channels_last,
-                                 method=method, threads=threads)
+                                 method=method, threads=threads, rows=rows, out=out)
+
+
+# ------------------------------------------------------------------------------- transforms
+
+
+@dataclass(frozen=True)
+class TrainTransform:
+    """What `train_augment` does to a batch, as settings a loader can carry to where the batch is."""
+
+    out_size: int
+    scale: tuple[float, float] = (0.35, 1.0)
+    ratio: tuple[float, float] = RRC_RATIO
+    flip: bool = True
+    dtype: torch.dtype = torch.float32
+    channels_last: bool = True
+    random = True  # draws from a generator: the loader seeds one per epoch, rank and worker
+
+    def apply(self, images: torch.Tensor, sizes: torch.Tensor, *, generator: Optional[torch.Generator],
+              threads: int = DEFAULT_THREADS, rows: Optional[torch.Tensor] = None,
+              out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return train_augment(images, sizes, out_size=self.out_size, generator=generator, scale=self.scale,
+                             ratio=self.ratio, flip=self.flip, dtype=self.dtype, channels_last=self.channels_last,
+                             threads=threads, rows=rows, out=out)
+
+
+@dataclass(frozen=True)
+class EvalTransform:
+    """What `eval_transform` does to a batch (the whole image, resized), as loader settings."""
+
+    out_size: int
+    dtype: torch.dtype = torch.float32
+    channels_last: bool = True
+    flip: bool = False
+    random = False
+
+    def apply(self, images: torch.Tensor, sizes: torch.Tensor, *, generator: Optional[torch.Generator] = None,
+              threads: int = DEFAULT_THREADS, rows: Optional[torch.Tensor] = None,
+              out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return eval_transform(images, sizes, out_size=self.out_size, dtype=self.dtype,
+                              channels_last=self.channels_last, flip=self.flip, threads=threads, rows=rows, out=out)

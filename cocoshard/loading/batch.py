@@ -8,7 +8,7 @@ worker buffer it arrived in, so that the buffer can go back to its worker once n
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -16,31 +16,16 @@ import torch
 
 @dataclass
 class Batch:
-    """uint8 images (N, S, S, 3), int64 sizes (N, 2) as (h, w), float32 labels (N, 80) or None, keys."""
+    """uint8 images (N, S, S, 3), int64 sizes (N, 2) as (h, w), float32 labels (N, 80) or None, keys;
+    with a transform, `inputs` (N, 3, out, out) is the training-ready batch (images and sizes may be None)."""
 
-    images: torch.Tensor
-    sizes: torch.Tensor
+    images: Optional[torch.Tensor]
+    sizes: Optional[torch.Tensor]
     labels: Optional[torch.Tensor]
     keys: list[str]
+    inputs: Optional[torch.Tensor] = None
     skipped: int = field(default=0, repr=False)  # bad samples met while assembling this batch
     slot: Optional[tuple[int, int]] = field(default=None, repr=False)  # (worker, buffer) it came in
-    pinned: bool = field(default=False, repr=False)  # a page-locked copy: its buffer is free again
 
     def __len__(self) -> int:
         return len(self.keys)
-
-    def pin_memory(self) -> "Batch":
-        """Page-locked copy, so the copy to the GPU can overlap compute (the DataLoader calls this)."""
-        labels = None if self.labels is None else self.labels.pin_memory()
-        return replace(self, images=self.images.pin_memory(), sizes=self.sizes.pin_memory(), labels=labels,
-                       pinned=True)
-
-    def to(self, device: torch.device, non_blocking: bool = True) -> "Batch":
-        """The batch on `device`, labels as float32."""
-        labels = None if self.labels is None else self.labels.to(device, non_blocking=non_blocking).float()
-        return replace(
-            self,
-            images=self.images.to(device, non_blocking=non_blocking),
-            sizes=self.sizes.to(device, non_blocking=non_blocking),
-            labels=labels,
-        )

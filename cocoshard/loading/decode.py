@@ -1,35 +1,47 @@
-"""Sample bytes -> pixels in a canvas, image size and labels (the per-sample work of every loader).
+"""Sample bytes -> pixels in a canvas, and labels (the per-sample work of every loader).
 
-    h, w = decode_to_canvas(jpeg_bytes, "jpg", canvas)        # canvas: uint8 (S, S, 3)
-    h, w = fill_canvas(sample, canvas, size=S)                 # any sample format of a shard
+    h, w = decode_image_to_canvas(jpeg_bytes, "jpg", canvas)   # canvas: uint8 (S, S, 3)
+    h, w = fill_canvas(sample, canvas)                         # any sample of a shard
+    fill_labels(sample, row)                                   # row: uint8 (80,)
 
 Every image lands in the top-left corner of an S x S canvas; (h, w) says how much of it the image
 fills. Pixels outside that region are left as they were: nothing downstream reads them.
+
+An encoded image is measured from its header before it is decoded (`image_size`), and one that
+declares more than `MAX_IMAGE_PIXELS` is refused without allocating anything: a 600-byte JPEG
+can declare 30000 x 30000 pixels.
 """
 
 from __future__ import annotations
 
 import io
+import struct
 
 import numpy as np
 import torch
 import torchvision.io as tvio  # imported here, before loader workers fork, not once in every worker
 from PIL import Image, UnidentifiedImageError
 
-from cocoshard import NUM_CLASSES
 from cocoshard.loading.tario import BadSample, Sample
 from cocoshard.prepare.format import (
-    EXT_HW,
     EXT_JPEG,
     EXT_LABELS,
+    EXT_PIXELS,
     EXT_PNG,
-    EXT_RAW,
-    decode_hw,
+    decode_labels,
+    decode_pixels,
     key_problem,
 )
+from cocoshard.prepare.sources import MAX_IMAGE_PIXELS
 
-_JPEG_EXTS = ("jpg", "jpeg")
+JPEG_EXTS = ("jpg", "jpeg")
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, UnidentifiedImageError, Image.DecompressionBombError)
+# Start-of-frame markers (baseline, progressive, lossless, arithmetic), not DHT/JPG/DAC (C4, C8, CC).
+_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+_NO_LENGTH = frozenset({0x01, *range(0xD0, 0xD8)})  # TEM and the restart markers carry no length
+
+
+# ----------------------------------------------------------------------------------- sizes
 
 
 def _fit(height: int, width: int, size: int) -> tuple[int, int]:
@@ -38,6 +50,50 @@ def _fit(height: int, width: int, size: int) -> tuple[int, int]:
         return height, width
     scale = size / max(height, width)
     return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def _jpeg_size(data: bytes | memoryview) -> tuple[int, int] | None:
+    """(height, width) from a JPEG's start-of-frame header, or None when there is none to read."""
+    view = memoryview(data)
+    position, end = 2, len(view)
+    while position + 9 <= end:
+        if view[position] != 0xFF:
+            return None
+        marker = view[position + 1]
+        if marker == 0xFF:  # fill byte
+            position += 1
+            continue
+        if marker in _NO_LENGTH:
+            position += 2
+            continue
+        length = (view[position + 2] << 8) | view[position + 3]
+        if marker in _SOF:
+            height, width = struct.unpack(">HH", view[position + 5 : position + 9])
+            return height, width
+        position += 2 + length
+    return None
+
+
+def image_size(data: bytes | memoryview, ext: str) -> tuple[int, int] | None:
+    """(height, width) an encoded image declares in its header (JPEG, PNG), without decoding it."""
+    head = bytes(data[:24])
+    if head[:2] == b"\xff\xd8":
+        return _jpeg_size(data)
+    if head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR":
+        width, height = struct.unpack(">II", head[16:24])
+        return height, width
+    return None
+
+
+def check_pixel_count(data: bytes | memoryview, ext: str) -> None:
+    """Raise BadSample when the image's header declares more than MAX_IMAGE_PIXELS pixels."""
+    declared = image_size(data, ext)
+    if declared is not None and declared[0] * declared[1] > MAX_IMAGE_PIXELS:
+        raise BadSample(f"refused, too many pixels: the .{ext} image declares {declared[1]} x {declared[0]}, "
+                        f"more than the {MAX_IMAGE_PIXELS:,} an image may have")
+
+
+# ----------------------------------------------------------------------------------- decoding
 
 
 def _decode_jpeg_fast(data: bytes | memoryview) -> np.ndarray:
@@ -60,17 +116,19 @@ def _decode_with_pil(data: bytes | memoryview, size: int) -> np.ndarray:
     return np.asarray(image)
 
 
-def decode_to_canvas(data: bytes | memoryview, ext: str, canvas: np.ndarray) -> tuple[int, int]:
+def decode_image_to_canvas(data: bytes | memoryview, ext: str, canvas: np.ndarray) -> tuple[int, int]:
     """Decode JPEG or PNG bytes into the top-left corner of `canvas` (uint8, S x S x 3).
 
     Grayscale, palette, CMYK and alpha images become RGB; an image larger than the canvas is
     shrunk to fit with its aspect ratio kept (JPEG DCT scaling first, then Lanczos). Returns the
-    image's (height, width) inside the canvas. Raises BadSample when the bytes do not decode.
+    image's (height, width) inside the canvas. Raises BadSample when the bytes do not decode or
+    declare too many pixels.
     """
+    check_pixel_count(data, ext)
     size = canvas.shape[0]
     try:
         pixels = None
-        if ext.lower() in _JPEG_EXTS:
+        if ext.lower() in JPEG_EXTS:
             try:
                 pixels = _decode_jpeg_fast(data)
             except RuntimeError:
@@ -84,54 +142,41 @@ def decode_to_canvas(data: bytes | memoryview, ext: str, canvas: np.ndarray) -> 
     return height, width
 
 
-def _raw_to_canvas(data: memoryview, canvas: np.ndarray) -> None:
-    if len(data) != canvas.size:
-        raise BadSample(f"raw pixels hold {len(data)} bytes, a {canvas.shape[0]}² canvas needs {canvas.size}")
-    canvas[...] = np.frombuffer(data, dtype=np.uint8).reshape(canvas.shape)
+# ----------------------------------------------------------------------------------- samples
 
 
-def _stored_hw(sample: Sample, size: int) -> tuple[int, int] | None:
-    data = sample.members.get(EXT_HW)
-    if data is None:
-        return None
-    if len(data) != 4:
-        raise BadSample(f"its .{EXT_HW} member holds {len(data)} bytes, not 4")
-    height, width = decode_hw(bytes(data))
-    if not (0 < height <= size and 0 < width <= size):
-        raise BadSample(f"its .{EXT_HW} member says {height}x{width}, outside a {size}² canvas")
-    return height, width
+def image_member(sample: Sample) -> str:
+    """The extension of a sample's one image member; BadSample when it has none or a bad key."""
+    problem = key_problem(sample.key)
+    if problem:  # a forged member name (a path) never becomes a sample, nor an output key
+        raise BadSample(problem)
+    found = [ext for ext in (EXT_PIXELS, EXT_JPEG, EXT_PNG) if ext in sample.members]
+    if len(found) != 1:
+        raise BadSample(f"{'no' if not found else len(found)} image members (.{EXT_JPEG}, .{EXT_PNG} or "
+                        f".{EXT_PIXELS}); it has {sorted(sample.members)}")
+    return found[0]
 
 
 def fill_canvas(sample: Sample, canvas: np.ndarray) -> tuple[int, int]:
     """Write a shard sample's image into `canvas`; returns its (h, w). Raises BadSample."""
-    problem = key_problem(sample.key)
-    if problem:  # a forged member name (a path) never becomes a sample, nor an output key
-        raise BadSample(problem)
-    size = canvas.shape[0]
-    stored = _stored_hw(sample, size)
-    members = sample.members
-    if EXT_RAW in members:
-        if stored is None:
-            raise BadSample(f"a .{EXT_RAW} sample needs a .{EXT_HW} member")
-        _raw_to_canvas(members[EXT_RAW], canvas)
-        return stored
-    ext = EXT_JPEG if EXT_JPEG in members else EXT_PNG if EXT_PNG in members else None
-    if ext is None:
-        raise BadSample(f"no image member (.{EXT_JPEG}, .{EXT_PNG} or .{EXT_RAW}); it has {sorted(members)}")
-    decoded = decode_to_canvas(members[ext], ext, canvas)
-    if stored is not None and stored != decoded:
-        raise BadSample(f"the image decodes to {decoded[0]}x{decoded[1]}, its .{EXT_HW} member says {stored[0]}x{stored[1]}")
-    return decoded
+    ext = image_member(sample)
+    if ext == EXT_PIXELS:
+        try:
+            pixels = decode_pixels(sample.members[ext], max_side=canvas.shape[0])
+        except ValueError as exc:
+            raise BadSample(str(exc)) from None
+        height, width = pixels.shape[:2]
+        canvas[:height, :width] = pixels
+        return height, width
+    return decode_image_to_canvas(sample.members[ext], ext, canvas)
 
 
 def fill_labels(sample: Sample, row: np.ndarray) -> None:
-    """Copy the 80-byte multi-hot `labels` member into `row`; raises BadSample unless it is 0/1."""
+    """Copy the multi-hot `.labels.npy` member into `row`; raises BadSample unless it is 80 zeros and ones."""
     data = sample.members.get(EXT_LABELS)
     if data is None:
         raise BadSample(f"no .{EXT_LABELS} member (this split should be labelled)")
-    if len(data) != NUM_CLASSES:
-        raise BadSample(f"its .{EXT_LABELS} member holds {len(data)} bytes, not {NUM_CLASSES}")
-    values = np.frombuffer(data, dtype=np.uint8)
-    if values.max() > 1:
-        raise BadSample(f"its .{EXT_LABELS} member holds values other than 0 and 1")
-    row[...] = values
+    try:
+        row[...] = decode_labels(data)
+    except ValueError as exc:
+        raise BadSample(str(exc)) from None

@@ -48,13 +48,13 @@ class FolderImages(torch.utils.data.Dataset):
         return len(self.files)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, str, str]:
-        from cocoshard.loading.decode import decode_to_canvas
+        from cocoshard.loading.decode import decode_image_to_canvas
         from cocoshard.loading.tario import BadSample
 
         file = self.files[index]
         canvas = np.zeros((self.canvas, self.canvas, 3), np.uint8)
         try:
-            height, width = decode_to_canvas(file.read_bytes(), file.suffix.lstrip(".").lower(), canvas)
+            height, width = decode_image_to_canvas(file.read_bytes(), file.suffix.lstrip(".").lower(), canvas)
             error = ""
         except (BadSample, OSError) as exc:
             height, width, error = 1, 1, str(exc)

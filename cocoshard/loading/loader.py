@@ -32,40 +32,49 @@ from typing import Any, Optional
 import torch
 
 from cocoshard.errors import UserError
+from cocoshard.loading.augment import EvalTransform, TrainTransform
 from cocoshard.prepare.manifest import read_manifest
 
 MODES = ("stream", "resident")
 DEFAULT_SHUFFLE_BUFFER = 1000
 DEFAULT_PREFETCH = 2
+Transform = TrainTransform | EvalTransform
 
 
 def build_loader(location: str | os.PathLike, split: str, *, batch_size: int, device: torch.device | str,
                  mode: str = "stream", train: bool, seed: int, rank: int = 0, world_size: int = 1,
                  workers: int = 0, skip_bad_samples: bool = False, shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
-                 prefetch: int = DEFAULT_PREFETCH, memory_limit: Optional[int] = None) -> Any:
+                 prefetch: int = DEFAULT_PREFETCH, memory_limit: Optional[int] = None,
+                 transform: Optional[Transform] = None) -> Any:
     """Device batches of one split of the shards at `location` (folder or URL prefix).
 
     Returns a StreamLoader or ResidentLoader: `len()` (batches per epoch on this rank, equal on
     every rank when training), iteration over `Batch`es on `device`, `set_epoch`, `num_samples`
     (samples per epoch on this rank), `split_samples`, `canvas_size`, `manifest`,
     `skipped_samples`, `augment_threads` (cores this process has for CPU augmentation: pass it
-    as `train_augment(..., threads=)`) and `close()`. `workers` are loader processes for stream mode (0: read in
-    this process); `prefetch` batches are queued per worker; `memory_limit` caps the bytes
-    resident mode may hold (default: what the device or host has free). A split too small for one
-    batch per rank, a bad mode or a bad shard raise UserError.
+    as `train_augment(..., threads=)`) and `close()`. `workers` are loader processes for stream
+    mode (0: read in this process); `prefetch` batches are queued per worker; `memory_limit` caps
+    the bytes resident mode may hold (default: what the device or host has free). With a
+    `transform` (`augment.TrainTransform` / `EvalTransform`) every batch comes training-ready in
+    `batch.inputs`, made where it is cheapest (see the loaders). A split too small for one batch
+    per rank, a bad mode or a bad shard raise UserError.
     """
     if mode not in MODES:
         raise UserError(f"unknown loader mode {mode!r}: choose one of {', '.join(MODES)}")
     if batch_size <= 0 or world_size <= 0 or not 0 <= rank < world_size or workers < 0:
         raise UserError(f"bad loader settings: batch_size={batch_size}, rank={rank}, world_size={world_size}, workers={workers}")
     manifest = read_manifest(location)
+    entry = manifest["splits"].get(split)
+    if entry is not None and not entry["samples"]:
+        raise UserError(f"{location} holds no {split!r} samples: the split is empty")
     device = torch.device(device)
     common = dict(batch_size=batch_size, device=device, train=train, seed=seed, rank=rank, world_size=world_size,
-                  skip_bad_samples=skip_bad_samples)
+                  skip_bad_samples=skip_bad_samples, transform=transform)
     if mode == "resident":
         from cocoshard.loading.resident import ResidentLoader
 
-        loader: Any = ResidentLoader(str(location), split, manifest, memory_limit=memory_limit, **common)
+        loader: Any = ResidentLoader(str(location), split, manifest, memory_limit=memory_limit, workers=workers,
+                                     prefetch=prefetch, **common)
     else:
         from cocoshard.loading.stream import StreamLoader
 

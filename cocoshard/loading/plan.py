@@ -15,8 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-# Distinct seed streams, so the shard order and the sample buffers never draw the same numbers.
-SHARD_ORDER_STREAM, SAMPLE_BUFFER_STREAM = 0, 1
+from cocoshard.seeds import Stream, numpy_rng
 
 
 @dataclass(frozen=True)
@@ -40,7 +39,7 @@ def shard_order(num_shards: int, *, seed: int, epoch: int, train: bool) -> list[
     """The epoch's shard order: a permutation of (seed, epoch) when training, else the manifest's."""
     if not train:
         return list(range(num_shards))
-    rng = np.random.default_rng([seed, epoch, SHARD_ORDER_STREAM])
+    rng = numpy_rng(seed, epoch, Stream.SHARD_ORDER)
     return rng.permutation(num_shards).tolist()
 
 

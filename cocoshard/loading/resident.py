@@ -4,18 +4,25 @@ Raw shards are copied in, JPEG shards decoded once (one thread per core; the dec
 GIL). The tensor lives on the training device when it fits, else in pinned host memory (CUDA) or
 plain host memory (CPU); a split that fits neither the memory it is given nor what is free is
 refused before anything is allocated. Each epoch draws one permutation of (seed, epoch), identical
-on every rank, and each rank takes its slice of whole batches. Batches are gathered row by row:
-`index_select` on the device, numpy's single-threaded `take` in host memory (into recycled, pinned
-when the device is a GPU, buffers), then copied non_blocking. No worker processes.
+on every rank, and each rank takes its slice of whole batches. No worker processes.
+
+A batch is made where the split is:
+- on a CPU with a transform, the crops are read straight from the split's rows (no batch is
+  gathered first): by `workers` processes that share the split with this one (forked after it is
+  loaded, so it is never copied) and fill training-ready slots (`cocoshard.loading.pooled`), or,
+  with `workers=0`, by one thread per core of this process;
+- on the GPU, rows are gathered with `index_select` and transformed on the device;
+- in pinned host memory for a GPU, rows are gathered into a recycled pinned buffer (numpy's
+  single-threaded `take`) and copied without blocking; the buffer goes back to the pool once the
+  copy has finished.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -26,27 +33,19 @@ from cocoshard.loading.batch import Batch
 from cocoshard.loading.buffers import BufferPool
 from cocoshard.loading.decode import fill_canvas, fill_labels
 from cocoshard.loading.plan import rank_batches
+from cocoshard.loading.pooled import PooledBatches
 from cocoshard.loading.tario import BadSample, BadShard, read_samples
-from cocoshard.machine import usable_cores
+from cocoshard.loading.workers import START_METHOD, Slot, SlotShapes
+from cocoshard.machine import host_available_bytes, usable_cores
 from cocoshard.prepare.manifest import shard_urls, split_shards
+from cocoshard.seeds import Stream, torch_generator
 
 # Share of free device memory the split may take: the model, activations and optimizer need the rest.
 DEVICE_SHARE = 0.5
 # Share of available host memory the split may take by default.
 HOST_SHARE = 0.8
 _STAGING_SLOTS = 3
-
-
-def host_available_bytes() -> int:
-    """Memory the kernel says is available to new allocations (MemAvailable), in bytes."""
-    try:
-        with open("/proc/meminfo") as handle:
-            for line in handle:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+Transform = Any  # cocoshard.loading.augment.TrainTransform or EvalTransform
 
 
 def _human(nbytes: float) -> str:
@@ -84,19 +83,49 @@ def _allocate(shape: tuple[int, ...], placement: torch.device, pinned: bool) -> 
     return torch.empty(shape, dtype=torch.uint8, device=placement)
 
 
+class ResidentBatchSource:
+    """What a worker of the resident loader does: transform its batches of the epoch into slots."""
+
+    def __init__(self, loader: "ResidentLoader", workers: int) -> None:
+        self.loader, self.workers = loader, workers  # shared with the workers by fork, never pickled
+
+    def slot_shapes(self) -> SlotShapes:
+        n, size = self.loader.batch_size, self.loader.transform.out_size
+        shapes: SlotShapes = {"inputs": ((n, size, size, 3), self.loader.transform.dtype)}
+        if self.loader.labels is not None:
+            shapes["labels"] = ((n, NUM_CLASSES), torch.uint8)
+        return shapes
+
+    def batches(self, epoch: int, worker: int, acquire: Callable[[], tuple[int, Slot]]) -> Iterator[tuple]:
+        loader, transform = self.loader, self.loader.transform
+        rows = loader.epoch_rows(epoch)
+        starts = np.concatenate([[0], np.cumsum(loader._batch_sizes)]).tolist()
+        generator = torch_generator(loader.seed, epoch, loader.rank, worker, Stream.AUGMENT) if transform.random else None
+        for b in range(worker, len(loader._batch_sizes), self.workers):
+            mine = rows[starts[b] : starts[b + 1]]
+            slot, tensors = acquire()
+            transform.apply(loader.images, loader.sizes.index_select(0, mine), generator=generator, threads=1,
+                            rows=mine, out=tensors["inputs"])
+            if loader.labels is not None:
+                tensors["labels"][: len(mine)].copy_(loader.labels.index_select(0, mine))
+            yield slot, len(mine), [loader.keys[i] for i in mine.tolist()], 0
+
+
 class ResidentLoader:
     """The split in one tensor; exact epochs by seeded permutation (see module doc)."""
 
     def __init__(self, location: str, split: str, manifest: dict[str, Any], *, batch_size: int, device: torch.device,
                  train: bool, seed: int, rank: int, world_size: int, skip_bad_samples: bool,
-                 memory_limit: Optional[int]) -> None:
+                 memory_limit: Optional[int], transform: Optional[Transform] = None, workers: int = 0,
+                 prefetch: int = 2) -> None:
         entries = split_shards(manifest, split)
         self.manifest, self.split, self.device, self.train = manifest, split, device, train
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
         self.canvas_size = size = int(manifest["size"])
         self.labelled = split != "test"
         self.skip_bad_samples = skip_bad_samples
-        self.skipped_samples = 0
+        self.transform = transform
+        self._skipped = 0
         self.epoch = 0
         counts = [int(e["samples"]) for e in entries]
         total = sum(counts)
@@ -111,23 +140,28 @@ class ResidentLoader:
         self.rows = torch.from_numpy(np.flatnonzero(valid))
         self.split_samples = len(self.rows)
         self.sizes = self.sizes.to(self.placement)
-        self.labels = None if self.labels is None else self.labels.to(self.placement).float()
+        self.labels = None if self.labels is None else self.labels.to(self.placement)
         _, sizes = rank_batches(self.split_samples, batch_size=batch_size, rank=rank, world_size=world_size, train=train)
         self._batch_sizes, self.num_samples = sizes, sum(sizes)
         # No loader processes here: CPU augmentation may use every core.
         self.augment_threads = usable_cores()
         self._pool = BufferPool(max_per_key=_STAGING_SLOTS)
-        self._in_flight: list[tuple[Any, torch.Tensor]] = []  # (CUDA event, pinned slot being copied)
+        self._in_flight: list[tuple[Any, torch.Tensor]] = []  # (CUDA event, pinned buffer being copied)
+        self._pooled: Optional[PooledBatches] = None
+        if workers > 0 and transform is not None and device.type == "cpu" and START_METHOD == "fork":
+            source = ResidentBatchSource(self, workers)
+            self._pooled = PooledBatches(source, source.slot_shapes(), workers=workers, device=device,
+                                         prefetch=prefetch, seed=seed, rank=rank, device_transform=None,
+                                         output_transform=transform, name=f"{split} resident loader")
 
     # ------------------------------------------------------------------------------ loading
 
     def _load(self, urls: list[str], entries: list[dict], counts: list[int], valid: np.ndarray) -> None:
         offsets = np.concatenate([[0], np.cumsum(counts)]).astype(int).tolist()
-        threads = usable_cores()
         jobs = [(urls[i], entries[i].get("sha256"), counts[i], offsets[i]) for i in range(len(urls))]
-        with ThreadPoolExecutor(max_workers=threads) as pool:
+        with ThreadPoolExecutor(max_workers=usable_cores()) as pool:
             for skipped in pool.map(lambda job: self._load_shard(*job, valid), jobs):
-                self.skipped_samples += skipped
+                self._skipped += skipped
 
     def _load_shard(self, url: str, sha256: Optional[str], count: int, offset: int, valid: np.ndarray) -> int:
         try:
@@ -169,7 +203,9 @@ class ResidentLoader:
         self.epoch = epoch
 
     def close(self) -> None:
-        """Nothing runs in the background; the memory goes with the object."""
+        """Stop the worker processes, if any (the split's memory goes with the object)."""
+        if self._pooled is not None:
+            self._pooled.close()
 
     def __enter__(self) -> "ResidentLoader":
         return self
@@ -177,10 +213,11 @@ class ResidentLoader:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def epoch_rows(self) -> torch.Tensor:
-        """Rows of the resident tensor this rank reads this epoch, in order (CPU int64)."""
+    def epoch_rows(self, epoch: Optional[int] = None) -> torch.Tensor:
+        """Rows of the resident tensor this rank reads in `epoch` (the current one), in order (CPU int64)."""
+        epoch = self.epoch if epoch is None else epoch
         if self.train:
-            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            generator = torch_generator(self.seed, epoch, Stream.RESIDENT_ORDER)
             order = self.rows[torch.randperm(self.split_samples, generator=generator)]
         else:
             order = self.rows
@@ -188,34 +225,61 @@ class ResidentLoader:
                                 world_size=self.world_size, train=self.train)
         return order[start : start + self.num_samples]
 
+    @property
+    def skipped_samples(self) -> int:
+        """Bad samples skipped when the split was loaded (with skip_bad_samples)."""
+        return self._skipped
+
     def __iter__(self) -> Iterator[Batch]:
+        if self._pooled is not None:
+            workers = self._pooled.workers
+            yield from self._pooled.batches(self.epoch, [b % workers for b in range(len(self))], self.train)
+            return
         rows = self.epoch_rows()
+        generator = None
+        if self.transform is not None and self.transform.random:
+            generator = torch_generator(self.seed, self.epoch, self.rank, Stream.AUGMENT, device=self.device)
         start = 0
         for size in self._batch_sizes:
-            yield self._gather(rows[start : start + size])
+            yield self._batch(rows[start : start + size], generator)
             start += size
 
-    def _gather(self, rows: torch.Tensor) -> Batch:
-        n, size = len(rows), self.canvas_size
-        flat = self.images.view(len(self.images), -1)
-        index = rows.to(self.placement, non_blocking=True)
+    def _batch(self, rows: torch.Tensor, generator: Optional[torch.Generator]) -> Batch:
         keys = [self.keys[i] for i in rows.tolist()]
+        index = rows.to(self.placement, non_blocking=True)
+        labels = None if self.labels is None else self.labels.index_select(0, index).float()
+        if self.placement.type == "cpu" and self.device.type == "cpu" and self.transform is not None:
+            # crops read straight from the split's rows, by every core: nothing gathered first
+            inputs = self.transform.apply(self.images, self.sizes.index_select(0, index), generator=generator,
+                                          threads=self.augment_threads, rows=rows)
+            return Batch(None, None, labels, keys, inputs=inputs)
+        images, sizes = self._gather(rows, index)
+        if self.device.type != self.placement.type:
+            sizes = sizes.to(self.device, non_blocking=True)
+            labels = None if labels is None else labels.to(self.device, non_blocking=True)
+        if self.transform is None:
+            return Batch(images, sizes, labels, keys)
+        return Batch(None, None, labels, keys, inputs=self.transform.apply(images, sizes, generator=generator))
+
+    def _gather(self, rows: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rows' canvases and sizes on the device."""
+        n, size = len(rows), self.canvas_size
         sizes = self.sizes.index_select(0, index)
-        labels = None if self.labels is None else self.labels.index_select(0, index)
+        flat = self.images.view(len(self.images), -1)
         if self.placement.type == "cuda":
-            return Batch(flat.index_select(0, index).view(n, size, size, 3), sizes, labels, keys)
+            return flat.index_select(0, index).view(n, size, size, 3), sizes
         images = self._pool.take((n, flat.shape[1]), torch.uint8, "cpu", pin_memory=self.device.type == "cuda")
         # numpy's single-threaded row copy: torch's OpenMP index_select took 1 s instead of 3 ms for
         # a 19 MB batch on a 2-core CPU that other processes kept busy. mode="clip" (the rows are
         # valid): the default mode copies through a temporary buffer, 3x slower.
         np.take(flat.numpy(), rows.numpy(), axis=0, out=images.numpy(), mode="clip")
         if self.device.type == "cpu":
-            return Batch(images.view(n, size, size, 3), sizes, labels, keys)
-        # Host-resident split, CUDA device: gathered into a pinned slot, copied asynchronously.
+            return images.view(n, size, size, 3), sizes
+        # Host-resident split, CUDA device: gathered into a pinned buffer, copied asynchronously;
+        # the buffer goes back to the pool when `staging` dies: keep it until the copy is done.
         staging = images
-        batch = Batch(staging.view(n, size, size, 3), sizes, labels, keys).to(self.device)
-        # The slot returns to the pool when `staging` dies; keep it alive until the copy is done.
+        on_device = staging.view(n, size, size, 3).to(self.device, non_blocking=True)
         event = torch.cuda.Event()
         event.record()
-        self._in_flight = [(e, slot) for e, slot in self._in_flight if not e.query()] + [(event, staging)]
-        return batch
+        self._in_flight = [(e, held) for e, held in self._in_flight if not e.query()] + [(event, staging)]
+        return on_device, sizes

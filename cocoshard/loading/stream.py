@@ -1,37 +1,37 @@
-"""The stream loader: worker processes read shard segments and hand over uint8 batches.
+"""The stream loader: worker processes read their shard segments and fill batches in shared memory.
 
-Each worker reads only its `(shard, skip, take)` segments of the epoch (see `cocoshard.epochs`),
-shuffles them through a seeded buffer (training), decodes into uint8 batch buffers and sends them
-to the main process. The buffers live in shared memory and are recycled: filling a fresh 19 MB
-shared-memory batch costs ~100 µs per image in page faults and zeroing, a reused one ~10 µs (2-core
-x86 CPU). The caller gets aliases of a buffer (`cocoshard.recycle`); its worker refills it only once
-every tensor made from them is gone, and allocates a new one when all of its buffers are still
-held, so nothing waits and nothing held is overwritten. Workers freeze the garbage collector on
-what they inherit. The main process pins batches (CUDA) and copies them non_blocking.
+Each worker reads only its `(shard, skip, take)` segments of the epoch (`cocoshard.loading.plan`),
+shuffles them through a seeded buffer (training), decodes them and fills a batch slot
+(`cocoshard.loading.workers`); the main process takes the batches in a fixed order (round-robin
+over the workers, which is the manifest's order for evaluation).
+
+What a slot holds depends on where the batch goes:
+- on a CPU, with a transform (what training and evaluation use): the training-ready batch. The
+  workers crop, resize and normalise (`cocoshard.loading.augment`) and the main process hands
+  the batch on, so the per-image work spreads over every worker process instead of waiting on
+  one process's threads;
+- on CUDA, or without a transform: uint8 canvases, sizes and labels. On CUDA the slot is
+  page-locked once (`cudaHostRegister`), copied to the device without blocking and given back to
+  its worker when the copy has finished; the transform then runs on the device.
+
+On a CPU the caller gets aliases of the slot (`cocoshard.loading.buffers.Loans`) and the slot goes
+back to its worker once every tensor made from them is gone. With `workers=0` the same batches are
+made in this process, in slots recycled the same way.
 """
 
 from __future__ import annotations
 
-import gc
-import math
 import os
-from dataclasses import replace
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import torch
 
 from cocoshard import NUM_CLASSES
 from cocoshard.loading.batch import Batch
-from cocoshard.loading.buffers import alias, released
 from cocoshard.loading.decode import fill_canvas, fill_labels
-from cocoshard.loading.plan import (
-    SAMPLE_BUFFER_STREAM,
-    Segment,
-    WorkerPlan,
-    plan_epoch,
-    rank_batches,
-)
+from cocoshard.loading.plan import Segment, WorkerPlan, plan_epoch, rank_batches
+from cocoshard.loading.pooled import PooledBatches
 from cocoshard.loading.tario import (
     BadSample,
     BadShard,
@@ -39,62 +39,12 @@ from cocoshard.loading.tario import (
     ShardChecks,
     read_samples,
 )
+from cocoshard.loading.workers import Slot, SlotShapes
 from cocoshard.machine import usable_cores
 from cocoshard.prepare.manifest import shard_urls, split_shards
+from cocoshard.seeds import Stream, numpy_rng, torch_generator
 
-# Buffers per worker beyond its queued batches: the one it fills and the two the caller may hold.
-SPARE_SLOTS = 3
-
-
-def _shared_empty(shape: tuple[int, ...], dtype: torch.dtype, shared: bool) -> torch.Tensor:
-    """A tensor whose storage is born in shared memory, so sending it to the main process copies nothing."""
-    if not shared:
-        return torch.empty(shape, dtype=dtype)
-    nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
-    storage = torch.UntypedStorage._new_shared(max(nbytes, 1))
-    return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
-
-
-class SlotRing:
-    """One worker's reusable batch buffers (images, sizes, labels), each `batch_size` samples long.
-
-    `free` is a (workers, slots) int8 table in shared memory: the worker sets a slot busy when it
-    sends it, the main process clears it once no view of the slot is left on its side.
-    """
-
-    def __init__(self, free: torch.Tensor, worker: int, batch_size: int, canvas_size: int, labelled: bool,
-                 shared: bool) -> None:
-        self.busy, self.shared = free[worker], shared
-        self.shapes = [((batch_size, canvas_size, canvas_size, 3), torch.uint8), ((batch_size, 2), torch.int64)]
-        if labelled:
-            self.shapes.append(((batch_size, NUM_CLASSES), torch.uint8))
-        self.slots: list[Optional[list[torch.Tensor]]] = [None] * len(self.busy)
-        self.next = 0
-
-    def _new(self) -> list[torch.Tensor]:
-        return [_shared_empty(shape, dtype, self.shared) for shape, dtype in self.shapes]
-
-    def acquire(self) -> tuple[int, list[torch.Tensor]]:
-        """(slot number, buffers) of a slot the main process has let go of, or (-1, new buffers)."""
-        for step in range(len(self.slots)):
-            slot = (self.next + step) % len(self.slots)
-            if int(self.busy[slot]) == 0:
-                self.next = slot + 1
-                if self.slots[slot] is None:
-                    self.slots[slot] = self._new()
-                self.busy[slot] = 1
-                return slot, self.slots[slot]
-        return -1, self._new()
-
-
-def _init_worker(worker: int) -> None:
-    """Exclude everything inherited from the parent from garbage collection in this worker.
-
-    A forked worker shares the parent's heap copy-on-write; each collection would walk (and so
-    copy) the million objects an `import torch` leaves behind. Measured: raw-shard workers spent
-    twice the CPU time of the same code in the main process until frozen.
-    """
-    gc.freeze()
+Transform = Any  # cocoshard.loading.augment.TrainTransform or EvalTransform
 
 
 def _shuffled(items: Iterator, capacity: int, rng: np.random.Generator) -> Iterator:
@@ -111,36 +61,51 @@ def _shuffled(items: Iterator, capacity: int, rng: np.random.Generator) -> Itera
     yield from buffer
 
 
-class ShardBatches(torch.utils.data.IterableDataset):
-    """The worker side of the stream loader: one epoch of uint8 batches per `iter()`."""
+# ----------------------------------------------------------------------------- worker side
+
+
+class ShardBatchSource:
+    """What a stream worker does: read its segments of an epoch and fill batch slots (picklable)."""
 
     def __init__(self, urls: list[str], counts: list[int], hashes: list[Optional[str]], *, canvas_size: int,
-                 labelled: bool, batch_size: int, seed: int, rank: int, world_size: int, workers: int,
-                 train: bool, shuffle_buffer: int, skip_bad_samples: bool, epoch_cell: torch.Tensor,
-                 slot_table: torch.Tensor) -> None:
-        super().__init__()
+                 labelled: bool, batch_size: int, seed: int, rank: int, world_size: int, workers: int, train: bool,
+                 shuffle_buffer: int, skip_bad_samples: bool, transform: Optional[Transform]) -> None:
         self.urls, self.counts, self.hashes = urls, counts, hashes
         self.canvas_size, self.labelled, self.batch_size = canvas_size, labelled, batch_size
         self.seed, self.rank, self.world_size, self.workers = seed, rank, world_size, max(1, workers)
         self.train, self.shuffle_buffer, self.skip_bad_samples = train, shuffle_buffer, skip_bad_samples
-        self.epoch_cell, self.slot_table = epoch_cell, slot_table
+        self.transform = transform  # applied here (CPU) or None (the main process applies it)
+        # One thread per worker process; every core when the batches are made in the main process.
+        self.transform_threads = 1 if workers > 0 else usable_cores()
         self.checks = ShardChecks(len(urls))
-        self._ring: Optional[SlotRing] = None  # made in the process that fills it, kept across epochs
+        self._canvas: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # private buffers when transforming
 
     def plans(self, epoch: int) -> list[WorkerPlan]:
         return plan_epoch(self.counts, batch_size=self.batch_size, seed=self.seed, epoch=epoch, rank=self.rank,
                           world_size=self.world_size, workers=self.workers, train=self.train)
 
-    def __iter__(self) -> Iterator[Batch]:
-        info = torch.utils.data.get_worker_info()
-        worker = info.id if info is not None else 0
-        epoch = int(self.epoch_cell[0])
+    def slot_shapes(self) -> SlotShapes:
+        """The tensors of one slot: the training-ready batch when transforming here, else canvases."""
+        n, s = self.batch_size, self.canvas_size
+        shapes: SlotShapes = {}
+        if self.transform is not None:
+            size = self.transform.out_size
+            shapes["inputs"] = ((n, size, size, 3), self.transform.dtype)
+        else:
+            shapes["images"] = ((n, s, s, 3), torch.uint8)
+            shapes["sizes"] = ((n, 2), torch.int64)
+        if self.labelled:
+            shapes["labels"] = ((n, NUM_CLASSES), torch.uint8)
+        return shapes
+
+    def batches(self, epoch: int, worker: int, acquire: Callable[[], tuple[int, Slot]]) -> Iterator[tuple]:
+        """Fill one slot per planned batch of this worker; yields (slot, size, keys, skipped)."""
         plan = self.plans(epoch)[worker]
-        rng = np.random.default_rng([self.seed, epoch, self.rank, worker, SAMPLE_BUFFER_STREAM])
-        if self._ring is None:
-            self._ring = SlotRing(self.slot_table, worker, self.batch_size, self.canvas_size, self.labelled,
-                                  shared=info is not None)
-        return _BatchAssembler(self, plan, rng, self._ring, worker).batches()
+        rng = numpy_rng(self.seed, epoch, self.rank, worker, Stream.SAMPLE_BUFFER)
+        generator = None
+        if self.transform is not None and self.transform.random:
+            generator = torch_generator(self.seed, epoch, self.rank, worker, Stream.AUGMENT)
+        return _BatchAssembler(self, plan, rng, generator, acquire).batches()
 
     def read_segments(self, segments: tuple[Segment, ...]) -> Iterator[tuple[str, Optional[Sample], Optional[BadSample]]]:
         """(url, sample, None) for each planned sample; (url, None, error) for each lost to a bad shard."""
@@ -162,18 +127,25 @@ class ShardBatches(torch.utils.data.IterableDataset):
             for sample in cached[1][seg.skip : seg.skip + seg.take]:
                 yield url, sample, None
 
+    def canvases(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """This process's own canvas buffers, filled before the transform writes into the slot."""
+        if self._canvas is None:
+            n, s = self.batch_size, self.canvas_size
+            self._canvas = (torch.empty((n, s, s, 3), dtype=torch.uint8), torch.empty((n, 2), dtype=torch.int64))
+        return self._canvas
+
 
 class _BatchAssembler:
     """Fills one worker's batches from its samples; with skip_bad_samples, bad ones are counted.
 
     Training keeps every batch full: when bad samples leave a worker short, it reads its own
     segments again to refill (such repeats equal the bad count). Evaluation drops bad samples from
-    their batch and never yields an empty one.
+    their batch and never yields an empty one unless it carries a skipped count.
     """
 
-    def __init__(self, source: ShardBatches, plan: WorkerPlan, rng: np.random.Generator, ring: SlotRing,
-                 worker: int) -> None:
-        self.source, self.plan, self.rng, self.ring, self.worker = source, plan, rng, ring, worker
+    def __init__(self, source: ShardBatchSource, plan: WorkerPlan, rng: np.random.Generator,
+                 generator: Optional[torch.Generator], acquire: Callable[[], tuple[int, Slot]]) -> None:
+        self.source, self.plan, self.rng, self.generator, self.acquire = source, plan, rng, generator, acquire
         self.passes = 0
         self.good = 0
 
@@ -196,22 +168,18 @@ class _BatchAssembler:
     def _shard_names(self) -> str:
         return ", ".join(sorted({os.path.basename(self.source.urls[s.shard]) for s in self.plan.segments}))
 
-    def batches(self) -> Iterator[Batch]:
+    def batches(self) -> Iterator[tuple]:
         stream = self._stream()
         for size in self.plan.batch_sizes:
-            batch, stream = self._fill(size, stream)
-            if len(batch) or self.source.train or batch.skipped:
-                yield batch  # an empty evaluation batch still carries its skipped count
-            elif batch.slot is not None:
-                self.ring.busy[batch.slot[1]] = 0
+            slot, tensors = self.acquire()
+            keys, skipped, stream = self._fill(size, stream, tensors)
+            yield slot, len(keys), keys, skipped
 
-    def _fill(self, size: int, stream: Iterator) -> tuple[Batch, Iterator]:
+    def _fill(self, size: int, stream: Iterator, tensors: Slot) -> tuple[list[str], int, Iterator]:
         src = self.source
-        slot, buffers = self.ring.acquire()
-        images, sizes = buffers[0], buffers[1]
-        labels = buffers[2] if src.labelled else None
+        images, sizes = src.canvases() if src.transform is not None else (tensors["images"], tensors["sizes"])
         pixels, hw = images.numpy(), sizes.numpy()
-        label_rows = None if labels is None else labels.numpy()
+        label_rows = tensors["labels"].numpy() if src.labelled else None
         keys: list[str] = []
         skipped = consumed = 0
         while len(keys) < size and (src.train or consumed < size):
@@ -235,13 +203,14 @@ class _BatchAssembler:
                 continue
             keys.append(sample.key)
             self.good += 1
-        n = len(keys)
-        batch = Batch(images[:n], sizes[:n], None if labels is None else labels[:n], keys, skipped,
-                      slot=(self.worker, slot) if slot >= 0 else None)
-        return batch, stream
+        if src.transform is not None and keys:
+            n = len(keys)
+            src.transform.apply(images[:n], sizes[:n], generator=self.generator, threads=src.transform_threads,
+                                out=tensors["inputs"])
+        return keys, skipped, stream
 
 
-# -------------------------------------------------------------------- main-process loader
+# ----------------------------------------------------------------------------- main side
 
 
 class StreamLoader:
@@ -249,37 +218,36 @@ class StreamLoader:
 
     def __init__(self, location: str, split: str, manifest: dict[str, Any], *, batch_size: int,
                  device: torch.device, train: bool, seed: int, rank: int, world_size: int, workers: int,
-                 skip_bad_samples: bool, shuffle_buffer: int, prefetch: int) -> None:
+                 skip_bad_samples: bool, shuffle_buffer: int, prefetch: int,
+                 transform: Optional[Transform] = None) -> None:
         entries = split_shards(manifest, split)
         counts = [int(e["samples"]) for e in entries]
         self.manifest, self.split, self.device, self.train = manifest, split, device, train
         self.canvas_size = int(manifest["size"])
         self.split_samples = sum(counts)
-        self.skipped_samples = 0
         self.epoch = 0
-        self._epoch_cell = torch.zeros(1, dtype=torch.int64).share_memory_()
-        self._slot_table = torch.zeros((max(1, workers), prefetch + SPARE_SLOTS), dtype=torch.int8).share_memory_()
-        # Every slot's tensors as they arrived, kept so that the slot's mapping here stays alive (a
-        # slot sent again arrives as the same storage: no new mmap, no page faults); the caller
-        # gets aliases of them (see cocoshard.recycle), and a slot goes back to its worker once
-        # the weak references to all of its aliases have expired.
-        self._slot_tensors: dict[tuple[int, int], list[torch.Tensor]] = {}
-        self._lent: dict[tuple[int, int], list] = {}
-        self._dataset = ShardBatches(
+        self.transform, self.workers = transform, workers
+        on_cpu = device.type == "cpu"  # there the batch is made ready where it is made
+        self._source = ShardBatchSource(
             shard_urls(location, manifest, split), counts, [e.get("sha256") for e in entries],
             canvas_size=self.canvas_size, labelled=split != "test", batch_size=batch_size, seed=seed, rank=rank,
             world_size=world_size, workers=workers, train=train, shuffle_buffer=shuffle_buffer,
-            skip_bad_samples=skip_bad_samples, epoch_cell=self._epoch_cell, slot_table=self._slot_table,
+            skip_bad_samples=skip_bad_samples, transform=transform if on_cpu else None,
         )
         _, sizes = rank_batches(self.split_samples, batch_size=batch_size, rank=rank, world_size=world_size, train=train)
         self._batches, self.num_samples = len(sizes), sum(sizes)
-        # Cores left to CPU augmentation in this process once the workers have theirs.
+        # Cores left to CPU augmentation in this process once the workers have theirs (for callers
+        # that augment the canvases themselves).
         self.augment_threads = max(1, usable_cores() - workers)
-        self._loader = torch.utils.data.DataLoader(
-            self._dataset, batch_size=None, num_workers=workers, pin_memory=device.type == "cuda",
-            persistent_workers=workers > 0, prefetch_factor=prefetch if workers > 0 else None,
-            worker_init_fn=_init_worker if workers > 0 else None,
-        )
+        self._pooled = PooledBatches(self._source, self._source.slot_shapes(), workers=workers, device=device,
+                                     prefetch=prefetch, seed=seed, rank=rank,
+                                     device_transform=None if on_cpu else transform, output_transform=transform,
+                                     name=f"{split} loader")
+
+    @property
+    def skipped_samples(self) -> int:
+        """Bad samples skipped in the latest pass over the split (with skip_bad_samples)."""
+        return self._pooled.skipped
 
     def __len__(self) -> int:
         return self._batches
@@ -289,62 +257,23 @@ class StreamLoader:
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[Batch]:
-        self._epoch_cell[0] = self.epoch
-        self.skipped_samples = 0  # per pass, as resident mode counts its split once
-        self._release_idle()  # the last epoch's final batches, before workers start filling again
+        # which worker each batch comes from: round-robin, as many as each one has
+        counts = [len(plan.batch_sizes) for plan in self._source.plans(self.epoch)]
+        order = [w for i in range(max(counts, default=0)) for w in range(len(counts)) if i < counts[w]]
         count = 0
-        try:
-            for batch in self._loader:
-                self._release_idle()
-                self.skipped_samples += batch.skipped
-                count += 1
-                if not (len(batch) or self.train):  # an evaluation batch emptied by bad samples:
-                    if batch.slot is not None:     # only its skipped count mattered
-                        self._slot_table[batch.slot] = 0
-                    continue
-                yield self._lend(batch).to(self.device)
-        except Exception:
-            self.close()
-            raise
+        for batch in self._pooled.batches(self.epoch, order, self.train):
+            count += 1
+            yield batch
         if self.train and count != self._batches:
             raise RuntimeError(f"the loader yielded {count} batches instead of {self._batches}: epoch plan broken")
-
-    def _release_idle(self) -> None:
-        """Hand back to the workers the slots of earlier batches that nobody holds any more."""
-        for slot, references in list(self._lent.items()):
-            if all(released(r) for r in references):
-                self._slot_table[slot] = 0
-                del self._lent[slot]
-
-    def _lend(self, batch: Batch) -> Batch:
-        """The batch as the caller gets it: aliases of its slot's tensors, watched until dropped."""
-        if batch.slot is None:
-            return batch
-        if batch.pinned:  # the page-locked copy is all the caller sees
-            self._slot_table[batch.slot] = 0
-            return batch
-        originals = [batch.images, batch.sizes, batch.labels]
-        self._slot_tensors[batch.slot] = [t for t in originals if t is not None]
-        lent = [alias(t) if t is not None else (None, None) for t in originals]
-        self._lent[batch.slot] = [reference for _, reference in lent]
-        return replace(batch, images=lent[0][0], sizes=lent[1][0], labels=lent[2][0])
 
     def close(self) -> None:
         """Stop the worker processes now (the next iteration starts new ones).
 
-        Called after a failed epoch, and worth calling when done: left to the garbage collector,
-        the DataLoader joins its workers whenever a collection happens to run, with a 5 s timeout
-        per worker, and a later fork inherits the stale iterator.
+        Worth calling when done: worker processes hold memory and a file descriptor each until
+        they are stopped. What the caller still holds stays valid.
         """
-        iterator = getattr(self._loader, "_iterator", None)
-        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
-            iterator._shutdown_workers()
-        self._loader._iterator = None
-        # New workers make new buffers: forget the old ones (views the caller still has stay valid).
-        self._slot_tensors.clear()
-        self._lent.clear()
-        self._slot_table.zero_()
-        self._dataset._ring = None
+        self._pooled.close()
 
     def __enter__(self) -> "StreamLoader":
         return self

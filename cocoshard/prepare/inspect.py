@@ -21,37 +21,35 @@ import io
 import tarfile
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
-import numpy as np
 from PIL import Image
 
 from cocoshard.config import InspectConfig, print_config
+from cocoshard.console import literal, stdout_console
 from cocoshard.errors import UserError
 from cocoshard.prepare.format import (
-    EXT_HW,
     EXT_JPEG,
     EXT_LABELS,
-    EXT_PNG,
-    EXT_RAW,
+    EXT_PIXELS,
+    IMAGE_FIELDS,
     SPLITS,
-    decode_hw,
     decode_labels,
+    decode_pixels,
     key_problem,
     split_member_name,
 )
 from cocoshard.prepare.manifest import is_url, list_shard_files, read_manifest
 from cocoshard.prepare.pool import map_in_workers
+from cocoshard.prepare.sources import MAX_IMAGE_PIXELS
 from cocoshard.prepare.summary import print_summary
-
-IMAGE_FIELDS = {"jpeg": (EXT_JPEG, EXT_PNG), "raw": (EXT_RAW,)}
 
 
 def check_sample(key: str, fields: dict[str, bytes], split: str, pixel_format: str, size: int) -> list[str]:
     """What is wrong with one sample (an empty list when nothing is)."""
     problems = [key_problem(key)] if key_problem(key) else []
     images = [f for f in fields if f in IMAGE_FIELDS[pixel_format]]
-    expected = set(images[:1]) | {EXT_HW} | ({EXT_LABELS} if split != "test" else set())
+    expected = set(images[:1]) | ({EXT_LABELS} if split != "test" else set())
     if len(images) != 1:
         problems.append(f"{len(images)} pixel members, expected one of {'/'.join(IMAGE_FIELDS[pixel_format])}")
     if set(fields) != expected:
@@ -61,30 +59,27 @@ def check_sample(key: str, fields: dict[str, bytes], split: str, pixel_format: s
             decode_labels(fields[EXT_LABELS])
         except ValueError as exc:
             problems.append(str(exc))
-    if EXT_HW not in fields or len(fields[EXT_HW]) != 4:
-        return problems + ["no valid .hw member (2 x uint16)"]
-    height, width = decode_hw(fields[EXT_HW])
-    if not (1 <= height <= size and 1 <= width <= size):
-        problems.append(f"hw {height}x{width} outside 1..{size}")
-    elif len(images) == 1:
-        problems += _check_pixels(fields[images[0]], images[0], height, width, size)
+    if len(images) == 1:
+        problems += _check_pixels(fields[images[0]], images[0], size)
     return [f"{key}: {p}" for p in problems]
 
 
-def _check_pixels(data: bytes, field: str, height: int, width: int, size: int) -> list[str]:
-    if field == EXT_RAW:
-        if len(data) != size * size * 3:
-            return [f"{len(data)} raw bytes, expected {size}x{size}x3"]
-        canvas = np.frombuffer(data, dtype=np.uint8).reshape(size, size, 3)
-        outside = canvas[height:].any() or canvas[:height, width:].any()
-        return ["non-zero pixels outside the image's hw region"] if outside else []
+def _check_pixels(data: bytes, field: str, size: int) -> list[str]:
+    if field == EXT_PIXELS:
+        try:
+            decode_pixels(data, max_side=size)
+        except ValueError as exc:
+            return [str(exc)]
+        return []
     try:
         image = Image.open(io.BytesIO(data), formats=("JPEG",) if field == EXT_JPEG else ("PNG",))
+        if image.width * image.height > MAX_IMAGE_PIXELS:
+            return [f"{field} declares {image.width} x {image.height} pixels, more than an image may have"]
         image.load()
     except Exception as exc:  # any decoder failure is a bad sample, whatever the exception type
         return [f"{field} does not decode: {exc}"]
-    if image.size != (width, height):
-        return [f"{field} decodes to {image.size[1]}x{image.size[0]}, hw says {height}x{width}"]
+    if max(image.size) > size:
+        return [f"{field} decodes to {image.height}x{image.width}, larger than the manifest's size {size}"]
     return []
 
 
@@ -144,12 +139,14 @@ def verify_shard(task: tuple[str, str, dict[str, Any], str, int]) -> tuple[list[
     return problems, keys
 
 
-def verify_shards(folder: str | Path, manifest: dict[str, Any], workers: int = 0, progress: bool = False) -> dict[str, list[str]]:
+def verify_shards(folder: str | Path, manifest: dict[str, Any], workers: Optional[int] = None,
+                  progress: bool = False) -> dict[str, list[str]]:
     """Problems by shard name (and by split for cross-shard checks); empty when everything is intact."""
     entries = [(split, entry) for split in SPLITS for entry in manifest["splits"].get(split, {}).get("shards", [])]
-    tasks = [(str(Path(folder) / entry["name"]), split, entry, manifest["pixel_format"], manifest["size"]) for split, entry in entries]
-    results = map_in_workers(verify_shard, tasks, workers=workers, sizes=[e["samples"] for _, e in entries], progress=progress, desc="verify", unit="sample",
-                             describe=lambda task: Path(task[0]).name)
+    tasks = [(str(Path(folder) / entry["name"]), split, entry, manifest["pixel_format"], manifest["size"])
+             for split, entry in entries]
+    results = map_in_workers(verify_shard, tasks, workers=workers, sizes=[e["samples"] for _, e in entries],
+                             progress=progress, desc="verify", unit="sample", describe=lambda task: Path(task[0]).name)
     problems = {entry["name"]: found for (_, entry), (found, _) in zip(entries, results) if found}
     keys: dict[str, list[str]] = {split: [] for split in SPLITS}
     for (split, _), (_, shard_keys) in zip(entries, results):
@@ -165,16 +162,14 @@ def verify_shards(folder: str | Path, manifest: dict[str, Any], workers: int = 0
 def run(cfg: InspectConfig) -> int:
     """`cocoshard inspect`: print the summary; with --verify check every shard, exit 1 on any problem."""
     print_config(cfg)
-    from rich.console import Console
-
-    console = Console()
+    console = stdout_console()
     manifest = read_manifest(cfg.shards)
-    print_summary(manifest, console, title=f"shards in {cfg.shards}")
+    print_summary(manifest, console, title=f"shards in {cfg.shards}", layout=True)
     if not is_url(cfg.shards):
         listed = {entry["name"] for split in manifest["splits"].values() for entry in split["shards"]}
         extra = [p.name for p in list_shard_files(cfg.shards) if p.name not in listed]
         if extra:
-            console.print(f"note: {len(extra)} shard files not in the manifest (ignored): {', '.join(extra[:5])}", highlight=False)
+            console.print(f"note: {len(extra)} shard files not in the manifest (ignored): {literal(', '.join(extra[:5]))}")
     if not cfg.verify:
         return 0
     if is_url(cfg.shards):
@@ -182,10 +177,10 @@ def run(cfg: InspectConfig) -> int:
     problems = verify_shards(cfg.shards, manifest, cfg.workers, progress=True)
     total = sum(len(split["shards"]) for split in manifest["splits"].values())
     if not problems:
-        console.print(f"[bold green]verified[/] {total} shards: sizes, sha256 and every sample match the manifest", highlight=False)
+        console.print(f"[bold green]verified[/] {total} shards: sizes, sha256 and every sample match the manifest")
         return 0
-    console.print(f"[bold red]{len(problems)} of {total} shards fail verification:[/]", highlight=False)
+    console.print(f"[bold red]{len(problems)} of {total} shards fail verification:[/]")
     for name, found in problems.items():
         for problem in found:
-            console.print(f"  {name}: {problem}", highlight=False, soft_wrap=True)
+            console.print(f"  {literal(name)}: {literal(problem)}")
     return 1

@@ -25,39 +25,133 @@ def is_url(location: str) -> bool:
     return "://" in location or location.startswith("pipe:")
 
 
-def read_manifest(location: str | os.PathLike) -> dict[str, Any]:
-    """Load `manifest.json` from a shard folder (or URL prefix) and check its format version."""
-    loc = str(location)
-    if is_url(loc):
+MAX_MANIFEST_BYTES = 64 * 2**20  # 65k images with every one rejected still fit in a few MB
+
+
+class BadManifest(UserError):
+    """A manifest.json that cannot describe shards: the message names the file and the field."""
+
+
+def _read_text(location: str) -> tuple[str, str]:
+    """(text of the manifest, where it came from), from a folder or a URL prefix."""
+    if is_url(location):
         import urllib.request
 
-        url = loc.rstrip("/") + "/" + MANIFEST
+        url = location.rstrip("/") + "/" + MANIFEST
         try:
             with urllib.request.urlopen(url) as response:  # noqa: S310 (user-given location)
-                text = response.read().decode()
-        except OSError as exc:
+                return response.read(MAX_MANIFEST_BYTES).decode("utf-8"), url
+        except (OSError, UnicodeDecodeError) as exc:
             raise UserError(f"cannot read {url}: {exc}") from exc
-        source = url
-    else:
-        path = Path(loc) / MANIFEST
-        if not path.is_file():
-            raise UserError(f"no {MANIFEST} in {loc!s}: pack the data first (cocoshard pack --out {loc})")
-        text = path.read_text()
-        source = str(path)
+    path = Path(location) / MANIFEST
+    if not path.is_file():
+        raise UserError(f"no {MANIFEST} in {location}: pack the data first (cocoshard pack --out {location})")
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(MAX_MANIFEST_BYTES).decode("utf-8"), str(path)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BadManifest(f"cannot read {path}: {exc}") from exc
+
+
+def read_manifest(location: str | os.PathLike) -> dict[str, Any]:
+    """Load `manifest.json` from a shard folder (or URL prefix), checked against its schema."""
+    text, source = _read_text(str(location))
     try:
         manifest = json.loads(text)
-    except ValueError as exc:
-        raise UserError(f"{source} is not valid JSON: {exc}") from exc
-    version = manifest.get("format_version") if isinstance(manifest, dict) else None
-    if version != FORMAT_VERSION:
-        raise UserError(f"{source} has format_version {version!r}; this cocoshard reads {FORMAT_VERSION}: re-run cocoshard pack")
+    except (ValueError, RecursionError) as exc:
+        raise BadManifest(f"{source} is not valid JSON: {exc}") from None
+    check_manifest(manifest, source)
     return manifest
+
+
+# ----------------------------------------------------------------------------------- schema
+
+
+def _field(data: Any, name: str, kind: type | tuple[type, ...], where: str) -> Any:
+    if not isinstance(data, dict) or name not in data:
+        raise BadManifest(f"{where}: the field {name!r} is missing")
+    value = data[name]
+    if not isinstance(value, kind) or (isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,))):
+        names = "/".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+        raise BadManifest(f"{where}: the field {name!r} must be {names}, not {json.dumps(value)[:40]}")
+    return value
+
+
+def _count(data: Any, name: str, where: str, positive: bool = False) -> int:
+    value = _field(data, name, int, where)
+    if value < (1 if positive else 0):
+        raise BadManifest(f"{where}: the field {name!r} must be {'> 0' if positive else '>= 0'}, not {value}")
+    return value
+
+
+def _check_split(manifest: dict[str, Any], split: str, source: str, seen: dict[str, str]) -> None:
+    where = f"{source}: splits.{split}"
+    entry = _field(manifest["splits"], split, dict, f"{source}: splits")
+    samples = _count(entry, "samples", where)
+    shards = _field(entry, "shards", list, where)
+    total = 0
+    for index, shard in enumerate(shards):
+        at = f"{where}.shards[{index}]"
+        name = _field(shard, "name", str, at)
+        if not is_shard_file(name) or not name.startswith(split + "-"):
+            raise BadManifest(f"{at}: {name!r} is not a {split} shard name ({split}-NNNNNN.tar)")
+        if name in seen:
+            raise BadManifest(f"{at}: {name} is listed in the {seen[name]} split too: a shard belongs to one split")
+        seen[name] = split
+        total += _count(shard, "samples", at, positive=True)
+        _count(shard, "bytes", at, positive=True)
+        digest = _field(shard, "sha256", str, at)
+        if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+            raise BadManifest(f"{at}: the field 'sha256' is not a sha256 hex digest")
+    if total != samples:
+        raise BadManifest(f"{where}: 'samples' says {samples}, its shards hold {total}")
+    if split != "test":
+        counts = _field(entry, "class_counts", list, where)
+        if len(counts) != NUM_CLASSES or not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts):
+            raise BadManifest(f"{where}: 'class_counts' must be {NUM_CLASSES} counts")
+
+
+def check_manifest(manifest: Any, source: str) -> None:
+    """Raise BadManifest naming the first field that is missing, mistyped or inconsistent."""
+    if not isinstance(manifest, dict):
+        raise BadManifest(f"{source}: a manifest is a JSON object, not a {type(manifest).__name__}")
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise BadManifest(f"{source} describes shards of format {version!r}; this cocoshard reads format "
+                          f"{FORMAT_VERSION} ({'.npy members' if version == 1 else 'see docs/format.md'}): "
+                          f"re-pack the images with cocoshard pack")
+    pixel_format = _field(manifest, "pixel_format", str, source)
+    if pixel_format not in ("jpeg", "raw"):
+        raise BadManifest(f"{source}: the field 'pixel_format' must be jpeg or raw, not {pixel_format!r}")
+    size = _count(manifest, "size", source, positive=True)
+    if size > 65535:
+        raise BadManifest(f"{source}: the field 'size' is {size}, more than an image side can be")
+    classes = _field(manifest, "classes", list, source)
+    if len(classes) != NUM_CLASSES or not all(isinstance(name, str) for name in classes):
+        raise BadManifest(f"{source}: the field 'classes' must be {NUM_CLASSES} class names")
+    _field(manifest, "splits", dict, source)
+    seen: dict[str, str] = {}
+    for split in ("train", "val", "test"):
+        _check_split(manifest, split, source, seen)
+    for index, item in enumerate(_field(manifest, "rejected", list, source)):
+        _field(item, "path", str, f"{source}: rejected[{index}]")
+        _field(item, "reason", str, f"{source}: rejected[{index}]")
+
+
+def shards_identity(manifest: dict[str, Any], splits: tuple[str, ...] = ("train", "val")) -> str:
+    """A digest of which shards make each split and what they hold (names, sample counts, sha256):
+    the same for the same packed data wherever it lives, different after any re-pack that changes it."""
+    import hashlib
+
+    listing = [[split, [[s["name"], s["samples"], s["sha256"]] for s in manifest["splits"][split]["shards"]]]
+               for split in splits]
+    return hashlib.sha256(json.dumps(listing, sort_keys=True).encode()).hexdigest()
 
 
 def split_shards(manifest: dict[str, Any], split: str) -> list[dict[str, Any]]:
     """The shard entries (name, samples, bytes, sha256) of one split, in order."""
-    if split not in manifest.get("splits", {}):
-        raise UserError(f"the shards hold no {split!r} split (they have: {', '.join(manifest.get('splits', {}))})")
+    if split not in manifest["splits"]:
+        raise UserError(f"the shards hold no {split!r} split (they have: {', '.join(manifest['splits'])})")
     return list(manifest["splits"][split]["shards"])
 
 

@@ -3,7 +3,7 @@
     $ cocoshard pack --root ms-coco --out shards --format jpeg --shard-samples 800
 
 A training sample is an image with a `.cls` file (as the challenge's own Dataset has it); the
-labelled images are split into train and val by iterative stratification (`shards.stratified_split`),
+labelled images are split into train and val by iterative stratification (`prepare.split`),
 train is shuffled with the seed so that a streaming shuffle buffer sees mixed classes, val and test
 are sorted by key. Worker processes each write whole shards; every image is fully decoded on the
 way, so a truncated or corrupt file is caught here and not in the middle of a training run.
@@ -35,17 +35,18 @@ from PIL import Image, UnidentifiedImageError
 from cocoshard import NUM_CLASSES, __version__
 from cocoshard.atomic import atomic_open, atomic_write_text, remove_stale_temporaries
 from cocoshard.config import PackConfig, print_config
+from cocoshard.console import literal, stderr_console
 from cocoshard.errors import UserError
+from cocoshard.folder_lock import folder_lock
 from cocoshard.prepare.format import (
-    EXT_HW,
     EXT_JPEG,
     EXT_LABELS,
+    EXT_PIXELS,
     EXT_PNG,
-    EXT_RAW,
     FORMAT_VERSION,
     SPLITS,
-    encode_hw,
     encode_labels,
+    encode_pixels,
     member_name,
     shard_name,
 )
@@ -53,13 +54,19 @@ from cocoshard.prepare.labels import multi_hot
 from cocoshard.prepare.manifest import MANIFEST, list_shard_files
 from cocoshard.prepare.pool import map_in_workers
 from cocoshard.prepare.sources import (
+    MAX_IMAGE_BYTES,
+    MAX_IMAGE_PIXELS,
+    InputError,
     Inventory,
     Sources,
     dataset_class_names,
     find_sources,
+    read_input,
     take_inventory,
 )
 from cocoshard.prepare.split import SPLIT_METHOD, stratified_split
+from cocoshard.prepare.summary import print_summary
+from cocoshard.seeds import Stream, numpy_rng
 
 # Formats accepted by content (whatever the file is called). Naming them also keeps PIL from
 # handing an untrusted file to a plugin such as EPS, which would run Ghostscript.
@@ -84,10 +91,8 @@ class InputsRejected(Exception):
 
 
 class EncodedImage(NamedTuple):
-    field: str  # EXT_JPEG, EXT_PNG or EXT_RAW
+    field: str  # EXT_JPEG, EXT_PNG or EXT_PIXELS
     payload: bytes
-    height: int
-    width: int
 
 
 def decode_checked(data: bytes) -> Image.Image:
@@ -96,8 +101,13 @@ def decode_checked(data: bytes) -> Image.Image:
         raise BadImage("empty file (0 bytes)")
     Image.init()  # registers every plugin, so that `formats` can name WEBP and TIFF
     try:
-        image = Image.open(io.BytesIO(data), formats=DECODABLE_FORMATS)
+        image = Image.open(io.BytesIO(data), formats=DECODABLE_FORMATS)  # reads the header only
+        if image.width * image.height > MAX_IMAGE_PIXELS:  # before anything is decoded
+            raise BadImage(f"refused, too many pixels: it declares {image.width} x {image.height}, "
+                           f"more than the {MAX_IMAGE_PIXELS:,} an input may have")
         image.load()  # a full decode: a truncated file fails here, not at training time
+    except BadImage:
+        raise
     except UnidentifiedImageError:
         raise BadImage(f"not an image ({', '.join(DECODABLE_FORMATS)}); first bytes {data[:8]!r}") from None
     except Image.DecompressionBombError as exc:
@@ -127,22 +137,18 @@ def fit_within(image: Image.Image, size: int) -> Image.Image:
 
 
 def encode_image(data: bytes, pixel_format: str, size: int) -> EncodedImage:
-    """The pixel member of a sample: the source JPEG as it is, a PNG, or a raw size x size canvas.
+    """The pixel member of a sample: the source JPEG as it is, a PNG, or the raw RGB pixels.
 
     EXIF orientation is not applied, as the challenge's Dataset does not apply it either.
     """
     image = decode_checked(data)
     if pixel_format == "jpeg":
         if image.format == "JPEG" and image.mode in KEPT_JPEG_MODES and max(image.size) <= size:
-            return EncodedImage(EXT_JPEG, data, image.height, image.width)
-        rgb = fit_within(image, size)
+            return EncodedImage(EXT_JPEG, data)
         buffer = io.BytesIO()
-        rgb.save(buffer, format="PNG")
-        return EncodedImage(EXT_PNG, buffer.getvalue(), rgb.height, rgb.width)
-    rgb = fit_within(image, size)
-    canvas = np.zeros((size, size, 3), dtype=np.uint8)
-    canvas[: rgb.height, : rgb.width] = np.asarray(rgb)
-    return EncodedImage(EXT_RAW, canvas.tobytes(), rgb.height, rgb.width)
+        fit_within(image, size).save(buffer, format="PNG")
+        return EncodedImage(EXT_PNG, buffer.getvalue())
+    return EncodedImage(EXT_PIXELS, encode_pixels(np.asarray(fit_within(image, size))))
 
 
 # ----------------------------------------------------------------------------------- one shard
@@ -154,7 +160,7 @@ class ShardTask:
     name: str
     pixel_format: str
     size: int
-    # (key, image path, labels path or "", labels uint8[80] bytes or b"" for test)
+    # (key, image path, labels path or "", the 80 multi-hot bytes or b"" for test)
     samples: list[tuple[str, str, str, bytes]]
 
 
@@ -198,17 +204,16 @@ def _add_sample(tar: tarfile.TarFile, task: ShardTask, sample: tuple[str, str, s
     """Append one sample; returns its labels (None for a test sample or a rejected image)."""
     key, image_path, labels_path, labels = sample
     try:
-        encoded = encode_image(Path(image_path).read_bytes(), task.pixel_format, task.size)
-    except (OSError, BadImage) as exc:
-        reason = f"cannot be read: {exc}" if isinstance(exc, OSError) else str(exc)
+        encoded = encode_image(read_input(Path(image_path), MAX_IMAGE_BYTES), task.pixel_format, task.size)
+    except (InputError, BadImage) as exc:
+        reason = str(exc)
         result.rejected.append({"path": image_path, "reason": reason})
         if labels_path:
             result.rejected.append({"path": labels_path, "reason": f"its image {Path(image_path).name} was rejected: {reason}"})
         return None
     add_member(tar, member_name(key, encoded.field), encoded.payload)
-    add_member(tar, member_name(key, EXT_HW), encode_hw(encoded.height, encoded.width))
     if labels_path:
-        add_member(tar, member_name(key, EXT_LABELS), labels)
+        add_member(tar, member_name(key, EXT_LABELS), encode_labels(np.frombuffer(labels, dtype=np.uint8)))
     result.fields[encoded.field] = result.fields.get(encoded.field, 0) + 1
     result.samples += 1
     return np.frombuffer(labels, dtype=np.uint8) if labels_path else None
@@ -244,9 +249,9 @@ def plan_splits(inventory: Inventory, val_fraction: float, seed: int) -> dict[st
     labelled = inventory.labelled
     matrix = np.stack([multi_hot(ids) for *_, ids in labelled]) if labelled else np.zeros((0, NUM_CLASSES), np.uint8)
     is_val = stratified_split(matrix, val_fraction, seed)
-    samples = [(key, str(image), str(cls), encode_labels(row)) for (key, image, cls, _), row in zip(labelled, matrix)]
+    samples = [(key, str(image), str(cls), row.tobytes()) for (key, image, cls, _), row in zip(labelled, matrix)]
     train = [samples[i] for i in np.flatnonzero(~is_val)]
-    order = np.random.default_rng([seed, 1]).permutation(len(train))  # a stream apart from the split's
+    order = numpy_rng(seed, Stream.PACK_TRAIN_ORDER).permutation(len(train))  # a stream apart from the split's
     return {
         "train": [train[i] for i in order],
         "val": [samples[i] for i in np.flatnonzero(is_val)],
@@ -316,47 +321,49 @@ def _remove_unlisted(out: Path, listed: Iterable[str]) -> None:
 def pack_folder(cfg: PackConfig, progress: bool = False) -> dict[str, Any]:
     """Pack the folder described by a PackConfig; returns the manifest written to `cfg.out`.
 
-    Raises UserError when the inputs cannot be found, and InputsRejected under `cfg.strict` when
-    any input was rejected (then no manifest is written and no shard is left).
+    Holds `cfg.out`'s write lock throughout (a second pack into it is refused). Raises UserError
+    when the inputs cannot be found, InputsRejected under `cfg.strict` when any input was rejected
+    (then no manifest is written and no shard is left), WriteFailed when the disk is full.
     """
     sources = find_sources(cfg.root, cfg.train_images, cfg.train_labels, cfg.test_images)
     inventory = take_inventory(sources)
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    # First of all: from here on the folder is never described by a manifest of another run.
-    with contextlib.suppress(FileNotFoundError):
-        (out / MANIFEST).unlink()
-    plan = plan_splits(inventory, cfg.val_fraction, cfg.seed)
-    tasks = shard_tasks(plan, out, cfg.format, cfg.size, cfg.shard_samples)
-    results = map_in_workers(write_shard, tasks, workers=cfg.workers, sizes=[len(t.samples) for t in tasks], progress=progress, desc="pack",
-                             describe=lambda task: task.name)
-    rejected = sorted(inventory.rejected + [item for r in results for item in r.rejected], key=lambda item: item["path"])
-    if cfg.strict and rejected:
-        _remove_unlisted(out, ())
-        raise InputsRejected(rejected)
-    if not any(r.samples for r in results if not r.name.startswith("test-")):
-        _remove_unlisted(out, ())
-        raise UserError(f"no usable labelled image in {sources.train_images}: all {len(rejected)} inputs were rejected, e.g. {rejected[0]['path']}: {rejected[0]['reason']}")
-    manifest = build_manifest(cfg, sources, inventory, results, rejected)
-    _remove_unlisted(out, (r.name for r in results if r.samples))
-    atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+    with folder_lock(out, "cocoshard pack"):
+        # First of all: from here on the folder is never described by a manifest of another run.
+        with contextlib.suppress(FileNotFoundError):
+            (out / MANIFEST).unlink()
+        plan = plan_splits(inventory, cfg.val_fraction, cfg.seed)
+        tasks = shard_tasks(plan, out, cfg.format, cfg.size, cfg.shard_samples)
+        try:
+            results = map_in_workers(write_shard, tasks, workers=cfg.workers, sizes=[len(t.samples) for t in tasks],
+                                     progress=progress, desc="pack", describe=lambda task: task.name)
+        except BaseException:
+            remove_stale_temporaries(out)  # a worker's half-written shard; whole shards may stay, unlisted
+            raise
+        rejected = sorted(inventory.rejected + [item for r in results for item in r.rejected], key=lambda item: item["path"])
+        if cfg.strict and rejected:
+            _remove_unlisted(out, ())
+            raise InputsRejected(rejected)
+        if not any(r.samples for r in results if not r.name.startswith("test-")):
+            _remove_unlisted(out, ())
+            raise UserError(f"no usable labelled image in {sources.train_images}: all {len(rejected)} inputs were "
+                            f"rejected, e.g. {rejected[0]['path']}: {rejected[0]['reason']}")
+        manifest = build_manifest(cfg, sources, inventory, results, rejected)
+        _remove_unlisted(out, (r.name for r in results if r.samples))
+        atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1) + "\n")
     return manifest
 
 
 def run(cfg: PackConfig) -> int:
     """`cocoshard pack`: pack, then print the summary (and every rejected file under --strict)."""
     print_config(cfg)
-    from rich.console import Console
-
-    from cocoshard.prepare.summary import print_summary
-
-    console = Console(stderr=True)
+    console = stderr_console()
     try:
         manifest = pack_folder(cfg, progress=True)
     except InputsRejected as exc:
-        console.print(f"[bold red]--strict: {len(exc.rejected)} input files rejected; nothing written:[/]", highlight=False)
+        console.print(f"[bold red]--strict: {len(exc.rejected)} input files rejected; nothing written:[/]")
         for item in exc.rejected:
-            console.print(f"  {item['path']}: {item['reason']}", highlight=False, soft_wrap=True)
+            console.print(f"  {literal(item['path'])}: {literal(item['reason'])}")
         return 1
     print_summary(manifest, console, title=f"packed into {cfg.out}")
     return 0

@@ -5,14 +5,20 @@
     ms-coco/images/test-resized/test-resized/KEY.jpg     or  ms-coco/images/test/KEY.jpg
 
 Every file in those folders is an input: an image is recognised by its content when it is decoded
-(`cocoshard.pack`), not by its name, so a stray file is reported rather than skipped. What cannot be
-paired or parsed is rejected here with its reason; images without a `.cls` are not training samples
-(as in the challenge's Dataset) and are only counted.
+(`cocoshard.prepare.pack`), not by its name, so a stray file is reported rather than skipped. What
+cannot be paired or parsed is rejected here with its reason; images without a `.cls` are not
+training samples (as in the challenge's Dataset) and are only counted.
+
+Inputs are untrusted: `read_input` reads only regular files (a symlink to one is fine), opened
+without blocking so that a named pipe cannot stall the run, and never more than a size bound, so
+that a link to /dev/zero cannot fill the memory. Anything else is rejected with its reason.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,7 +34,44 @@ LAYOUTS = {
     "test_images": ("images/test-resized/test-resized", "images/test"),
 }
 LABEL_SUFFIX = ".cls"
-SYNTHETIC_MARKER = "synthetic.json"  # written by cocoshard.synth, with the names of its classes
+SYNTHETIC_MARKER = "synthetic.json"  # written by cocoshard.prepare.synth, with the names of its classes
+# Bounds on what one input may cost. The challenge's files are ~12 KB images of <= 224 x 224 px and
+# .cls files of a few bytes; the bounds leave room for any real photo and refuse a bomb.
+MAX_IMAGE_BYTES = 64 * 2**20
+MAX_LABEL_BYTES = 64 * 2**10
+MAX_IMAGE_PIXELS = 64 * 2**20
+
+
+class InputError(ValueError):
+    """An input file that cannot be read; the message is the reason recorded for it."""
+
+
+def shown_path(path: str | os.PathLike) -> str:
+    """A path as text that survives printing and JSON: bytes that are not UTF-8 appear as \\xNN."""
+    return os.fspath(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def read_input(path: Path, limit: int) -> bytes:
+    """The bytes of a regular input file of at most `limit` bytes; InputError says why not."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise InputError(f"cannot be read: {exc.strerror}") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise InputError("not a regular file (a pipe, device or socket is never an input)")
+        if info.st_size > limit:
+            raise InputError(f"{info.st_size:,} bytes, more than the {limit:,} an input may have")
+        with os.fdopen(os.dup(fd), "rb") as handle:
+            data = handle.read(limit + 1)
+    except OSError as exc:
+        raise InputError(f"cannot be read: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
+    if len(data) > limit:  # grew while being read
+        raise InputError(f"more than the {limit:,} bytes an input may have")
+    return data
 
 
 @dataclass
@@ -75,18 +118,28 @@ def find_sources(root: str, train_images: str | None = None, train_labels: str |
     return Sources(found["train_images"], found["train_labels"], found["test_images"])
 
 
-def _entries(folder: Path) -> list[Path]:
-    return sorted(entry for entry in folder.iterdir() if not entry.is_dir())
+def _entries(folder: Path, rejected: list[dict[str, str]]) -> list[Path]:
+    """The files of an input folder; folders inside are skipped, anything not a regular file is rejected."""
+    files = []
+    for entry in sorted(folder.iterdir()):
+        if entry.is_dir():
+            continue
+        if entry.is_file():  # follows symlinks: a link to a regular file is fine
+            files.append(entry)
+        else:
+            kind = "a broken symlink" if entry.is_symlink() and not entry.exists() else "a pipe, device or socket"
+            rejected.append({"path": shown_path(entry), "reason": f"not a regular file ({kind})"})
+    return files
 
 
 def _images_by_key(folder: Path, rejected: list[dict[str, str]]) -> dict[str, Path]:
     """Every file of an image folder by key (its stem); the content is checked later, by decoding."""
     images: dict[str, Path] = {}
-    for path in _entries(folder):
+    for path in _entries(folder, rejected):
         key = path.stem
         problem = key_problem(key) or (f"another file has the same key {key!r}: {images[key].name}" if key in images else None)
         if problem:
-            rejected.append({"path": str(path), "reason": problem})
+            rejected.append({"path": shown_path(path), "reason": problem})
         else:
             images[key] = path
     return images
@@ -94,11 +147,11 @@ def _images_by_key(folder: Path, rejected: list[dict[str, str]]) -> dict[str, Pa
 
 def _labels_by_key(folder: Path, rejected: list[dict[str, str]]) -> dict[str, Path]:
     labels: dict[str, Path] = {}
-    for path in _entries(folder):
+    for path in _entries(folder, rejected):
         problem = None if path.suffix == LABEL_SUFFIX else f"not a {LABEL_SUFFIX} labels file"
         problem = problem or key_problem(path.stem)
         if problem:
-            rejected.append({"path": str(path), "reason": problem})
+            rejected.append({"path": shown_path(path), "reason": problem})
         else:
             labels[path.stem] = path
     return labels
@@ -106,9 +159,9 @@ def _labels_by_key(folder: Path, rejected: list[dict[str, str]]) -> dict[str, Pa
 
 def _pair(key: str, image: Path, cls: Path, inventory: Inventory) -> None:
     try:
-        parsed = parse_cls(cls.read_bytes())
-    except (OSError, LabelError) as exc:
-        reason = f"cannot be read: {exc}" if isinstance(exc, OSError) else str(exc)
+        parsed = parse_cls(read_input(cls, MAX_LABEL_BYTES))
+    except (InputError, LabelError) as exc:
+        reason = str(exc)
         inventory.rejected.append({"path": str(cls), "reason": reason})
         inventory.rejected.append({"path": str(image), "reason": f"its labels file {cls.name} was rejected: {reason}"})
         return

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from cocoshard.seeds import numpy_rng
+
 SPLIT_METHOD = "iterative-stratification"
 
 
@@ -29,7 +31,7 @@ def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> np.n
         raise ValueError(f"labels must be a 2-D (images, classes) array, got shape {y.shape}")
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
-    rng = np.random.default_rng(seed)
+    rng = numpy_rng(seed)
     rows = _label_rows(y)
     is_val = _deal_rarest_first(y, rows, val_fraction, rng)
     _ensure_both_splits(y, rows, is_val, rng)

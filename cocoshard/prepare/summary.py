@@ -10,11 +10,10 @@ from typing import Any
 
 import numpy as np
 
-from cocoshard.prepare.format import SPLITS
+from cocoshard.console import literal
+from cocoshard.prepare.format import MEMBER_LAYOUT, SPLITS
 
 HEAD_TAIL = 5
-
-
 SHOWN_REJECTIONS = 10
 
 
@@ -24,8 +23,9 @@ def _megabytes(count: int) -> str:
 
 def _split_table(manifest: dict[str, Any], title: str) -> Any:
     from rich.table import Table
+    from rich.text import Text
 
-    table = Table(title=title or None, title_justify="left")
+    table = Table(title=Text(title) if title else None, title_justify="left")
     for column in ("split", "samples", "shards", "size", "pixels", "empty labels"):
         table.add_column(column, justify="left" if column in ("split", "pixels") else "right")
     for split in SPLITS:
@@ -47,24 +47,40 @@ def class_frequency_lines(manifest: dict[str, Any]) -> list[str]:
     return [f"most frequent: {describe(order[:HEAD_TAIL])}", f"least frequent: {describe(order[::-1][:HEAD_TAIL])}"]
 
 
-def print_summary(manifest: dict[str, Any], console: Any, title: str = "") -> None:
-    """A table of the splits, then class frequency head and tail, then what was left out."""
+def member_layout_table(pixel_format: str) -> Any:
+    """The members of one sample in shards of `pixel_format`, with what each holds."""
+    from rich.table import Table
+
+    table = Table(title="members of a sample (WebDataset: the key, then the extension)", title_justify="left")
+    table.add_column("member")
+    table.add_column("holds")
+    for name, formats, holds in MEMBER_LAYOUT:
+        if formats in (pixel_format, "both"):
+            table.add_row(name, holds)
+    return table
+
+
+def print_summary(manifest: dict[str, Any], console: Any, title: str = "", layout: bool = False) -> None:
+    """A table of the splits, then class frequency head and tail, then what was left out; with
+    `layout`, the members of a sample too."""
     console.print(
-        f"format [bold]{manifest['pixel_format']}[/], canvas {manifest['size']} px, "
-        f"split {manifest['split_method']} (val {manifest['val_fraction']}, seed {manifest['seed']}), "
-        f"{manifest['created_by']}", highlight=False,
+        f"format [bold]{literal(manifest['pixel_format'])}[/] (shard format {manifest['format_version']}), "
+        f"images up to {manifest['size']} px, split {literal(manifest['split_method'])} "
+        f"(val {manifest['val_fraction']}, seed {manifest['seed']}), {literal(manifest['created_by'])}"
     )
     console.print(_split_table(manifest, title))
+    if layout:
+        console.print(member_layout_table(manifest["pixel_format"]))
     for line in class_frequency_lines(manifest):
-        console.print(line, highlight=False)
+        console.print(literal(line))
     for key, what in (("unlabelled_images", "images without a .cls file (not training samples)"),
                       ("deduplicated_labels", ".cls files listing a class twice (deduplicated)")):
         if manifest.get(key, {}).get("count"):
-            console.print(f"{manifest[key]['count']} {what}", highlight=False)
+            console.print(f"{manifest[key]['count']} {what}")
     rejected = manifest.get("rejected", [])
     if rejected:
-        console.print(f"[bold yellow]warning:[/] {len(rejected)} input files rejected (all listed in the manifest):", highlight=False)
+        console.print(f"[bold yellow]warning:[/] {len(rejected)} input files rejected (all listed in the manifest):")
         for item in rejected[:SHOWN_REJECTIONS]:
-            console.print(f"  {item['path']}: {item['reason']}", highlight=False, soft_wrap=True)
+            console.print(f"  {literal(item['path'])}: {literal(item['reason'])}")
         if len(rejected) > SHOWN_REJECTIONS:
-            console.print(f"  ... and {len(rejected) - SHOWN_REJECTIONS} more", highlight=False)
+            console.print(f"  ... and {len(rejected) - SHOWN_REJECTIONS} more")

@@ -43,6 +43,7 @@ from cocoshard.errors import UserError
 from cocoshard.prepare.labels import format_cls
 from cocoshard.prepare.pool import map_in_workers
 from cocoshard.prepare.sources import SYNTHETIC_MARKER
+from cocoshard.seeds import numpy_rng
 
 SHAPES = ("disc", "square", "triangle", "star", "plus", "crescent", "half-disc", "heart", "ell", "arrow")
 COLOURS = {
@@ -280,7 +281,7 @@ def _write_chunk(task: tuple[str, str, int, int, int, int, int, dict[str, float]
     images, labels = (TRAIN_IMAGES, TRAIN_LABELS) if split == "train" else (TEST_IMAGES, TEST_LABELS)
     written = []
     for index in range(start, stop):
-        rng = np.random.default_rng([seed, 0 if split == "train" else 1, index])
+        rng = numpy_rng(seed, 0 if split == "train" else 1, index)
         image, classes = draw_image(rng, size, difficulty)
         buffer = io.BytesIO()
         image.save(buffer, format="JPEG", quality=quality)

@@ -29,6 +29,8 @@ from typing import Union
 
 import numpy as np
 
+from cocoshard.seeds import numpy_rng
+
 DEFAULT_THRESHOLD = 0.5
 
 Thresholds = Union[float, np.ndarray]
@@ -338,7 +340,7 @@ def holdout_threshold_gain(
     flatters it). Returns `server_f1_default`, `server_f1_tuned` and `gain` on the held-out half.
     """
     scores, labels = _check_pair(scores, labels, "scores")
-    order = np.random.default_rng(seed).permutation(len(scores))
+    order = numpy_rng(seed).permutation(len(scores))
     fit, held = order[: len(order) // 2], order[len(order) // 2 :]
     tuned = tune_thresholds(scores[fit], labels[fit], default=default, **tune_options)
     at_default = server_f1(predictions_from_scores(scores[held], default), labels[held]).f1

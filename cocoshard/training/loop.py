@@ -23,7 +23,9 @@ import torch
 
 from cocoshard import NUM_CLASSES
 from cocoshard.config import TrainConfig
+from cocoshard.loading.batch import Batch
 from cocoshard.scoring import metrics
+from cocoshard.seeds import Stream, derive_seed
 from cocoshard.training.checkpoint import (
     BEST,
     EMA,
@@ -39,16 +41,11 @@ from cocoshard.training.runtime import (
     all_reduce_sum,
     barrier,
     cleanup,
-    derive_seed,
     gather_objects,
     gather_rows,
     setup,
 )
 from cocoshard.training.state import Trainer, build_trainer, enter_phase
-
-RRC_RATIO = (3.0 / 4.0, 4.0 / 3.0)  # aspect ratios of the random resized crop (torchvision's default)
-SEED_AUGMENT, SEED_TORCH = 1, 2  # streams of derive_seed(seed, epoch, rank, stream)
-
 
 # ----------------------------------------------------------------------------------- training
 
@@ -90,16 +87,13 @@ class OnlineMetrics:
                 "macro_f1": result["macro_f1"], "micro_f1": result["micro_f1"]}
 
 
-def train_step(tr: Trainer, batch: Any, generator: torch.Generator, meter: OnlineMetrics) -> None:
-    """Augment on the device, forward under autocast, backward, step; no host synchronisation."""
-    from cocoshard.loading.augment import train_augment
+def train_step(tr: Trainer, batch: Batch, meter: OnlineMetrics) -> None:
+    """Forward under autocast, backward, step on a training-ready batch; no host synchronisation.
 
-    cfg = tr.cfg
-    inputs = train_augment(batch.images, batch.sizes, out_size=cfg.size, generator=generator,
-                           scale=(cfg.crop_scale_min, 1.0), ratio=RRC_RATIO, flip=True,
-                           dtype=tr.input_dtype, channels_last=cfg.channels_last)
+    The loader made the batch ready where it was cheapest (`state.train_transform`): in its
+    worker processes on a CPU, on the device after the copy on CUDA."""
     with tr.runtime.autocast():
-        logits = tr.net(inputs)
+        logits = tr.net(batch.inputs)
     loss = tr.criterion(logits, batch.labels)
     tr.scaler.scale(loss).backward()
     tr.scaler.step(tr.optimizer)
@@ -116,8 +110,7 @@ def train_one_epoch(tr: Trainer, epoch: int) -> dict[str, Any]:
     """One pass over this rank's share of the train split; returns the epoch's train figures."""
     cfg, runtime = tr.cfg, tr.runtime
     tr.train_loader.set_epoch(epoch)
-    torch.manual_seed(derive_seed(cfg.seed, epoch, runtime.rank, SEED_TORCH))  # dropout, stochastic depth
-    generator = torch.Generator(device=runtime.device).manual_seed(derive_seed(cfg.seed, epoch, runtime.rank, SEED_AUGMENT))
+    torch.manual_seed(derive_seed(cfg.seed, epoch, runtime.rank, Stream.TORCH_GLOBAL))  # dropout, stochastic depth
     set_train_mode(tr.model, backbone_frozen=tr.frozen)
     meter = OnlineMetrics(runtime.device)
     steps = tr.steps_per_epoch
@@ -129,7 +122,7 @@ def train_one_epoch(tr: Trainer, epoch: int) -> dict[str, Any]:
         for index, batch in enumerate(tr.train_loader):
             if index == steps:
                 break  # --max-steps reached (the loader otherwise ends on its own, so it can finish cleanly)
-            train_step(tr, batch, generator, meter)
+            train_step(tr, batch, meter)
             if (index + 1) % cfg.log_every == 0 or index + 1 == steps:
                 progress.update(index + 1, meter.mean_loss())
     finally:
@@ -149,15 +142,12 @@ def train_one_epoch(tr: Trainer, epoch: int) -> dict[str, Any]:
 @torch.no_grad()
 def evaluate(tr: Trainer, model: torch.nn.Module) -> tuple[Optional[np.ndarray], Optional[np.ndarray], float]:
     """Scores and labels of the whole validation split (gathered on rank 0) and its mean loss."""
-    from cocoshard.loading.augment import eval_transform
-
-    cfg, runtime = tr.cfg, tr.runtime
+    runtime = tr.runtime
     model.eval()
     scores, labels, keys = [], [], []
     loss_sum = torch.zeros((), device=runtime.device, dtype=torch.float64)
     for batch in tr.val_loader:
-        inputs = eval_transform(batch.images, batch.sizes, out_size=cfg.size, dtype=tr.input_dtype,
-                                channels_last=cfg.channels_last)
+        inputs = batch.inputs
         with runtime.autocast():
             logits = model(inputs).float()
         loss_sum += tr.criterion(logits, batch.labels).double() * batch.labels.shape[0]

@@ -191,12 +191,6 @@ def barrier() -> None:
 # ----------------------------------------------------------------------------------- randomness
 
 
-def derive_seed(seed: int, *parts: int) -> int:
-    """A well-mixed 63-bit seed that is a pure function of `seed` and `parts` (e.g. epoch, rank)."""
-    state = np.random.SeedSequence([seed, *parts]).generate_state(2, dtype=np.uint32)
-    return int(state[0]) << 31 ^ int(state[1])
-
-
 def seed_everything(seed: int) -> None:
     """Seed Python's, NumPy's and torch's (every device's) global generators."""
     random.seed(seed)

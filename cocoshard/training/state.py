@@ -19,6 +19,8 @@ from cocoshard import CLASSES, NUM_CLASSES
 from cocoshard.atomic import remove_stale_temporaries
 from cocoshard.config import TrainConfig, print_config, to_dict
 from cocoshard.errors import ConfigError, UserError
+from cocoshard.loading.augment import EvalTransform, TrainTransform
+from cocoshard.loading.loader import build_loader
 from cocoshard.machine import cores_per_process
 from cocoshard.prepare.manifest import is_url, read_manifest, shard_urls
 from cocoshard.training.checkpoint import LAST, restore
@@ -117,15 +119,26 @@ def _loader_workers(cfg: TrainConfig, runtime: Runtime) -> int:
     return cores_per_process()
 
 
-def build_loaders(cfg: TrainConfig, runtime: Runtime) -> tuple[Any, Any]:
-    """The train loader (shuffled, equal steps on every rank) and the validation loader."""
-    from cocoshard.loading.loader import build_loader
+def train_transform(cfg: TrainConfig, dtype: torch.dtype) -> TrainTransform:
+    """The random resized crop and flip of training, normalised into the model's input dtype."""
+    return TrainTransform(out_size=cfg.size, scale=(cfg.crop_scale_min, 1.0), dtype=dtype,
+                          channels_last=cfg.channels_last)
 
+
+def validation_transform(cfg: TrainConfig, dtype: torch.dtype) -> EvalTransform:
+    """The whole image resized to the training resolution, normalised into the model's input dtype."""
+    return EvalTransform(out_size=cfg.size, dtype=dtype, channels_last=cfg.channels_last)
+
+
+def build_loaders(cfg: TrainConfig, runtime: Runtime) -> tuple[Any, Any]:
+    """The train loader (shuffled, equal steps on every rank) and the validation loader, both
+    delivering model-ready inputs."""
+    dtype = runtime.amp_dtype or torch.float32
     common = dict(batch_size=cfg.batch_size, device=runtime.device, mode=cfg.loader, seed=cfg.seed,
                   rank=runtime.rank, world_size=runtime.world_size, workers=_loader_workers(cfg, runtime),
                   skip_bad_samples=cfg.skip_bad_samples)
-    return (build_loader(cfg.shards, "train", train=True, **common),
-            build_loader(cfg.shards, "val", train=False, **common))
+    return (build_loader(cfg.shards, "train", train=True, transform=train_transform(cfg, dtype), **common),
+            build_loader(cfg.shards, "val", train=False, transform=validation_transform(cfg, dtype), **common))
 
 
 def agreed_steps(loader: Any, runtime: Runtime) -> int:

@@ -27,7 +27,7 @@ from cocoshard.loading.plan import (
 )
 from cocoshard.loading.tario import BadSample, BadShard
 from cocoshard.machine import usable_cores
-from cocoshard.prepare.format import FORMAT_VERSION, encode_hw, shard_name
+from cocoshard.prepare.format import FORMAT_VERSION, encode_labels, encode_pixels, shard_name
 from cocoshard.prepare.manifest import MANIFEST
 
 CANVAS = 32
@@ -50,8 +50,13 @@ def _labels(index: int) -> bytes:
     return row.tobytes()
 
 
+def _hw(index: int, size: int = CANVAS) -> tuple[int, int]:
+    return size - index % 5, size - index % 3
+
+
 def write_shards(folder: Path, counts: dict[str, list[int]], size: int = CANVAS) -> Path:
-    """Raw shards with the given samples per shard; sample i's pixels all equal i % 251."""
+    """Raw shards with the given samples per shard; sample i is (size - i % 5) x (size - i % 3)
+    pixels, all equal to i % 251."""
     folder.mkdir(parents=True, exist_ok=True)
     splits, index = {}, 0
     for split, per_shard in counts.items():
@@ -61,17 +66,20 @@ def write_shards(folder: Path, counts: dict[str, list[int]], size: int = CANVAS)
             with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
                 for _ in range(count):
                     key = f"k{index:06d}"
-                    _member(tar, f"{key}.rgb", bytes([index % 251]) * (size * size * 3))
-                    _member(tar, f"{key}.hw", encode_hw(size - index % 5, size - index % 3))
+                    pixels = np.full((*_hw(index, size), 3), index % 251, np.uint8)
+                    _member(tar, f"{key}.pixels.npy", encode_pixels(pixels))
                     if split != "test":
-                        _member(tar, f"{key}.labels", _labels(index))
+                        _member(tar, f"{key}.labels.npy", encode_labels(np.frombuffer(_labels(index), np.uint8)))
                     index += 1
             data = buffer.getvalue()
             (folder / shard_name(split, number)).write_bytes(data)
             entries.append({"name": shard_name(split, number), "samples": count, "bytes": len(data),
                             "sha256": hashlib.sha256(data).hexdigest()})
-        splits[split] = {"samples": sum(per_shard), "shards": entries}
-    manifest = {"format_version": FORMAT_VERSION, "pixel_format": "raw", "size": size, "splits": splits}
+        splits[split] = {"samples": sum(per_shard), "shards": entries, "class_counts": [0] * 80}
+    for split in ("train", "val", "test"):
+        splits.setdefault(split, {"samples": 0, "shards": [], "class_counts": [0] * 80})
+    manifest = {"format_version": FORMAT_VERSION, "pixel_format": "raw", "size": size, "splits": splits,
+                "classes": [f"class {i}" for i in range(80)], "rejected": []}
     (folder / MANIFEST).write_text(json.dumps(manifest))
     return folder
 
@@ -217,7 +225,7 @@ def test_batches_hold_the_stored_pixels_sizes_and_labels(tmp_path):
         for image, (h, w), labels, key in zip(batch.images, batch.sizes.tolist(), batch.labels, batch.keys):
             index = int(key[1:])
             assert (h, w) == (CANVAS - index % 5, CANVAS - index % 3)
-            assert bool((image == index % 251).all())
+            assert bool((image[:h, :w] == index % 251).all())
             assert torch.equal(labels, torch.tensor(list(_labels(index))).float())
 
 
@@ -228,13 +236,15 @@ def test_batch_buffers_are_reused_but_never_while_held(tmp_path, workers):
     held = list(loader)  # every batch kept: no buffer may be refilled under them
     for batch in held:
         for image, key in zip(batch.images, batch.keys):
-            assert bool((image == int(key[1:]) % 251).all())
+            h, w = _hw(int(key[1:]))
+            assert bool((image[:h, :w] == int(key[1:]) % 251).all())
     del held, batch, image
     for epoch in (1, 2):  # batches dropped as they are used: every one comes in a recycled buffer
         loader.set_epoch(epoch)
         for batch in loader:
             assert batch.slot is not None
-            assert bool((batch.images[0] == int(batch.keys[0][1:]) % 251).all())
+            h, w = _hw(int(batch.keys[0][1:]))
+            assert bool((batch.images[0, :h, :w] == int(batch.keys[0][1:]) % 251).all())
 
 
 def test_resident_and_stream_agree_on_keys_and_labels(tmp_path):

@@ -9,11 +9,12 @@ import shutil
 import tarfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
 from cocoshard.cli import main
-from cocoshard.prepare.format import encode_hw
+from cocoshard.prepare.format import encode_labels, encode_npy, encode_pixels
 from cocoshard.prepare.inspect import check_sample
 from cocoshard.prepare.pack import add_member
 from cocoshard.prepare.summary import class_frequency_lines
@@ -106,41 +107,47 @@ def test_a_deleted_shard_is_caught(jpeg_copy, capsys):
 
 
 def test_bad_labels_are_caught_even_with_a_matching_hash(jpeg_copy, capsys):
-    rewrite_sample(jpeg_copy, "train-000000.tar", lambda fields: fields.update(labels=b"\x02" * 80))
+    rewrite_sample(jpeg_copy, "train-000000.tar",
+                   lambda fields: fields.update({"labels.npy": encode_npy(np.full(80, 2, np.uint8))}))
     code, out = inspect(jpeg_copy, capsys, "--verify")
     assert code == 1 and "train-000000.tar:" in out and "labelsholdvaluesotherthan0and1" in out
     assert "sha256" not in out
 
 
-def test_a_wrong_size_is_caught_by_decoding(jpeg_copy, capsys):
-    rewrite_sample(jpeg_copy, "val-000001.tar", lambda fields: fields.update(hw=encode_hw(10, 10)))
+def test_an_image_larger_than_the_manifest_says_is_caught_by_decoding(jpeg_copy, capsys):
+    buffer = io.BytesIO()
+    Image.new("RGB", (300, 20)).save(buffer, format="JPEG")
+    rewrite_sample(jpeg_copy, "val-000001.tar", lambda fields: fields.update(jpg=buffer.getvalue()))
     code, out = inspect(jpeg_copy, capsys, "--verify")
-    assert code == 1 and "hwsays10x10" in out
+    assert code == 1 and "jpgdecodesto20x300,largerthanthemanifest'ssize224" in out
 
 
-def test_raw_pixels_outside_the_image_are_caught(raw_copy, capsys):
-    def shrink_hw(fields):
-        fields["hw"] = encode_hw(100, 100)  # the image is larger: its pixels now lie outside hw
+def test_raw_pixels_of_a_wrong_shape_are_caught(raw_copy, capsys):
+    def widen(fields):  # a 4th channel: not an RGB image
+        fields["pixels.npy"] = encode_npy(np.zeros((10, 10, 4), np.uint8))
 
-    rewrite_sample(raw_copy, "train-000000.tar", shrink_hw)
+    rewrite_sample(raw_copy, "train-000000.tar", widen)
     code, out = inspect(raw_copy, capsys, "--verify")
-    assert code == 1 and "non-zeropixelsoutside" in out
+    assert code == 1 and "expected(h,w,3)" in out
 
 
 def test_check_sample_rules():
-    labels, hw = bytes(80), encode_hw(2, 3)
+    labels = encode_labels(np.zeros(80, np.uint8))
     buffer = io.BytesIO()
     Image.new("RGB", (3, 2)).save(buffer, format="JPEG")
     jpg = buffer.getvalue()
-    assert check_sample("k", {"jpg": jpg, "hw": hw, "labels": labels}, "train", "jpeg", 224) == []
-    assert check_sample("k", {"jpg": jpg, "hw": hw}, "test", "jpeg", 224) == []
-    assert "expected" in check_sample("k", {"jpg": jpg, "hw": hw}, "val", "jpeg", 224)[0]  # labels missing
-    assert check_sample("k", {"jpg": jpg, "hw": hw, "labels": labels}, "test", "jpeg", 224)  # test has none
-    assert check_sample("k", {"jpg": jpg, "png": jpg, "hw": hw}, "test", "jpeg", 224)
-    assert "raw bytes" in check_sample("k", {"rgb": bytes(10), "hw": hw}, "test", "raw", 224)[0]
-    assert "outside 1..224" in check_sample("k", {"jpg": jpg, "hw": encode_hw(300, 3)}, "test", "jpeg", 224)[0]
-    assert "does not decode" in check_sample("k", {"jpg": jpg[:-200], "hw": hw}, "test", "jpeg", 224)[0]
-    assert "'.'" in check_sample("a.b", {"jpg": jpg, "hw": hw}, "test", "jpeg", 224)[0]
+    pixels = encode_pixels(np.zeros((2, 3, 3), np.uint8))
+    assert check_sample("k", {"jpg": jpg, "labels.npy": labels}, "train", "jpeg", 224) == []
+    assert check_sample("k", {"jpg": jpg}, "test", "jpeg", 224) == []
+    assert check_sample("k", {"pixels.npy": pixels}, "test", "raw", 224) == []
+    assert "expected" in check_sample("k", {"jpg": jpg}, "val", "jpeg", 224)[0]  # labels missing
+    assert check_sample("k", {"jpg": jpg, "labels.npy": labels}, "test", "jpeg", 224)  # test has none
+    assert check_sample("k", {"jpg": jpg, "png": jpg}, "test", "jpeg", 224)
+    assert check_sample("k", {"jpg": jpg}, "test", "raw", 224)  # a jpeg member in raw shards
+    assert "holds 10 bytes" in check_sample("k", {"pixels.npy": pixels[:-8]}, "test", "raw", 224)[0]
+    assert "sides in 1-2" in check_sample("k", {"pixels.npy": pixels}, "test", "raw", 2)[0]
+    assert "does not decode" in check_sample("k", {"jpg": jpg[:-200]}, "test", "jpeg", 224)[0]
+    assert "'.'" in check_sample("a.b", {"jpg": jpg}, "test", "jpeg", 224)[0]
 
 
 def test_missing_manifest_is_a_user_error(tmp_path, capsys):

@@ -21,7 +21,6 @@ from PIL import Image
 from cocoshard.cli import main
 from cocoshard.prepare import pack
 
-CANVAS = 224
 
 
 # ----------------------------------------------------------------------------------- reading back
@@ -62,21 +61,22 @@ def check_round_trip(shards: Path, root: Path) -> dict[str, dict[str, dict[str, 
     assert not set(train) & set(val)
     assert set(train) | set(val) == {p.stem for p in labels.glob("*.cls")}
     for key, sample in {**train, **val}.items():
-        assert np.array_equal(np.frombuffer(sample["labels"], np.uint8), read_cls(labels / f"{key}.cls")), key
+        assert np.array_equal(npy(sample["labels.npy"]), read_cls(labels / f"{key}.cls")), key
     assert set(test) == {p.stem for p in test_images.glob("*.jpg")}
-    assert all("labels" not in sample for sample in test.values())
+    assert all("labels.npy" not in sample for sample in test.values())
     for key, sample in {**train, **val, **test}.items():
         source = (images if key not in test else test_images) / f"{key}.jpg"
-        height, width = np.frombuffer(sample["hw"], "<u2").tolist()
         with Image.open(source) as image:
-            assert image.size == (width, height)
             if "jpg" in sample:
                 assert sample["jpg"] == source.read_bytes(), key
-            else:
-                canvas = np.frombuffer(sample["rgb"], np.uint8).reshape(CANVAS, CANVAS, 3)
-                assert np.array_equal(canvas[:height, :width], np.asarray(image.convert("RGB"))), key
-                assert not canvas[height:].any() and not canvas[:, width:].any()
+            else:  # exactly the image's pixels, nothing around them
+                assert np.array_equal(npy(sample["pixels.npy"]), np.asarray(image.convert("RGB"))), key
     return splits
+
+
+def npy(data: bytes) -> np.ndarray:
+    """A member read the way any NumPy user would read it."""
+    return np.load(io.BytesIO(data), allow_pickle=False)
 
 
 def check_manifest(shards: Path, splits: dict[str, dict[str, dict[str, bytes]]]) -> dict:
@@ -90,7 +90,7 @@ def check_manifest(shards: Path, splits: dict[str, dict[str, dict[str, bytes]]])
             data = (shards / shard["name"]).read_bytes()
             assert shard["bytes"] == len(data) and shard["sha256"] == hashlib.sha256(data).hexdigest()
         if split != "test":
-            counts = np.sum([np.frombuffer(s["labels"], np.uint8) for s in samples.values()], axis=0)
+            counts = np.sum([npy(s["labels.npy"]) for s in samples.values()], axis=0)
             assert entry["class_counts"] == counts.tolist()
     return manifest
 
@@ -114,7 +114,8 @@ def test_both_formats_hold_the_same_split(sample_shards_jpeg, sample_shards_raw)
     for split in ("train", "val", "test"):
         jpeg, raw = read_split(sample_shards_jpeg, split), read_split(sample_shards_raw, split)
         assert list(jpeg) == list(raw)  # same keys in the same order
-        assert all(jpeg[k]["hw"] == raw[k]["hw"] for k in jpeg)
+        for key in jpeg:
+            assert Image.open(io.BytesIO(jpeg[key]["jpg"])).size[::-1] == npy(raw[key]["pixels.npy"]).shape[:2]
 
 
 def test_grayscale_is_kept_as_jpeg_and_decoded_to_rgb_in_raw(sample_shards_jpeg, sample_shards_raw, coco_sample):
@@ -122,8 +123,8 @@ def test_grayscale_is_kept_as_jpeg_and_decoded_to_rgb_in_raw(sample_shards_jpeg,
     jpeg = {**read_split(sample_shards_jpeg, "train"), **read_split(sample_shards_jpeg, "val")}[key]
     raw = {**read_split(sample_shards_raw, "train"), **read_split(sample_shards_raw, "val")}[key]
     assert Image.open(io.BytesIO(jpeg["jpg"])).mode == "L"
-    canvas = np.frombuffer(raw["rgb"], np.uint8).reshape(CANVAS, CANVAS, 3)
-    assert canvas[:, :, 0].any() and (canvas[:, :, 0] == canvas[:, :, 1]).all() and (canvas[:, :, 1] == canvas[:, :, 2]).all()
+    pixels = npy(raw["pixels.npy"])
+    assert pixels[:, :, 0].any() and (pixels[:, :, 0] == pixels[:, :, 1]).all() and (pixels[:, :, 1] == pixels[:, :, 2]).all()
 
 
 def test_train_is_shuffled_val_and_test_sorted(sample_shards_jpeg):
@@ -168,7 +169,7 @@ def test_seed_changes_the_split(tmp_path, pack_dir, coco_sample, sample_shards_j
 def test_tar_headers_are_fixed(sample_shards_jpeg):
     with tarfile.open(next(sample_shards_jpeg.glob("train-*.tar"))) as tar:
         members = tar.getmembers()
-    assert [m.name.split(".", 1)[1] for m in members[:3]] == ["jpg", "hw", "labels"]
+    assert [m.name.split(".", 1)[1] for m in members[:2]] == ["jpg", "labels.npy"]
     assert {(m.mtime, m.uid, m.gid, m.uname, m.gname, m.mode, m.type) for m in members} == {(0, 0, 0, "", "", 0o644, tarfile.REGTYPE)}
 
 
@@ -307,14 +308,13 @@ def test_every_bad_input_lands_where_the_rules_say(bad_root, tmp_path, pack_dir)
     }
     images = bad_root / "images/train-resized/train-resized"
     assert samples["progressive"]["jpg"] == (images / "progressive.jpg").read_bytes()
-    assert np.frombuffer(samples["dup"]["labels"], np.uint8).nonzero()[0].tolist() == [5, 7]
-    assert not np.frombuffer(samples["empty"]["labels"], np.uint8).any()
+    assert npy(samples["dup"]["labels.npy"]).nonzero()[0].tolist() == [5, 7]
+    assert not npy(samples["empty"]["labels.npy"]).any()
     original = np.asarray(Image.open(images / "png.png").convert("RGB"))
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(samples["png"]["png"]))), original)  # lossless
     for key, size in (("cmyk", (224, 168)), ("big", (224, 168))):
         decoded = Image.open(io.BytesIO(samples[key]["png"]))
         assert decoded.mode == "RGB" and decoded.size == size
-        assert np.frombuffer(samples[key]["hw"], "<u2").tolist() == [size[1], size[0]]
     assert manifest["unlabelled_images"] == {"count": 1, "examples": [str((images / "nolabels.jpg").resolve())]}
     assert manifest["deduplicated_labels"]["count"] == 1
     assert manifest["splits"]["train"]["empty_labels"] + manifest["splits"]["val"]["empty_labels"] == 1

@@ -106,7 +106,7 @@ def test_bf16_autocast_and_channels_last_reach_the_model(sample_shards_jpeg: Pat
 
     tr.model.stem[0].register_forward_hook(spy)
     meter = OnlineMetrics(torch.device("cpu"))
-    train_step(tr, next(iter(tr.train_loader)), torch.Generator().manual_seed(0), meter)
+    train_step(tr, next(iter(tr.train_loader)), meter)
     tr.train_loader.close()
     assert seen["output"] == (torch.bfloat16 if amp else torch.float32)
     assert seen["input_cl"] == channels_last
