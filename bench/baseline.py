@@ -42,12 +42,13 @@ def read_label_file(path: Path) -> list[int]:
 class FolderDataset(torch.utils.data.Dataset):
     """(transformed image, float32 multi-hot labels) for each `.cls` file, sorted by name.
 
-    `keys` keeps only those samples (e.g. the keys of one packed split); `max_images` the first N.
+    `keys` keeps only those samples (e.g. the keys of one packed split); `max_images` the first N;
+    `with_keys` adds each sample's key (the benchmark checks labels against the .cls files by key).
     """
 
     def __init__(self, image_dir: str | os.PathLike, label_dir: str | os.PathLike,
                  transform: Optional[Callable] = None, max_images: Optional[int] = None,
-                 keys: Optional[Iterable[str]] = None) -> None:
+                 keys: Optional[Iterable[str]] = None, with_keys: bool = False) -> None:
         self.image_dir, self.label_dir = Path(image_dir), Path(label_dir)
         names = sorted(p.name for p in self.label_dir.glob("*.cls"))
         if keys is not None:
@@ -57,18 +58,19 @@ class FolderDataset(torch.utils.data.Dataset):
         if not self.label_files:
             raise UserError(f"no .cls label files in {self.label_dir}")
         self.transform = transform
+        self.with_keys = with_keys
 
     def __len__(self) -> int:
         return len(self.label_files)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, index: int) -> tuple:
         name = self.label_files[index]
         image = Image.open(self.image_dir / (Path(name).stem + ".jpg")).convert("RGB")
         if self.transform is not None:
             image = self.transform(image)
         labels = torch.zeros(NUM_CLASSES)
         labels[read_label_file(self.label_dir / name)] = 1.0
-        return image, labels
+        return (image, labels, Path(name).stem) if self.with_keys else (image, labels)
 
 
 def folder_train_transform(size: int, scale: Sequence[float] = (0.35, 1.0),
@@ -84,10 +86,11 @@ def folder_train_transform(size: int, scale: Sequence[float] = (0.35, 1.0),
 
 def build_folder_loader(root: str | os.PathLike, *, batch_size: int, workers: int, size: int = 224,
                         scale: Sequence[float] = (0.35, 1.0), seed: int = 0, max_images: Optional[int] = None,
-                        keys: Optional[Iterable[str]] = None) -> torch.utils.data.DataLoader:
+                        keys: Optional[Iterable[str]] = None, with_keys: bool = False) -> torch.utils.data.DataLoader:
     """The statement's training DataLoader over a challenge folder: shuffled, `workers` processes."""
     images, labels = find_train_folders(root)
-    dataset = FolderDataset(images, labels, folder_train_transform(size, scale), max_images=max_images, keys=keys)
+    dataset = FolderDataset(images, labels, folder_train_transform(size, scale), max_images=max_images, keys=keys,
+                            with_keys=with_keys)
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, shuffle=True, num_workers=workers, persistent_workers=workers > 0,
         generator=torch.Generator().manual_seed(seed),

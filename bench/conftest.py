@@ -1,12 +1,15 @@
-"""Benchmarks: `pytest bench/ --benchmark [--bench-root PATH] [--bench-model NAME]`.
+"""Benchmarks: `pytest bench/ --benchmark [--peers] [--bench-set photos|synth] [--bench-root PATH]`.
 
 Without `--benchmark` every test here is skipped; plain `pytest` does not collect this folder
 (`testpaths = ["tests"]`). The flag does not clash with pytest-benchmark's `--benchmark-*`
 options: pytest matches option names exactly (no prefix abbreviations).
 
-Data: `--bench-root` (a challenge-layout folder) or, by default, a generated set of
-`--bench-images` images at the challenge's resolution; packed once in both pixel formats and cached
-under bench/results/cache/. Results: a table at the end of the run and bench/results/latest.json.
+Data (`bench_data`): by default `--bench-images` random crops of the repository's real COCO photos
+at the challenge's size and quality (`bench/photo_crops.py`: as hard to decode and augment as the
+challenge's own photos); `--bench-set synth` draws the generated set instead; `--bench-root` reads
+a challenge-layout folder. Packed once in both pixel formats and cached under bench/results/cache/
+(each peer caches its own format there too). Results: a table at the end of the run and
+bench/results/latest.json.
 """
 
 from __future__ import annotations
@@ -16,10 +19,12 @@ import json
 import os
 import platform
 import shutil
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
 import pytest
 import torch
 
@@ -27,15 +32,21 @@ BENCH_DIR = Path(__file__).resolve().parent
 RESULTS = BENCH_DIR / "results"
 CACHE = RESULTS / "cache"
 COMPLETE = "complete.json"
-PIPELINE_ORDER = ("folder", "stream-jpeg", "stream-raw", "resident")
+OURS = ("stream-jpeg", "stream-raw", "resident")
+sys.path.insert(0, str(BENCH_DIR))  # the bench's own modules: baseline, photo_crops, pipelines, peers
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("cocoshard benchmarks (bench/)")
     group.addoption("--benchmark", action="store_true", default=False, help="run the loader and training-step benchmarks in bench/")
-    group.addoption("--bench-root", default=None, help="challenge-layout folder to measure on (default: a generated set)")
+    group.addoption("--peers", action="store_true", default=False,
+                    help="also measure the loaders users would pick instead (WebDataset, FFCV, DALI, LitData, Mosaic "
+                         "Streaming; tools/install-peers.sh installs them; one that is missing is reported as skipped)")
+    group.addoption("--bench-set", choices=("photos", "synth"), default="photos",
+                    help="photos: crops of real COCO photos (default); synth: the generated set")
+    group.addoption("--bench-root", default=None, help="challenge-layout folder to measure on instead")
     group.addoption("--bench-model", default="resnet18", help="torchvision model of the training-step benchmark")
-    group.addoption("--bench-images", type=int, default=4000, help="size of the generated set (without --bench-root)")
+    group.addoption("--bench-images", type=int, default=4000, help="images of the bench set")
     group.addoption("--bench-batch-size", type=int, default=128, help="images per batch, the same for every pipeline")
     group.addoption("--bench-rounds", type=int, default=5, help="timed epochs per pipeline, after one warm-up epoch")
     group.addoption("--bench-size", type=int, default=224, help="training resolution")
@@ -59,6 +70,7 @@ class BenchReport:
 
     settings: dict[str, Any] = field(default_factory=dict)
     pipelines: dict[str, dict[str, Any]] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)  # peer -> why it was not measured
     train_step: dict[str, Any] = field(default_factory=dict)
     load: dict[str, list[float]] = field(default_factory=dict)
 
@@ -67,15 +79,35 @@ class BenchReport:
 
     def to_json(self) -> dict[str, Any]:
         folder = self.pipelines.get("folder", {})
+        peers = {name: entry for name, entry in self.pipelines.items() if entry.get("peer")}
+        best = max(peers.values(), key=lambda e: e["images_per_s"], default=None)
         pipelines = {}
-        for name in sorted(self.pipelines, key=lambda n: PIPELINE_ORDER.index(n) if n in PIPELINE_ORDER else 99):
-            entry = dict(self.pipelines[name])
+        for name, source in self.pipelines.items():
+            entry = dict(source)
             if folder:
                 entry["ratio_to_folder"] = round(entry["images_per_s"] / folder["images_per_s"], 2)
                 entry["cpu_ratio_to_folder"] = round(folder["cpu_us_per_image"] / entry["cpu_us_per_image"], 2)
+            if best is not None:
+                entry["ratio_to_best_peer"] = round(entry["images_per_s"] / best["images_per_s"], 2)
             pipelines[name] = entry
+        bars = bar_ratios(self.pipelines)
         return {"machine": machine(), "device": device_name(), "settings": self.settings, "load_average": self.load,
-                "pipelines": pipelines, "train_step": self.train_step}
+                "pipelines": pipelines, "best_peer": next((n for n, e in peers.items() if e is best), None),
+                "bars": bars, "skipped": self.skipped, "train_step": self.train_step}
+
+
+def bar_ratios(pipelines: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The ratios the bars are set on, when both sides were measured in this run."""
+    rate = {name: entry["images_per_s"] for name, entry in pipelines.items()}
+    peers = [entry["images_per_s"] for entry in pipelines.values() if entry.get("peer")]
+    bars: dict[str, Any] = {}
+    if peers and "resident" in rate:
+        bars["resident / best peer (bar 2.0)"] = round(rate["resident"] / max(peers), 2)
+    if "ffcv-raw" in rate and "stream-raw" in rate:
+        bars["stream-raw / FFCV raw (bar 1.5)"] = round(rate["stream-raw"] / rate["ffcv-raw"], 2)
+    if "ffcv-jpeg" in rate and "stream-jpeg" in rate:
+        bars["stream-jpeg / FFCV jpeg (bar 1.3)"] = round(rate["stream-jpeg"] / rate["ffcv-jpeg"], 2)
+    return bars
 
 
 _REPORT_KEY = pytest.StashKey[BenchReport]()
@@ -103,7 +135,8 @@ def machine() -> dict[str, Any]:
     except OSError:
         pass
     return {"cpu": cpu, "cores": cores(), "memory_gib": round(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30, 1),
-            "python": platform.python_version(), "torch": torch.__version__, "PIL": pil_build().describe(), "platform": platform.platform()}
+            "python": platform.python_version(), "torch": str(torch.__version__), "PIL": pil_build().describe(),
+            "platform": platform.platform()}
 
 
 def cores() -> int:
@@ -113,7 +146,7 @@ def cores() -> int:
 
 
 def process_tree_cpu_seconds() -> float:
-    """CPU time (user + system) of this process and its children (loader workers), so far.
+    """CPU time (user + system) of this process, its threads and its children (loader workers), so far.
 
     Read from /proc, so that workers still alive count; elsewhere only this process is counted.
     """
@@ -162,14 +195,21 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
     atomic_write_text(RESULTS / "latest.json", json.dumps(data, indent=2) + "\n")
     write = terminalreporter.write_line
     terminalreporter.section("cocoshard benchmark")
-    write(f"device: {data['device']}; batch {found.settings.get('batch_size')}, {found.settings.get('workers')} workers, "
-          f"{found.settings.get('size')} px, {found.settings.get('images')} images; load average {found.load}")
+    settings = found.settings
+    write(f"device: {data['device']}; {settings.get('set')} set, {settings.get('images')} images, batch "
+          f"{settings.get('batch_size')}, {settings.get('workers')} workers, {settings.get('size')} px; "
+          f"load average {found.load}")
     if data["pipelines"]:
-        write(f"{'pipeline':<14}{'images/s':>10}{'min':>9}{'max':>9}{'x folder':>10}{'CPU us/img':>12}{'x folder':>10}")
+        write(f"{'pipeline':<24}{'images/s':>10}{'min':>8}{'max':>8}{'x folder':>10}{'x best peer':>13}"
+              f"{'CPU us/img':>12}  output")
         for name, entry in data["pipelines"].items():
-            write(f"{name:<14}{entry['images_per_s']:>10.0f}{min(entry['rounds']):>9.0f}{max(entry['rounds']):>9.0f}"
-                  f"{entry.get('ratio_to_folder', float('nan')):>10.2f}{entry['cpu_us_per_image']:>12.0f}"
-                  f"{entry.get('cpu_ratio_to_folder', float('nan')):>10.2f}")
+            write(f"{name:<24}{entry['images_per_s']:>10.0f}{min(entry['rounds']):>8.0f}{max(entry['rounds']):>8.0f}"
+                  f"{entry.get('ratio_to_folder', float('nan')):>10.2f}{entry.get('ratio_to_best_peer', float('nan')):>13.2f}"
+                  f"{entry['cpu_us_per_image']:>12.0f}  {entry['output']}")
+    for name, why in data["skipped"].items():
+        write(f"{name:<24}skipped: {why}")
+    for bar, ratio in data["bars"].items():
+        write(f"{bar}: {ratio:.2f}")
     for name, entry in data["train_step"].items():
         if isinstance(entry, dict) and "images_per_s" in entry:
             write(f"train step {name:<28}{entry['images_per_s']:>10.1f} images/s")
@@ -181,45 +221,75 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
 
 @dataclass
 class BenchData:
+    """The measured images: a challenge-layout folder, its shards in both formats, and the truth."""
+
     root: Path
     shards: dict[str, Path]  # pixel format -> packed folder
+    keys: list[str]  # the packed train split's keys (every pipeline reads exactly these images)
+    labels: dict[str, np.ndarray]  # key -> uint8 (80,) from its .cls file
+    cache: Path  # where peers keep their own formats of these images
 
-
-def _cache_key(root: Optional[str], images: int, size: int) -> str:
-    if root is None:
-        return f"synth-{images}-{size}"
-    digest = hashlib.sha1(str(Path(root).resolve()).encode()).hexdigest()[:12]
-    return f"root-{digest}-{size}"
+    @property
+    def images(self) -> Path:
+        return self.root / "images/train-resized/train-resized"
 
 
 def _pack(root: Path, out: Path, pixel_format: str, size: int) -> None:
     from cocoshard import config
     from cocoshard.prepare import pack
 
-    settings = {"root": str(root), "out": str(out), "format": pixel_format, "size": size, "val_fraction": 0.01,
-                "workers": cores()}
+    settings = {"root": str(root), "out": str(out), "format": pixel_format, "size": size, "val_fraction": 0.01}
     pack.pack_folder(config.resolve(config.PackConfig, settings), progress=False)
+
+
+def _build(root: Optional[str], bench_set: str, images: int, folder: Path, size: int) -> Path:
+    if root is not None:
+        source = Path(root)
+    elif bench_set == "photos":
+        from photo_crops import write_photo_crops
+
+        source = write_photo_crops(folder / "root", images)
+    else:
+        from cocoshard.config import SynthConfig
+        from cocoshard.prepare.synth import write_synthetic
+
+        source = folder / "root"
+        write_synthetic(SynthConfig(out=str(source), train=images, test=0, seed=0, size=size))
+    for pixel_format in ("jpeg", "raw"):
+        _pack(source, folder / f"shards-{pixel_format}", pixel_format, size)
+    return source
+
+
+def _truth(shards: Path, root: Path) -> tuple[list[str], dict[str, np.ndarray]]:
+    from cocoshard.loading.tario import read_samples
+    from cocoshard.prepare.labels import multi_hot, parse_cls
+    from cocoshard.prepare.manifest import read_manifest, shard_urls, split_shards
+    from cocoshard.prepare.sources import find_sources
+
+    manifest = read_manifest(shards)
+    urls, entries = shard_urls(shards, manifest, "train"), split_shards(manifest, "train")
+    keys = [s.key for url, e in zip(urls, entries) for s in read_samples(url, e["sha256"], e["samples"])]
+    labels_dir = find_sources(str(root)).train_labels
+    return keys, {key: multi_hot(parse_cls((labels_dir / f"{key}.cls").read_bytes()).ids) for key in keys}
 
 
 @pytest.fixture(scope="session")
 def bench_data(request: pytest.FixtureRequest) -> BenchData:
     """The measured images: a challenge folder and its shards in both formats, built once and cached."""
+    from cocoshard.prepare.format import FORMAT_VERSION
+
     opts = request.config.option
     size = 224
-    folder = CACHE / _cache_key(opts.bench_root, opts.bench_images, size)
+    wanted = {"root": opts.bench_root, "set": opts.bench_set, "images": opts.bench_images, "size": size,
+              "format": FORMAT_VERSION}
+    folder = CACHE / hashlib.sha1(json.dumps(wanted, sort_keys=True).encode()).hexdigest()[:12]
     marker = folder / COMPLETE
-    wanted = {"root": opts.bench_root, "images": opts.bench_images, "size": size, "format": 1}
     if not (marker.is_file() and json.loads(marker.read_text()) == wanted):
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
-        root = Path(opts.bench_root) if opts.bench_root else folder / "root"
-        if opts.bench_root is None:
-            from cocoshard.config import SynthConfig
-            from cocoshard.prepare.synth import write_synthetic
-
-            write_synthetic(SynthConfig(out=str(root), train=opts.bench_images, test=0, seed=0, size=size, workers=cores()))
-        for pixel_format in ("jpeg", "raw"):
-            _pack(root, folder / f"shards-{pixel_format}", pixel_format, size)
+        _build(opts.bench_root, opts.bench_set, opts.bench_images, folder, size)
         marker.write_text(json.dumps(wanted))
     root = Path(opts.bench_root) if opts.bench_root else folder / "root"
-    return BenchData(root, {fmt: folder / f"shards-{fmt}" for fmt in ("jpeg", "raw")})
+    shards = {fmt: folder / f"shards-{fmt}" for fmt in ("jpeg", "raw")}
+    keys, labels = _truth(shards["jpeg"], root)
+    return BenchData(root, shards, keys, labels, folder / "peers")

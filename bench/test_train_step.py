@@ -14,14 +14,9 @@ import time
 import torch
 import torchvision
 from conftest import BenchReport, bench_device
+from pipelines import training_dtype
 
 CPU_BATCH, CPU_STEPS, GPU_STEPS, WARMUP_STEPS = 16, 6, 30, 3
-
-
-def amp_dtype(device: torch.device) -> torch.dtype:
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        return torch.float16
-    return torch.bfloat16
 
 
 def steps_per_second(model_name: str, batch: int, size: int, steps: int, device: torch.device, amp: bool) -> float:
@@ -32,7 +27,7 @@ def steps_per_second(model_name: str, batch: int, size: int, steps: int, device:
     if amp:
         model = model.to(memory_format=torch.channels_last)
         images = images.contiguous(memory_format=torch.channels_last)
-    dtype = amp_dtype(device)
+    dtype = training_dtype(device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp and dtype == torch.float16)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     loss_fn = torch.nn.BCEWithLogitsLoss()
@@ -64,7 +59,7 @@ def test_training_step_ceiling(report: BenchReport, request) -> None:
     batch = opts.bench_batch_size if on_gpu else CPU_BATCH
     steps = GPU_STEPS if on_gpu else CPU_STEPS
     report.train_step.update(model=opts.bench_model, batch_size=batch, size=opts.bench_size, steps=steps)
-    for name, amp in (("fp32 NCHW", False), (f"AMP {str(amp_dtype(device)).split('.')[-1]} channels_last", True)):
+    for name, amp in (("fp32 NCHW", False), (f"AMP {str(training_dtype(device)).split('.')[-1]} channels_last", True)):
         rate = steps_per_second(opts.bench_model, batch, opts.bench_size, steps, device, amp) * batch
         report.train_step[name] = {"images_per_s": round(rate, 1)}
         assert rate > 0
