@@ -15,6 +15,7 @@ except every `--log-every` steps, to show progress.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any, Optional
 
@@ -23,6 +24,8 @@ import torch
 
 from cocoshard import NUM_CLASSES
 from cocoshard.config import TrainConfig
+from cocoshard.errors import UserError
+from cocoshard.folder_lock import folder_lock
 from cocoshard.loading.batch import Batch
 from cocoshard.scoring import metrics
 from cocoshard.seeds import Stream, derive_seed
@@ -36,7 +39,7 @@ from cocoshard.training.checkpoint import (
 )
 from cocoshard.training.model import set_train_mode
 from cocoshard.training.optim import BACKBONE, HEAD
-from cocoshard.training.runlog import THRESHOLDS_FILE, RunLog
+from cocoshard.training.runlog import CONFIG_FILE, METRICS_LOG, THRESHOLDS_FILE, RunLog
 from cocoshard.training.runtime import (
     all_reduce_sum,
     barrier,
@@ -45,7 +48,12 @@ from cocoshard.training.runtime import (
     gather_rows,
     setup,
 )
-from cocoshard.training.state import Trainer, build_trainer, enter_phase
+from cocoshard.training.state import (
+    Trainer,
+    build_trainer,
+    enter_phase,
+    settle_settings,
+)
 
 # ----------------------------------------------------------------------------------- training
 
@@ -106,6 +114,11 @@ def train_step(tr: Trainer, batch: Batch, meter: OnlineMetrics) -> None:
     meter.add(loss, logits, batch.labels)
 
 
+def head_lr(tr: Trainer) -> float:
+    """The learning rate of the head now (the backbone's is a fixed fraction of it once released)."""
+    return next(group["lr"] for group in tr.optimizer.param_groups if group.get("part") == HEAD)
+
+
 def train_one_epoch(tr: Trainer, epoch: int) -> dict[str, Any]:
     """One pass over this rank's share of the train split; returns the epoch's train figures."""
     cfg, runtime = tr.cfg, tr.runtime
@@ -116,7 +129,14 @@ def train_one_epoch(tr: Trainer, epoch: int) -> dict[str, Any]:
     steps = tr.steps_per_epoch
     if cfg.max_steps:
         steps = min(steps, cfg.max_steps - tr.step)
-    progress = tr.log.epoch_progress(f"epoch {epoch + 1}/{cfg.epochs}", steps, cfg.batch_size * runtime.world_size)
+    epochs_after = cfg.epochs - epoch - 1
+    val_share = tr.val_loader.num_samples / max(tr.train_loader.num_samples, 1) / 2  # inference: ~1/3 of a step's work, twice
+
+    def run_left(per_step: float) -> float:
+        return epochs_after * steps * per_step + (epochs_after + 1) * val_share * tr.steps_per_epoch * per_step
+
+    progress = tr.log.epoch_progress(f"epoch {epoch + 1}/{cfg.epochs}", steps, cfg.batch_size * runtime.world_size,
+                                     run_left)
     started = time.perf_counter()
     try:
         for index, batch in enumerate(tr.train_loader):
@@ -124,7 +144,7 @@ def train_one_epoch(tr: Trainer, epoch: int) -> dict[str, Any]:
                 break  # --max-steps reached (the loader otherwise ends on its own, so it can finish cleanly)
             train_step(tr, batch, meter)
             if (index + 1) % cfg.log_every == 0 or index + 1 == steps:
-                progress.update(index + 1, meter.mean_loss())
+                progress.update(index + 1, meter.mean_loss(), head_lr(tr))
     finally:
         progress.close()
     if runtime.device.type == "cuda":
@@ -139,9 +159,15 @@ def train_one_epoch(tr: Trainer, epoch: int) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------- validation
 
 
+class NothingToValidate(UserError):
+    """Every validation sample was bad: no epoch can be scored, so none may be called best."""
+
+
 @torch.no_grad()
-def evaluate(tr: Trainer, model: torch.nn.Module) -> tuple[Optional[np.ndarray], Optional[np.ndarray], float]:
-    """Scores and labels of the whole validation split (gathered on rank 0) and its mean loss."""
+def validation_scores(tr: Trainer, model: torch.nn.Module) -> tuple[Optional[np.ndarray], Optional[np.ndarray], float]:
+    """Scores and labels of the whole validation split (gathered on rank 0) and its mean loss.
+
+    Raises NothingToValidate on every rank when no rank read a single validation image."""
     runtime = tr.runtime
     model.eval()
     scores, labels, keys = [], [], []
@@ -159,6 +185,11 @@ def evaluate(tr: Trainer, model: torch.nn.Module) -> tuple[Optional[np.ndarray],
     all_labels = gather_rows(torch.cat(labels) if labels else empty.to(torch.uint8))
     all_keys = [key for part in gather_objects(keys) for key in part]
     loss_sum = all_reduce_sum(loss_sum)
+    if not all_keys:
+        raise NothingToValidate(
+            f"validation read no image: all {tr.val_loader.split_samples} samples of the val split were bad and "
+            f"skipped (--skip-bad-samples); no epoch can be scored, so no best.pt was written. Check the val shards "
+            f"with cocoshard inspect --shards {tr.cfg.shards} --verify and re-pack")
     if not runtime.is_main:
         return None, None, 0.0
     # A loader may repeat a sample to even out ranks: count every image once.
@@ -187,7 +218,7 @@ def validate(tr: Trainer) -> tuple[dict[str, dict[str, float]], dict[str, np.nda
         candidates[EMA] = tr.ema.module
     figures, thresholds = {}, {}
     for name, model in candidates.items():
-        scores, labels, loss = evaluate(tr, model)
+        scores, labels, loss = validation_scores(tr, model)
         if tr.runtime.is_main:
             figures[name], thresholds[name] = score_validation(scores, labels, loss, tr.cfg.seed)
     return figures, thresholds
@@ -242,23 +273,57 @@ def fit(tr: Trainer) -> None:
             break
 
 
+def summary_lines(tr: Trainer, seconds: float) -> list[str]:
+    """What a finished run says: time, the best epoch and its scores, the files written, the next command."""
+    best = tr.out / BEST
+    lines = [f"trained {tr.epoch} epoch(s) in {seconds / 60:.1f} min; best epoch {tr.best_epoch}: server F1 "
+             f"{tr.best_score:.4f} with tuned thresholds (on the val split they were tuned on)"]
+    lines += [f"  {name:<16}{tr.out / file}" for name, file in (
+        ("best checkpoint", BEST), ("last checkpoint", LAST), ("thresholds", THRESHOLDS_FILE),
+        ("metrics per epoch", METRICS_LOG), ("settings", CONFIG_FILE))]
+    lines.append("next: predict the test images and check the submission:")
+    lines.append(f"  cocoshard predict --checkpoint {best} --shards {tr.cfg.shards} --split test --out predictions.json")
+    lines.append(f"  cocoshard evaluate --predictions predictions.json --images {tr.cfg.shards}")
+    return lines
+
+
+def interrupted_lines(tr: Trainer) -> list[str]:
+    """What a run stopped by Ctrl-C or SIGTERM says: what is kept and how to go on."""
+    if tr.epoch == 0 or not (tr.out / LAST).is_file():
+        return [f"stopped during epoch {tr.epoch + 1}: no epoch was complete, nothing to resume; start again with "
+                f"the same command"]
+    return [f"stopped during epoch {tr.epoch + 1}: {tr.out / LAST} holds epoch {tr.epoch} of {tr.cfg.epochs}",
+            f"  resume with: cocoshard train --out {tr.out} --resume"]
+
+
 def run(cfg: TrainConfig) -> int:
     """Entry point of `cocoshard train` (and of each torchrun process)."""
+    cfg, resumed, resumed_from = settle_settings(cfg)
     runtime = setup(cfg.device, cfg.amp, cfg.amp_dtype)
     log = RunLog(cfg.out, enabled=runtime.is_main)
     tr = None
-    try:
-        tr = build_trainer(cfg, runtime, log)
-        if tr.epoch >= tr.cfg.epochs:
-            log.note(f"{tr.out / LAST} already completed {tr.epoch} of {tr.cfg.epochs} epochs: nothing to do")
+    started = time.perf_counter()
+    with contextlib.ExitStack() as stack:
+        try:
+            # one writer per run folder: a second train into it is refused at once
+            lock = (lambda: stack.enter_context(folder_lock(cfg.out, "cocoshard train"))) if runtime.is_main else None
+            tr = build_trainer(cfg, runtime, log, resumed, resumed_from, lock=lock)
+            if tr.epoch >= tr.cfg.epochs:
+                log.note(f"{tr.out / LAST} already completed {tr.epoch} of {tr.cfg.epochs} epochs: nothing to do "
+                         f"(give --epochs more than {tr.epoch} with --resume to train on)")
+                return 0
+            fit(tr)
+            for line in summary_lines(tr, time.perf_counter() - started):
+                log.note(line)
             return 0
-        fit(tr)
-        log.note(f"best epoch {tr.best_epoch}: server F1 {tr.best_score:.4f} with tuned thresholds → "
-                 f"{tr.out / BEST}, {tr.out / THRESHOLDS_FILE}")
-        return 0
-    finally:
-        if tr is not None:
-            for loader in (tr.train_loader, tr.val_loader):
-                loader.close()  # stop worker processes now rather than at garbage collection
-        log.close()
-        cleanup()
+        except KeyboardInterrupt:
+            if tr is not None:
+                for line in interrupted_lines(tr):
+                    log.note(line)
+            raise
+        finally:
+            if tr is not None:
+                for loader in (tr.train_loader, tr.val_loader):
+                    loader.close()  # stop worker processes now rather than at garbage collection
+            log.close()
+            cleanup()

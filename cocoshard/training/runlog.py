@@ -1,12 +1,15 @@
 """What a training run writes and shows, on rank 0 only; other ranks get a silent `RunLog`.
 
-    OUT/config.json       the resolved TrainConfig (what `--config OUT/config.json` re-runs)
+    OUT/config.json       the TrainConfig the run uses, automatic settings resolved (what
+                          `--config OUT/config.json` runs again)
+    OUT/run.json          what else it resolved: device name, world size, versions, command line
     OUT/metrics.jsonl     one JSON object per epoch (train and validation figures)
     OUT/thresholds.json   the best epoch's per-class thresholds, with the scores they gave
     OUT/tensorboard/      the same figures as TensorBoard scalars, when tensorboard is installed
 
-On screen: a rich progress bar per epoch (steps, loss, images/s, elapsed, ETA) and a rich table
-per epoch comparing the raw weights with their EMA.
+On screen: a rich progress bar per epoch (steps, loss, learning rate, images/s, elapsed, the time
+left in the epoch and in the whole run), a rich table per epoch comparing the raw weights with
+their EMA, and a summary at the end: time, best epoch and its scores, files written, next command.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from rich.table import Table
 from cocoshard.atomic import atomic_write_text
 
 CONFIG_FILE = "config.json"
+RUN_FILE = "run.json"
 METRICS_LOG = "metrics.jsonl"
 THRESHOLDS_FILE = "thresholds.json"
 TENSORBOARD_DIR = "tensorboard"
@@ -50,28 +54,42 @@ def _flat_numbers(record: dict[str, Any], prefix: str = "") -> dict[str, float]:
     return out
 
 
-class EpochProgress:
-    """A progress bar for one epoch; `update` is called only at log steps (it follows a host sync)."""
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else f"{seconds // 60}:{seconds % 60:02d}"
 
-    def __init__(self, console: Optional[Console], description: str, steps: int, batch_images: int) -> None:
-        self.batch_images = batch_images
+
+class EpochProgress:
+    """A progress bar for one epoch; `update` is called only at log steps (it follows a host sync).
+
+    `run_left(seconds_per_step)` says how long the steps after this epoch will take (the epochs to
+    come, validation included), so the bar can show the time left in the whole run."""
+
+    def __init__(self, console: Optional[Console], description: str, steps: int, batch_images: int,
+                 run_left: Any = None) -> None:
+        self.batch_images, self.steps = batch_images, steps
+        self.run_left = run_left or (lambda per_step: 0.0)
         self.started = time.perf_counter()
         self.progress: Optional[Progress] = None
         if console is not None:
             self.progress = Progress(
                 TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[rate]} img/s"),
-                TimeElapsedColumn(), TimeRemainingColumn(), console=console,
+                TextColumn("loss {task.fields[loss]}"), TextColumn("lr {task.fields[lr]}"),
+                TextColumn("{task.fields[rate]} img/s"), TimeElapsedColumn(), TimeRemainingColumn(),
+                TextColumn("run {task.fields[run]} left"), console=console,
             )
-            self.task = self.progress.add_task(description, total=steps, loss="-", rate="-")
+            self.task = self.progress.add_task(description, total=steps, loss="-", lr="-", rate="-", run="-")
             self.progress.start()
 
-    def update(self, step: int, loss: float) -> None:
-        """Show `step` steps done in this epoch at a mean loss of `loss`."""
+    def update(self, step: int, loss: float, lr: float) -> None:
+        """Show `step` steps done in this epoch at a mean loss of `loss`, the head's learning rate `lr`."""
         if self.progress is None:
             return
-        rate = step * self.batch_images / max(time.perf_counter() - self.started, 1e-9)
-        self.progress.update(self.task, completed=step, loss=f"{loss:.4f}", rate=f"{rate:,.0f}")
+        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        per_step = elapsed / max(step, 1)
+        left = (self.steps - step) * per_step + self.run_left(per_step)
+        self.progress.update(self.task, completed=step, loss=f"{loss:.4f}", lr=f"{lr:.2e}",
+                             rate=f"{step * self.batch_images / elapsed:,.0f}", run=_duration(left))
 
     def close(self) -> None:
         """Stop redrawing the bar (it stays on screen)."""
@@ -104,14 +122,15 @@ class RunLog:
         if self.console is not None:
             self.console.print(message, highlight=False)
 
-    def save_config(self, settings: dict[str, Any]) -> None:
-        """The resolved configuration as JSON in the run folder."""
+    def save_config(self, settings: dict[str, Any], facts: dict[str, Any]) -> None:
+        """The settings the run uses (config.json) and what else it resolved (run.json)."""
         if self.enabled:
             atomic_write_text(self.out / CONFIG_FILE, json.dumps(settings, indent=2, sort_keys=True) + "\n")
+            atomic_write_text(self.out / RUN_FILE, json.dumps(facts, indent=2, sort_keys=True) + "\n")
 
-    def epoch_progress(self, description: str, steps: int, batch_images: int) -> EpochProgress:
+    def epoch_progress(self, description: str, steps: int, batch_images: int, run_left: Any = None) -> EpochProgress:
         """A progress bar for one epoch (silent off rank 0)."""
-        return EpochProgress(self.console, description, steps, batch_images)
+        return EpochProgress(self.console, description, steps, batch_images, run_left)
 
     def keep_epochs_up_to(self, epoch: int) -> None:
         """Drop log lines of epochs after `epoch`: on resume they are run again (0: a fresh run)."""

@@ -1,29 +1,52 @@
 """A run's state between steps (`Trainer`) and how it is built: every check first, then the objects.
 
-`build_trainer` does every check that can fail before any work (unknown model, missing shards, a
-batch larger than the split, a run folder that already holds a run) and only then builds the
-model, loaders, optimiser, schedule and EMA; with `--resume` it restores them from `OUT/last.pt`
-(`cocoshard.training.checkpoint`). `enter_phase` freezes or releases the backbone per epoch.
+`settle_settings` decides what the run uses before anything starts: a new run's own settings, or
+with `--resume` the resumed run's (`checkpoint.resume_settings`). `build_trainer` then does every
+check that can fail before any work (unknown model, missing shards, images shared by train and
+val, a batch larger than the split, a run folder that already holds a run), resolves every
+automatic setting to what the run really uses (device, AMP dtype, loader workers, CPU threads),
+prints and saves it, and only then builds the model, loaders, optimiser, schedule and EMA,
+restored from the checkpoint when resuming. `enter_phase` freezes or releases the backbone per
+epoch.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import platform
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import nn
 
-from cocoshard import CLASSES, NUM_CLASSES
+from cocoshard import NUM_CLASSES
 from cocoshard.atomic import remove_stale_temporaries
 from cocoshard.config import TrainConfig, print_config, to_dict
 from cocoshard.errors import ConfigError, UserError
 from cocoshard.loading.augment import EvalTransform, TrainTransform
 from cocoshard.loading.loader import build_loader
+from cocoshard.loading.tario import BadShard, shard_keys
 from cocoshard.machine import cores_per_process
-from cocoshard.prepare.manifest import is_url, read_manifest, shard_urls
-from cocoshard.training.checkpoint import LAST, restore
+from cocoshard.prepare.manifest import (
+    is_url,
+    manifest_class_names,
+    read_manifest,
+    shard_urls,
+    shards_identity,
+)
+from cocoshard.training.checkpoint import (
+    BEST,
+    LAST,
+    check_same_shards,
+    load_checkpoint,
+    restore,
+    resume_path,
+    resume_settings,
+    versions,
+)
 from cocoshard.training.loss import build_loss
 from cocoshard.training.model import (
     build_model,
@@ -54,6 +77,7 @@ class Trainer:
     steps_per_epoch: int
     classes: Sequence[str]
     input_dtype: torch.dtype
+    shards_identity: str = ""  # which train/val shards the run trains on (`manifest.shards_identity`)
     num_classes: int = NUM_CLASSES
     net: Optional[nn.Module] = None
     frozen: Optional[bool] = None
@@ -72,12 +96,63 @@ class Trainer:
         return sum(int(getattr(loader, "skipped_samples", 0)) for loader in (self.train_loader, self.val_loader))
 
 
+# ----------------------------------------------------------------------------------- settings
+
+
+def settle_settings(cfg: TrainConfig) -> tuple[TrainConfig, Optional[dict[str, Any]], Optional[Path]]:
+    """(the settings the run uses, the checkpoint it resumes or None, its path): before anything starts."""
+    if not cfg.resume:
+        return cfg.resolved(), None, None
+    path = resume_path(cfg)
+    if not path.is_file():
+        raise ConfigError(f"--resume: there is no {path} to continue; drop --resume to start a new run")
+    state = load_checkpoint(path)
+    return resume_settings(cfg, state, path).resolved(), state, path
+
+
+def loader_workers(cfg: TrainConfig, runtime: Runtime) -> int:
+    """Loader processes: as given, else one per core of this process on a GPU and none on a CPU
+    (training on a CPU already uses every core; loader processes beside it stall the compute
+    threads, as each parallel region waits for its slowest thread)."""
+    if cfg.workers is not None:
+        return cfg.workers
+    return 0 if runtime.device.type == "cpu" else cores_per_process()
+
+
+def compute_threads(cfg: TrainConfig, workers: int) -> int:
+    """CPU threads of the training process: as given, else this process's cores less its loader
+    workers (each takes a core when it augments on a CPU), at least one."""
+    if cfg.threads is not None:
+        return cfg.threads
+    return max(1, cores_per_process() - workers)
+
+
+def resolved_settings(cfg: TrainConfig, runtime: Runtime, workers: int, threads: int) -> TrainConfig:
+    """The settings with every automatic one replaced by what the run really uses."""
+    amp = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(runtime.amp_dtype, cfg.amp_dtype)
+    return dataclasses.replace(cfg.resolved(), device=runtime.device.type, amp_dtype=amp, workers=workers,
+                               threads=threads)
+
+
+def run_facts(cfg: TrainConfig, runtime: Runtime, identity: str) -> dict[str, Any]:
+    """What else a run resolved at start: shown with the settings and saved as OUT/run.json."""
+    if runtime.device.type == "cuda":
+        name = torch.cuda.get_device_name(runtime.device)
+    else:
+        name = f"CPU, {torch.get_num_threads()} threads of {cores_per_process()} cores ({platform.machine()})"
+    return {"device_name": name, "world_size": runtime.world_size, "loader": cfg.loader,
+            "amp": str(runtime.amp_dtype).removeprefix("torch.") if runtime.amp_dtype else "off",
+            "shards_identity": identity[:16], "command": " ".join(sys.argv), "versions": versions()}
+
+
+# ----------------------------------------------------------------------------------- checks
+
+
 def check_shards(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
-    """The manifest, after checking that both splits exist, have files, and fit the batch size."""
+    """The manifest, after checking that both splits exist, have files, share no image, and fit the batch."""
     manifest = read_manifest(cfg.shards)
     for split in ("train", "val"):
-        entry = manifest.get("splits", {}).get(split) or {}
-        if not entry.get("samples") or not entry.get("shards"):
+        if not manifest["splits"][split]["samples"]:
             raise UserError(f"{cfg.shards}: the {split} split is empty; re-pack with more images "
                             f"(or a larger --val-fraction) before training")
         if not is_url(cfg.shards):
@@ -85,6 +160,13 @@ def check_shards(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
             if missing:
                 raise UserError(f"shard {missing[0]} listed in the manifest is missing ({len(missing)} missing "
                                 f"in all): re-pack into {cfg.shards}")
+    if not is_url(cfg.shards):  # (over a URL every shard would be downloaded just to list its keys)
+        keys = {split: {key for url in shard_urls(cfg.shards, manifest, split) for key in _keys(url, cfg)}
+                for split in ("train", "val")}
+        shared = sorted(keys["train"] & keys["val"])
+        if shared:
+            raise UserError(f"{cfg.shards}: {len(shared)} images are in both the train and the val split (e.g. "
+                            f"{', '.join(shared[:3])}): validation would score images the model learns from; re-pack")
     train_samples = manifest["splits"]["train"]["samples"]
     if cfg.batch_size * world_size > train_samples:
         raise ConfigError(f"--batch-size {cfg.batch_size} x {world_size} process(es) is larger than the train split "
@@ -92,31 +174,31 @@ def check_shards(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
     return manifest
 
 
-def check_run_folder(out: Path, resume: bool) -> None:
-    """A new run never overwrites an old one; --resume needs one to continue."""
-    if resume and not (out / LAST).is_file():
-        raise ConfigError(f"--resume: there is no {out / LAST} to continue; drop --resume to start a new run")
-    if not resume and (out / LAST).is_file():
+def _keys(url: str, cfg: TrainConfig) -> list[str]:
+    """A shard's keys; a damaged shard is named here, or with --skip-bad-samples left to the loader."""
+    try:
+        return shard_keys(url)
+    except BadShard:
+        if cfg.skip_bad_samples:
+            return []
+        raise
+
+
+def check_run_folder(out: Path) -> None:
+    """A new run never overwrites an old one, finished or not."""
+    if (out / LAST).is_file():
         raise ConfigError(f"{out} already holds a run ({LAST}): add --resume to continue it, or choose another --out")
+    if (out / BEST).is_file():
+        raise ConfigError(f"{out} holds a finished run's {BEST}: choose another --out (or move {out / BEST} away)")
 
 
 def class_prior(manifest: dict[str, Any]) -> Optional[list[float]]:
     """Each class's share of the train images, from the manifest's counts."""
     train = manifest["splits"]["train"]
-    counts = train.get("class_counts")
-    if not counts or len(counts) != NUM_CLASSES:
-        return None
-    return [count / train["samples"] for count in counts]
+    return [count / train["samples"] for count in train["class_counts"]]
 
 
-def _loader_workers(cfg: TrainConfig, runtime: Runtime) -> int:
-    if cfg.workers is not None:
-        return cfg.workers
-    if runtime.device.type == "cpu":
-        # Training on the CPU already uses every core; loader processes beside it stall the
-        # compute threads (each parallel region waits for its slowest thread) more than they save.
-        return 0
-    return cores_per_process()
+# ----------------------------------------------------------------------------------- building
 
 
 def train_transform(cfg: TrainConfig, dtype: torch.dtype) -> TrainTransform:
@@ -135,7 +217,7 @@ def build_loaders(cfg: TrainConfig, runtime: Runtime) -> tuple[Any, Any]:
     delivering model-ready inputs."""
     dtype = runtime.amp_dtype or torch.float32
     common = dict(batch_size=cfg.batch_size, device=runtime.device, mode=cfg.loader, seed=cfg.seed,
-                  rank=runtime.rank, world_size=runtime.world_size, workers=_loader_workers(cfg, runtime),
+                  rank=runtime.rank, world_size=runtime.world_size, workers=cfg.workers,
                   skip_bad_samples=cfg.skip_bad_samples)
     return (build_loader(cfg.shards, "train", train=True, transform=train_transform(cfg, dtype), **common),
             build_loader(cfg.shards, "val", train=False, transform=validation_transform(cfg, dtype), **common))
@@ -151,16 +233,31 @@ def agreed_steps(loader: Any, runtime: Runtime) -> int:
     return int(steps)
 
 
-def build_trainer(cfg: TrainConfig, runtime: Runtime, log: RunLog) -> Trainer:
-    """Check everything that can be checked, then build the state (restored with --resume)."""
-    cfg = cfg.resolved()
+def build_trainer(cfg: TrainConfig, runtime: Runtime, log: RunLog, resumed: Optional[dict[str, Any]] = None,
+                  resumed_from: Optional[Path] = None, lock: Optional[Callable[[], Any]] = None) -> Trainer:
+    """Check everything that can be checked, then build the state (restored from `resumed`).
+
+    `lock()` takes the run folder's write lock once the checks pass (nothing is created before)."""
     check_model_name(cfg.model)
     out = Path(cfg.out)
-    check_run_folder(out, cfg.resume)
+    if resumed is None:
+        check_run_folder(out)
     manifest = check_shards(cfg, runtime.world_size)
+    identity = shards_identity(manifest)
+    if resumed is not None:
+        check_same_shards(resumed, identity, cfg.shards, resumed_from)
+    if lock is not None:
+        lock()
+        if resumed is None:
+            check_run_folder(out)  # again, under the lock: another run may have started meanwhile
+    workers = loader_workers(cfg, runtime)
+    threads = compute_threads(cfg, workers)
+    torch.set_num_threads(threads)
+    cfg = resolved_settings(cfg, runtime, workers, threads)
     if runtime.is_main:
-        print_config(cfg, log.console)
-        log.save_config(to_dict(cfg))
+        facts = run_facts(cfg, runtime, identity)
+        print_config(cfg, log.console, extra={k: v for k, v in facts.items() if k != "versions"})
+        log.save_config(to_dict(cfg), facts)
     seed_everything(cfg.seed)
     model = build_model(cfg.model, cfg.weights, class_prior=class_prior(manifest))
     check_input_size(model, cfg.size, cfg.model)
@@ -176,10 +273,11 @@ def build_trainer(cfg: TrainConfig, runtime: Runtime, log: RunLog) -> Trainer:
         optimizer=optimizer, scheduler=scheduler, scaler=runtime.grad_scaler(),
         criterion=build_loss(cfg.loss, cfg.asl_gamma_neg, cfg.asl_gamma_pos, cfg.asl_clip),
         train_loader=train_loader, val_loader=val_loader, steps_per_epoch=steps,
-        classes=tuple(manifest.get("classes") or CLASSES), input_dtype=runtime.amp_dtype or torch.float32,
+        classes=manifest_class_names(manifest), input_dtype=runtime.amp_dtype or torch.float32,
+        shards_identity=identity,
     )
-    if cfg.resume:
-        restore(tr, out / LAST)
+    if resumed is not None:
+        restore(tr, resumed, resumed_from)
     else:
         log.keep_epochs_up_to(0)  # a run killed before its first checkpoint may have logged an epoch
         if runtime.is_main and out.is_dir():
