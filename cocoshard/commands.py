@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[type, str]] = {
     "train": (config.TrainConfig, "cocoshard.training.loop"),
     "predict": (config.PredictConfig, "cocoshard.scoring.predict"),
     "evaluate": (config.EvaluateConfig, "cocoshard.scoring.evaluate"),
+    "thresholds": (config.ThresholdsConfig, "cocoshard.scoring.thresholds"),
     "demo": (config.DemoConfig, "cocoshard.demo"),
     "info": (config.InfoConfig, "cocoshard.info"),
 }

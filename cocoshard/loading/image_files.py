@@ -1,29 +1,47 @@
 """Batches from a folder of image files (`predict --images`): the challenge's test folder as it is.
 
-Each image is decoded by loader workers into the top-left corner of a uint8 canvas, like a shard
-sample (`cocoshard.loading.decode`), so that evaluation sees it exactly as it sees packed images.
+    files, bad = check_image_folder("ms-coco/images/test-resized/test-resized", workers=None)
+    batches = folder_batches(files, canvas=224, batch_size=256, workers=2, device=device)
+
+Every file is checked before any is predicted (`check_image_folder`): read only if it is a regular
+file of a bounded size, measured from its header (a JPEG declaring 30000 x 30000 pixels is refused
+without being decoded) and decoded in full (at reduced scale: the check reads every byte of
+compressed data), so that every bad file is named, with its reason, in one message. Good files are
+then decoded by loader workers into the top-left corner of a uint8 canvas, like a shard sample
+(`cocoshard.loading.decode`), so evaluation sees them exactly as it sees packed images.
 """
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 import numpy as np
 import torch
+from PIL import Image
 
 from cocoshard.errors import UserError
+from cocoshard.loading.decode import check_pixel_count, decode_image_to_canvas
+from cocoshard.loading.tario import BadSample
+from cocoshard.prepare.pool import map_in_workers
+from cocoshard.prepare.sources import (
+    MAX_IMAGE_BYTES,
+    InputError,
+    read_input,
+    shown_path,
+)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
 def list_images(folder: str | os.PathLike) -> list[Path]:
-    """The images of a folder (jpg, jpeg, png), sorted; their stems must be distinct."""
+    """The image files of a folder (by extension: jpg, jpeg, png), sorted; their stems must be distinct."""
     root = Path(folder)
     if not root.is_dir():
         raise UserError(f"--images {folder}: no such folder")
-    files = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    files = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir())
     if not files:
         raise UserError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder")
     seen: dict[str, Path] = {}
@@ -34,12 +52,39 @@ def list_images(folder: str | os.PathLike) -> list[Path]:
     return files
 
 
-class FolderImages(torch.utils.data.Dataset):
-    """Each image of a folder decoded into the top-left corner of a `canvas` x `canvas` uint8 canvas.
+def image_problem(path: str) -> Optional[str]:
+    """Why the image file at `path` cannot be predicted, or None when it can (a worker task)."""
+    file = Path(path)
+    try:
+        data = read_input(file, MAX_IMAGE_BYTES)
+    except InputError as exc:
+        return str(exc)
+    if not data:
+        return "empty file (0 bytes)"
+    ext = file.suffix.lstrip(".").lower()
+    try:
+        check_pixel_count(data, ext)
+        image = Image.open(io.BytesIO(data), formats=("JPEG", "PNG"))
+        image.draft("RGB", (max(1, image.width // 8), max(1, image.height // 8)))  # JPEG: every byte, 1/8 the work
+        image.load()
+    except BadSample as exc:
+        return str(exc)
+    except Exception as exc:  # a malformed file can break a decoder in any way; it is the file's fault
+        kind = "a JPEG" if data[:2] == b"\xff\xd8" else "a PNG" if data[:4] == b"\x89PNG" else "not a JPEG or PNG image"
+        return f"cannot be decoded ({kind}, first bytes {data[:8]!r}): {exc}"
+    return None
 
-    A file that fails to decode comes back flagged (with a blank canvas) rather than raised in a
-    worker, so that the main process can name the file in a clear error.
-    """
+
+def check_image_folder(folder: str | os.PathLike, workers: Optional[int]) -> tuple[list[Path], dict[Path, str]]:
+    """(every image file of the folder, {file: reason} for those that cannot be predicted)."""
+    files = list_images(folder)
+    problems = map_in_workers(image_problem, [str(f) for f in files], workers=workers, desc="check images",
+                              describe=lambda path: shown_path(Path(path).name))
+    return files, {f: why for f, why in zip(files, problems) if why}
+
+
+class FolderImages(torch.utils.data.Dataset):
+    """Each image of a list decoded into the top-left corner of a `canvas` x `canvas` uint8 canvas."""
 
     def __init__(self, files: list[Path], canvas: int) -> None:
         self.files, self.canvas = files, canvas
@@ -48,35 +93,27 @@ class FolderImages(torch.utils.data.Dataset):
         return len(self.files)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, str, str]:
-        from cocoshard.loading.decode import decode_image_to_canvas
-        from cocoshard.loading.tario import BadSample
-
         file = self.files[index]
         canvas = np.zeros((self.canvas, self.canvas, 3), np.uint8)
         try:
-            height, width = decode_image_to_canvas(file.read_bytes(), file.suffix.lstrip(".").lower(), canvas)
+            data = read_input(file, MAX_IMAGE_BYTES)
+            height, width = decode_image_to_canvas(data, file.suffix.lstrip(".").lower(), canvas)
             error = ""
-        except (BadSample, OSError) as exc:
+        except (BadSample, InputError) as exc:  # checked before, but a file may change in between
             height, width, error = 1, 1, str(exc)
         return torch.from_numpy(canvas), torch.tensor([height, width]), file.stem, error
 
 
-def folder_batches(
-    folder: str | os.PathLike, canvas: int, batch_size: int, workers: int, device: torch.device
-) -> tuple[int, Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]]:
-    """(number of images, iterator of (uint8 images (N,S,S,3), sizes (N,2), keys) on `device`)."""
-    files = list_images(folder)
-    files_by_key = {file.stem: file for file in files}
+def folder_batches(files: list[Path], canvas: int, batch_size: int, workers: int,
+                   device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
+    """(uint8 images (N, S, S, 3), sizes (N, 2), keys) of checked files, on `device`, in order."""
     loader = torch.utils.data.DataLoader(
         FolderImages(files, canvas), batch_size=batch_size, shuffle=False, num_workers=workers,
         pin_memory=device.type == "cuda", persistent_workers=False,
     )
-
-    def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
-        for images, sizes, keys, errors in loader:
-            bad = [(key, error) for key, error in zip(keys, errors) if error]
-            if bad:
-                raise UserError(f"{files_by_key[bad[0][0]]}: {bad[0][1]}")
-            yield images.to(device, non_blocking=True), sizes.to(device, non_blocking=True), list(keys)
-
-    return len(files), batches()
+    by_key = {file.stem: file for file in files}
+    for images, sizes, keys, errors in loader:
+        bad = [(key, error) for key, error in zip(keys, errors) if error]
+        if bad:
+            raise UserError(f"{by_key[bad[0][0]]} changed since it was checked: {bad[0][1]}")
+        yield images.to(device, non_blocking=True), sizes.to(device, non_blocking=True), list(keys)

@@ -14,6 +14,7 @@ file predicts are the ones evaluated: the labels may cover more. The server F1 i
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from dataclasses import dataclass
@@ -21,15 +22,23 @@ from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
-from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from cocoshard import CLASSES, NUM_CLASSES
 from cocoshard.atomic import atomic_write_text
 from cocoshard.config import EvaluateConfig, print_config
+from cocoshard.console import literal, stdout_console
+from cocoshard.errors import UserError
+from cocoshard.prepare.manifest import read_manifest, shards_identity
 from cocoshard.scoring import metrics
-from cocoshard.scoring.ground_truth import class_names_of, image_keys, load_labels
-from cocoshard.scoring.scores import load_scores
+from cocoshard.scoring.ground_truth import (
+    class_names_of,
+    image_keys,
+    is_shard_folder,
+    load_labels,
+)
+from cocoshard.scoring.scores import check_scores_match, load_scores, read_scores
 from cocoshard.scoring.submission import (
     Submission,
     read_submission_json,
@@ -37,6 +46,7 @@ from cocoshard.scoring.submission import (
     unsorted_entries,
     validate_submission,
 )
+from cocoshard.training.runlog import METRICS_LOG
 
 
 @dataclass(frozen=True)
@@ -48,6 +58,7 @@ class Evaluation:
     server: metrics.ServerF1
     average_precision: Optional[np.ndarray]  # (C,) per-class AP, NaN without positives; None without scores
     names: tuple[str, ...] = CLASSES  # the class names to report with
+    thresholds: Optional[np.ndarray] = None  # (C,) the thresholds the submission was made with (from --scores)
 
 
 def score_submission(
@@ -86,6 +97,8 @@ def per_class_rows(evaluation: Evaluation) -> list[dict[str, Any]]:
         if evaluation.average_precision is not None:
             value = evaluation.average_precision[c]
             row["ap"] = None if np.isnan(value) else float(value)
+        if evaluation.thresholds is not None:
+            row["threshold"] = float(evaluation.thresholds[c])
         rows.append(row)
     return rows
 
@@ -105,25 +118,40 @@ def _summary_table(evaluation: Evaluation, source: str) -> Table:
 def _per_class_table(rows: list[dict[str, Any]]) -> Table:
     table = Table(title="per class (sorted by positives; weight: share of the server F1)")
     for column in ("id", "class", "positives", "weight", "tp", "fp", "precision", "recall", "F1"):
-        table.add_column(column, justify="left" if column == "class" else "right")
+        table.add_column(column, justify="left" if column == "class" else "right", no_wrap=column == "class")
     with_ap = "ap" in rows[0] if rows else False
+    with_threshold = "threshold" in rows[0] if rows else False
     if with_ap:
         table.add_column("AP", justify="right")
+    if with_threshold:
+        table.add_column("threshold", justify="right")
     for row in sorted(rows, key=lambda r: -r["positives"]):
-        cells = [str(row["id"]), row["name"], str(row["positives"]), f"{row['weight']:.3f}", str(row["tp"]), str(row["fp"]),
-                 f"{row['precision']:.3f}", f"{row['recall']:.3f}", f"{row['f1']:.3f}"]
+        cells = [str(row["id"]), Text(row["name"]), str(row["positives"]), f"{row['weight']:.3f}", str(row["tp"]),
+                 str(row["fp"]), f"{row['precision']:.3f}", f"{row['recall']:.3f}", f"{row['f1']:.3f}"]
         if with_ap:
             cells.append("-" if row["ap"] is None else f"{row['ap']:.3f}")
+        if with_threshold:
+            cells.append(f"{row['threshold']:.3f}")
         table.add_row(*cells, style="dim" if row["positives"] == 0 else None)
     return table
 
 
 def check_file(cfg: EvaluateConfig, labels: Optional[dict[str, np.ndarray]]) -> tuple[Submission, list[str]]:
-    """Parse and check `cfg.predictions`; returns the submission and the keys of unsorted lists."""
+    """Parse and check `cfg.predictions`; returns the submission and the keys of unsorted lists.
+
+    With labels, the file must cover every labelled image (or, with --subset, some of them)."""
     raw = read_submission_json(cfg.predictions)
     expected = image_keys(cfg.images) if cfg.images else None
+    if expected is None and labels is not None and not cfg.subset:
+        expected = labels.keys()
     allowed = labels.keys() if labels is not None else None
-    submission = validate_submission(raw, expected=expected, allowed=allowed, source=cfg.predictions)
+    try:
+        submission = validate_submission(raw, expected=expected, allowed=allowed, source=cfg.predictions)
+    except UserError as exc:
+        if labels is not None and not cfg.subset and "missing image" in str(exc):
+            raise UserError(f"{exc}\n(the labels in {cfg.labels} cover {len(labels)} images and a submission covers "
+                            f"each; to score only the images the file has, give --subset)") from None
+        raise
     return submission, unsorted_entries(raw)
 
 
@@ -147,8 +175,21 @@ def assess(cfg: EvaluateConfig) -> Assessment:
         notes.append(f"{empty} image(s) have no class at all (every COCO image has one: see predict --min-labels)")
     if labels is None:
         return Assessment(submission, notes, None, [])
-    scores = load_scores(cfg.scores, sorted(submission)) if cfg.scores else None
+    if cfg.subset and len(submission) < len(labels):
+        notes.append(f"--subset: scoring the {len(submission)} images the file has, of the {len(labels)} labelled "
+                     f"(the server F1 weights come from these images only)")
+    scores = thresholds = None
+    if cfg.scores:
+        found = read_scores(cfg.scores)
+        thresholds = found.thresholds
+        identity = shards_identity(read_manifest(cfg.labels)) if is_shard_folder(cfg.labels) else None
+        check_scores_match(found, cfg.scores, submission, cfg.predictions, identity)
+        scores = load_scores(cfg.scores, sorted(submission))
+    if cfg.run is not None and not (Path(cfg.run) / METRICS_LOG).is_file():
+        raise UserError(f"--run {cfg.run}: no {METRICS_LOG} there, so no training curves to draw (give the run "
+                        f"folder cocoshard train wrote)")
     evaluation = score_submission(submission, labels, scores, class_names_of(cfg.labels))
+    evaluation = dataclasses.replace(evaluation, thresholds=thresholds)
     return Assessment(submission, notes, evaluation, _write_report(cfg, evaluation) if cfg.report else [])
 
 
@@ -161,15 +202,15 @@ def show(cfg: EvaluateConfig, found: Assessment) -> None:
     if cfg.json:
         sys.stdout.write(json.dumps(metrics_payload(cfg, found)) + "\n")
         return
-    console = Console()
-    console.print(f"[green]format OK[/]: {cfg.predictions} ({len(found.submission)} images)", soft_wrap=True)
+    console = stdout_console()
+    console.print(f"[green]format OK[/]: {literal(cfg.predictions)} ({len(found.submission)} images)")
     for note in found.notes:
-        console.print(f"[yellow]note[/]: {note}")
+        console.print(f"[yellow]note[/]: {literal(note)}")
     console.print(_summary_table(found.evaluation, cfg.predictions))
     if cfg.per_class:
         console.print(_per_class_table(rows))
     if found.report:
-        console.print(f"report: {found.report[0]}", soft_wrap=True)
+        console.print(f"report: {literal(found.report[0])}")
 
 
 def metrics_payload(cfg: EvaluateConfig, found: Assessment) -> dict[str, Any]:
@@ -198,9 +239,14 @@ def _show_format_only(cfg: EvaluateConfig, found: Assessment) -> None:
         sys.stdout.write(json.dumps({"format_ok": True, "images": len(found.submission), "notes": found.notes}) + "\n")
         return
     count = len(found.submission)
-    scope = f"covers exactly the {count} images of {cfg.images}" if cfg.images else f"{count} images"
-    console = Console()
-    console.print(f"[green]format OK[/]: {cfg.predictions} ({scope}); give --labels to score it", soft_wrap=True)
+    console = stdout_console()
+    if cfg.images:
+        console.print(f"[green]format OK[/]: {literal(cfg.predictions)} covers exactly the {count} images of "
+                      f"{literal(cfg.images)}, each once; give --labels to score it")
+    else:
+        console.print(f"[green]format OK[/]: {literal(cfg.predictions)} ({count} images, every entry well formed); "
+                      f"[yellow]which images it must cover is not known without --images DIR[/] (the test folder): "
+                      f"give it to check that none is missing or extra")
     for note in found.notes:
         console.print(f"[yellow]note[/]: {note}")
 

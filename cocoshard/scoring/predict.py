@@ -3,15 +3,19 @@
     $ cocoshard predict --checkpoint runs/train/best.pt --images ms-coco/images/test-resized/test-resized
     $ cocoshard predict --checkpoint runs/train/best.pt --shards shards --split test --tta --scores test.npz
     $ cocoshard predict --checkpoint runs/train/best.pt --shards shards --split val --out val.json
+    $ cocoshard predict --checkpoint runs/train/best.pt --images DIR --thresholds thresholds.json
 
 The checkpoint gives the model (its EMA weights when it has them), the resolution it was trained
-at and the per-class thresholds tuned on validation for the server F1 (`--threshold X` overrides
-them). Images are read from shards through the loader, or from a folder of JPEGs decoded by
-workers into the same top-left canvases; evaluation sees each whole image, resized, never cropped.
-Forward passes run under AMP on the device; `--tta` averages with the horizontally flipped image.
-`--min-labels 1` (the default) gives an image with no class above its threshold its top class:
-every COCO image has at least one label. The JSON is written atomically, then read back and
-checked against the images predicted before success is reported.
+at and the per-class thresholds tuned on validation for the server F1 (`--threshold X` or
+`--thresholds FILE` override them). Images come from shards through the loader, or from a folder
+of image files, every one of which is checked first: every file that cannot be read is named, with
+its reason, in one message, and nothing is written; `--unreadable prior` writes a complete
+submission anyway, giving such images the most frequent training class (said on screen and in the
+scores file). Evaluation sees each whole image, resized, never cropped; forward passes run under
+AMP on the device; `--tta` averages with the horizontally flipped image. `--min-labels 1` (the
+default) gives an image with no class above its threshold its top class: every COCO image has at
+least one label. The JSON is written atomically, then read back and checked against the images
+predicted before success is reported.
 """
 
 from __future__ import annotations
@@ -20,30 +24,41 @@ import os
 import time
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
-from rich.console import Console
 from torch import nn
 
 from cocoshard import NUM_CLASSES
 from cocoshard.config import PredictConfig, print_config
+from cocoshard.console import literal, stderr_console
 from cocoshard.errors import UserError
-from cocoshard.loading.image_files import folder_batches
+from cocoshard.loading.augment import EvalTransform, eval_transform
+from cocoshard.loading.image_files import check_image_folder, folder_batches
+from cocoshard.loading.loader import build_loader
 from cocoshard.machine import usable_cores
+from cocoshard.prepare.manifest import read_manifest, shards_identity
+from cocoshard.prepare.sources import shown_path
 from cocoshard.scoring.metrics import predictions_from_scores
-from cocoshard.scoring.scores import save_scores
+from cocoshard.scoring.scores import Scores, file_sha256, save_scores
 from cocoshard.scoring.submission import (
     build_submission,
     load_submission,
     write_submission,
 )
-from cocoshard.training.checkpoint import load_checkpoint
+from cocoshard.scoring.threshold_files import read_thresholds_file
+from cocoshard.training.checkpoint import checkpoint_config, load_checkpoint
 from cocoshard.training.model import build_model, strip_wrapper_prefixes
 from cocoshard.training.runtime import resolve_amp_dtype, resolve_device
 
-DEFAULT_CANVAS = 224  # the challenge's images have a long side of 224 px: a folder is packed to this canvas
+DEFAULT_CANVAS = 224  # the challenge's images have a long side of 224 px: a folder is decoded to this canvas
+SHOWN_BAD = 20
+Batches = Iterator[tuple[torch.Tensor, list[str]]]
+
+
+# ----------------------------------------------------------------------------------- the model
 
 
 @dataclass
@@ -55,6 +70,7 @@ class Predictor:
     thresholds: np.ndarray  # (C,) tuned per class, from the checkpoint
     channels_last: bool
     weights: str  # "ema" or "model": which weights were loaded
+    prior_class: int  # the most frequent training class (for --unreadable prior)
 
 
 def _inference_state(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], str]:
@@ -66,66 +82,74 @@ def _inference_state(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], st
 def load_predictor(path: str | os.PathLike, device: torch.device) -> Predictor:
     """Build the checkpoint's model on `device` in eval mode, with its tuned thresholds."""
     state = load_checkpoint(path)
-    train_cfg = state["config"] if isinstance(state["config"], dict) else {}
-    if "model" not in train_cfg:
-        raise UserError(f"checkpoint {path}: its config does not name the model")
-    if len(state["classes"]) != NUM_CLASSES or len(state["thresholds"]) != NUM_CLASSES:
-        raise UserError(f"checkpoint {path}: expected {NUM_CLASSES} classes and thresholds")
-    model = build_model(train_cfg["model"], weights="none")
+    train_cfg = checkpoint_config(state, path)
+    model = build_model(train_cfg.model, weights="none")
     weights, source = _inference_state(state)
     try:
         model.load_state_dict(weights, strict=True)
     except RuntimeError as exc:
-        raise UserError(f"checkpoint {path}: its {source} weights do not fit {train_cfg['model']}: "
+        raise UserError(f"checkpoint {path}: its {source} weights do not fit {train_cfg.model}: "
                         f"{str(exc).splitlines()[0]}") from exc
-    channels_last = bool(train_cfg.get("channels_last", True))
-    model = model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format).eval()
-    thresholds = np.asarray([float(t) for t in state["thresholds"]], dtype=np.float64)
-    return Predictor(model, int(train_cfg.get("size", DEFAULT_CANVAS)), thresholds, channels_last, source)
+    fmt = torch.channels_last if train_cfg.channels_last else torch.contiguous_format
+    model = model.to(device, memory_format=fmt).eval()
+    counts = state.get("class_counts")
+    prior = int(np.argmax(counts)) if isinstance(counts, list) and len(counts) == NUM_CLASSES else 0
+    return Predictor(model, train_cfg.size, np.asarray(state["thresholds"], dtype=np.float64), train_cfg.channels_last,
+                     source, prior)
 
 
-def shard_batches(
-    location: str, split: str, batch_size: int, workers: int, device: torch.device
-) -> tuple[int, Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]]:
-    """(number of samples, iterator of batches) over one split of packed shards, in order."""
-    from cocoshard.loading.loader import build_loader
+# ----------------------------------------------------------------------------------- image sources
 
-    loader = build_loader(location, split, batch_size=batch_size, device=device, mode="stream", train=False,
-                          seed=0, rank=0, world_size=1, workers=workers, skip_bad_samples=False)
 
-    def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
+def shard_batches(cfg: PredictConfig, predictor: Predictor, workers: int, device: torch.device,
+                  dtype: torch.dtype) -> tuple[int, Batches]:
+    """(number of samples, model-ready batches with their keys) of one split of packed shards, in order."""
+    loader = build_loader(cfg.shards, cfg.split, batch_size=cfg.batch_size, device=device, mode="stream", train=False,
+                          seed=0, workers=workers, transform=EvalTransform(predictor.size, dtype, predictor.channels_last))
+
+    def batches() -> Batches:
         try:
             for batch in loader:
-                yield batch.images, batch.sizes, list(batch.keys)
+                yield batch.inputs, list(batch.keys)
         finally:
             loader.close()  # stop the worker processes now, not when the loader is collected
 
     return loader.num_samples, batches()
 
 
+def image_batches(files: list[Path], predictor: Predictor, cfg: PredictConfig, workers: int, device: torch.device,
+                  dtype: torch.dtype) -> Batches:
+    """Model-ready batches of checked image files, with their keys."""
+    canvas = max(DEFAULT_CANVAS, predictor.size)
+    for images, sizes, keys in folder_batches(files, canvas, cfg.batch_size, workers, device):
+        yield eval_transform(images, sizes, out_size=predictor.size, dtype=dtype,
+                             channels_last=predictor.channels_last), keys
+
+
+def bad_files_message(folder: str, bad: dict[Path, str]) -> str:
+    """Every unreadable file of the folder with its reason, and the ways on."""
+    shown = "\n  ".join(f"{shown_path(path)}: {why}" for path, why in list(bad.items())[:SHOWN_BAD])
+    more = f"\n  ... and {len(bad) - SHOWN_BAD} more" if len(bad) > SHOWN_BAD else ""
+    return (f"{len(bad)} image file(s) in {folder} cannot be read; nothing was written:\n  {shown}{more}\n"
+            f"Replace them, or write a complete submission anyway with --unreadable prior (they get the most "
+            f"frequent training class)")
+
+
+# ----------------------------------------------------------------------------------- inference
+
+
 @torch.no_grad()
-def predict_scores(
-    predictor: Predictor,
-    batches: Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]],
-    *,
-    total: int,
-    amp_dtype: Optional[torch.dtype],
-    tta: bool = False,
-    progress: bool = True,
-) -> tuple[list[str], np.ndarray]:
+def predict_scores(predictor: Predictor, batches: Batches, *, total: int, amp_dtype: Optional[torch.dtype],
+                   tta: bool = False, progress: bool = True) -> tuple[list[str], np.ndarray]:
     """Sigmoid probabilities (N, C) float32 for every image, with the keys in the order seen."""
     from tqdm import tqdm
-
-    from cocoshard.loading.augment import eval_transform
 
     keys: list[str] = []
     chunks: list[torch.Tensor] = []
     device = next(predictor.model.parameters()).device
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else torch.autocast(device.type, enabled=False)
     with tqdm(total=total, unit="img", desc="predict", disable=not progress, leave=False) as bar:
-        for images, sizes, batch_keys in batches:
-            inputs = eval_transform(images, sizes, out_size=predictor.size, dtype=amp_dtype or torch.float32,
-                                    channels_last=predictor.channels_last)
+        for inputs, batch_keys in batches:
             with autocast:
                 probs = torch.sigmoid(predictor.model(inputs).float())
                 if tta:
@@ -146,40 +170,76 @@ def _check_keys(keys: list[str], expected: int, source: str) -> None:
         raise UserError(f"{source}: read {len(keys)} images but expected {expected}")
 
 
+def _check_outputs(cfg: PredictConfig) -> None:
+    """The outputs must not be an input: the JSON would replace the checkpoint or the scores."""
+    outputs = [Path(cfg.out)] + ([Path(cfg.scores)] if cfg.scores else [])
+    inputs = [Path(cfg.checkpoint)] + ([Path(cfg.thresholds)] if cfg.thresholds else [])
+    if cfg.scores and Path(cfg.out).resolve() == Path(cfg.scores).resolve():
+        raise UserError(f"--out and --scores are the same file {cfg.out}: give each its own")
+    for output in outputs:
+        for given in inputs:
+            if output.resolve() == given.resolve() or (output.exists() and given.exists() and output.samefile(given)):
+                raise UserError(f"{output} is an input of this command ({given}): writing there would replace it; "
+                                f"choose another file")
+
+
+def _thresholds(cfg: PredictConfig, predictor: Predictor) -> tuple[np.ndarray, str]:
+    if cfg.threshold is not None:
+        return np.full(NUM_CLASSES, cfg.threshold), f"--threshold {cfg.threshold}"
+    if cfg.thresholds is not None:
+        return read_thresholds_file(cfg.thresholds), f"thresholds from {cfg.thresholds}"
+    return predictor.thresholds, "the checkpoint's tuned thresholds"
+
+
 def run(cfg: PredictConfig) -> int:
-    """Load, predict, threshold, write the JSON atomically, read it back and check it."""
+    """Check the inputs, predict, threshold, write the JSON atomically, read it back and check it."""
     print_config(cfg)
-    console = Console(stderr=True)
+    console = stderr_console()
+    _check_outputs(cfg)
     device = resolve_device(cfg.device)
     amp_dtype = resolve_amp_dtype(cfg.amp, "auto", device)
+    dtype = amp_dtype or torch.float32
     predictor = load_predictor(cfg.checkpoint, device)
+    thresholds, threshold_source = _thresholds(cfg, predictor)
     workers = usable_cores() if cfg.workers is None else cfg.workers
+    unreadable: list[str] = []
     if cfg.images:
-        source = cfg.images
-        total, batches = folder_batches(cfg.images, max(DEFAULT_CANVAS, predictor.size), cfg.batch_size, workers, device)
+        files, bad = check_image_folder(cfg.images, workers)
+        if bad and cfg.unreadable == "fail":
+            raise UserError(bad_files_message(cfg.images, bad))
+        good = [f for f in files if f not in bad]
+        unreadable = [f.stem for f in bad]
+        source, origin, split = cfg.images, f"images {Path(cfg.images).resolve()}", "images"
+        total, batches = len(good), image_batches(good, predictor, cfg, workers, device, dtype)
     else:
-        source = f"{cfg.shards} ({cfg.split} split)"
-        total, batches = shard_batches(cfg.shards, cfg.split, cfg.batch_size, workers, device)
+        source, split = f"{cfg.shards} ({cfg.split} split)", cfg.split
+        origin = f"shards {shards_identity(read_manifest(cfg.shards))}"
+        total, batches = shard_batches(cfg, predictor, workers, device, dtype)
     start = time.perf_counter()
     keys, scores = predict_scores(predictor, batches, total=total, amp_dtype=amp_dtype, tta=cfg.tta)
     elapsed = time.perf_counter() - start
     _check_keys(keys, total, source)
-    thresholds = np.full(NUM_CLASSES, cfg.threshold) if cfg.threshold is not None else predictor.thresholds
+    if unreadable:  # the prior: the most frequent training class, and nothing else, for each
+        prior = np.full((len(unreadable), NUM_CLASSES), 0.0, np.float32)
+        prior[:, predictor.prior_class] = 1.0
+        keys, scores = keys + unreadable, np.concatenate([scores, prior])
     predicted = predictions_from_scores(scores, thresholds)
     submission = build_submission(keys, predicted, scores, min_labels=cfg.min_labels)
     write_submission(cfg.out, submission)
     load_submission(cfg.out, expected=keys)  # read back from disk: what was written is what we checked
     if cfg.scores:
-        save_scores(cfg.scores, keys, scores, thresholds)
+        save_scores(cfg.scores, Scores(keys, scores, thresholds, cfg.min_labels, cfg.tta, str(cfg.checkpoint),
+                                       file_sha256(cfg.checkpoint), origin, split, unreadable))
     filled = int((predicted.sum(axis=1) < cfg.min_labels).sum())
     labels = sum(len(ids) for ids in submission.values())
     console.print(
-        f"[green]wrote[/] {cfg.out}: {len(keys)} images, {labels / max(len(keys), 1):.2f} classes per image "
+        f"[green]wrote[/] {literal(cfg.out)}: {len(keys)} images, {labels / max(len(keys), 1):.2f} classes per image "
         f"({filled} topped up to --min-labels {cfg.min_labels}); {predictor.weights} weights, "
-        f"{'--threshold ' + str(cfg.threshold) if cfg.threshold is not None else 'tuned thresholds'}"
-        f"{', TTA' if cfg.tta else ''}; {len(keys) / max(elapsed, 1e-9):.0f} images/s on {device}",
-        soft_wrap=True, highlight=False,
+        f"{literal(threshold_source)}{', TTA' if cfg.tta else ''}; {total / max(elapsed, 1e-9):.0f} images/s on {device}"
     )
+    if unreadable:
+        console.print(f"[bold yellow]warning:[/] {len(unreadable)} unreadable image(s) were given the most frequent "
+                      f"training class {predictor.prior_class} (--unreadable prior): {literal(', '.join(unreadable[:10]))}")
     if cfg.scores:
-        console.print(f"scores: {cfg.scores}", soft_wrap=True, highlight=False)
+        console.print(f"scores: {literal(cfg.scores)}")
     return 0

@@ -32,10 +32,11 @@ from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
 
+from cocoshard import NUM_CLASSES
 from cocoshard.atomic import atomic_write_text
 from cocoshard.errors import UserError
+from cocoshard.prepare.format import key_problem
 
-NUM_CLASSES = 80
 MAX_REPORTED = 10  # problems listed in one error message; the rest are counted
 
 Submission = dict[str, list[int]]
@@ -168,9 +169,14 @@ def _entry_problems(key: str, value: Any, num_classes: int) -> list[str]:
 def _key_problems(keys: Iterable[str], expected: Optional[Iterable[str]], allowed: Optional[Iterable[str]]) -> list[str]:
     present = set(keys)
     problems = []
+    for key in sorted(present):  # whatever the images: a key is an image's file stem, and nothing else
+        problem = key_problem(key)
+        if problem:
+            hint = " (keys are file stems: drop the extension)" if "." in key and key_problem(key.split(".")[0]) is None else ""
+            problems.append(f"{key!r}: not an image key: {problem}{hint}")
     known = set(expected) if expected is not None else set(allowed) if allowed is not None else None
     if known is not None:
-        for key in sorted(present - known):
+        for key in sorted(k for k in present - known if key_problem(k) is None):
             hint = " (keys are file stems: drop the extension)" if Path(key).stem in known else ""
             problems.append(f"{key!r}: unknown image, not one of the expected keys{hint}")
     if expected is not None:

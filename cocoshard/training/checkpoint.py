@@ -6,7 +6,8 @@ A checkpoint (`last.pt`, `best.pt`) is a dict of tensors, numbers, strings, list
     epoch, step, ema_updates                   epochs completed, optimizer steps taken
     rng                                        generator states as tensors and lists (`runtime.rng_state`)
     config                                     the run's TrainConfig as a plain dict (automatic settings resolved)
-    shards                                     the identity of the train and val shards it was trained on
+    shards, class_counts                       the identity of the train and val shards it was trained on,
+                                               and how many train images hold each class
     classes, thresholds                        80 names, 80 tuned thresholds
     metrics, best, versions                    the epoch's validation figures, the best epoch so far, libraries
 
@@ -181,6 +182,7 @@ def checkpoint_state(tr: Trainer, epoch: int, thresholds: Sequence[float], figur
         "rng": rng_state(),
         "config": to_dict(tr.cfg),
         "shards": tr.shards_identity,
+        "class_counts": list(tr.class_counts),
         "classes": list(tr.classes),
         "thresholds": [float(t) for t in thresholds],
         "metrics": dict(figures),

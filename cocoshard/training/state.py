@@ -78,6 +78,7 @@ class Trainer:
     classes: Sequence[str]
     input_dtype: torch.dtype
     shards_identity: str = ""  # which train/val shards the run trains on (`manifest.shards_identity`)
+    class_counts: Sequence[int] = ()  # train images holding each class
     num_classes: int = NUM_CLASSES
     net: Optional[nn.Module] = None
     frozen: Optional[bool] = None
@@ -274,7 +275,7 @@ def build_trainer(cfg: TrainConfig, runtime: Runtime, log: RunLog, resumed: Opti
         criterion=build_loss(cfg.loss, cfg.asl_gamma_neg, cfg.asl_gamma_pos, cfg.asl_clip),
         train_loader=train_loader, val_loader=val_loader, steps_per_epoch=steps,
         classes=manifest_class_names(manifest), input_dtype=runtime.amp_dtype or torch.float32,
-        shards_identity=identity,
+        shards_identity=identity, class_counts=manifest["splits"]["train"]["class_counts"],
     )
     if resumed is not None:
         restore(tr, resumed, resumed_from)

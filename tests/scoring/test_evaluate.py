@@ -21,7 +21,7 @@ from cocoshard.scoring.ground_truth import (
     load_labels,
     read_label_folder,
 )
-from cocoshard.scoring.scores import save_scores
+from cocoshard.scoring.scores import Scores, save_scores
 from cocoshard.scoring.submission import serialise
 
 LABELS = Path("labels/train/train")
@@ -71,7 +71,8 @@ def test_server_f1_equals_the_statement_on_real_labels(tmp_path, coco_sample, sa
 def test_only_the_predicted_images_are_evaluated(tmp_path, coco_sample, sample_labels, capsys) -> None:
     keys = sorted(sample_labels)[:40]
     submission, _ = noisy_submission(sample_labels, seed=1, keys=keys)
-    result = evaluate_json(capsys, predictions=str(write(tmp_path / "p.json", submission)), labels=str(coco_sample / LABELS))
+    result = evaluate_json(capsys, predictions=str(write(tmp_path / "p.json", submission)), labels=str(coco_sample / LABELS),
+                           subset=True)  # 40 of the 126 labelled images, on purpose
     truth = np.stack([sample_labels[k] for k in keys])
     pred = np.stack([np.isin(np.arange(80), submission[k]) for k in keys])
     assert result["images"] == 40
@@ -82,7 +83,8 @@ def test_scores_give_map_and_per_class_rows(tmp_path, coco_sample, sample_labels
     submission, scores = noisy_submission(sample_labels, seed=2)
     keys = sorted(submission)
     order = np.random.default_rng(0).permutation(len(keys))  # the .npz need not follow the JSON's order
-    save_scores(tmp_path / "s.npz", [keys[i] for i in order], scores[order].astype(np.float32), np.full(80, 0.5))
+    save_scores(tmp_path / "s.npz", Scores([keys[i] for i in order], scores[order].astype(np.float32), np.full(80, 0.5),
+                                           min_labels=0))
     result = evaluate_json(capsys, predictions=str(write(tmp_path / "p.json", submission)),
                            labels=str(coco_sample / LABELS), scores=str(tmp_path / "s.npz"), per_class=True)
     truth = np.stack([sample_labels[k] for k in keys])
@@ -118,7 +120,7 @@ def test_notes_for_unsorted_and_empty_lists(tmp_path, coco_sample, sample_labels
     keys = sorted(sample_labels)[:3]
     path = tmp_path / "p.json"
     path.write_text(json.dumps({keys[0]: [5, 0], keys[1]: [], keys[2]: [0]}))
-    result = evaluate_json(capsys, predictions=str(path), labels=str(coco_sample / LABELS))
+    result = evaluate_json(capsys, predictions=str(path), labels=str(coco_sample / LABELS), subset=True)
     assert any("not sorted" in note for note in result["notes"])
     assert any("no class at all" in note for note in result["notes"])
 

@@ -12,7 +12,8 @@ import torch
 
 from cocoshard import CLASSES, cli, config
 from cocoshard.errors import UserError
-from cocoshard.loading.image_files import folder_batches
+from cocoshard.loading.augment import eval_transform
+from cocoshard.loading.image_files import folder_batches, list_images
 from cocoshard.scoring import predict
 from cocoshard.scoring.scores import read_scores
 from cocoshard.scoring.submission import load_submission
@@ -60,7 +61,8 @@ def test_folder_of_real_photos_gives_a_strictly_valid_file(tmp_path, coco_sample
     submission = load_submission(out, expected=stems)  # raises on any format problem
     assert len(submission) == 32
     assert all(len(ids) >= 1 for ids in submission.values())  # --min-labels 1 by default
-    keys, probabilities = read_scores(scores)
+    found = read_scores(scores)
+    keys, probabilities = found.keys, found.scores
     assert sorted(keys) == stems and probabilities.shape == (32, 80)
     assert ((probabilities >= 0) & (probabilities <= 1)).all()
     text = out.read_text()
@@ -71,8 +73,8 @@ def test_shards_give_the_same_scores_as_the_folder(tmp_path, coco_sample, sample
     common = {"checkpoint": str(checkpoint), "amp": False}
     predict.run(predict_cfg(**common, images=str(coco_sample / TEST_IMAGES), out=str(tmp_path / "a.json"), scores=str(tmp_path / "a.npz")))
     predict.run(predict_cfg(**common, shards=str(sample_shards_jpeg), split="test", out=str(tmp_path / "b.json"), scores=str(tmp_path / "b.npz")))
-    keys_a, scores_a = read_scores(tmp_path / "a.npz")
-    keys_b, scores_b = read_scores(tmp_path / "b.npz")
+    found_a, found_b = read_scores(tmp_path / "a.npz"), read_scores(tmp_path / "b.npz")
+    (keys_a, scores_a), (keys_b, scores_b) = (found_a.keys, found_a.scores), (found_b.keys, found_b.scores)
     assert len(keys_b) == 32 and sorted(keys_a) == sorted(keys_b)
     order = [keys_b.index(k) for k in keys_a]
     np.testing.assert_allclose(scores_a, scores_b[order], atol=1e-4)  # same bytes, same decode, same resize
@@ -84,7 +86,8 @@ def test_threshold_one_leaves_only_the_top_class_of_each_image(tmp_path, coco_sa
     predict.run(predict_cfg(checkpoint=str(checkpoint), images=str(coco_sample / TEST_IMAGES), out=str(out),
                             threshold=1.0, min_labels=2, scores=str(tmp_path / "s.npz")))
     submission = load_submission(out)
-    keys, scores = read_scores(tmp_path / "s.npz")
+    found = read_scores(tmp_path / "s.npz")
+    keys, scores = found.keys, found.scores
     for key, row in zip(keys, scores):
         assert submission[key] == sorted(np.argsort(-row, kind="stable")[:2].tolist())
 
@@ -101,10 +104,12 @@ def test_tta_averages_the_image_and_its_mirror(coco_sample, checkpoint) -> None:
     folder = coco_sample / TEST_IMAGES
 
     def scores(tta: bool, flip_input: bool = False) -> np.ndarray:
-        total, batches = folder_batches(folder, 224, 16, 0, torch.device("cpu"))
+        files = list_images(folder)
+        batches = folder_batches(files, 224, 16, 0, torch.device("cpu"))
         if flip_input:
             batches = ((_mirror(images, sizes), sizes, keys) for images, sizes, keys in batches)
-        return predict.predict_scores(predictor, batches, total=total, amp_dtype=None, tta=tta, progress=False)[1]
+        ready = ((eval_transform(images, sizes, out_size=predictor.size), keys) for images, sizes, keys in batches)
+        return predict.predict_scores(predictor, ready, total=len(files), amp_dtype=None, tta=tta, progress=False)[1]
 
     plain, mirrored, averaged = scores(False), scores(False, flip_input=True), scores(True)
     np.testing.assert_allclose(averaged, (plain + mirrored) / 2, atol=1e-5)
