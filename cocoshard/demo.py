@@ -40,6 +40,7 @@ from cocoshard.atomic import atomic_write_text
 from cocoshard.commands import run_command
 from cocoshard.config import DemoConfig, print_config
 from cocoshard.errors import UserError
+from cocoshard.folder_lock import LOCK_FILE, folder_lock
 
 MARKER = "demo.json"
 DATA, SHARDS, RUN, REPORT = "data", "shards", "run", "report"
@@ -68,13 +69,18 @@ class Timings:
         return result
 
 
-def prepare_folder(out: Path) -> None:
-    """Clear the outputs of an earlier demo in `out`; refuse a non-empty folder the demo did not write."""
+def refuse_foreign(out: Path) -> None:
+    """Refuse a non-empty folder the demo did not write (nothing in it is touched)."""
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file():
+    if out.is_dir() and any(entry.name != LOCK_FILE for entry in out.iterdir()) and not (out / MARKER).is_file():
         raise UserError(f"--out {out} is not empty and holds no {MARKER}: the demo only replaces its own outputs; "
                         f"choose an empty or new folder")
+
+
+def prepare_folder(out: Path) -> None:
+    """Clear the outputs of an earlier demo in `out`; refuse a non-empty folder the demo did not write."""
+    refuse_foreign(out)
     for name in (RUN, REPORT, SHARDS):
         shutil.rmtree(out / name, ignore_errors=True)
     for name in (TEST_JSON, VAL_JSON, VAL_SCORES, VAL_METRICS, TEST_METRICS):
@@ -178,12 +184,14 @@ def run(cfg: DemoConfig) -> int:
     print_config(cfg)
     console = Console(stderr=True)
     out = Path(cfg.out)
-    prepare_folder(out)
-    atomic_write_text(out / MARKER, json.dumps({"status": "running", **config.to_dict(cfg)}, indent=1))
-    timings = Timings()
-    val_f1, test_f1 = run_stages(cfg, out, console, timings)
-    atomic_write_text(out / MARKER, json.dumps({"status": "complete", **config.to_dict(cfg), "val_server_f1": val_f1,
-                                                "test_server_f1": test_f1, "seconds": timings.stages}, indent=1))
+    refuse_foreign(out)  # before the lock: a folder refused is left as it was
+    with folder_lock(out, "cocoshard demo"):  # a second demo into the same folder is refused at once
+        prepare_folder(out)
+        atomic_write_text(out / MARKER, json.dumps({"status": "running", **config.to_dict(cfg)}, indent=1))
+        timings = Timings()
+        val_f1, test_f1 = run_stages(cfg, out, console, timings)
+        atomic_write_text(out / MARKER, json.dumps({"status": "complete", **config.to_dict(cfg), "val_server_f1": val_f1,
+                                                    "test_server_f1": test_f1, "seconds": timings.stages}, indent=1))
     console = Console()
     for line in _summary(out, val_f1, test_f1, timings):
         console.print(line, soft_wrap=True, highlight=False)

@@ -37,3 +37,26 @@ def host_available_bytes() -> int:
     except OSError:
         pass
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def busy_cores(window_s: float = 0.25) -> float:
+    """How many cores other work keeps busy right now: the machine's non-idle CPU time over a short
+    window, in cores (0.0 where /proc/stat cannot be read). Call it before this process gets busy."""
+    import time
+
+    def totals() -> tuple[float, float]:
+        with open("/proc/stat") as handle:
+            fields = [float(v) for v in handle.readline().split()[1:]]
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)  # idle + iowait
+        return sum(fields), idle
+
+    try:
+        total0, idle0 = totals()
+        time.sleep(window_s)
+        total1, idle1 = totals()
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    if total1 <= total0:
+        return 0.0
+    cores = os.cpu_count() or 1
+    return max(0.0, (1.0 - (idle1 - idle0) / (total1 - total0)) * cores)

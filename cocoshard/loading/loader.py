@@ -45,7 +45,7 @@ def build_loader(location: str | os.PathLike, split: str, *, batch_size: int, de
                  mode: str = "stream", train: bool, seed: int, rank: int = 0, world_size: int = 1,
                  workers: int = 0, skip_bad_samples: bool = False, shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
                  prefetch: int = DEFAULT_PREFETCH, memory_limit: Optional[int] = None,
-                 transform: Optional[Transform] = None) -> Any:
+                 transform: Optional[Transform] = None, threads: Optional[int] = None) -> Any:
     """Device batches of one split of the shards at `location` (folder or URL prefix).
 
     Returns a StreamLoader or ResidentLoader: `len()` (batches per epoch on this rank, equal on
@@ -56,8 +56,9 @@ def build_loader(location: str | os.PathLike, split: str, *, batch_size: int, de
     mode (0: read in this process); `prefetch` batches are queued per worker; `memory_limit` caps
     the bytes resident mode may hold (default: what the device or host has free). With a
     `transform` (`augment.TrainTransform` / `EvalTransform`) every batch comes training-ready in
-    `batch.inputs`, made where it is cheapest (see the loaders). A split too small for one batch
-    per rank, a bad mode or a bad shard raise UserError.
+    `batch.inputs`, made where it is cheapest (see the loaders); `threads` caps the threads this
+    process uses for it when no worker process does (default: every usable core). A split too
+    small for one batch per rank, a bad mode or a bad shard raise UserError.
     """
     if mode not in MODES:
         raise UserError(f"unknown loader mode {mode!r}: choose one of {', '.join(MODES)}")
@@ -69,7 +70,7 @@ def build_loader(location: str | os.PathLike, split: str, *, batch_size: int, de
         raise UserError(f"{location} holds no {split!r} samples: the split is empty")
     device = torch.device(device)
     common = dict(batch_size=batch_size, device=device, train=train, seed=seed, rank=rank, world_size=world_size,
-                  skip_bad_samples=skip_bad_samples, transform=transform)
+                  skip_bad_samples=skip_bad_samples, transform=transform, threads=threads)
     if mode == "resident":
         from cocoshard.loading.resident import ResidentLoader
 

@@ -117,7 +117,7 @@ class ResidentLoader:
     def __init__(self, location: str, split: str, manifest: dict[str, Any], *, batch_size: int, device: torch.device,
                  train: bool, seed: int, rank: int, world_size: int, skip_bad_samples: bool,
                  memory_limit: Optional[int], transform: Optional[Transform] = None, workers: int = 0,
-                 prefetch: int = 2) -> None:
+                 prefetch: int = 2, threads: Optional[int] = None) -> None:
         entries = split_shards(manifest, split)
         self.manifest, self.split, self.device, self.train = manifest, split, device, train
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
@@ -143,8 +143,8 @@ class ResidentLoader:
         self.labels = None if self.labels is None else self.labels.to(self.placement)
         _, sizes = rank_batches(self.split_samples, batch_size=batch_size, rank=rank, world_size=world_size, train=train)
         self._batch_sizes, self.num_samples = sizes, sum(sizes)
-        # No loader processes here: CPU augmentation may use every core.
-        self.augment_threads = usable_cores()
+        # No loader processes here: CPU augmentation may use every core (or the threads it is given).
+        self.augment_threads = threads or usable_cores()
         self._pool = BufferPool(max_per_key=_STAGING_SLOTS)
         self._in_flight: list[tuple[Any, torch.Tensor]] = []  # (CUDA event, pinned buffer being copied)
         self._pooled: Optional[PooledBatches] = None

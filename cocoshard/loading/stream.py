@@ -69,14 +69,15 @@ class ShardBatchSource:
 
     def __init__(self, urls: list[str], counts: list[int], hashes: list[Optional[str]], *, canvas_size: int,
                  labelled: bool, batch_size: int, seed: int, rank: int, world_size: int, workers: int, train: bool,
-                 shuffle_buffer: int, skip_bad_samples: bool, transform: Optional[Transform]) -> None:
+                 shuffle_buffer: int, skip_bad_samples: bool, transform: Optional[Transform],
+                 threads: Optional[int] = None) -> None:
         self.urls, self.counts, self.hashes = urls, counts, hashes
         self.canvas_size, self.labelled, self.batch_size = canvas_size, labelled, batch_size
         self.seed, self.rank, self.world_size, self.workers = seed, rank, world_size, max(1, workers)
         self.train, self.shuffle_buffer, self.skip_bad_samples = train, shuffle_buffer, skip_bad_samples
         self.transform = transform  # applied here (CPU) or None (the main process applies it)
         # One thread per worker process; every core when the batches are made in the main process.
-        self.transform_threads = 1 if workers > 0 else usable_cores()
+        self.transform_threads = 1 if workers > 0 else threads or usable_cores()
         self.checks = ShardChecks(len(urls))
         self._canvas: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # private buffers when transforming
 
@@ -219,7 +220,7 @@ class StreamLoader:
     def __init__(self, location: str, split: str, manifest: dict[str, Any], *, batch_size: int,
                  device: torch.device, train: bool, seed: int, rank: int, world_size: int, workers: int,
                  skip_bad_samples: bool, shuffle_buffer: int, prefetch: int,
-                 transform: Optional[Transform] = None) -> None:
+                 transform: Optional[Transform] = None, threads: Optional[int] = None) -> None:
         entries = split_shards(manifest, split)
         counts = [int(e["samples"]) for e in entries]
         self.manifest, self.split, self.device, self.train = manifest, split, device, train
@@ -232,7 +233,7 @@ class StreamLoader:
             shard_urls(location, manifest, split), counts, [e.get("sha256") for e in entries],
             canvas_size=self.canvas_size, labelled=split != "test", batch_size=batch_size, seed=seed, rank=rank,
             world_size=world_size, workers=workers, train=train, shuffle_buffer=shuffle_buffer,
-            skip_bad_samples=skip_bad_samples, transform=transform if on_cpu else None,
+            skip_bad_samples=skip_bad_samples, transform=transform if on_cpu else None, threads=threads,
         )
         _, sizes = rank_batches(self.split_samples, batch_size=batch_size, rank=rank, world_size=world_size, train=train)
         self._batches, self.num_samples = len(sizes), sum(sizes)

@@ -40,6 +40,7 @@ from cocoshard import NUM_CLASSES
 from cocoshard.atomic import TMP_PREFIX, atomic_write_text, remove_stale_temporaries
 from cocoshard.config import SynthConfig, print_config
 from cocoshard.errors import UserError
+from cocoshard.folder_lock import LOCK_FILE, folder_lock
 from cocoshard.prepare.labels import format_cls
 from cocoshard.prepare.pool import map_in_workers
 from cocoshard.prepare.sources import SYNTHETIC_MARKER
@@ -292,12 +293,18 @@ def _write_chunk(task: tuple[str, str, int, int, int, int, int, dict[str, float]
     return written
 
 
-def _prepare_folder(out: Path) -> None:
-    """Refuse a folder this module did not write; clear the images and labels of an earlier run."""
+def _refuse_foreign(out: Path) -> None:
+    """Refuse a folder this module did not write (nothing in it is touched)."""
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file():
-        raise UserError(f"--out {out} is not empty and holds no {MARKER}: it was not written by cocoshard synth; choose an empty or new folder")
+    if out.is_dir() and any(entry.name != LOCK_FILE for entry in out.iterdir()) and not (out / MARKER).is_file():
+        raise UserError(f"--out {out} is not empty and holds no {MARKER}: it was not written by cocoshard synth; "
+                        f"choose an empty or new folder")
+
+
+def _prepare_folder(out: Path) -> None:
+    """Refuse a folder this module did not write; clear the images and labels of an earlier run."""
+    _refuse_foreign(out)
     for folder in (TRAIN_IMAGES, TRAIN_LABELS, TEST_IMAGES, TEST_LABELS):
         (out / folder).mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(out / folder)
@@ -322,10 +329,16 @@ def write_synthetic(cfg: SynthConfig, progress: bool = False) -> dict[str, Any]:
     (largest turn of an object in degrees; 0 keeps shapes upright, which needs less data). Returns
     the metadata also saved as `out/synthetic.json` (settings, class names, class counts).
     """
+    root = Path(cfg.out)
+    _refuse_foreign(root)  # before the lock: a folder refused is left as it was
+    with folder_lock(root, "cocoshard synth"):  # a second synth into the same folder is refused at once
+        _prepare_folder(root)
+        return _write_all(root, cfg, progress)
+
+
+def _write_all(root: Path, cfg: SynthConfig, progress: bool) -> dict[str, Any]:
     difficulty = Difficulty(cfg.min_scale, cfg.max_scale, cfg.clutter, cfg.tail, cfg.rotation)
-    out, train, test, seed, size, quality = cfg.out, cfg.train, cfg.test, cfg.seed, cfg.size, cfg.quality
-    root = Path(out)
-    _prepare_folder(root)
+    train, test, seed, size, quality = cfg.train, cfg.test, cfg.seed, cfg.size, cfg.quality
     settings = {"seed": seed, "train": train, "test": test, "size": size, "quality": quality, "difficulty": asdict(difficulty)}
     atomic_write_text(root / MARKER, json.dumps({"status": "writing", **settings}, indent=1))
     tasks = [

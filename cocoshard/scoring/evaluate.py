@@ -30,6 +30,7 @@ from cocoshard.atomic import atomic_write_text
 from cocoshard.config import EvaluateConfig, print_config
 from cocoshard.console import literal, stdout_console
 from cocoshard.errors import UserError
+from cocoshard.folder_lock import folder_lock
 from cocoshard.prepare.manifest import read_manifest, shards_identity
 from cocoshard.scoring import metrics
 from cocoshard.scoring.ground_truth import (
@@ -179,9 +180,11 @@ def assess(cfg: EvaluateConfig) -> Assessment:
         notes.append(f"--subset: scoring the {len(submission)} images the file has, of the {len(labels)} labelled "
                      f"(the server F1 weights come from these images only)")
     scores = thresholds = None
+    checkpoint = ""
     if cfg.scores:
         found = read_scores(cfg.scores)
         thresholds = found.thresholds
+        checkpoint = f"{found.checkpoint} (sha256 {found.checkpoint_sha256[:12]})" if found.checkpoint else ""
         identity = shards_identity(read_manifest(cfg.labels)) if is_shard_folder(cfg.labels) else None
         check_scores_match(found, cfg.scores, submission, cfg.predictions, identity)
         scores = load_scores(cfg.scores, sorted(submission))
@@ -190,7 +193,7 @@ def assess(cfg: EvaluateConfig) -> Assessment:
                         f"folder cocoshard train wrote)")
     evaluation = score_submission(submission, labels, scores, class_names_of(cfg.labels))
     evaluation = dataclasses.replace(evaluation, thresholds=thresholds)
-    return Assessment(submission, notes, evaluation, _write_report(cfg, evaluation) if cfg.report else [])
+    return Assessment(submission, notes, evaluation, _write_report(cfg, evaluation, checkpoint) if cfg.report else [])
 
 
 def show(cfg: EvaluateConfig, found: Assessment) -> None:
@@ -251,10 +254,15 @@ def _show_format_only(cfg: EvaluateConfig, found: Assessment) -> None:
         console.print(f"[yellow]note[/]: {note}")
 
 
-def _write_report(cfg: EvaluateConfig, evaluation: Evaluation) -> list[Path]:
+def _write_report(cfg: EvaluateConfig, evaluation: Evaluation, checkpoint: str = "") -> list[Path]:
+    """The figures and summary, written under the report folder's lock (one writer at a time)."""
     from cocoshard.scoring.report import write_report
 
-    return write_report(
-        cfg.report, evaluation.metrics, evaluation.server, average_precision=evaluation.average_precision,
-        run_dir=cfg.run, title=f"Evaluation of {Path(cfg.predictions).name}", names=evaluation.names,
-    )
+    about = {"predictions": cfg.predictions, "labels": cfg.labels}
+    if checkpoint:
+        about["checkpoint"] = checkpoint
+    with folder_lock(cfg.report, "cocoshard evaluate --report"):
+        return write_report(
+            cfg.report, evaluation.metrics, evaluation.server, average_precision=evaluation.average_precision,
+            run_dir=cfg.run, title=f"Evaluation of {Path(cfg.predictions).name}", names=evaluation.names, about=about,
+        )
