@@ -32,7 +32,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 RESULTS = BENCH_DIR / "results"
 CACHE = RESULTS / "cache"
 COMPLETE = "complete.json"
-OURS = ("stream-jpeg", "stream-raw", "resident")
+OURS = ("stream-jpeg", "stream-raw", "resident", "stream-jpeg-device", "resident-jpeg-device")
 sys.path.insert(0, str(BENCH_DIR))  # the bench's own modules: baseline, photo_crops, pipelines, peers
 
 
@@ -108,6 +108,12 @@ def bar_ratios(pipelines: dict[str, dict[str, Any]]) -> dict[str, Any]:
     if "ffcv-jpeg" in rate and "stream-jpeg" in rate:
         bars["stream-jpeg / FFCV jpeg (bar 1.3)"] = round(rate["stream-jpeg"] / rate["ffcv-jpeg"], 2)
     return bars
+
+
+def _ratio(entry: dict[str, Any], name: str) -> str:
+    """A ratio column's cell: '-' when the other side was not measured."""
+    value = entry.get(name)
+    return "-" if value is None else f"{value:.2f}"
 
 
 _REPORT_KEY = pytest.StashKey[BenchReport]()
@@ -204,7 +210,7 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
               f"{'CPU us/img':>12}  output")
         for name, entry in data["pipelines"].items():
             write(f"{name:<24}{entry['images_per_s']:>10.0f}{min(entry['rounds']):>8.0f}{max(entry['rounds']):>8.0f}"
-                  f"{entry.get('ratio_to_folder', float('nan')):>10.2f}{entry.get('ratio_to_best_peer', float('nan')):>13.2f}"
+                  f"{_ratio(entry, 'ratio_to_folder'):>10}{_ratio(entry, 'ratio_to_best_peer'):>13}"
                   f"{entry['cpu_us_per_image']:>12.0f}  {entry['output']}")
     for name, why in data["skipped"].items():
         write(f"{name:<24}skipped: {why}")

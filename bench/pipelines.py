@@ -64,16 +64,20 @@ def check_first_batch(pipeline: Pipeline, batch: tuple, data, size: int, expecte
 
 
 def shard_pipeline(name: str, data, batch: int, workers: int, size: int, device: torch.device) -> Pipeline:
-    """stream-jpeg, stream-raw or resident: cocoshard's loader with the training transform."""
+    """stream-jpeg, stream-raw, resident, stream-jpeg-device or resident-jpeg-device: cocoshard's
+    loader with the training transform (`-device`: `--decode device`, each batch's JPEG bytes
+    decoded where the batch is used; on a CPU, by this process)."""
     from cocoshard.loading.augment import TrainTransform
     from cocoshard.loading.loader import build_loader
 
-    mode = "resident" if name == "resident" else "stream"
-    pixel_format = "jpeg" if name == "stream-jpeg" else "raw"
+    mode = "resident" if name.startswith("resident") else "stream"
+    decode = "device" if name.endswith("-device") else "host"
+    pixel_format = "jpeg" if name.startswith("stream-jpeg") or decode == "device" else "raw"
     dtype = training_dtype(device)
     loader = build_loader(data.shards[pixel_format], "train", batch_size=batch, device=device, mode=mode, train=True,
                           seed=0, workers=workers, transform=TrainTransform(out_size=size, scale=SCALE, ratio=RATIO,
-                                                                            dtype=dtype))
+                                                                            dtype=dtype),
+                          decode=decode)
 
     def epoch(number: int) -> Batches:
         loader.set_epoch(number)
@@ -81,7 +85,9 @@ def shard_pipeline(name: str, data, batch: int, workers: int, size: int, device:
             yield b.inputs, b.labels, b.keys
 
     kind = {"stream-jpeg": "jpeg shards, decoded by workers", "stream-raw": "raw shards",
-            "resident": "the split in one uint8 tensor"}[name]
+            "resident": "the split in one uint8 tensor",
+            "stream-jpeg-device": "jpeg shards, bytes decoded by the training process",
+            "resident-jpeg-device": "the split's JPEG bytes in one tensor, decoded per batch"}[name]
     return Pipeline(name, epoch, f"{str(dtype).split('.')[-1]} channels_last", dtype, notes=f"{kind}, {workers} workers",
                     close=loader.close)
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import struct
+import warnings
 
 import numpy as np
 import torch
@@ -33,6 +34,11 @@ from cocoshard.prepare.format import (
     key_problem,
 )
 from cocoshard.prepare.sources import MAX_IMAGE_PIXELS
+
+# torchvision 0.29 marks its image decoders deprecated in favour of TorchCodec on every call; they
+# are the libjpeg-turbo / nvJPEG decoders this package relies on, and they work.
+TORCHVISION_DECODER_NOTICE = "The image decoding and encoding capabilities of TorchVision are deprecated"
+warnings.filterwarnings("ignore", message=TORCHVISION_DECODER_NOTICE, category=DeprecationWarning)
 
 JPEG_EXTS = ("jpg", "jpeg")
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, UnidentifiedImageError, Image.DecompressionBombError)

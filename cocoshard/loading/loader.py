@@ -19,6 +19,8 @@ the sample keys, all on the device.
 - stream: `cocoshard.loading.stream` (worker processes, recycled shared-memory batches, pinned,
   non_blocking).
 - resident: `cocoshard.loading.resident` (the split in one tensor, a permutation per epoch).
+- decode="device" (jpeg shards): stream slots carry compressed bytes, or `resident_bytes` holds
+  the split's compressed bytes; each batch is decoded on the device (`device_decode`).
 - Undecodable samples stop the run with the shard and key named, or with skip_bad_samples are
   skipped and counted in `skipped_samples` (bad samples of the latest pass over the split); a
   shard that fails its sha256 counts whole.
@@ -45,7 +47,8 @@ def build_loader(location: str | os.PathLike, split: str, *, batch_size: int, de
                  mode: str = "stream", train: bool, seed: int, rank: int = 0, world_size: int = 1,
                  workers: int = 0, skip_bad_samples: bool = False, shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
                  prefetch: int = DEFAULT_PREFETCH, memory_limit: Optional[int] = None,
-                 transform: Optional[Transform] = None, threads: Optional[int] = None) -> Any:
+                 transform: Optional[Transform] = None, threads: Optional[int] = None,
+                 decode: str = "host") -> Any:
     """Device batches of one split of the shards at `location` (folder or URL prefix).
 
     Returns a StreamLoader or ResidentLoader: `len()` (batches per epoch on this rank, equal on
@@ -58,7 +61,9 @@ def build_loader(location: str | os.PathLike, split: str, *, batch_size: int, de
     `transform` (`augment.TrainTransform` / `EvalTransform`) every batch comes training-ready in
     `batch.inputs`, made where it is cheapest (see the loaders); `threads` caps the threads this
     process uses for it when no worker process does (default: every usable core). A split too
-    small for one batch per rank, a bad mode or a bad shard raise UserError.
+    small for one batch per rank, a bad mode or a bad shard raise UserError. `decode="device"`
+    (jpeg shards) moves the compressed bytes and decodes each batch on the device
+    (`cocoshard.loading.device_decode`).
     """
     if mode not in MODES:
         raise UserError(f"unknown loader mode {mode!r}: choose one of {', '.join(MODES)}")
@@ -68,19 +73,28 @@ def build_loader(location: str | os.PathLike, split: str, *, batch_size: int, de
     entry = manifest["splits"].get(split)
     if entry is not None and not entry["samples"]:
         raise UserError(f"{location} holds no {split!r} samples: the split is empty")
+    if decode not in ("host", "device"):
+        raise UserError(f"unknown decode {decode!r}: choose host or device")
+    if decode == "device" and manifest["pixel_format"] != "jpeg":
+        raise UserError(f"--decode device reads jpeg shards; {location} holds {manifest['pixel_format']} pixels, "
+                        f"which need no decoding (use --decode host)")
     device = torch.device(device)
     common = dict(batch_size=batch_size, device=device, train=train, seed=seed, rank=rank, world_size=world_size,
                   skip_bad_samples=skip_bad_samples, transform=transform, threads=threads)
-    if mode == "resident":
+    if mode == "resident" and decode == "device":
+        from cocoshard.loading.resident_bytes import ResidentBytesLoader
+
+        loader: Any = ResidentBytesLoader(str(location), split, manifest, memory_limit=memory_limit, **common)
+    elif mode == "resident":
         from cocoshard.loading.resident import ResidentLoader
 
-        loader: Any = ResidentLoader(str(location), split, manifest, memory_limit=memory_limit, workers=workers,
+        loader = ResidentLoader(str(location), split, manifest, memory_limit=memory_limit, workers=workers,
                                      prefetch=prefetch, **common)
     else:
         from cocoshard.loading.stream import StreamLoader
 
         loader = StreamLoader(str(location), split, manifest, workers=workers, shuffle_buffer=shuffle_buffer,
-                              prefetch=prefetch, **common)
+                              prefetch=prefetch, decode=decode, **common)
     if train and len(loader) == 0:
         raise UserError(
             f"the {split!r} split holds {loader.split_samples} samples: too few for one batch of {batch_size} "

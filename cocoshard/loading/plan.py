@@ -109,3 +109,11 @@ def plan_epoch(counts: list[int], *, batch_size: int, seed: int, epoch: int, ran
             segments += segments_between(order, counts, start + offsets[b], start + offsets[b + 1])
         plans.append(WorkerPlan(_merge(segments), tuple(sizes[b] for b in mine)))
     return plans
+
+
+def epoch_permutation(total: int, *, seed: int, epoch: int, train: bool) -> np.ndarray:
+    """The order of a split's rows in an epoch of a resident loader: a permutation of (seed, epoch)
+    when training, identical on every rank; the rows in order otherwise."""
+    if not train:
+        return np.arange(total)
+    return numpy_rng(seed, epoch, Stream.RESIDENT_ORDER).permutation(total)

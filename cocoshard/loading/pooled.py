@@ -17,12 +17,13 @@ With `workers=0` the source runs in this process, in slots recycled the same way
 from __future__ import annotations
 
 import warnings
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
 from cocoshard.loading.batch import Batch
 from cocoshard.loading.buffers import Loans
+from cocoshard.loading.device_decode import decode_on_device
 from cocoshard.loading.workers import (
     BatchSource,
     Ready,
@@ -31,6 +32,7 @@ from cocoshard.loading.workers import (
     WorkerPool,
     make_slot,
 )
+from cocoshard.machine import usable_cores
 from cocoshard.seeds import Stream, torch_generator
 
 Transform = Any  # cocoshard.loading.augment.TrainTransform or EvalTransform
@@ -72,8 +74,12 @@ class PooledBatches:
 
     def __init__(self, source: BatchSource, shapes: SlotShapes, *, workers: int, device: torch.device,
                  prefetch: int, seed: int, rank: int, device_transform: Optional[Transform],
-                 output_transform: Optional[Transform], name: str) -> None:
+                 output_transform: Optional[Transform], name: str, canvas_size: int = 0,
+                 skip_bad_samples: bool = False, threads: Optional[int] = None,
+                 where: Optional[Callable[[str], str]] = None) -> None:
         self.device, self.workers, self.seed, self.rank = device, workers, seed, rank
+        self.canvas_size, self.skip_bad_samples, self.threads = canvas_size, skip_bad_samples, threads
+        self.where = where  # a key -> its shard, named when a compressed image fails to decode here
         self.device_transform = device_transform  # applied here, on the device, after the copy
         self.output_transform = output_transform  # what the caller asked for (its memory format)
         self.skipped = 0
@@ -116,9 +122,35 @@ class PooledBatches:
         for worker, slot in self._loans.returned():
             self._producer.give_back(worker, slot)
 
+    def _decode(self, worker: int, ready: Ready, generator: Optional[torch.Generator]) -> Batch:
+        """A slot of compressed images (`--decode device`): decoded where the batch goes, then made ready."""
+        slot, n, key = self._producer.slots[worker][ready.slot], ready.size, (worker, ready.slot)
+        spans, kinds = slot["spans"][:n].tolist(), slot["kinds"][:n].tolist()
+        extra = ready.extra or {}
+        encoded = [torch.frombuffer(bytearray(extra[i]), dtype=torch.uint8) if start < 0
+                   else slot["bytes"][start : start + length] for i, (start, length) in enumerate(spans)]
+        images, sizes, good = decode_on_device(encoded, kinds, ready.keys, canvas_size=self.canvas_size,
+                                               device=self.device, skip_bad=self.skip_bad_samples, where=self.where)
+        labels = slot["labels"][:n][good].to(self.device, non_blocking=True).float() if "labels" in slot else None
+        if self.device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record()
+            self._loans.lend_until(key, event)  # the decoder may read the slot until its work is done
+        else:
+            self._producer.give_back(worker, ready.slot)  # decoded into new memory: the slot is free
+        keys = [ready.keys[i] for i in good]
+        self.skipped += n - len(good)
+        inputs = None
+        if self.device_transform is not None:
+            inputs = self.device_transform.apply(images, sizes, generator=generator,
+                                                 threads=self.threads or usable_cores())
+        return Batch(images, sizes, labels, keys, inputs=inputs, skipped=ready.skipped + n - len(good), slot=key)
+
     def _deliver(self, worker: int, ready: Ready, generator: Optional[torch.Generator]) -> Batch:
         """The batch as the caller gets it: aliases of its slot (CPU), or its copy on the device."""
         slot, n, key = self._producer.slots[worker][ready.slot], ready.size, (worker, ready.slot)
+        if "bytes" in slot:
+            return self._decode(worker, ready, generator)
         names = [name for name in ("inputs", "images", "sizes", "labels") if name in slot]
         views = [slot[name][:n] for name in names]
         if self.device.type == "cpu":

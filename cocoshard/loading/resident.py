@@ -32,7 +32,7 @@ from cocoshard.errors import UserError
 from cocoshard.loading.batch import Batch
 from cocoshard.loading.buffers import BufferPool
 from cocoshard.loading.decode import fill_canvas, fill_labels
-from cocoshard.loading.plan import rank_batches
+from cocoshard.loading.plan import epoch_permutation, rank_batches
 from cocoshard.loading.pooled import PooledBatches
 from cocoshard.loading.tario import BadSample, BadShard, read_samples
 from cocoshard.loading.workers import START_METHOD, Slot, SlotShapes
@@ -216,11 +216,8 @@ class ResidentLoader:
     def epoch_rows(self, epoch: Optional[int] = None) -> torch.Tensor:
         """Rows of the resident tensor this rank reads in `epoch` (the current one), in order (CPU int64)."""
         epoch = self.epoch if epoch is None else epoch
-        if self.train:
-            generator = torch_generator(self.seed, epoch, Stream.RESIDENT_ORDER)
-            order = self.rows[torch.randperm(self.split_samples, generator=generator)]
-        else:
-            order = self.rows
+        order = self.rows[torch.from_numpy(epoch_permutation(self.split_samples, seed=self.seed, epoch=epoch,
+                                                             train=self.train))]
         start, _ = rank_batches(self.split_samples, batch_size=self.batch_size, rank=self.rank,
                                 world_size=self.world_size, train=self.train)
         return order[start : start + self.num_samples]

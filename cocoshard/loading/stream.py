@@ -29,7 +29,14 @@ import torch
 
 from cocoshard import NUM_CLASSES
 from cocoshard.loading.batch import Batch
-from cocoshard.loading.decode import fill_canvas, fill_labels
+from cocoshard.loading.decode import (
+    check_pixel_count,
+    fill_canvas,
+    fill_labels,
+    image_member,
+    image_size,
+)
+from cocoshard.loading.device_decode import KIND_JPEG, KIND_PNG
 from cocoshard.loading.plan import Segment, WorkerPlan, plan_epoch, rank_batches
 from cocoshard.loading.pooled import PooledBatches
 from cocoshard.loading.tario import (
@@ -38,13 +45,18 @@ from cocoshard.loading.tario import (
     Sample,
     ShardChecks,
     read_samples,
+    shard_keys,
 )
 from cocoshard.loading.workers import Slot, SlotShapes
 from cocoshard.machine import usable_cores
+from cocoshard.prepare.format import EXT_JPEG, EXT_PNG
 from cocoshard.prepare.manifest import shard_urls, split_shards
 from cocoshard.seeds import Stream, numpy_rng, torch_generator
 
 Transform = Any  # cocoshard.loading.augment.TrainTransform or EvalTransform
+# Room for the compressed image of a sample in a `--decode device` slot, on average over a batch
+# (the challenge's JPEGs average 12 KB; a slot is then no larger than one of raw 224 px canvases).
+BYTES_PER_IMAGE = 160 * 1024
 
 
 def _shuffled(items: Iterator, capacity: int, rng: np.random.Generator) -> Iterator:
@@ -70,12 +82,13 @@ class ShardBatchSource:
     def __init__(self, urls: list[str], counts: list[int], hashes: list[Optional[str]], *, canvas_size: int,
                  labelled: bool, batch_size: int, seed: int, rank: int, world_size: int, workers: int, train: bool,
                  shuffle_buffer: int, skip_bad_samples: bool, transform: Optional[Transform],
-                 threads: Optional[int] = None) -> None:
+                 threads: Optional[int] = None, send_bytes: bool = False) -> None:
         self.urls, self.counts, self.hashes = urls, counts, hashes
         self.canvas_size, self.labelled, self.batch_size = canvas_size, labelled, batch_size
         self.seed, self.rank, self.world_size, self.workers = seed, rank, world_size, max(1, workers)
         self.train, self.shuffle_buffer, self.skip_bad_samples = train, shuffle_buffer, skip_bad_samples
         self.transform = transform  # applied here (CPU) or None (the main process applies it)
+        self.send_bytes = send_bytes  # --decode device: the compressed bytes go to the main process
         # One thread per worker process; every core when the batches are made in the main process.
         self.transform_threads = 1 if workers > 0 else threads or usable_cores()
         self.checks = ShardChecks(len(urls))
@@ -89,7 +102,11 @@ class ShardBatchSource:
         """The tensors of one slot: the training-ready batch when transforming here, else canvases."""
         n, s = self.batch_size, self.canvas_size
         shapes: SlotShapes = {}
-        if self.transform is not None:
+        if self.send_bytes:
+            shapes["bytes"] = ((n * BYTES_PER_IMAGE,), torch.uint8)
+            shapes["spans"] = ((n, 2), torch.int64)
+            shapes["kinds"] = ((n,), torch.uint8)
+        elif self.transform is not None:
             size = self.transform.out_size
             shapes["inputs"] = ((n, size, size, 3), self.transform.dtype)
         else:
@@ -173,13 +190,19 @@ class _BatchAssembler:
         stream = self._stream()
         for size in self.plan.batch_sizes:
             slot, tensors = self.acquire()
+            self.spill: dict[int, bytes] = {}
             keys, skipped, stream = self._fill(size, stream, tensors)
-            yield slot, len(keys), keys, skipped
+            yield slot, len(keys), keys, skipped, self.spill or None
 
     def _fill(self, size: int, stream: Iterator, tensors: Slot) -> tuple[list[str], int, Iterator]:
         src = self.source
-        images, sizes = src.canvases() if src.transform is not None else (tensors["images"], tensors["sizes"])
-        pixels, hw = images.numpy(), sizes.numpy()
+        if src.send_bytes:
+            images = sizes = None
+            encoded, spans, kinds = tensors["bytes"].numpy(), tensors["spans"].numpy(), tensors["kinds"].numpy()
+            used = 0
+        else:
+            images, sizes = src.canvases() if src.transform is not None else (tensors["images"], tensors["sizes"])
+            pixels, hw = images.numpy(), sizes.numpy()
         label_rows = tensors["labels"].numpy() if src.labelled else None
         keys: list[str] = []
         skipped = consumed = 0
@@ -193,7 +216,10 @@ class _BatchAssembler:
                 if error is not None:
                     raise error
                 row = len(keys)
-                hw[row] = fill_canvas(sample, pixels[row])
+                if src.send_bytes:
+                    used = self._put_bytes(sample, row, encoded, spans, kinds, used)
+                else:
+                    hw[row] = fill_canvas(sample, pixels[row])
                 if label_rows is not None:
                     fill_labels(sample, label_rows[row])
             except BadSample as exc:
@@ -204,11 +230,31 @@ class _BatchAssembler:
                 continue
             keys.append(sample.key)
             self.good += 1
-        if src.transform is not None and keys:
+        if src.transform is not None and keys and not src.send_bytes:
             n = len(keys)
             src.transform.apply(images[:n], sizes[:n], generator=self.generator, threads=src.transform_threads,
                                 out=tensors["inputs"])
         return keys, skipped, stream
+
+    def _put_bytes(self, sample: Sample, row: int, encoded: np.ndarray, spans: np.ndarray, kinds: np.ndarray,
+                   used: int) -> int:
+        """Copy a sample's compressed image into the slot (or, past its end, into the message)."""
+        ext = image_member(sample)
+        if ext not in (EXT_JPEG, EXT_PNG):
+            raise BadSample(f"--decode device reads jpeg shards; this sample holds .{ext}")
+        data = sample.members[ext]
+        declared = image_size(data, ext)
+        if declared is None:
+            raise BadSample(f"its .{ext} member has no readable image header")
+        check_pixel_count(data, ext)
+        kinds[row] = KIND_JPEG if ext == EXT_JPEG else KIND_PNG
+        if used + len(data) > len(encoded):
+            self.spill[row] = bytes(data)
+            spans[row] = (-1, len(data))
+            return used
+        encoded[used : used + len(data)] = np.frombuffer(data, dtype=np.uint8)
+        spans[row] = (used, len(data))
+        return used + len(data)
 
 
 # ----------------------------------------------------------------------------- main side
@@ -220,7 +266,8 @@ class StreamLoader:
     def __init__(self, location: str, split: str, manifest: dict[str, Any], *, batch_size: int,
                  device: torch.device, train: bool, seed: int, rank: int, world_size: int, workers: int,
                  skip_bad_samples: bool, shuffle_buffer: int, prefetch: int,
-                 transform: Optional[Transform] = None, threads: Optional[int] = None) -> None:
+                 transform: Optional[Transform] = None, threads: Optional[int] = None,
+                 decode: str = "host") -> None:
         entries = split_shards(manifest, split)
         counts = [int(e["samples"]) for e in entries]
         self.manifest, self.split, self.device, self.train = manifest, split, device, train
@@ -228,12 +275,15 @@ class StreamLoader:
         self.split_samples = sum(counts)
         self.epoch = 0
         self.transform, self.workers = transform, workers
-        on_cpu = device.type == "cpu"  # there the batch is made ready where it is made
+        send_bytes = decode == "device"
+        # On a CPU the batch is made ready where it is made, unless it is to be decoded here.
+        in_source = device.type == "cpu" and not send_bytes
         self._source = ShardBatchSource(
             shard_urls(location, manifest, split), counts, [e.get("sha256") for e in entries],
             canvas_size=self.canvas_size, labelled=split != "test", batch_size=batch_size, seed=seed, rank=rank,
             world_size=world_size, workers=workers, train=train, shuffle_buffer=shuffle_buffer,
-            skip_bad_samples=skip_bad_samples, transform=transform if on_cpu else None, threads=threads,
+            skip_bad_samples=skip_bad_samples, transform=transform if in_source else None, threads=threads,
+            send_bytes=send_bytes,
         )
         _, sizes = rank_batches(self.split_samples, batch_size=batch_size, rank=rank, world_size=world_size, train=train)
         self._batches, self.num_samples = len(sizes), sum(sizes)
@@ -242,8 +292,19 @@ class StreamLoader:
         self.augment_threads = max(1, usable_cores() - workers)
         self._pooled = PooledBatches(self._source, self._source.slot_shapes(), workers=workers, device=device,
                                      prefetch=prefetch, seed=seed, rank=rank,
-                                     device_transform=None if on_cpu else transform, output_transform=transform,
-                                     name=f"{split} loader")
+                                     device_transform=None if in_source else transform, output_transform=transform,
+                                     name=f"{split} loader", canvas_size=self.canvas_size,
+                                     skip_bad_samples=skip_bad_samples, threads=threads, where=self._shard_of)
+
+    def _shard_of(self, key: str) -> str:
+        """The shard of the split holding `key`, read from the tar headers (for an error message only)."""
+        for url in self._source.urls:
+            try:
+                if key in shard_keys(url):
+                    return url
+            except (OSError, BadSample):
+                continue
+        return f"(one of the {self.split!r} shards)"
 
     @property
     def skipped_samples(self) -> int:

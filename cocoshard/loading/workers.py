@@ -18,7 +18,7 @@ naming it, never waits forever. A worker's error (a bad sample, a bad shard) com
 same exception type with its message; anything else comes back with the worker's traceback.
 
 `source` is any object with `batches(epoch, worker, acquire)`: a generator that takes slots with
-`acquire()` (slot number, tensors), fills them and yields `(slot, size, keys, skipped)`.
+`acquire()` (slot number, tensors), fills them and yields `(slot, size, keys, skipped[, extra])`.
 """
 
 from __future__ import annotations
@@ -58,12 +58,14 @@ class BatchSource(Protocol):
 
 @dataclass(frozen=True)
 class Ready:
-    """A filled slot: `size` samples with these keys; `skipped` bad samples met filling it."""
+    """A filled slot: `size` samples with these keys; `skipped` bad samples met filling it; `extra`:
+    what did not fit in the slot (compressed bytes of an unusually large batch), sent along."""
 
     slot: int
     size: int
     keys: list[str]
     skipped: int
+    extra: Any = None
 
 
 def make_slot(shapes: SlotShapes, shared: bool) -> Slot:
@@ -122,8 +124,8 @@ class _WorkerSide:
                     continue  # an epoch already over
                 continue
             try:
-                for slot, size, keys, skipped in source.batches(message[1], worker, self.acquire):
-                    self.conn.send(("ready", slot, size, keys, skipped))
+                for found in source.batches(message[1], worker, self.acquire):
+                    self.conn.send(("ready", *found))
                 self.conn.send(("end",))
             except _Cancel:
                 self.conn.send(("end",))
@@ -214,9 +216,9 @@ class WorkerPool:
         message = self._wait(worker)
         kind = message[0]
         if kind == "ready":
-            _, slot, size, keys, skipped = message
-            self._at_worker[worker].discard(slot)
-            return Ready(slot, size, keys, skipped)
+            ready = Ready(*message[1:])
+            self._at_worker[worker].discard(ready.slot)
+            return ready
         self._running[worker] = False
         if kind == "end":
             return None

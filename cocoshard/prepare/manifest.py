@@ -45,12 +45,24 @@ def _read_text(location: str) -> tuple[str, str]:
             raise UserError(f"cannot read {url}: {exc}") from exc
     path = Path(location) / MANIFEST
     if not path.is_file():
-        raise UserError(f"no {MANIFEST} in {location}: pack the data first (cocoshard pack --out {location})")
+        raise UserError(f"no {MANIFEST} in {location}: {_pack_hint(Path(location))}")
     try:
         with open(path, "rb") as handle:
             return handle.read(MAX_MANIFEST_BYTES).decode("utf-8"), str(path)
     except (OSError, UnicodeDecodeError) as exc:
         raise BadManifest(f"cannot read {path}: {exc}") from exc
+
+
+def _pack_hint(folder: Path) -> str:
+    """What to run when a folder without a manifest was given as shards: pack it first, into a
+    folder of its own (never into an image folder)."""
+    if (folder / "images").is_dir() or (folder / "labels").is_dir():
+        return f"it looks like the challenge folder: pack it first, cocoshard pack --root {folder} --out {folder.parent / 'shards'}"
+    if folder.is_dir() and any(p.suffix.lower() in (".jpg", ".jpeg", ".png", ".cls") for p in folder.iterdir()):
+        root = next((parent for parent in folder.parents if (parent / "images").is_dir()), folder.parent)
+        return (f"it holds images or labels, not shards: pack the challenge folder first, cocoshard pack --root {root} "
+                f"--out {root.parent / 'shards' if root != folder.parent else root / 'shards'}")
+    return f"pack the data first (cocoshard pack --root ms-coco --out {folder})"
 
 
 def read_manifest(location: str | os.PathLike) -> dict[str, Any]:

@@ -50,7 +50,8 @@ BEST = "best.pt"
 RAW, EMA = "model", "ema"
 REQUIRED_KEYS = ("model", "epoch", "step", "config", "classes", "thresholds")
 # Settings a resumed run may be given again with other values: none changes what is trained.
-RESUMABLE = ("resume", "out", "shards", "epochs", "max_steps", "workers", "threads", "log_every", "device", "compile")
+RESUMABLE = ("resume", "out", "shards", "epochs", "max_steps", "workers", "threads", "log_every", "device", "compile",
+             "decode")
 # Chosen from the machine when not given: a resumed run chooses them again on its own machine.
 MACHINE_SETTINGS = ("workers", "threads")
 _GLOBAL_RE = re.compile(r"GLOBAL\s+([\w.]+)")

@@ -226,7 +226,7 @@ def build_loaders(cfg: TrainConfig, runtime: Runtime) -> tuple[Any, Any]:
     dtype = runtime.amp_dtype or torch.float32
     common = dict(batch_size=cfg.batch_size, device=runtime.device, mode=cfg.loader, seed=cfg.seed,
                   rank=runtime.rank, world_size=runtime.world_size, workers=cfg.workers, threads=cfg.threads,
-                  skip_bad_samples=cfg.skip_bad_samples)
+                  skip_bad_samples=cfg.skip_bad_samples, decode=cfg.decode)
     return (build_loader(cfg.shards, "train", train=True, transform=train_transform(cfg, dtype), **common),
             build_loader(cfg.shards, "val", train=False, transform=validation_transform(cfg, dtype), **common))
 
