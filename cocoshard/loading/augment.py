@@ -331,6 +331,7 @@ class TrainTransform:
     flip: bool = True
     dtype: torch.dtype = torch.float32
     channels_last: bool = True
+    method: str = "auto"  # resampler: "resize" on a CPU, "grid" on CUDA (see the module doc)
     random = True  # draws from a generator: the loader seeds one per epoch, rank and worker
 
     def apply(self, images: torch.Tensor, sizes: torch.Tensor, *, generator: Optional[torch.Generator],
@@ -338,7 +339,7 @@ class TrainTransform:
               out: Optional[torch.Tensor] = None) -> torch.Tensor:
         return train_augment(images, sizes, out_size=self.out_size, generator=generator, scale=self.scale,
                              ratio=self.ratio, flip=self.flip, dtype=self.dtype, channels_last=self.channels_last,
-                             threads=threads, rows=rows, out=out)
+                             method=self.method, threads=threads, rows=rows, out=out)
 
 
 @dataclass(frozen=True)
@@ -349,10 +350,12 @@ class EvalTransform:
     dtype: torch.dtype = torch.float32
     channels_last: bool = True
     flip: bool = False
+    method: str = "auto"
     random = False
 
     def apply(self, images: torch.Tensor, sizes: torch.Tensor, *, generator: Optional[torch.Generator] = None,
               threads: int = DEFAULT_THREADS, rows: Optional[torch.Tensor] = None,
               out: Optional[torch.Tensor] = None) -> torch.Tensor:
         return eval_transform(images, sizes, out_size=self.out_size, dtype=self.dtype,
-                              channels_last=self.channels_last, flip=self.flip, threads=threads, rows=rows, out=out)
+                              channels_last=self.channels_last, flip=self.flip, method=self.method, threads=threads,
+                              rows=rows, out=out)

@@ -131,7 +131,12 @@ class PooledBatches:
                    else slot["bytes"][start : start + length] for i, (start, length) in enumerate(spans)]
         images, sizes, good = decode_on_device(encoded, kinds, ready.keys, canvas_size=self.canvas_size,
                                                device=self.device, skip_bad=self.skip_bad_samples, where=self.where)
-        labels = slot["labels"][:n][good].to(self.device, non_blocking=True).float() if "labels" in slot else None
+        labels = None
+        if "labels" in slot:
+            labels = slot["labels"][:n][good]
+            if self.device.type == "cuda":
+                labels = labels.pin_memory()  # so that its copy does not wait
+            labels = labels.to(self.device, non_blocking=True).float()
         if self.device.type == "cuda":
             event = torch.cuda.Event()
             event.record()

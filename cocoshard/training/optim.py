@@ -8,7 +8,8 @@
 - "cosine": linear warm-up, then cosine decay to `min_lr_ratio` of the peak. "onecycle": PyTorch's
   OneCycleLR (cosine up from peak/25, cosine down to peak/25e4, Adam beta1 cycled 0.95 ↔ 0.85).
 - `ModelEma`: an exponential moving average of every floating-point weight and buffer, updated after
-  each step with one fused `_foreach_lerp_`; its decay ramps up over the first steps so that a short
+  each step with one fused `torch._foreach_lerp_` (a private PyTorch op, present since 1.13: where
+  it is missing, a loop of `lerp_` does the same); its decay ramps up over the first steps so that a short
   run is not averaged with its random initialisation.
 """
 
@@ -91,6 +92,17 @@ def build_scheduler(
     return LambdaLR(optimizer, lr_lambda=lambdas)
 
 
+def lerp_all(starts: list[torch.Tensor], ends: list[torch.Tensor], weight: float) -> None:
+    """starts[i] += weight * (ends[i] - starts[i]) for every i, in place: one fused kernel launch per
+    device and dtype where PyTorch has `_foreach_lerp_` (private, so not relied on), else a loop."""
+    fused = getattr(torch, "_foreach_lerp_", None)
+    if fused is not None:
+        fused(starts, ends, weight)
+        return
+    for start, end in zip(starts, ends):
+        start.lerp_(end, weight)
+
+
 class ModelEma:
     """Exponential moving average of a model's floating-point state (weights and norm statistics)."""
 
@@ -119,8 +131,7 @@ class ModelEma:
         """Move the average towards the model's current state (call after each optimizer step)."""
         weight = 1.0 - self.current_decay()
         self.updates += 1
-        ema_float, model_float = self._float
-        torch._foreach_lerp_(ema_float, model_float, weight)
+        lerp_all(*self._float, weight)
         for mine, theirs in zip(*self._other):
             mine.copy_(theirs)
 

@@ -134,7 +134,12 @@ def wrap_ddp(model: nn.Module, runtime: Runtime) -> nn.Module:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The plain module under DDP and torch.compile wrappers (whose state dict has clean names)."""
+    """The plain module under DDP and torch.compile wrappers (whose state dict has clean names).
+
+    torch.compile returns an `OptimizedModule` that keeps the original as `_orig_mod` (the prefix
+    of its state-dict keys). The name is PyTorch's own and has not changed since 2.0; should it
+    change, the loop stops at the wrapper and checkpoints carry the prefix, which
+    `model.strip_wrapper_prefixes` removes when they are read."""
     while True:
         if isinstance(model, nn.parallel.DistributedDataParallel):
             model = model.module
