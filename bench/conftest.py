@@ -50,6 +50,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--bench-batch-size", type=int, default=128, help="images per batch, the same for every pipeline")
     group.addoption("--bench-rounds", type=int, default=5, help="timed epochs per pipeline, after one warm-up epoch")
     group.addoption("--bench-size", type=int, default=224, help="training resolution")
+    group.addoption("--bench-out", default=str(RESULTS / "latest.json"), help="where the results JSON goes")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -197,8 +198,9 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
     data = found.to_json()
     from cocoshard.atomic import atomic_write_text
 
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(RESULTS / "latest.json", json.dumps(data, indent=2) + "\n")
+    out = Path(config.getoption("--bench-out"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out, json.dumps(data, indent=2) + "\n")
     write = terminalreporter.write_line
     terminalreporter.section("cocoshard benchmark")
     settings = found.settings
@@ -219,7 +221,7 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
     for name, entry in data["train_step"].items():
         if isinstance(entry, dict) and "images_per_s" in entry:
             write(f"train step {name:<28}{entry['images_per_s']:>10.1f} images/s")
-    write(f"written to {RESULTS / 'latest.json'}")
+    write(f"written to {out}")
 
 
 # ------------------------------------------------------------------------------------ data

@@ -138,13 +138,19 @@ def train_one_epoch(tr: Trainer, epoch: int) -> dict[str, Any]:
     progress = tr.log.epoch_progress(f"epoch {epoch + 1}/{cfg.epochs}", steps, cfg.batch_size * runtime.world_size,
                                      run_left)
     started = time.perf_counter()
+    waited = 0.0  # time this process spent waiting for the loader: data-starved when large
     try:
-        for index, batch in enumerate(tr.train_loader):
-            if index == steps:
-                break  # --max-steps reached (the loader otherwise ends on its own, so it can finish cleanly)
+        batches, index = iter(tr.train_loader), 0
+        while True:
+            asked = time.perf_counter()
+            batch = next(batches, None)  # to the end, so that the loader finishes its epoch cleanly
+            waited += time.perf_counter() - asked
+            if batch is None or index == steps:
+                break  # the epoch's end, or --max-steps reached
             train_step(tr, batch, meter)
-            if (index + 1) % cfg.log_every == 0 or index + 1 == steps:
-                progress.update(index + 1, meter.mean_loss(), head_lr(tr))
+            index += 1
+            if index % cfg.log_every == 0 or index == steps:
+                progress.update(index, meter.mean_loss(), head_lr(tr))
     finally:
         progress.close()
     if runtime.device.type == "cuda":
@@ -153,7 +159,7 @@ def train_one_epoch(tr: Trainer, epoch: int) -> dict[str, Any]:
     images = int(all_reduce_sum(torch.tensor(float(meter.images), device=runtime.device)).item())
     steps_per_rank = gather_objects(len(meter.predicted))
     return {"train": meter.summary(runtime.is_main), "time_s": elapsed, "images_per_s": images / max(elapsed, 1e-9),
-            "steps_per_rank": steps_per_rank}
+            "data_wait_s": waited, "steps_per_rank": steps_per_rank}
 
 
 # ----------------------------------------------------------------------------------- validation

@@ -166,6 +166,8 @@ class RunLog:
     def _print_table(self, record: dict[str, Any], columns: Sequence[str]) -> None:
         title = (f"epoch {record['epoch']}/{record['epochs']} · {record['images_per_s']:,.0f} img/s · "
                  f"{record['time_s']:.1f} s")
+        if "data_wait_s" in record and record["time_s"] > 0:
+            title += f" · {record['data_wait_s'] / record['time_s']:.0%} waiting for data"
         table = Table(title=title, title_justify="left")
         table.add_column("")
         table.add_column("train", justify="right")

@@ -61,6 +61,7 @@ def test_a_few_steps_from_scratch_on_coco_sample(sample_shards_jpeg: Path, tmp_p
                  "--max-steps", "3", *TINY) == 0
     (record,) = records(run)  # --max-steps 3 ends the run inside its first epoch
     assert record["step"] == 3 and record["epoch"] == 1
+    assert 0 < record["data_wait_s"] < record["time_s"]  # the loader's share of the epoch (in-process here)
     assert record["val"]["model"]["images"] == json.loads((sample_shards_jpeg / "manifest.json").read_text())["splits"]["val"]["samples"]
     raw = torch.load(run / LAST, weights_only=True)  # the plain safe loader, nothing else
     assert CHECKPOINT_KEYS <= set(raw)
