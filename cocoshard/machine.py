@@ -58,5 +58,5 @@ def busy_cores(window_s: float = 0.25) -> float:
         return 0.0
     if total1 <= total0:
         return 0.0
-    cores = os.cpu_count() or 1
+    cores = os.cpu_count() or 1  # /proc/stat sums every core of the machine, not only this process's
     return max(0.0, (1.0 - (idle1 - idle0) / (total1 - total0)) * cores)

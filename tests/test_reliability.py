@@ -170,7 +170,7 @@ def test_pack_killed_anywhere_leaves_no_lying_manifest_and_reruns_identically(
 TRAIN = ["--model", "cocoshard_tiny", "--device", "cpu", "--size", "32", "--batch-size", "16", "--workers", "0",
          "--weights", "none", "--epochs", "2", "--log-every", "1", "--seed", "3", "--no-amp"]
 STEPS_PER_EPOCH = 5  # 88 train images of coco-sample in batches of 16
-TIMING = {"time_s", "images_per_s", "val_time_s"}
+TIMING = {"time_s", "images_per_s", "val_time_s", "data_wait_s"}
 
 
 def train_args(shards: Path, run: Path, *extra: str) -> list[str]:

@@ -15,6 +15,7 @@ can declare 30000 x 30000 pixels.
 from __future__ import annotations
 
 import io
+import re
 import struct
 import warnings
 
@@ -44,6 +45,7 @@ JPEG_EXTS = ("jpg", "jpeg")
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, UnidentifiedImageError, Image.DecompressionBombError)
 # Start-of-frame markers (baseline, progressive, lossless, arithmetic), not DHT/JPG/DAC (C4, C8, CC).
 _SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+_OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-f]+>")
 _NO_LENGTH = frozenset({0x01, *range(0xD0, 0xD8)})  # TEM and the restart markers carry no length
 
 
@@ -122,6 +124,14 @@ def _decode_with_pil(data: bytes | memoryview, size: int) -> np.ndarray:
     return np.asarray(image)
 
 
+def decoder_message(exc: BaseException) -> str:
+    """What a decoder's exception says about the file, without the in-memory object PIL names
+    (`cannot identify image file <_io.BytesIO object at 0x...>` tells a user nothing)."""
+    if isinstance(exc, UnidentifiedImageError):
+        return "its bytes are not an image PIL recognises"
+    return _OBJECT_REPR.sub("the file", str(exc)) or type(exc).__name__
+
+
 def decode_image_to_canvas(data: bytes | memoryview, ext: str, canvas: np.ndarray) -> tuple[int, int]:
     """Decode JPEG or PNG bytes into the top-left corner of `canvas` (uint8, S x S x 3).
 
@@ -142,7 +152,7 @@ def decode_image_to_canvas(data: bytes | memoryview, ext: str, canvas: np.ndarra
         if pixels is None or max(pixels.shape[:2]) > size:
             pixels = _decode_with_pil(data, size)
     except _DECODE_ERRORS as exc:
-        raise BadSample(f"cannot decode the .{ext} image: {exc}") from exc
+        raise BadSample(f"cannot decode the .{ext} image: {decoder_message(exc)}") from exc
     height, width = pixels.shape[:2]
     canvas[:height, :width] = pixels
     return height, width

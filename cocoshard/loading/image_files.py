@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from cocoshard.errors import UserError
-from cocoshard.loading.decode import check_pixel_count, decode_image_to_canvas
+from cocoshard.loading.decode import check_pixel_count, decode_image_to_canvas, decoder_message
 from cocoshard.loading.tario import BadSample
 from cocoshard.prepare.pool import map_in_workers
 from cocoshard.prepare.sources import (
@@ -71,7 +71,7 @@ def image_problem(path: str) -> Optional[str]:
         return str(exc)
     except Exception as exc:  # a malformed file can break a decoder in any way; it is the file's fault
         kind = "a JPEG" if data[:2] == b"\xff\xd8" else "a PNG" if data[:4] == b"\x89PNG" else "not a JPEG or PNG image"
-        return f"cannot be decoded ({kind}, first bytes {data[:8]!r}): {exc}"
+        return f"cannot be decoded ({kind}, first bytes {data[:8]!r}): {decoder_message(exc)}"
     return None
 
 

@@ -17,6 +17,7 @@ task that will not come back (`multiprocessing.Pool` does).
 from __future__ import annotations
 
 import multiprocessing
+import signal
 import sys
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -32,6 +33,29 @@ R = TypeVar("R")
 
 class WorkerDied(UserError):
     """A worker process ended without finishing its task (killed, out of memory)."""
+
+
+def _quiet_worker() -> None:
+    """In each worker: Ctrl-C is the main process's to handle (it stops the workers), and the SIGTERM
+    the pool sends its workers when one of them died just ends them (not the CLI's handler, which
+    would print a traceback from every worker)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _stop_now(pool: ProcessPoolExecutor) -> None:
+    """Drop the queued tasks and end the running ones: what is half-written is the caller's to clean.
+
+    `terminate_workers` is public from Python 3.14; before it, the executor's own table of its
+    processes (a private attribute, present since 3.2) is the only way to reach them."""
+    terminate = getattr(pool, "terminate_workers", None)
+    if terminate is not None:
+        terminate()
+        return
+    processes = list((getattr(pool, "_processes", None) or {}).values())  # shutdown() forgets them
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        process.terminate()
 
 
 def worker_count(requested: Optional[int], tasks: int) -> int:
@@ -69,7 +93,7 @@ def map_in_workers(
                 bar.update(weights[index])
             return results
         context = multiprocessing.get_context(START_METHOD)
-        with ProcessPoolExecutor(max_workers=count, mp_context=context) as pool:
+        with ProcessPoolExecutor(max_workers=count, mp_context=context, initializer=_quiet_worker) as pool:
             pending = {pool.submit(function, task): index for index, task in enumerate(tasks)}
             try:
                 while pending:
@@ -86,4 +110,7 @@ def map_in_workers(
                     f"{len(lost)} task(s) unfinished: {names}. Nothing half-done was kept: run the command again"
                     + (" with fewer --workers" if count > 1 else "")
                 ) from None
+            except BaseException:  # a task's error, Ctrl-C, SIGTERM: stop now, not when every task is done
+                _stop_now(pool)
+                raise
     return results

@@ -30,7 +30,7 @@ from cocoshard.prepare.manifest import (
     shard_urls,
     split_shards,
 )
-from cocoshard.prepare.sources import LABEL_SUFFIX
+from cocoshard.prepare.sources import LABEL_SUFFIX, MAX_LABEL_BYTES, InputError, read_input
 
 
 def is_shard_folder(location: str | os.PathLike) -> bool:
@@ -39,15 +39,16 @@ def is_shard_folder(location: str | os.PathLike) -> bool:
 
 
 def read_label_folder(folder: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Multi-hot labels (bool) from a folder of `.cls` files, keyed by file stem."""
+    """Multi-hot labels (bool) from a folder of `.cls` files, keyed by file stem; each read as pack
+    reads it (a regular file of bounded size: a pipe or a device is refused, never waited on)."""
     files = sorted(Path(folder).glob("*" + LABEL_SUFFIX))
     if not files:
         raise UserError(f"{folder}: no {LABEL_SUFFIX} files here (give the labels folder or a shards folder)")
     labels = {}
     for file in files:
         try:
-            labels[file.stem] = multi_hot(parse_cls(file.read_bytes()).ids).astype(bool)
-        except LabelError as exc:
+            labels[file.stem] = multi_hot(parse_cls(read_input(file, MAX_LABEL_BYTES)).ids).astype(bool)
+        except (LabelError, InputError) as exc:
             raise UserError(f"{file}: {exc}") from exc
     return labels
 

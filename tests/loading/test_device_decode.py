@@ -129,7 +129,9 @@ def test_decode_on_device_canvases_sizes_and_the_png_path(coco_sample, tmp_path)
     for row, path in enumerate(photos):
         width, height = Image.open(path).size
         assert sizes[row].tolist() == [height, width]
-    assert torch.equal(images[3], images[0])  # the lossless PNG of photo 0 decodes to its pixels
+    height, width = sizes[0].tolist()
+    assert sizes[3].tolist() == [height, width]
+    assert torch.equal(images[3, :height, :width], images[0, :height, :width])  # the lossless PNG of photo 0
     with pytest.raises(BadSample, match="sample a: its image is .* larger than the 64-px canvas"):
         decode_on_device(encoded[:1], [KIND_JPEG], ["a"], canvas_size=64, device=torch.device("cpu"))
     _, _, good = decode_on_device(encoded[:2], [KIND_JPEG] * 2, ["a", "b"], canvas_size=64,
