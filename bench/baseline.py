@@ -46,9 +46,15 @@ class FolderDataset(torch.utils.data.Dataset):
     `with_keys` adds each sample's key (the benchmark checks labels against the .cls files by key).
     """
 
-    def __init__(self, image_dir: str | os.PathLike, label_dir: str | os.PathLike,
-                 transform: Optional[Callable] = None, max_images: Optional[int] = None,
-                 keys: Optional[Iterable[str]] = None, with_keys: bool = False) -> None:
+    def __init__(
+        self,
+        image_dir: str | os.PathLike,
+        label_dir: str | os.PathLike,
+        transform: Optional[Callable] = None,
+        max_images: Optional[int] = None,
+        keys: Optional[Iterable[str]] = None,
+        with_keys: bool = False,
+    ) -> None:
         self.image_dir, self.label_dir = Path(image_dir), Path(label_dir)
         names = sorted(p.name for p in self.label_dir.glob("*.cls"))
         if keys is not None:
@@ -73,25 +79,47 @@ class FolderDataset(torch.utils.data.Dataset):
         return (image, labels, Path(name).stem) if self.with_keys else (image, labels)
 
 
-def folder_train_transform(size: int, scale: Sequence[float] = (0.35, 1.0),
-                           ratio: Sequence[float] = (3 / 4, 4 / 3)) -> transforms.Compose:
+def folder_train_transform(
+    size: int, scale: Sequence[float] = (0.35, 1.0), ratio: Sequence[float] = (3 / 4, 4 / 3)
+) -> transforms.Compose:
     """Per-sample PIL augmentation: what the statement does, with the same crop range as ours."""
-    return transforms.Compose([
-        transforms.RandomResizedCrop(size, scale=tuple(scale), ratio=tuple(ratio)),
-        transforms.RandomHorizontalFlip(),
-        transforms.ToTensor(),
-        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-    ])
+    return transforms.Compose(
+        [
+            transforms.RandomResizedCrop(size, scale=tuple(scale), ratio=tuple(ratio)),
+            transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(),
+            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
 
 
-def build_folder_loader(root: str | os.PathLike, *, batch_size: int, workers: int, size: int = 224,
-                        scale: Sequence[float] = (0.35, 1.0), seed: int = 0, max_images: Optional[int] = None,
-                        keys: Optional[Iterable[str]] = None, with_keys: bool = False) -> torch.utils.data.DataLoader:
+def build_folder_loader(
+    root: str | os.PathLike,
+    *,
+    batch_size: int,
+    workers: int,
+    size: int = 224,
+    scale: Sequence[float] = (0.35, 1.0),
+    seed: int = 0,
+    max_images: Optional[int] = None,
+    keys: Optional[Iterable[str]] = None,
+    with_keys: bool = False,
+) -> torch.utils.data.DataLoader:
     """The statement's training DataLoader over a challenge folder: shuffled, `workers` processes."""
     images, labels = find_train_folders(root)
-    dataset = FolderDataset(images, labels, folder_train_transform(size, scale), max_images=max_images, keys=keys,
-                            with_keys=with_keys)
+    dataset = FolderDataset(
+        images,
+        labels,
+        folder_train_transform(size, scale),
+        max_images=max_images,
+        keys=keys,
+        with_keys=with_keys,
+    )
     return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=True, num_workers=workers, persistent_workers=workers > 0,
+        dataset,
+        batch_size=batch_size,
+        shuffle=True,
+        num_workers=workers,
+        persistent_workers=workers > 0,
         generator=torch.Generator().manual_seed(seed),
     )

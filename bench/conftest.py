@@ -38,17 +38,36 @@ sys.path.insert(0, str(BENCH_DIR))  # the bench's own modules: baseline, photo_c
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("cocoshard benchmarks (bench/)")
-    group.addoption("--benchmark", action="store_true", default=False, help="run the loader and training-step benchmarks in bench/")
-    group.addoption("--peers", action="store_true", default=False,
-                    help="also measure the loaders users would pick instead (WebDataset, FFCV, DALI, LitData, Mosaic "
-                         "Streaming; tools/install-peers.sh installs them; one that is missing is reported as skipped)")
-    group.addoption("--bench-set", choices=("photos", "synth"), default="photos",
-                    help="photos: crops of real COCO photos (default); synth: the generated set")
+    group.addoption(
+        "--benchmark",
+        action="store_true",
+        default=False,
+        help="run the loader and training-step benchmarks in bench/",
+    )
+    group.addoption(
+        "--peers",
+        action="store_true",
+        default=False,
+        help="also measure the loaders users would pick instead (WebDataset, FFCV, DALI, LitData, Mosaic "
+        "Streaming; tools/install-peers.sh installs them; one that is missing is reported as skipped)",
+    )
+    group.addoption(
+        "--bench-set",
+        choices=("photos", "synth"),
+        default="photos",
+        help="photos: crops of real COCO photos (default); synth: the generated set",
+    )
     group.addoption("--bench-root", default=None, help="challenge-layout folder to measure on instead")
-    group.addoption("--bench-model", default="resnet18", help="torchvision model of the training-step benchmark")
+    group.addoption(
+        "--bench-model", default="resnet18", help="torchvision model of the training-step benchmark"
+    )
     group.addoption("--bench-images", type=int, default=4000, help="images of the bench set")
-    group.addoption("--bench-batch-size", type=int, default=128, help="images per batch, the same for every pipeline")
-    group.addoption("--bench-rounds", type=int, default=5, help="timed epochs per pipeline, after one warm-up epoch")
+    group.addoption(
+        "--bench-batch-size", type=int, default=128, help="images per batch, the same for every pipeline"
+    )
+    group.addoption(
+        "--bench-rounds", type=int, default=5, help="timed epochs per pipeline, after one warm-up epoch"
+    )
     group.addoption("--bench-size", type=int, default=224, help="training resolution")
     group.addoption("--bench-out", default=str(RESULTS / "latest.json"), help="where the results JSON goes")
 
@@ -87,14 +106,24 @@ class BenchReport:
             entry = dict(source)
             if folder:
                 entry["ratio_to_folder"] = round(entry["images_per_s"] / folder["images_per_s"], 2)
-                entry["cpu_ratio_to_folder"] = round(folder["cpu_us_per_image"] / entry["cpu_us_per_image"], 2)
+                entry["cpu_ratio_to_folder"] = round(
+                    folder["cpu_us_per_image"] / entry["cpu_us_per_image"], 2
+                )
             if best is not None:
                 entry["ratio_to_best_peer"] = round(entry["images_per_s"] / best["images_per_s"], 2)
             pipelines[name] = entry
         bars = bar_ratios(self.pipelines)
-        return {"machine": machine(), "device": device_name(), "settings": self.settings, "load_average": self.load,
-                "pipelines": pipelines, "best_peer": next((n for n, e in peers.items() if e is best), None),
-                "bars": bars, "skipped": self.skipped, "train_step": self.train_step}
+        return {
+            "machine": machine(),
+            "device": device_name(),
+            "settings": self.settings,
+            "load_average": self.load,
+            "pipelines": pipelines,
+            "best_peer": next((n for n, e in peers.items() if e is best), None),
+            "bars": bars,
+            "skipped": self.skipped,
+            "train_step": self.train_step,
+        }
 
 
 def bar_ratios(pipelines: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -141,9 +170,15 @@ def machine() -> dict[str, Any]:
                 break
     except OSError:
         pass
-    return {"cpu": cpu, "cores": cores(), "memory_gib": round(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30, 1),
-            "python": platform.python_version(), "torch": str(torch.__version__), "PIL": pil_build().describe(),
-            "platform": platform.platform()}
+    return {
+        "cpu": cpu,
+        "cores": cores(),
+        "memory_gib": round(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30, 1),
+        "python": platform.python_version(),
+        "torch": str(torch.__version__),
+        "PIL": pil_build().describe(),
+        "platform": platform.platform(),
+    }
 
 
 def cores() -> int:
@@ -204,16 +239,22 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
     write = terminalreporter.write_line
     terminalreporter.section("cocoshard benchmark")
     settings = found.settings
-    write(f"device: {data['device']}; {settings.get('set')} set, {settings.get('images')} images, batch "
-          f"{settings.get('batch_size')}, {settings.get('workers')} workers, {settings.get('size')} px; "
-          f"load average {found.load}")
+    write(
+        f"device: {data['device']}; {settings.get('set')} set, {settings.get('images')} images, batch "
+        f"{settings.get('batch_size')}, {settings.get('workers')} workers, {settings.get('size')} px; "
+        f"load average {found.load}"
+    )
     if data["pipelines"]:
-        write(f"{'pipeline':<24}{'images/s':>10}{'min':>8}{'max':>8}{'x folder':>10}{'x best peer':>13}"
-              f"{'CPU us/img':>12}  output")
+        write(
+            f"{'pipeline':<24}{'images/s':>10}{'min':>8}{'max':>8}{'x folder':>10}{'x best peer':>13}"
+            f"{'CPU us/img':>12}  output"
+        )
         for name, entry in data["pipelines"].items():
-            write(f"{name:<24}{entry['images_per_s']:>10.0f}{min(entry['rounds']):>8.0f}{max(entry['rounds']):>8.0f}"
-                  f"{_ratio(entry, 'ratio_to_folder'):>10}{_ratio(entry, 'ratio_to_best_peer'):>13}"
-                  f"{entry['cpu_us_per_image']:>12.0f}  {entry['output']}")
+            write(
+                f"{name:<24}{entry['images_per_s']:>10.0f}{min(entry['rounds']):>8.0f}{max(entry['rounds']):>8.0f}"
+                f"{_ratio(entry, 'ratio_to_folder'):>10}{_ratio(entry, 'ratio_to_best_peer'):>13}"
+                f"{entry['cpu_us_per_image']:>12.0f}  {entry['output']}"
+            )
     for name, why in data["skipped"].items():
         write(f"{name:<24}skipped: {why}")
     for bar, ratio in data["bars"].items():
@@ -246,7 +287,13 @@ def _pack(root: Path, out: Path, pixel_format: str, size: int) -> None:
     from cocoshard import config
     from cocoshard.prepare import pack
 
-    settings = {"root": str(root), "out": str(out), "format": pixel_format, "size": size, "val_fraction": 0.01}
+    settings = {
+        "root": str(root),
+        "out": str(out),
+        "format": pixel_format,
+        "size": size,
+        "val_fraction": 0.01,
+    }
     pack.pack_folder(config.resolve(config.PackConfig, settings), progress=False)
 
 
@@ -288,8 +335,13 @@ def bench_data(request: pytest.FixtureRequest) -> BenchData:
 
     opts = request.config.option
     size = 224
-    wanted = {"root": opts.bench_root, "set": opts.bench_set, "images": opts.bench_images, "size": size,
-              "format": FORMAT_VERSION}
+    wanted = {
+        "root": opts.bench_root,
+        "set": opts.bench_set,
+        "images": opts.bench_images,
+        "size": size,
+        "format": FORMAT_VERSION,
+    }
     folder = CACHE / hashlib.sha1(json.dumps(wanted, sort_keys=True).encode()).hexdigest()[:12]
     marker = folder / COMPLETE
     if not (marker.is_file() and json.loads(marker.read_text()) == wanted):

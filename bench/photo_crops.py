@@ -63,8 +63,12 @@ def write_photo_crops(out: str | Path, images: int, seed: int = 0, source: Path 
     shutil.rmtree(root, ignore_errors=True)
     (root / IMAGES).mkdir(parents=True)
     (root / LABELS).mkdir(parents=True)
-    labelled = sorted(p for p in (source / LABELS).glob("*.cls") if (source / IMAGES / f"{p.stem}.jpg").is_file())
-    photos = [(Image.open(source / IMAGES / f"{p.stem}.jpg").convert("RGB"), p.read_bytes()) for p in labelled]
+    labelled = sorted(
+        p for p in (source / LABELS).glob("*.cls") if (source / IMAGES / f"{p.stem}.jpg").is_file()
+    )
+    photos = [
+        (Image.open(source / IMAGES / f"{p.stem}.jpg").convert("RGB"), p.read_bytes()) for p in labelled
+    ]
     rng = np.random.default_rng(seed)
     for index in range(images):
         photo, labels = photos[int(rng.integers(len(photos)))]

@@ -54,10 +54,14 @@ def check_first_batch(pipeline: Pipeline, batch: tuple, data, size: int, expecte
     assert inputs.dtype == pipeline.dtype, f"{name}: dtype {inputs.dtype}, said {pipeline.dtype}"
     assert inputs.is_contiguous(memory_format=torch.channels_last), f"{name}: not channels_last"
     low, high = float(inputs.min()), float(inputs.max())
-    assert -2.2 < low < -0.5 and 0.5 < high < 2.7, f"{name}: values {low:.2f}..{high:.2f} are not ImageNet-normalised"
+    assert -2.2 < low < -0.5 and 0.5 < high < 2.7, (
+        f"{name}: values {low:.2f}..{high:.2f} are not ImageNet-normalised"
+    )
     assert len(keys) == expected and len(set(keys)) == expected, f"{name}: {len(set(keys))} distinct keys"
     truth = np.stack([data.labels[key] for key in keys])
-    assert labels is not None and np.array_equal(labels.cpu().to(torch.uint8).numpy(), truth), f"{name}: labels differ from .cls"
+    assert labels is not None and np.array_equal(labels.cpu().to(torch.uint8).numpy(), truth), (
+        f"{name}: labels differ from .cls"
+    )
 
 
 # ----------------------------------------------------------------------------- ours
@@ -74,22 +78,39 @@ def shard_pipeline(name: str, data, batch: int, workers: int, size: int, device:
     decode = "device" if name.endswith("-device") else "host"
     pixel_format = "jpeg" if name.startswith("stream-jpeg") or decode == "device" else "raw"
     dtype = training_dtype(device)
-    loader = build_loader(data.shards[pixel_format], "train", batch_size=batch, device=device, mode=mode, train=True,
-                          seed=0, workers=workers, transform=TrainTransform(out_size=size, scale=SCALE, ratio=RATIO,
-                                                                            dtype=dtype),
-                          decode=decode)
+    loader = build_loader(
+        data.shards[pixel_format],
+        "train",
+        batch_size=batch,
+        device=device,
+        mode=mode,
+        train=True,
+        seed=0,
+        workers=workers,
+        transform=TrainTransform(out_size=size, scale=SCALE, ratio=RATIO, dtype=dtype),
+        decode=decode,
+    )
 
     def epoch(number: int) -> Batches:
         loader.set_epoch(number)
         for b in loader:
             yield b.inputs, b.labels, b.keys
 
-    kind = {"stream-jpeg": "jpeg shards, decoded by workers", "stream-raw": "raw shards",
-            "resident": "the split in one uint8 tensor",
-            "stream-jpeg-device": "jpeg shards, bytes decoded by the training process",
-            "resident-jpeg-device": "the split's JPEG bytes in one tensor, decoded per batch"}[name]
-    return Pipeline(name, epoch, f"{str(dtype).split('.')[-1]} channels_last", dtype, notes=f"{kind}, {workers} workers",
-                    close=loader.close)
+    kind = {
+        "stream-jpeg": "jpeg shards, decoded by workers",
+        "stream-raw": "raw shards",
+        "resident": "the split in one uint8 tensor",
+        "stream-jpeg-device": "jpeg shards, bytes decoded by the training process",
+        "resident-jpeg-device": "the split's JPEG bytes in one tensor, decoded per batch",
+    }[name]
+    return Pipeline(
+        name,
+        epoch,
+        f"{str(dtype).split('.')[-1]} channels_last",
+        dtype,
+        notes=f"{kind}, {workers} workers",
+        close=loader.close,
+    )
 
 
 # ----------------------------------------------------------------------------- the baseline
@@ -99,13 +120,22 @@ def folder_pipeline(data, batch: int, workers: int, size: int, device: torch.dev
     """The statement-style folder Dataset: PIL, per-sample torchvision transforms, float32."""
     from baseline import build_folder_loader
 
-    loader = build_folder_loader(data.root, batch_size=batch, workers=workers, size=size, scale=SCALE,
-                                 keys=data.keys, with_keys=True)
+    loader = build_folder_loader(
+        data.root, batch_size=batch, workers=workers, size=size, scale=SCALE, keys=data.keys, with_keys=True
+    )
 
     def epoch(number: int) -> Batches:
         for images, labels, keys in loader:
-            yield (images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last),
-                   labels.to(device, non_blocking=True), list(keys))
+            yield (
+                images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last),
+                labels.to(device, non_blocking=True),
+                list(keys),
+            )
 
-    return Pipeline("folder", epoch, "float32 channels_last", torch.float32,
-                    notes=f"PIL + torchvision transforms per sample, {workers} workers")
+    return Pipeline(
+        "folder",
+        epoch,
+        "float32 channels_last",
+        torch.float32,
+        notes=f"PIL + torchvision transforms per sample, {workers} workers",
+    )

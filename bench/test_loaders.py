@@ -36,8 +36,15 @@ from pipelines import (
 )
 
 
-def build_pipelines(data: BenchData, report: BenchReport, peers: bool, batch: int, workers: int, size: int,
-                    device: torch.device) -> list[Pipeline]:
+def build_pipelines(
+    data: BenchData,
+    report: BenchReport,
+    peers: bool,
+    batch: int,
+    workers: int,
+    size: int,
+    device: torch.device,
+) -> list[Pipeline]:
     built = [folder_pipeline(data, batch, workers, size, device)]
     built += [shard_pipeline(name, data, batch, workers, size, device) for name in OURS]
     if peers:
@@ -51,8 +58,9 @@ def build_pipelines(data: BenchData, report: BenchReport, peers: bool, batch: in
     return built
 
 
-def interleaved_rates(pipelines: list[Pipeline], data: BenchData, rounds: int, size: int, batch: int,
-                      device: torch.device) -> tuple[dict[str, list[float]], dict[str, float]]:
+def interleaved_rates(
+    pipelines: list[Pipeline], data: BenchData, rounds: int, size: int, batch: int, device: torch.device
+) -> tuple[dict[str, list[float]], dict[str, float]]:
     """images/s per pipeline and round after a checked warm-up epoch each, pipelines alternating;
     and each pipeline's CPU time per image over all its rounds."""
     for pipeline in pipelines:
@@ -79,9 +87,16 @@ def test_pipeline_throughput(bench_data: BenchData, report: BenchReport, request
     opts = request.config.option
     device, workers = bench_device(), cores()
     batch, size, rounds = opts.bench_batch_size, opts.bench_size, opts.bench_rounds
-    report.settings.update(set=opts.bench_root or opts.bench_set, images=len(bench_data.keys), batch_size=batch,
-                           workers=workers, size=size, rounds=rounds, warmup_epochs=1,
-                           order="one epoch of each pipeline per round")
+    report.settings.update(
+        set=opts.bench_root or opts.bench_set,
+        images=len(bench_data.keys),
+        batch_size=batch,
+        workers=workers,
+        size=size,
+        rounds=rounds,
+        warmup_epochs=1,
+        order="one epoch of each pipeline per round",
+    )
     pipelines = build_pipelines(bench_data, report, opts.peers, batch, workers, size, device)
     try:
         rates, cpu_per_image = interleaved_rates(pipelines, bench_data, rounds, size, batch, device)
@@ -93,6 +108,9 @@ def test_pipeline_throughput(bench_data: BenchData, report: BenchReport, request
             "images_per_s": round(statistics.median(rates[pipeline.name]), 1),
             "rounds": [round(r, 1) for r in rates[pipeline.name]],
             "cpu_us_per_image": round(cpu_per_image[pipeline.name] * 1e6, 1),
-            "output": pipeline.output, "version": pipeline.version, "peer": pipeline.peer, "notes": pipeline.notes,
+            "output": pipeline.output,
+            "version": pipeline.version,
+            "peer": pipeline.peer,
+            "notes": pipeline.notes,
         }
         assert all(rate > 0 for rate in rates[pipeline.name])

@@ -19,7 +19,9 @@ from pipelines import training_dtype
 CPU_BATCH, CPU_STEPS, GPU_STEPS, WARMUP_STEPS = 16, 6, 30, 3
 
 
-def steps_per_second(model_name: str, batch: int, size: int, steps: int, device: torch.device, amp: bool) -> float:
+def steps_per_second(
+    model_name: str, batch: int, size: int, steps: int, device: torch.device, amp: bool
+) -> float:
     torch.manual_seed(0)
     model = torchvision.models.get_model(model_name, weights=None, num_classes=80).to(device)
     images = torch.randn(batch, 3, size, size, device=device)
@@ -59,7 +61,10 @@ def test_training_step_ceiling(report: BenchReport, request) -> None:
     batch = opts.bench_batch_size if on_gpu else CPU_BATCH
     steps = GPU_STEPS if on_gpu else CPU_STEPS
     report.train_step.update(model=opts.bench_model, batch_size=batch, size=opts.bench_size, steps=steps)
-    for name, amp in (("fp32 NCHW", False), (f"AMP {str(training_dtype(device)).split('.')[-1]} channels_last", True)):
+    for name, amp in (
+        ("fp32 NCHW", False),
+        (f"AMP {str(training_dtype(device)).split('.')[-1]} channels_last", True),
+    ):
         rate = steps_per_second(opts.bench_model, batch, opts.bench_size, steps, device, amp) * batch
         report.train_step[name] = {"images_per_s": round(rate, 1)}
         assert rate > 0

@@ -95,8 +95,10 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
             os.unlink(tmp)
         recorded = handle.error if handle is not None else None
         if isinstance(exc, (OSError, RuntimeError)) or recorded is not None:
-            raise WriteFailed(f"cannot write {final}: {_cause(exc, recorded)}; "
-                              f"{'the earlier file is left as it was' if final.exists() else 'nothing was written'}") from exc
+            raise WriteFailed(
+                f"cannot write {final}: {_cause(exc, recorded)}; "
+                f"{'the earlier file is left as it was' if final.exists() else 'nothing was written'}"
+            ) from exc
         raise
 
 

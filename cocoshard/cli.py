@@ -41,19 +41,31 @@ def _add_field(parser: argparse.ArgumentParser, f: Any, kind: Any) -> None:
         kind = next(a for a in args if a is not type(None))
         args = typing.get_args(kind)
     if f.metadata.get("const") is not None:  # a flag that may stand alone: --resume [PATH]
-        parser.add_argument(flag, nargs="?", const=f.metadata["const"], default=argparse.SUPPRESS, metavar="PATH",
-                            help=help_text)
+        parser.add_argument(
+            flag,
+            nargs="?",
+            const=f.metadata["const"],
+            default=argparse.SUPPRESS,
+            metavar="PATH",
+            help=help_text,
+        )
     elif kind is bool:
-        parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
+        parser.add_argument(
+            flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text
+        )
     elif typing.get_origin(kind) is Literal:
         parser.add_argument(flag, choices=args, default=argparse.SUPPRESS, help=help_text)
     else:
-        parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, metavar=f.name.upper(), help=help_text)
+        parser.add_argument(
+            flag, type=kind, default=argparse.SUPPRESS, metavar=f.name.upper(), help=help_text
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
     """One sub-command per entry of COMMANDS, its flags generated from the config fields."""
-    parser = argparse.ArgumentParser(prog="cocoshard", description=(__doc__ or "").split("\n")[0], allow_abbrev=False)
+    parser = argparse.ArgumentParser(
+        prog="cocoshard", description=(__doc__ or "").split("\n")[0], allow_abbrev=False
+    )
     parser.add_argument("--version", action="store_true", help="print versions (and the PIL in use) and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     parser.set_defaults(command_parsers={})
@@ -93,7 +105,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     cls, _module = COMMANDS[ns.command]
-    overrides = {k: v for k, v in vars(ns).items() if k not in ("command", "config", "version", "command_parsers")}
+    overrides = {
+        k: v for k, v in vars(ns).items() if k not in ("command", "config", "version", "command_parsers")
+    }
     previous = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)  # what schedulers and `timeout` send
     try:
         return run_command(ns.command, config.resolve(cls, overrides, ns.config))

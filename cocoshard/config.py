@@ -95,7 +95,9 @@ class SynthConfig(Validated):
         if not 1 <= self.quality <= 100:
             raise ConfigError(f"--quality must be in 1-100 (got {self.quality})")
         if not 0.0 < self.min_scale <= self.max_scale <= 1.0:
-            raise ConfigError(f"need 0 < --min-scale <= --max-scale <= 1 (got {self.min_scale}, {self.max_scale})")
+            raise ConfigError(
+                f"need 0 < --min-scale <= --max-scale <= 1 (got {self.min_scale}, {self.max_scale})"
+            )
         if not 0.0 <= self.rotation <= 180.0:
             raise ConfigError(f"--rotation must be in [0, 180] degrees (got {self.rotation})")
         if max(self.train, self.test) > self.MAX_IMAGES:
@@ -106,15 +108,21 @@ class SynthConfig(Validated):
 class PackConfig(Validated):
     """Pack the challenge folder, once, into WebDataset tar shards plus a manifest."""
 
-    root: str = opt("ms-coco", "challenge folder (either layout: images/train-resized/train-resized or images/train)")
+    root: str = opt(
+        "ms-coco", "challenge folder (either layout: images/train-resized/train-resized or images/train)"
+    )
     out: str = opt("shards", "output folder for {train,val,test}-NNNNNN.tar and manifest.json")
     train_images: Optional[str] = opt(None, "folder of train JPEGs (overrides the one found under --root)")
     train_labels: Optional[str] = opt(None, "folder of train .cls files (overrides --root)")
     test_images: Optional[str] = opt(None, "folder of test JPEGs (overrides --root)")
     val_fraction: float = opt(0.2, "share of labelled images held out for validation (stratified)")
     seed: int = opt(0, "seed of the train/val split")
-    format: Literal["jpeg", "raw"] = opt("jpeg", "pixels as source JPEG bytes (small) or decoded raw uint8 (no decode at train time)")
-    size: int = opt(224, "largest side stored: larger images are shrunk to it (and it is the loaders' canvas)")
+    format: Literal["jpeg", "raw"] = opt(
+        "jpeg", "pixels as source JPEG bytes (small) or decoded raw uint8 (no decode at train time)"
+    )
+    size: int = opt(
+        224, "largest side stored: larger images are shrunk to it (and it is the loaders' canvas)"
+    )
     shard_samples: int = opt(800, "samples per shard (65k train images give >= 64 shards)")
     workers: Optional[int] = opt(None, WORKERS_HELP)
     strict: bool = opt(False, "exit non-zero when any input is rejected")
@@ -144,16 +152,31 @@ class TrainConfig(Validated):
 
     shards: str = opt("shards", "folder (or URL prefix) holding manifest.json and the shards")
     out: str = opt("runs/train", "run folder: config, metrics.jsonl, last.pt, best.pt, thresholds.json")
-    model: str = opt("maxvit_t", "torchvision classification model name (resnet18, resnet50, efficientnet_b0, convnext_tiny, maxvit_t, ...) or cocoshard_tiny")
+    model: str = opt(
+        "maxvit_t",
+        "torchvision classification model name (resnet18, resnet50, efficientnet_b0, convnext_tiny, "
+        "maxvit_t, ...) or cocoshard_tiny",
+    )
     weights: str = opt("imagenet", "imagenet (torchvision's cache), none, or PATH to a local state dict")
     epochs: int = opt(12, "epochs in total, head-only warm-up included")
     batch_size: int = opt(128, "images per step on each process")
     lr: float = opt(1e-3, "peak learning rate of the head; the backbone gets lr * --backbone-lr-mult")
-    backbone_lr_mult: Optional[float] = opt(None, "backbone learning rate as a fraction of --lr (default: 0.1 with pretrained weights, 1 from scratch)")
+    backbone_lr_mult: Optional[float] = opt(
+        None,
+        "backbone learning rate as a fraction of --lr (default: 0.1 with pretrained weights, 1 from scratch)",
+    )
     weight_decay: float = opt(0.05, "AdamW weight decay (never on norms and biases)")
-    freeze_epochs: Optional[int] = opt(None, "epochs with the backbone frozen, head-only warm-up (default: 1 with pretrained weights, 0 from scratch)")
-    warmup_epochs: float = opt(1.0, "linear learning-rate warm-up (the backbone's starts when it is unfrozen)")
-    schedule: Literal["cosine", "onecycle"] = opt("cosine", "learning-rate schedule: warm-up + cosine, or one-cycle")
+    freeze_epochs: Optional[int] = opt(
+        None,
+        "epochs with the backbone frozen, head-only warm-up (default: 1 with pretrained weights, 0 from "
+        "scratch)",
+    )
+    warmup_epochs: float = opt(
+        1.0, "linear learning-rate warm-up (the backbone's starts when it is unfrozen)"
+    )
+    schedule: Literal["cosine", "onecycle"] = opt(
+        "cosine", "learning-rate schedule: warm-up + cosine, or one-cycle"
+    )
     loss: Literal["asl", "bce"] = opt("asl", "asymmetric loss (multi-label, long tail) or plain BCE")
     asl_gamma_neg: float = opt(4.0, "ASL focusing on negatives")
     asl_gamma_pos: float = opt(0.0, "ASL focusing on positives")
@@ -161,18 +184,39 @@ class TrainConfig(Validated):
     ema: bool = opt(True, "keep an exponential moving average of the weights and evaluate it too")
     ema_decay: float = opt(0.999, "EMA decay per step")
     size: int = opt(224, "training resolution (square)")
-    crop_scale_min: float = opt(0.35, "smallest crop area of the random resized crop (a fraction of the image)")
+    crop_scale_min: float = opt(
+        0.35, "smallest crop area of the random resized crop (a fraction of the image)"
+    )
     amp: bool = opt(True, "mixed precision (bf16 where supported, else fp16 + GradScaler; bf16 on a CPU)")
     amp_dtype: Literal["auto", "bf16", "fp16"] = opt("auto", "AMP dtype")
     channels_last: bool = opt(True, "channels_last memory format for model and inputs")
     compile: bool = opt(False, "torch.compile the model")
-    loader: Literal["stream", "resident"] = opt("stream", "stream shards with workers, or hold the split in memory")
-    decode: Literal["host", "device"] = opt("host", "JPEG shards: decode in the loader (host) or send the bytes and decode each batch on the device (nvJPEG on a GPU)")
-    workers: Optional[int] = opt(None, "loader processes per rank (unset: automatic, cores / ranks on a GPU, 0 on a CPU; 0: in the training process)")
-    threads: Optional[int] = opt(None, "CPU threads of the training process (unset: automatic, from the cores this process may use and its loader workers)")
+    loader: Literal["stream", "resident"] = opt(
+        "stream", "stream shards with workers, or hold the split in memory"
+    )
+    decode: Literal["host", "device"] = opt(
+        "host",
+        "JPEG shards: decode in the loader (host) or send the bytes and decode each batch on the device "
+        "(nvJPEG on a GPU)",
+    )
+    workers: Optional[int] = opt(
+        None,
+        "loader processes per rank (unset: automatic, cores / ranks on a GPU, 0 on a CPU; 0: in the training "
+        "process)",
+    )
+    threads: Optional[int] = opt(
+        None,
+        "CPU threads of the training process (unset: automatic, from the cores this process may use and its "
+        "loader workers)",
+    )
     device: Literal["auto", "cpu", "cuda"] = opt("auto", "where to train")
     seed: int = opt(0, "seed of initialisation, shuffling and augmentation")
-    resume: Optional[str] = opt(None, "continue a run: --resume alone continues OUT/last.pt, --resume PATH/last.pt that one; the run's own settings are used", const=RESUME_LAST)
+    resume: Optional[str] = opt(
+        None,
+        "continue a run: --resume alone continues OUT/last.pt, --resume PATH/last.pt that one; the run's own "
+        "settings are used",
+        const=RESUME_LAST,
+    )
     skip_bad_samples: bool = opt(False, "skip (and count) samples that fail to decode instead of stopping")
     max_steps: int = opt(0, "stop after this many optimizer steps in total (0: no limit; for smoke tests)")
     log_every: int = opt(20, "steps between progress updates that sync the device")
@@ -182,12 +226,22 @@ class TrainConfig(Validated):
 
     def validate(self) -> None:
         _positive(self, "epochs", "batch_size", "lr", "size", "log_every")
-        _non_negative(self, "warmup_epochs", "max_steps", "weight_decay", "asl_gamma_neg", "asl_gamma_pos",
-                      "asl_clip", "workers")
+        _non_negative(
+            self,
+            "warmup_epochs",
+            "max_steps",
+            "weight_decay",
+            "asl_gamma_neg",
+            "asl_gamma_pos",
+            "asl_clip",
+            "workers",
+        )
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"--threads must be >= 1 (got {self.threads})")
         if self.freeze_epochs is not None and not 0 <= self.freeze_epochs < self.epochs:
-            raise ConfigError(f"--freeze-epochs must be in [0, --epochs) (got {self.freeze_epochs} of {self.epochs})")
+            raise ConfigError(
+                f"--freeze-epochs must be in [0, --epochs) (got {self.freeze_epochs} of {self.epochs})"
+            )
         if self.backbone_lr_mult is not None and not 0.0 < self.backbone_lr_mult <= 10.0:
             raise ConfigError(f"--backbone-lr-mult must be in (0, 10] (got {self.backbone_lr_mult})")
         _fraction(self, "crop_scale_min")
@@ -205,8 +259,12 @@ class TrainConfig(Validated):
         """A copy with the automatic settings that depend only on other settings filled in."""
         return dataclasses.replace(
             self,
-            freeze_epochs=self.freeze_epochs if self.freeze_epochs is not None else (1 if self.pretrained else 0),
-            backbone_lr_mult=self.backbone_lr_mult if self.backbone_lr_mult is not None else (0.1 if self.pretrained else 1.0),
+            freeze_epochs=self.freeze_epochs
+            if self.freeze_epochs is not None
+            else (1 if self.pretrained else 0),
+            backbone_lr_mult=self.backbone_lr_mult
+            if self.backbone_lr_mult is not None
+            else (0.1 if self.pretrained else 1.0),
         )
 
 
@@ -219,10 +277,18 @@ class PredictConfig(Validated):
     split: Literal["test", "val", "train"] = opt("test", "which split of --shards")
     images: Optional[str] = opt(None, "read a folder of JPEGs instead (e.g. the zip's test folder)")
     out: str = opt("predictions.json", "submission JSON to write")
-    threshold: Optional[float] = opt(None, "one threshold for every class instead of the checkpoint's tuned ones")
-    thresholds: Optional[str] = opt(None, "per-class thresholds from this file (`cocoshard thresholds --out`) instead of the checkpoint's")
+    threshold: Optional[float] = opt(
+        None, "one threshold for every class instead of the checkpoint's tuned ones"
+    )
+    thresholds: Optional[str] = opt(
+        None, "per-class thresholds from this file (`cocoshard thresholds --out`) instead of the checkpoint's"
+    )
     min_labels: int = opt(1, "keep the top classes of an image until it has at least this many")
-    unreadable: Literal["fail", "prior"] = opt("fail", "images that cannot be read: fail, naming each; or prior: give them the most frequent training class (said on screen and in the scores file)")
+    unreadable: Literal["fail", "prior"] = opt(
+        "fail",
+        "images that cannot be read: fail, naming each; or prior: give them the most frequent training class "
+        "(said on screen and in the scores file)",
+    )
     tta: bool = opt(False, "average with the horizontally flipped image")
     scores: Optional[str] = opt(None, "also save raw probabilities with keys (.npz) for re-thresholding")
     batch_size: int = opt(256, "images per forward pass")
@@ -248,15 +314,23 @@ class EvaluateConfig(Validated):
     """Score a submission JSON against .cls labels: the leaderboard's F1 and friends."""
 
     predictions: str = opt("predictions.json", "submission JSON to check and score")
-    labels: Optional[str] = opt(None, "folder of .cls files, or shards folder (its val split); omit to only check the format")
-    images: Optional[str] = opt(None, "folder of images (or shards folder: its test split) the file must cover exactly, each once")
-    subset: bool = opt(False, "score the images the file predicts even when it leaves out some of the labelled ones")
+    labels: Optional[str] = opt(
+        None, "folder of .cls files, or shards folder (its val split); omit to only check the format"
+    )
+    images: Optional[str] = opt(
+        None, "folder of images (or shards folder: its test split) the file must cover exactly, each once"
+    )
+    subset: bool = opt(
+        False, "score the images the file predicts even when it leaves out some of the labelled ones"
+    )
     scores: Optional[str] = opt(None, "raw probabilities (.npz from predict --scores) for mAP")
     per_class: bool = opt(False, "print a per-class table")
     report: Optional[str] = opt(None, "write PNG figures and a markdown summary to this folder")
     run: Optional[str] = opt(None, "run folder whose metrics.jsonl gives loss and F1 curves for --report")
     json: bool = opt(False, "print the metrics as one JSON object on stdout")
-    out: Optional[str] = opt(None, "also write the metrics (and, with --per-class, the per-class rows) to this JSON file")
+    out: Optional[str] = opt(
+        None, "also write the metrics (and, with --per-class, the per-class rows) to this JSON file"
+    )
 
     def validate(self) -> None:
         if self.labels is None:
@@ -274,10 +348,14 @@ class EvaluateConfig(Validated):
 class ThresholdsConfig(Validated):
     """Tune per-class thresholds for the server F1 from saved scores; write a file predict takes."""
 
-    scores: str = opt("val-scores.npz", "scores of the validation split (`cocoshard predict --split val --scores`)")
+    scores: str = opt(
+        "val-scores.npz", "scores of the validation split (`cocoshard predict --split val --scores`)"
+    )
     labels: str = opt("shards", "shards folder (its val split) or folder of .cls files with the true labels")
     out: str = opt("thresholds.json", "thresholds file to write (`cocoshard predict --thresholds FILE`)")
-    min_positives: int = opt(10, "classes with fewer positive images keep the default threshold (fewer overfit)")
+    min_positives: int = opt(
+        10, "classes with fewer positive images keep the default threshold (fewer overfit)"
+    )
     default: float = opt(0.5, "the threshold of classes too rare to tune")
 
     def validate(self) -> None:
@@ -321,7 +399,9 @@ class DemoConfig(Validated):
 
     def train_settings(self) -> dict[str, Any]:
         """The TrainConfig settings this demo sets."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata.get("inherited")}
+        return {
+            f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata.get("inherited")
+        }
 
 
 @dataclass
@@ -390,10 +470,15 @@ def resolve(cls: type[C], overrides: dict[str, Any] | None = None, file: str | N
     """Defaults, then the config file, then explicit overrides; validated once, when built."""
     known = {f.name: (kind, f.metadata.get("const")) for f, kind in fields_of(cls)}
     values: dict[str, Any] = {}
-    for source, data in (("config file", read_config_file(file) if file else {}), ("override", overrides or {})):
+    for source, data in (
+        ("config file", read_config_file(file) if file else {}),
+        ("override", overrides or {}),
+    ):
         for key, value in data.items():
             if key not in known:
-                raise ConfigError(f"unknown setting {key!r} in {source} for {cls.__name__}; known: {', '.join(known)}")
+                raise ConfigError(
+                    f"unknown setting {key!r} in {source} for {cls.__name__}; known: {', '.join(known)}"
+                )
             values[key] = _coerce(key, value, *known[key])
     if any(f.name == "given" for f in dataclasses.fields(cls)):
         values["given"] = frozenset(values)
@@ -409,7 +494,13 @@ def from_dict(cls: type[C], data: dict[str, Any], source: str = "settings") -> C
     """Rebuild a config saved by `to_dict`, checking every value's type (keys this version does not
     know, from another version, are ignored)."""
     known = {f.name: (kind, f.metadata.get("const")) for f, kind in fields_of(cls)}
-    return cls(**{key: _coerce(f"{source}: {key}", value, *known[key]) for key, value in data.items() if key in known})
+    return cls(
+        **{
+            key: _coerce(f"{source}: {key}", value, *known[key])
+            for key, value in data.items()
+            if key in known
+        }
+    )
 
 
 def print_config(cfg: Any, console: Any = None, extra: dict[str, Any] | None = None) -> None:
@@ -419,12 +510,19 @@ def print_config(cfg: Any, console: Any = None, extra: dict[str, Any] | None = N
     from rich.text import Text
 
     items = [*to_dict(cfg).items(), *(extra or {}).items()]
-    table = Table(title=type(cfg).__name__.removesuffix("Config").lower() + " settings", title_justify="left",
-                  show_header=False, box=None, pad_edge=False)
+    table = Table(
+        title=type(cfg).__name__.removesuffix("Config").lower() + " settings",
+        title_justify="left",
+        show_header=False,
+        box=None,
+        pad_edge=False,
+    )
     for _ in range(2):
         table.add_column(style="cyan", no_wrap=True)
         table.add_column(overflow="fold")
     half = (len(items) + 1) // 2
     for left, right in zip(items[:half], items[half:] + [("", "")]):
-        table.add_row(Text(left[0]), Text(repr(left[1])), Text(right[0]), Text(repr(right[1]) if right[0] else ""))
+        table.add_row(
+            Text(left[0]), Text(repr(left[1])), Text(right[0]), Text(repr(right[1]) if right[0] else "")
+        )
     (console or Console(stderr=True)).print(table)

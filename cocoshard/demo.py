@@ -73,9 +73,15 @@ def refuse_foreign(out: Path) -> None:
     """Refuse a non-empty folder the demo did not write (nothing in it is touched)."""
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a folder")
-    if out.is_dir() and any(entry.name != LOCK_FILE for entry in out.iterdir()) and not (out / MARKER).is_file():
-        raise UserError(f"--out {out} is not empty and holds no {MARKER}: the demo only replaces its own outputs; "
-                        f"choose an empty or new folder")
+    if (
+        out.is_dir()
+        and any(entry.name != LOCK_FILE for entry in out.iterdir())
+        and not (out / MARKER).is_file()
+    ):
+        raise UserError(
+            f"--out {out} is not empty and holds no {MARKER}: the demo only replaces its own outputs; "
+            f"choose an empty or new folder"
+        )
 
 
 def prepare_folder(out: Path) -> None:
@@ -97,39 +103,86 @@ def _check(code: int, stage: str) -> None:
 
 
 def synth_config(cfg: DemoConfig, out: Path) -> config.SynthConfig:
-    return config.resolve(config.SynthConfig, {
-        "out": str(out / DATA), "train": cfg.train, "test": cfg.test, "seed": cfg.seed, "size": cfg.image_size,
-        "workers": cfg.workers, **DEMO_DIFFICULTY,
-    })
+    return config.resolve(
+        config.SynthConfig,
+        {
+            "out": str(out / DATA),
+            "train": cfg.train,
+            "test": cfg.test,
+            "seed": cfg.seed,
+            "size": cfg.image_size,
+            "workers": cfg.workers,
+            **DEMO_DIFFICULTY,
+        },
+    )
 
 
 def pack_config(cfg: DemoConfig, out: Path) -> config.PackConfig:
     # raw pixels: decoded once here, so training on a CPU spends nothing on JPEG decoding
-    return config.resolve(config.PackConfig, {
-        "root": str(out / DATA), "out": str(out / SHARDS), "format": "raw", "size": cfg.image_size,
-        "seed": cfg.seed, "workers": cfg.workers,
-    })
+    return config.resolve(
+        config.PackConfig,
+        {
+            "root": str(out / DATA),
+            "out": str(out / SHARDS),
+            "format": "raw",
+            "size": cfg.image_size,
+            "seed": cfg.seed,
+            "workers": cfg.workers,
+        },
+    )
 
 
 def train_config(cfg: DemoConfig, out: Path) -> config.TrainConfig:
-    return config.resolve(config.TrainConfig, {
-        "shards": str(out / SHARDS), "out": str(out / RUN), "model": cfg.model, "weights": "none",
-        "epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr, "size": cfg.size, "amp": cfg.amp,
-        "loader": "resident", "device": cfg.device, "seed": cfg.seed, "workers": cfg.workers,
-        "crop_scale_min": cfg.crop_scale_min, "loss": cfg.loss, "log_every": 10,
-    })
+    return config.resolve(
+        config.TrainConfig,
+        {
+            "shards": str(out / SHARDS),
+            "out": str(out / RUN),
+            "model": cfg.model,
+            "weights": "none",
+            "epochs": cfg.epochs,
+            "batch_size": cfg.batch_size,
+            "lr": cfg.lr,
+            "size": cfg.size,
+            "amp": cfg.amp,
+            "loader": "resident",
+            "device": cfg.device,
+            "seed": cfg.seed,
+            "workers": cfg.workers,
+            "crop_scale_min": cfg.crop_scale_min,
+            "loss": cfg.loss,
+            "log_every": 10,
+        },
+    )
 
 
-def predict_config(cfg: DemoConfig, out: Path, split: str, target: str, scores: Optional[str] = None) -> config.PredictConfig:
-    return config.resolve(config.PredictConfig, {
-        "checkpoint": str(out / RUN / "best.pt"), "shards": str(out / SHARDS), "split": split,
-        "out": str(out / target), "scores": str(out / scores) if scores else None, "amp": cfg.amp,
-        "device": cfg.device, "workers": cfg.workers, "batch_size": 2 * cfg.batch_size,
-    })
+def predict_config(
+    cfg: DemoConfig, out: Path, split: str, target: str, scores: Optional[str] = None
+) -> config.PredictConfig:
+    return config.resolve(
+        config.PredictConfig,
+        {
+            "checkpoint": str(out / RUN / "best.pt"),
+            "shards": str(out / SHARDS),
+            "split": split,
+            "out": str(out / target),
+            "scores": str(out / scores) if scores else None,
+            "amp": cfg.amp,
+            "device": cfg.device,
+            "workers": cfg.workers,
+            "batch_size": 2 * cfg.batch_size,
+        },
+    )
 
 
-def evaluate_config(out: Path, predictions: str, labels: Path, metrics: str, report: bool) -> config.EvaluateConfig:
-    settings: dict[str, Any] = {"predictions": str(out / predictions), "labels": str(labels), "out": str(out / metrics)}
+def evaluate_config(
+    out: Path, predictions: str, labels: Path, metrics: str, report: bool
+) -> config.EvaluateConfig:
+    settings: dict[str, Any] = {
+        "predictions": str(out / predictions),
+        "labels": str(labels),
+        "out": str(out / metrics),
+    }
     if report:
         settings.update(scores=str(out / VAL_SCORES), report=str(out / REPORT), run=str(out / RUN))
     return config.resolve(config.EvaluateConfig, settings)
@@ -138,25 +191,38 @@ def evaluate_config(out: Path, predictions: str, labels: Path, metrics: str, rep
 # ----------------------------------------------------------------------------------- the run
 
 
-def run_stages(cfg: DemoConfig, out: Path, console: Console, timings: Timings) -> tuple[float, Optional[float]]:
+def run_stages(
+    cfg: DemoConfig, out: Path, console: Console, timings: Timings
+) -> tuple[float, Optional[float]]:
     """Every stage in order; returns the server F1 on validation and on the generated test answers."""
     stages = [
         ("synth", "a generated data set in the challenge layout", "synth", synth_config(cfg, out)),
         ("pack", "raw WebDataset shards", "pack", pack_config(cfg, out)),
         ("train", f"{cfg.model} from scratch", "train", train_config(cfg, out)),
         ("predict test", "the submission", "predict", predict_config(cfg, out, "test", TEST_JSON)),
-        ("predict val", "scores for the evaluation", "predict", predict_config(cfg, out, "val", VAL_JSON, VAL_SCORES)),
+        (
+            "predict val",
+            "scores for the evaluation",
+            "predict",
+            predict_config(cfg, out, "val", VAL_JSON, VAL_SCORES),
+        ),
     ]
     for name, title, command, stage_cfg in stages:
         timings.run(console, name, title, lambda: _check(run_command(command, stage_cfg), command))
 
     def score() -> tuple[float, Optional[float]]:
-        _check(run_command("evaluate", evaluate_config(out, VAL_JSON, out / SHARDS, VAL_METRICS, report=True)), "evaluate")
+        _check(
+            run_command("evaluate", evaluate_config(out, VAL_JSON, out / SHARDS, VAL_METRICS, report=True)),
+            "evaluate",
+        )
         val_f1 = json.loads((out / VAL_METRICS).read_text())["server_f1"]
         test_labels = out / DATA / SYNTH_TEST_LABELS
         if not test_labels.is_dir():
             return val_f1, None
-        _check(run_command("evaluate", evaluate_config(out, TEST_JSON, test_labels, TEST_METRICS, report=False)), "evaluate")
+        _check(
+            run_command("evaluate", evaluate_config(out, TEST_JSON, test_labels, TEST_METRICS, report=False)),
+            "evaluate",
+        )
         return val_f1, json.loads((out / TEST_METRICS).read_text())["server_f1"]
 
     return timings.run(console, "evaluate", "validation split, report, and the generated test answers", score)
@@ -165,14 +231,24 @@ def run_stages(cfg: DemoConfig, out: Path, console: Console, timings: Timings) -
 def _summary(out: Path, val_f1: float, test_f1: Optional[float], timings: Timings) -> list[str]:
     """The closing lines: the scores reached and where each output is (paths never wrapped)."""
     verdict = "[green]reached[/]" if val_f1 >= TARGET_F1 else "[yellow]below[/]"
-    lines = ["[bold]cocoshard demo: done[/]",
-             f"  val server F1   [bold]{val_f1:.4f}[/] ({verdict} the demo's target {TARGET_F1}; thresholds tuned on "
-             f"these same images)"]
+    lines = [
+        "[bold]cocoshard demo: done[/]",
+        f"  val server F1   [bold]{val_f1:.4f}[/] ({verdict} the demo's target {TARGET_F1}; thresholds tuned "
+        "on "
+        f"these same images)",
+    ]
     if test_f1 is not None:
-        lines.append(f"  test server F1  {test_f1:.4f} (the submission scored against the answers the generated set keeps)")
-    for name, path in (("submission", out / TEST_JSON), ("report", out / REPORT / "summary.md"),
-                       ("checkpoint", out / RUN / "best.pt"), ("training log", out / RUN / "metrics.jsonl"),
-                       ("shards", out / SHARDS)):
+        lines.append(
+            f"  test server F1  {test_f1:.4f} (the submission scored against the answers the generated set "
+            "keeps)"
+        )
+    for name, path in (
+        ("submission", out / TEST_JSON),
+        ("report", out / REPORT / "summary.md"),
+        ("checkpoint", out / RUN / "best.pt"),
+        ("training log", out / RUN / "metrics.jsonl"),
+        ("shards", out / SHARDS),
+    ):
         lines.append(f"  {name:<15} {path}")
     spent = ", ".join(f"{name} {seconds:.0f}s" for name, seconds in timings.stages.items())
     lines.append(f"  {'time':<15} {sum(timings.stages.values()):.0f}s ({spent})")
@@ -190,8 +266,19 @@ def run(cfg: DemoConfig) -> int:
         atomic_write_text(out / MARKER, json.dumps({"status": "running", **config.to_dict(cfg)}, indent=1))
         timings = Timings()
         val_f1, test_f1 = run_stages(cfg, out, console, timings)
-        atomic_write_text(out / MARKER, json.dumps({"status": "complete", **config.to_dict(cfg), "val_server_f1": val_f1,
-                                                    "test_server_f1": test_f1, "seconds": timings.stages}, indent=1))
+        atomic_write_text(
+            out / MARKER,
+            json.dumps(
+                {
+                    "status": "complete",
+                    **config.to_dict(cfg),
+                    "val_server_f1": val_f1,
+                    "test_server_f1": test_f1,
+                    "seconds": timings.stages,
+                },
+                indent=1,
+            ),
+        )
     console = Console()
     for line in _summary(out, val_f1, test_f1, timings):
         console.print(line, soft_wrap=True, highlight=False)

@@ -31,7 +31,9 @@ class FolderBusy(UserError):
 def _holder(fd: int) -> str:
     try:
         os.lseek(fd, 0, os.SEEK_SET)
-        return os.read(fd, 512).decode("utf-8", "replace").strip() or "a process that has not said who it is yet"
+        return (
+            os.read(fd, 512).decode("utf-8", "replace").strip() or "a process that has not said who it is yet"
+        )
     except OSError:
         return "another process"
 
@@ -46,8 +48,10 @@ def folder_lock(folder: str | os.PathLike, command: str) -> Iterator[Path]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise FolderBusy(f"{path} is being written by another cocoshard command ({_holder(fd)}): "
-                             f"wait for it to end, or choose another output folder") from None
+            raise FolderBusy(
+                f"{path} is being written by another cocoshard command ({_holder(fd)}): "
+                f"wait for it to end, or choose another output folder"
+            ) from None
         os.ftruncate(fd, 0)
         os.lseek(fd, 0, os.SEEK_SET)
         since = time.strftime("%Y-%m-%d %H:%M:%S")

@@ -55,8 +55,10 @@ def version_line() -> str:
 
     from cocoshard import __version__
 
-    return (f"cocoshard {__version__} (torch {torch.__version__}, PIL {pil_build().describe()}, "
-            f"python {platform.python_version()})")
+    return (
+        f"cocoshard {__version__} (torch {torch.__version__}, PIL {pil_build().describe()}, "
+        f"python {platform.python_version()})"
+    )
 
 
 def describe() -> dict[str, str]:

@@ -19,7 +19,9 @@ import numpy as np
 class Stream(IntEnum):
     """What a stream is for (the last part of its seed)."""
 
-    PACK_TRAIN_ORDER = 1  # pack: the order of train samples in the shards (the split draws from the bare seed)
+    PACK_TRAIN_ORDER = (
+        1  # pack: the order of train samples in the shards (the split draws from the bare seed)
+    )
     SHARD_ORDER = 10  # each epoch's order of shards
     SAMPLE_BUFFER = 11  # a stream worker's shuffle buffer
     RESIDENT_ORDER = 12  # the resident loader's permutation of the split

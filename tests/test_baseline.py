@@ -34,8 +34,11 @@ def test_one_sample_per_label_file_with_its_labels(coco_sample):
 def test_grayscale_photos_come_out_as_three_equal_channels(coco_sample):
     images, labels = find_train_folders(coco_sample)
     dataset = FolderDataset(images, labels)
-    gray = [i for i, name in enumerate(dataset.label_files)
-            if Image.open(images / name.replace(".cls", ".jpg")).mode == "L"]
+    gray = [
+        i
+        for i, name in enumerate(dataset.label_files)
+        if Image.open(images / name.replace(".cls", ".jpg")).mode == "L"
+    ]
     assert gray, "coco-sample holds grayscale photos"
     image, _ = dataset[gray[0]]
     r, g, b = image.split()

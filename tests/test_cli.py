@@ -17,8 +17,16 @@ def test_python_m_cocoshard_works_from_the_folder_holding_a_clone_named_cocoshar
     (tmp_path / "cocoshard").symlink_to(REPO, target_is_directory=True)
     commands = {
         "python -m cocoshard": [sys.executable, "-m", "cocoshard", "--version"],
-        "torchrun -m cocoshard": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
-                                  "-m", "cocoshard", "--version"],
+        "torchrun -m cocoshard": [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=1",
+            "-m",
+            "cocoshard",
+            "--version",
+        ],
     }
     for name, command in commands.items():
         done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120)

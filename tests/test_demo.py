@@ -11,14 +11,27 @@ from cocoshard import cli, config, demo
 from cocoshard.errors import UserError
 from cocoshard.scoring.submission import load_submission
 
-SMALL = {"train": 240, "test": 24, "epochs": 2, "image_size": 64, "size": 64, "batch_size": 32, "workers": 2,
-         "device": "cpu"}
+SMALL = {
+    "train": 240,
+    "test": 24,
+    "epochs": 2,
+    "image_size": 64,
+    "size": 64,
+    "batch_size": 32,
+    "workers": 2,
+    "device": "cpu",
+}
 
 
 @pytest.mark.slow
-def test_demo_runs_every_stage_and_says_where_everything_is(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_demo_runs_every_stage_and_says_where_everything_is(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     out = tmp_path / "demo"
-    assert cli.main(["demo", "--out", str(out), *[f"--{k.replace('_', '-')}={v}" for k, v in SMALL.items()]]) == 0
+    assert (
+        cli.main(["demo", "--out", str(out), *[f"--{k.replace('_', '-')}={v}" for k, v in SMALL.items()]])
+        == 0
+    )
     printed = capsys.readouterr().out
     test_stems = sorted(p.stem for p in (out / "data/images/test-resized/test-resized").glob("*.jpg"))
     assert len(test_stems) == SMALL["test"]
@@ -62,7 +75,13 @@ def test_an_earlier_demo_is_cleared_but_its_data_folder_is_left_to_synth(tmp_pat
 def test_stage_configs_follow_the_demo_settings(tmp_path: Path) -> None:
     cfg = config.resolve(config.DemoConfig, {"epochs": 3, "size": 80, "image_size": 112, "seed": 5})
     train = demo.train_config(cfg, tmp_path)
-    assert (train.weights, train.model, train.epochs, train.size, train.seed) == ("none", "cocoshard_tiny", 3, 80, 5)
+    assert (train.weights, train.model, train.epochs, train.size, train.seed) == (
+        "none",
+        "cocoshard_tiny",
+        3,
+        80,
+        5,
+    )
     assert train.shards == str(tmp_path / demo.SHARDS)
     pack = demo.pack_config(cfg, tmp_path)
     assert (pack.size, pack.format, pack.seed) == (112, "raw", 5)

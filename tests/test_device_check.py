@@ -40,20 +40,41 @@ def test_without_cuda_it_says_so_and_does_nothing(tmp_path):
 
 
 def test_the_markdown_reports_failed_sections_and_missing_figures():
-    markdown = _module().markdown({
-        "started": "now", "machine": {"gpu": "NVIDIA H200", "gpu_memory_gib": 139.8, "cpu_cores": 16},
-        "sections": {
-            "data": {"train_images": 52000, "seconds": 30.0},
-            "bench": {"error": "RuntimeError: ffcv broke\nmore", "seconds": 3.0},
-            "ceiling": {"rows": [
-                {"model": "resnet18", "compile": False, "batch_size": 256, "images_per_s": 9000.0,
-                 "host_syncs_per_step": 0.0},
-                {"model": "maxvit_t", "compile": True, "error": "BackendCompilerFailed: no\nmore"}]},
-            "epochs": {"rows": [
-                {"mode": "resident", "model": "resnet18", "images_per_s": 8100.0, "data_wait_share": 0.02,
-                 "gpu_utilisation": {"mean_pct": 97.5}, "train_s": 6.4},
-                {"mode": "stream-jpeg", "model": "resnet18", "error": "RuntimeError: out of memory"}]},
-        }})
+    markdown = _module().markdown(
+        {
+            "started": "now",
+            "machine": {"gpu": "NVIDIA H200", "gpu_memory_gib": 139.8, "cpu_cores": 16},
+            "sections": {
+                "data": {"train_images": 52000, "seconds": 30.0},
+                "bench": {"error": "RuntimeError: ffcv broke\nmore", "seconds": 3.0},
+                "ceiling": {
+                    "rows": [
+                        {
+                            "model": "resnet18",
+                            "compile": False,
+                            "batch_size": 256,
+                            "images_per_s": 9000.0,
+                            "host_syncs_per_step": 0.0,
+                        },
+                        {"model": "maxvit_t", "compile": True, "error": "BackendCompilerFailed: no\nmore"},
+                    ]
+                },
+                "epochs": {
+                    "rows": [
+                        {
+                            "mode": "resident",
+                            "model": "resnet18",
+                            "images_per_s": 8100.0,
+                            "data_wait_share": 0.02,
+                            "gpu_utilisation": {"mean_pct": 97.5},
+                            "train_s": 6.4,
+                        },
+                        {"mode": "stream-jpeg", "model": "resnet18", "error": "RuntimeError: out of memory"},
+                    ]
+                },
+            },
+        }
+    )
     assert "NVIDIA H200 (139.8 GiB), 16 CPU cores" in markdown
     assert "**bench failed** after 3.0 s: `RuntimeError: ffcv broke`" in markdown
     assert "| resnet18 | False | 256 | 9,000 | 0.0 |" in markdown
@@ -65,8 +86,9 @@ def test_the_markdown_reports_failed_sections_and_missing_figures():
 @pytest.mark.slow
 def test_the_cpu_rehearsal_runs_every_section(tmp_path):
     out = tmp_path / "out"
-    done = _run("--rehearse-on-cpu", "--no-peers", "--out", str(out), "--work", str(tmp_path / "work"),
-                timeout=900)
+    done = _run(
+        "--rehearse-on-cpu", "--no-peers", "--out", str(out), "--work", str(tmp_path / "work"), timeout=900
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     results = json.loads((out / "device-check.json").read_text())
     sections = results["sections"]
@@ -74,13 +96,19 @@ def test_the_cpu_rehearsal_runs_every_section(tmp_path):
     assert not [name for name, found in sections.items() if "error" in found]
     modes = [row["mode"] for row in sections["epochs"]["rows"]]
     assert modes == [name for name, *_ in _module().MODES]
-    assert all(row["images_per_s"] > 0 and 0 <= row["data_wait_share"] <= 1 for row in sections["epochs"]["rows"])
+    assert all(
+        row["images_per_s"] > 0 and 0 <= row["data_wait_share"] <= 1 for row in sections["epochs"]["rows"]
+    )
     assert set(sections["bench"]["report"]["pipelines"]) >= {"folder", "stream-jpeg", "resident-jpeg-device"}
     assert sections["ceiling"]["rows"][0]["images_per_s"] > 0
     assert sections["predict"]["evaluate_test"]["format_ok"] is True
     assert 0 <= sections["predict"]["evaluate_val"]["server_f1"] <= 1
     markdown = (out / "device-check.md").read_text()
-    for heading in ("## Loaders", "## Training-step ceiling", "## One `cocoshard train --amp` epoch",
-                    "## Predict and evaluate"):
+    for heading in (
+        "## Loaders",
+        "## Training-step ceiling",
+        "## One `cocoshard train --amp` epoch",
+        "## Predict and evaluate",
+    ):
         assert heading in markdown
     assert "waiting for data" in markdown

@@ -37,8 +37,22 @@ from cocoshard.prepare.manifest import MANIFEST
 from cocoshard.training.checkpoint import BadCheckpoint, load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["--model", "cocoshard_tiny", "--device", "cpu", "--size", "64", "--batch-size", "16", "--workers", "0",
-        "--weights", "none", "--log-every", "2"]
+TINY = [
+    "--model",
+    "cocoshard_tiny",
+    "--device",
+    "cpu",
+    "--size",
+    "64",
+    "--batch-size",
+    "16",
+    "--workers",
+    "0",
+    "--weights",
+    "none",
+    "--log-every",
+    "2",
+]
 pytestmark = pytest.mark.slow
 
 
@@ -51,8 +65,14 @@ class Done:
 def cocoshard(*args: object, timeout: float = 240, script: str | None = None) -> Done:
     """`python -m cocoshard ARGS` (or `python SCRIPT ARGS`), as a user runs it."""
     command = [sys.executable, script] if script else [sys.executable, "-m", "cocoshard"]
-    done = subprocess.run([*command, *map(str, args)], capture_output=True, text=True, timeout=timeout, cwd=REPO,
-                          env={**os.environ, "COLUMNS": "1000"})
+    done = subprocess.run(
+        [*command, *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+        env={**os.environ, "COLUMNS": "1000"},
+    )
     text = " ".join((done.stdout + done.stderr).split())
     return Done(done.returncode, text)
 
@@ -67,8 +87,12 @@ def refused(done: Done, *expected: str) -> None:
 
 def sample_copy(coco_sample: Path, dst: Path) -> dict[str, Path]:
     shutil.copytree(coco_sample, dst)
-    return {"root": dst, "train": dst / "images" / "train-resized" / "train-resized",
-            "labels": dst / "labels" / "train" / "train", "test": dst / "images" / "test-resized" / "test-resized"}
+    return {
+        "root": dst,
+        "train": dst / "images" / "train-resized" / "train-resized",
+        "labels": dst / "labels" / "train" / "train",
+        "test": dst / "images" / "test-resized" / "test-resized",
+    }
 
 
 def rewrite_members(shards: Path, split: str, change, rehash: bool = True) -> None:
@@ -77,7 +101,10 @@ def rewrite_members(shards: Path, split: str, change, rehash: bool = True) -> No
     for entry in manifest["splits"][split]["shards"]:
         path = shards / entry["name"]
         out = io.BytesIO()
-        with tarfile.open(path) as tar_in, tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar_out:
+        with (
+            tarfile.open(path) as tar_in,
+            tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar_out,
+        ):
             for member in tar_in:
                 payload = change(member.name, tar_in.extractfile(member).read())
                 info = tarfile.TarInfo(member.name)
@@ -93,16 +120,23 @@ def rewrite_members(shards: Path, split: str, change, rehash: bool = True) -> No
 def tiny_run(sample_shards_jpeg: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A finished two-step run on coco-sample: its best.pt feeds predict and the checkpoint faults."""
     run = tmp_path_factory.mktemp("tiny-run") / "run"
-    done = cocoshard("train", "--shards", sample_shards_jpeg, "--out", run, "--epochs", "1", "--max-steps", "2", *TINY)
+    done = cocoshard(
+        "train", "--shards", sample_shards_jpeg, "--out", run, "--epochs", "1", "--max-steps", "2", *TINY
+    )
     assert done.code == 0, done.text[-2000:]
     return run
 
 
 def hold_lock(folder: Path) -> subprocess.Popen:
     """Another cocoshard command writing `folder`: a process holding its lock until killed."""
-    code = ("import sys, time\nfrom cocoshard.folder_lock import folder_lock\n"
-            "with folder_lock(sys.argv[1], 'cocoshard pack'):\n    print('held', flush=True)\n    time.sleep(600)\n")
-    holder = subprocess.Popen([sys.executable, "-c", code, str(folder)], stdout=subprocess.PIPE, text=True, cwd=REPO)
+    code = (
+        "import sys, time\nfrom cocoshard.folder_lock import folder_lock\n"
+        "with folder_lock(sys.argv[1], 'cocoshard pack'):\n    print('held', flush=True)\n    "
+        "time.sleep(600)\n"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", code, str(folder)], stdout=subprocess.PIPE, text=True, cwd=REPO
+    )
     assert holder.stdout.readline().strip() == "held"
     return holder
 
@@ -112,32 +146,55 @@ def hold_lock(folder: Path) -> subprocess.Popen:
 
 def test_1_a_second_train_into_a_running_run_folder_is_refused(sample_shards_jpeg, tmp_path):
     run = tmp_path / "run"
-    first = subprocess.Popen([sys.executable, "-m", "cocoshard", "train", "--shards", str(sample_shards_jpeg),
-                              "--out", str(run), "--epochs", "50", *TINY], cwd=REPO,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "cocoshard",
+            "train",
+            "--shards",
+            str(sample_shards_jpeg),
+            "--out",
+            str(run),
+            "--epochs",
+            "50",
+            *TINY,
+        ],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 120
         while not (run / "last.pt").exists():  # the first run holds the folder and has saved an epoch
             assert first.poll() is None and time.monotonic() < deadline
             time.sleep(0.2)
-        assert cocoshard("train", "--shards", sample_shards_jpeg, "--out", run, "--epochs", "1", *TINY).code != 0
+        assert (
+            cocoshard("train", "--shards", sample_shards_jpeg, "--out", run, "--epochs", "1", *TINY).code != 0
+        )
         # --resume passes the check for an existing run: the lock is what stops it
         second = cocoshard("train", "--resume", run / "last.pt")
-        refused(second, f"{run} is being written by another cocoshard command (pid {first.pid}, cocoshard train")
+        refused(
+            second, f"{run} is being written by another cocoshard command (pid {first.pid}, cocoshard train"
+        )
         assert first.poll() is None  # the first run goes on, untouched
     finally:
         first.kill()
         first.wait()
-    assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == \
-        list(range(1, len((run / "metrics.jsonl").read_text().splitlines()) + 1))
+    assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == list(
+        range(1, len((run / "metrics.jsonl").read_text().splitlines()) + 1)
+    )
 
 
 def test_1_a_second_pack_is_refused_and_a_killed_holder_leaves_no_stale_lock(coco_sample, tmp_path):
     out = tmp_path / "shards"
     holder = hold_lock(out)
     try:
-        refused(cocoshard("pack", "--root", coco_sample, "--out", out), "is being written by another cocoshard command",
-                f"pid {holder.pid}")
+        refused(
+            cocoshard("pack", "--root", coco_sample, "--out", out),
+            "is being written by another cocoshard command",
+            f"pid {holder.pid}",
+        )
         assert not (out / MANIFEST).exists()
     finally:
         holder.send_signal(signal.SIGKILL)
@@ -157,10 +214,25 @@ def test_1_every_other_writer_takes_the_lock_too(command, tmp_path, tiny_run, sa
             done = cocoshard("synth", "--out", target, "--train", "10", "--test", "2")
         else:
             predictions = tmp_path / "val.json"
-            assert cocoshard("predict", "--checkpoint", tiny_run / "best.pt", "--shards", sample_shards_jpeg,
-                             "--split", "val", "--out", predictions, "--device", "cpu").code == 0
-            done = cocoshard("evaluate", "--predictions", predictions, "--labels", sample_shards_jpeg,
-                             "--report", target)
+            assert (
+                cocoshard(
+                    "predict",
+                    "--checkpoint",
+                    tiny_run / "best.pt",
+                    "--shards",
+                    sample_shards_jpeg,
+                    "--split",
+                    "val",
+                    "--out",
+                    predictions,
+                    "--device",
+                    "cpu",
+                ).code
+                == 0
+            )
+            done = cocoshard(
+                "evaluate", "--predictions", predictions, "--labels", sample_shards_jpeg, "--report", target
+            )
         refused(done, "is being written by another cocoshard command", f"pid {holder.pid}")
     finally:
         holder.kill()
@@ -173,14 +245,20 @@ def test_1_every_other_writer_takes_the_lock_too(command, tmp_path, tiny_run, sa
 def test_2_resume_refuses_shards_repacked_since(coco_sample, tmp_path):
     shards, run = tmp_path / "shards", tmp_path / "run"
     assert cocoshard("pack", "--root", coco_sample, "--out", shards, "--shard-samples", "16").code == 0
-    assert cocoshard("train", "--shards", shards, "--out", run, "--epochs", "2", "--max-steps", "3", *TINY).code == 0
-    assert cocoshard("pack", "--root", coco_sample, "--out", shards, "--shard-samples", "16", "--seed", "1").code == 0
+    assert (
+        cocoshard("train", "--shards", shards, "--out", run, "--epochs", "2", "--max-steps", "3", *TINY).code
+        == 0
+    )
+    assert (
+        cocoshard("pack", "--root", coco_sample, "--out", shards, "--shard-samples", "16", "--seed", "1").code
+        == 0
+    )
     done = cocoshard("train", "--resume", run / "last.pt")
     refused(done, "last.pt was trained on other shards than the ones in", str(shards))
     assert cocoshard("train", "--resume", run / "last.pt", "--shards", shards).code != 0
 
 
-# ---------------------------------------------------------------------------- 3. evaluate reads checked shards
+# ------------------------------------------------------------------------ 3. evaluate reads checked shards
 
 
 def test_3_evaluate_refuses_a_val_shard_whose_label_byte_was_flipped(sample_shards_jpeg, tmp_path):
@@ -188,7 +266,9 @@ def test_3_evaluate_refuses_a_val_shard_whose_label_byte_was_flipped(sample_shar
     shutil.copytree(sample_shards_jpeg, shards)
     manifest = json.loads((shards / MANIFEST).read_text())
     val_shard = shards / manifest["splits"]["val"]["shards"][0]["name"]
-    keys = [k for entry in manifest["splits"]["val"]["shards"] for k in shard_keys(str(shards / entry["name"]))]
+    keys = [
+        k for entry in manifest["splits"]["val"]["shards"] for k in shard_keys(str(shards / entry["name"]))
+    ]
     predictions = tmp_path / "val.json"
     predictions.write_text(json.dumps({key: [0] for key in keys}))
     assert cocoshard("evaluate", "--predictions", predictions, "--labels", shards).code == 0
@@ -211,28 +291,39 @@ def _altered(tiny_run: Path, tmp_path: Path, change) -> Path:
     return path
 
 
-@pytest.mark.parametrize("case, change, field", [
-    ("NaN", lambda s: s.update(thresholds=[math.nan] * 80), "thresholds"),
-    ("5.0", lambda s: s.update(thresholds=[5.0] * 80), "thresholds"),
-    ("-1.0", lambda s: s.update(thresholds=[-1.0] * 80), "thresholds"),
-    ("79 thresholds", lambda s: s.update(thresholds=[0.5] * 79), "thresholds"),
-    ("strings", lambda s: s.update(thresholds=["0.5"] * 80), "thresholds"),
-    ("size 0", lambda s: s["config"].update(size=0), "size"),
-    ("size a string", lambda s: s["config"].update(size="224"), "size"),
-])
-def test_4_13_predict_refuses_a_checkpoint_with_bad_fields(case, change, field, tiny_run, sample_shards_jpeg, tmp_path):
+@pytest.mark.parametrize(
+    "case, change, field",
+    [
+        ("NaN", lambda s: s.update(thresholds=[math.nan] * 80), "thresholds"),
+        ("5.0", lambda s: s.update(thresholds=[5.0] * 80), "thresholds"),
+        ("-1.0", lambda s: s.update(thresholds=[-1.0] * 80), "thresholds"),
+        ("79 thresholds", lambda s: s.update(thresholds=[0.5] * 79), "thresholds"),
+        ("strings", lambda s: s.update(thresholds=["0.5"] * 80), "thresholds"),
+        ("size 0", lambda s: s["config"].update(size=0), "size"),
+        ("size a string", lambda s: s["config"].update(size="224"), "size"),
+    ],
+)
+def test_4_13_predict_refuses_a_checkpoint_with_bad_fields(
+    case, change, field, tiny_run, sample_shards_jpeg, tmp_path
+):
     path = _altered(tiny_run, tmp_path, change)
     out = tmp_path / "predictions.json"
-    done = cocoshard("predict", "--checkpoint", path, "--shards", sample_shards_jpeg, "--out", out, "--device", "cpu")
+    done = cocoshard(
+        "predict", "--checkpoint", path, "--shards", sample_shards_jpeg, "--out", out, "--device", "cpu"
+    )
     refused(done, str(path), field)
     assert not out.exists()
 
 
-@pytest.mark.parametrize("payload", [b"\x80\x02.", b"", b"PK\x03\x04" + bytes(60), b"not a checkpoint at all"])
+@pytest.mark.parametrize(
+    "payload", [b"\x80\x02.", b"", b"PK\x03\x04" + bytes(60), b"not a checkpoint at all"]
+)
 def test_13_a_random_file_named_pt_is_a_one_line_error(payload, sample_shards_jpeg, tmp_path):
     path = tmp_path / "random.pt"
     path.write_bytes(payload)
-    done = cocoshard("predict", "--checkpoint", path, "--shards", sample_shards_jpeg, "--out", tmp_path / "p.json")
+    done = cocoshard(
+        "predict", "--checkpoint", path, "--shards", sample_shards_jpeg, "--out", tmp_path / "p.json"
+    )
     refused(done, str(path))
     assert len([line for line in done.text.split("error:") if line.strip()]) <= 2
 
@@ -252,9 +343,22 @@ def test_13_the_checkpoint_loader_answers_any_bytes_with_a_bad_checkpoint(tmp_pa
 def test_5_no_best_epoch_is_chosen_on_no_validation_images(sample_shards_jpeg, tmp_path):
     shards, run = tmp_path / "shards", tmp_path / "run"
     shutil.copytree(sample_shards_jpeg, shards)
-    rewrite_members(shards, "val", lambda name, data: data[: len(data) // 3] if name.endswith(".jpg") else data)
-    done = cocoshard("train", "--shards", shards, "--out", run, "--epochs", "1", "--max-steps", "2",
-                     "--skip-bad-samples", *TINY)
+    rewrite_members(
+        shards, "val", lambda name, data: data[: len(data) // 3] if name.endswith(".jpg") else data
+    )
+    done = cocoshard(
+        "train",
+        "--shards",
+        shards,
+        "--out",
+        run,
+        "--epochs",
+        "1",
+        "--max-steps",
+        "2",
+        "--skip-bad-samples",
+        *TINY,
+    )
     refused(done, "validation", "no")
     assert not (run / "best.pt").exists()
 
@@ -283,15 +387,19 @@ def test_6_train_and_val_shards_sharing_keys_are_refused(sample_shards_jpeg, tmp
     manifest["splits"]["val"]["shards"].append(copy)
     manifest["splits"]["val"]["samples"] += copy["samples"]
     (shards / MANIFEST).write_text(json.dumps(manifest))
-    refused(cocoshard("train", "--shards", shards, "--out", run, "--epochs", "1", *TINY),
-            "images are in both the train and the val split")
+    refused(
+        cocoshard("train", "--shards", shards, "--out", run, "--epochs", "1", *TINY),
+        "images are in both the train and the val split",
+    )
     assert not (run / "last.pt").exists()
 
 
 # ---------------------------------------------------------------------------- 7. finished work kept
 
 
-def test_7_a_run_folder_with_best_pt_but_no_last_pt_is_not_overwritten(sample_shards_jpeg, tiny_run, tmp_path):
+def test_7_a_run_folder_with_best_pt_but_no_last_pt_is_not_overwritten(
+    sample_shards_jpeg, tiny_run, tmp_path
+):
     run = tmp_path / "run"
     run.mkdir()
     shutil.copy(tiny_run / "best.pt", run / "best.pt")
@@ -305,8 +413,10 @@ def test_7_predict_refuses_to_write_over_its_checkpoint(sample_shards_jpeg, tiny
     checkpoint = tmp_path / "best.pt"
     shutil.copy(tiny_run / "best.pt", checkpoint)
     before = checkpoint.read_bytes()
-    refused(cocoshard("predict", "--checkpoint", checkpoint, "--shards", sample_shards_jpeg, "--out", checkpoint),
-            str(checkpoint))
+    refused(
+        cocoshard("predict", "--checkpoint", checkpoint, "--shards", sample_shards_jpeg, "--out", checkpoint),
+        str(checkpoint),
+    )
     assert checkpoint.read_bytes() == before
 
 
@@ -337,14 +447,40 @@ KILL_WORKERS = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("module, function, command", [
-    ("cocoshard.prepare.pack", "write_shard", ["pack", "--root", "{sample}", "--out", "{tmp}/shards", "--workers", "2"]),
-    ("cocoshard.prepare.inspect", "verify_shard", ["inspect", "--shards", "{shards}", "--verify", "--workers", "2"]),
-    ("cocoshard.loading.stream", "ShardBatchSource.batches",
-     ["train", "--shards", "{shards}", "--out", "{tmp}/run", *TINY[:-6], "--workers", "2", "--weights", "none"]),
-])
-def test_8_a_killed_worker_stops_the_command_with_a_message_not_a_hang(module, function, command, coco_sample,
-                                                                        sample_shards_jpeg, tmp_path):
+@pytest.mark.parametrize(
+    "module, function, command",
+    [
+        (
+            "cocoshard.prepare.pack",
+            "write_shard",
+            ["pack", "--root", "{sample}", "--out", "{tmp}/shards", "--workers", "2"],
+        ),
+        (
+            "cocoshard.prepare.inspect",
+            "verify_shard",
+            ["inspect", "--shards", "{shards}", "--verify", "--workers", "2"],
+        ),
+        (
+            "cocoshard.loading.stream",
+            "ShardBatchSource.batches",
+            [
+                "train",
+                "--shards",
+                "{shards}",
+                "--out",
+                "{tmp}/run",
+                *TINY[:-6],
+                "--workers",
+                "2",
+                "--weights",
+                "none",
+            ],
+        ),
+    ],
+)
+def test_8_a_killed_worker_stops_the_command_with_a_message_not_a_hang(
+    module, function, command, coco_sample, sample_shards_jpeg, tmp_path
+):
     script = tmp_path / "kill_workers.py"
     script.write_text(KILL_WORKERS)
     args = [a.format(sample=coco_sample, tmp=tmp_path, shards=sample_shards_jpeg) for a in command]
@@ -370,7 +506,9 @@ def test_9_pipes_and_endless_files_are_rejected_not_read(coco_sample, tmp_path):
     out = tmp_path / "shards"
     done = cocoshard("pack", "--root", paths["root"], "--out", out, timeout=120)
     assert done.code == 0, done.text[-2000:]
-    rejected = {Path(r["path"]).name: r["reason"] for r in json.loads((out / MANIFEST).read_text())["rejected"]}
+    rejected = {
+        Path(r["path"]).name: r["reason"] for r in json.loads((out / MANIFEST).read_text())["rejected"]
+    }
     for name in ("fifo.jpg", "zero.jpg", f"{victim}.cls", "fifo-test.jpg"):
         assert "not a regular file" in rejected.get(name, ""), rejected
 
@@ -382,8 +520,11 @@ def test_9_evaluate_labels_with_a_pipe_for_a_cls_file_does_not_hang(coco_sample,
     predictions.write_text(json.dumps({p.stem: [0] for p in paths["labels"].glob("*.cls")}))
     (paths["labels"] / f"{victim}.cls").unlink()
     os.mkfifo(paths["labels"] / f"{victim}.cls")
-    refused(cocoshard("evaluate", "--predictions", predictions, "--labels", paths["labels"], timeout=60),
-            f"{victim}.cls", "not a regular file")
+    refused(
+        cocoshard("evaluate", "--predictions", predictions, "--labels", paths["labels"], timeout=60),
+        f"{victim}.cls",
+        "not a regular file",
+    )
 
 
 # ---------------------------------------------------------------------------- 10. pixel bombs in predict
@@ -406,11 +547,24 @@ def test_10_predict_refuses_a_pixel_bomb_by_its_header(tiny_run, coco_sample, tm
     assert (images / "bomb.jpg").stat().st_size < 1000
     out = tmp_path / "p.json"
     started = time.monotonic()
-    done = cocoshard("predict", "--checkpoint", tiny_run / "best.pt", "--images", images, "--out", out, "--device", "cpu")
+    done = cocoshard(
+        "predict", "--checkpoint", tiny_run / "best.pt", "--images", images, "--out", out, "--device", "cpu"
+    )
     refused(done, "bomb.jpg", "30000")
     assert time.monotonic() - started < 60 and not out.exists()
-    done = cocoshard("predict", "--checkpoint", tiny_run / "best.pt", "--images", images, "--out", out, "--device", "cpu",
-                     "--unreadable", "prior")
+    done = cocoshard(
+        "predict",
+        "--checkpoint",
+        tiny_run / "best.pt",
+        "--images",
+        images,
+        "--out",
+        out,
+        "--device",
+        "cpu",
+        "--unreadable",
+        "prior",
+    )
     assert done.code == 0, done.text[-2000:]
     assert "bomb" in json.loads(out.read_text())
 
@@ -421,8 +575,11 @@ def test_10_predict_refuses_a_pixel_bomb_by_its_header(tiny_run, coco_sample, tm
 def _unshare_works() -> bool:
     if shutil.which("unshare") is None or shutil.which("mount") is None:
         return False
-    probe = subprocess.run(["unshare", "-m", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /mnt && umount /mnt"],
-                           capture_output=True, timeout=30)
+    probe = subprocess.run(
+        ["unshare", "-m", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /mnt && umount /mnt"],
+        capture_output=True,
+        timeout=30,
+    )
     return probe.returncode == 0
 
 
@@ -434,11 +591,19 @@ def test_11_a_full_disk_is_named_without_a_traceback(command, coco_sample, sampl
     if command == "pack":
         inner = f"{sys.executable} -m cocoshard pack --root {coco_sample} --out {full}/shards"
     else:  # the run's small files fit; the checkpoint does not
-        inner = (f"{sys.executable} -m cocoshard train --shards {sample_shards_jpeg} --out {full}/run --epochs 1 "
-                 f"--max-steps 2 {' '.join(TINY[:-6])} --workers 0 --weights none --model resnet18")
+        inner = (
+            f"{sys.executable} -m cocoshard train --shards {sample_shards_jpeg} --out {full}/run --epochs 1 "
+            f"--max-steps 2 {' '.join(TINY[:-6])} --workers 0 --weights none --model resnet18"
+        )
     size = "300k" if command == "pack" else "2m"
-    done = subprocess.run(["unshare", "-m", "sh", "-c", f"mount -t tmpfs -o size={size} tmpfs {full} && {inner}"],
-                          capture_output=True, text=True, timeout=300, cwd=REPO, env={**os.environ, "COLUMNS": "1000"})
+    done = subprocess.run(
+        ["unshare", "-m", "sh", "-c", f"mount -t tmpfs -o size={size} tmpfs {full} && {inner}"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+        env={**os.environ, "COLUMNS": "1000"},
+    )
     result = Done(done.returncode, " ".join((done.stdout + done.stderr).split()))
     refused(result, "disk", "full")
     assert str(full) in result.text
@@ -447,12 +612,16 @@ def test_11_a_full_disk_is_named_without_a_traceback(command, coco_sample, sampl
 # ---------------------------------------------------------------------------- 12. manifest schema
 
 
-@pytest.mark.parametrize("case, change, field", [
-    ("size missing", lambda m: m.pop("size"), "size"),
-    ("size a word", lambda m: m.update(size="big"), "size"),
-    ("size negative", lambda m: m.update(size=-64), "size"),
-    ("shards null", lambda m: m["splits"]["train"].update(shards=None), "shards"),
-])
+@pytest.mark.parametrize(
+    "case, change, field",
+    [
+        ("size missing", lambda m: m.pop("size"), "size"),
+        ("size a word", lambda m: m.update(size="big"), "size"),
+        ("size negative", lambda m: m.update(size=-64), "size"),
+        ("shards null", lambda m: m["splits"]["train"].update(shards=None), "shards"),
+        ("format version 1", lambda m: m.update(format_version=1), "re-pack"),
+    ],
+)
 @pytest.mark.parametrize("command", ["inspect", "train"])
 def test_12_a_manifest_with_a_bad_field_is_named(case, change, field, command, sample_shards_jpeg, tmp_path):
     shards = tmp_path / "shards"
@@ -460,8 +629,11 @@ def test_12_a_manifest_with_a_bad_field_is_named(case, change, field, command, s
     manifest = json.loads((shards / MANIFEST).read_text())
     change(manifest)
     (shards / MANIFEST).write_text(json.dumps(manifest))
-    args = ["inspect", "--shards", shards] if command == "inspect" else \
-        ["train", "--shards", shards, "--out", tmp_path / "run", *TINY]
+    args = (
+        ["inspect", "--shards", shards]
+        if command == "inspect"
+        else ["train", "--shards", shards, "--out", tmp_path / "run", *TINY]
+    )
     refused(cocoshard(*args), str(shards / MANIFEST), field)
 
 
@@ -473,12 +645,23 @@ def test_14_markup_in_file_names_and_paths_is_printed_as_it_is(tiny_run, coco_sa
     images.mkdir(parents=True)
     (images / "bad[red]x.jpg").write_bytes(b"not a jpeg")
     shutil.copy(next(sample_copy(coco_sample, tmp_path / "root")["test"].glob("*.jpg")), images / "good.jpg")
-    done = cocoshard("predict", "--checkpoint", tiny_run / "best.pt", "--images", images, "--out", tmp_path / "p.json",
-                     "--device", "cpu")
+    done = cocoshard(
+        "predict",
+        "--checkpoint",
+        tiny_run / "best.pt",
+        "--images",
+        images,
+        "--out",
+        tmp_path / "p.json",
+        "--device",
+        "cpu",
+    )
     refused(done, "bad[red]x.jpg")
     assert "MarkupError" not in done.text
-    refused(cocoshard("pack", "--root", tmp_path / "missing [/] root [bold]", "--out", tmp_path / "s"),
-            "missing [/] root [bold]")
+    refused(
+        cocoshard("pack", "--root", tmp_path / "missing [/] root [bold]", "--out", tmp_path / "s"),
+        "missing [/] root [bold]",
+    )
 
 
 # ---------------------------------------------------------------------------- 15. names that are not UTF-8
@@ -524,11 +707,30 @@ def test_8_ctrl_c_during_pack_stops_its_workers_at_once(coco_sample, tmp_path):
     script = tmp_path / "slow_workers.py"
     script.write_text(SLOW_WORKERS)
     out = tmp_path / "shards"
-    pack = subprocess.Popen([sys.executable, str(script), "cocoshard.prepare.pack", "write_shard", "pack", "--root",
-                             str(coco_sample), "--out", str(out), "--workers", "2"], cwd=REPO, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    pack = subprocess.Popen(
+        [
+            sys.executable,
+            str(script),
+            "cocoshard.prepare.pack",
+            "write_shard",
+            "pack",
+            "--root",
+            str(coco_sample),
+            "--out",
+            str(out),
+            "--workers",
+            "2",
+        ],
+        cwd=REPO,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 60
-    while not list(out.glob(LOCK_FILE)) or len(_children(pack.pid)) < 2:  # workers started, sleeping in a task
+    while (
+        not list(out.glob(LOCK_FILE)) or len(_children(pack.pid)) < 2
+    ):  # workers started, sleeping in a task
         assert time.monotonic() < deadline and pack.poll() is None
         time.sleep(0.2)
     time.sleep(1)

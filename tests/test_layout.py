@@ -25,15 +25,37 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "cocoshard"
 
-FOUNDATION = {"cocoshard", "cocoshard.errors", "cocoshard.atomic", "cocoshard.folder_lock", "cocoshard.machine",
-              "cocoshard.seeds", "cocoshard.console", "cocoshard.config", "cocoshard.commands"}
-PURE = {"cocoshard.prepare.labels", "cocoshard.prepare.format", "cocoshard.prepare.split", "cocoshard.loading.plan",
-        "cocoshard.scoring.metrics"}
+FOUNDATION = {
+    "cocoshard",
+    "cocoshard.errors",
+    "cocoshard.atomic",
+    "cocoshard.folder_lock",
+    "cocoshard.machine",
+    "cocoshard.seeds",
+    "cocoshard.console",
+    "cocoshard.config",
+    "cocoshard.commands",
+}
+PURE = {
+    "cocoshard.prepare.labels",
+    "cocoshard.prepare.format",
+    "cocoshard.prepare.split",
+    "cocoshard.loading.plan",
+    "cocoshard.scoring.metrics",
+}
 TOP = {"cocoshard.demo", "cocoshard.info", "cocoshard.cli", "cocoshard.__main__"}
 STAGES = ("prepare", "loading", "training", "scoring")
-COMMANDS = {"cocoshard.prepare.synth", "cocoshard.prepare.pack", "cocoshard.prepare.inspect", "cocoshard.training.loop",
-            "cocoshard.scoring.predict", "cocoshard.scoring.evaluate", "cocoshard.scoring.thresholds",
-            "cocoshard.demo", "cocoshard.info"}
+COMMANDS = {
+    "cocoshard.prepare.synth",
+    "cocoshard.prepare.pack",
+    "cocoshard.prepare.inspect",
+    "cocoshard.training.loop",
+    "cocoshard.scoring.predict",
+    "cocoshard.scoring.evaluate",
+    "cocoshard.scoring.thresholds",
+    "cocoshard.demo",
+    "cocoshard.info",
+}
 
 
 def module_name(path: Path) -> str:
@@ -87,16 +109,27 @@ def graph() -> dict[str, set[str]]:
 
 
 def test_every_import_points_down_or_sideways_within_a_layer(graph) -> None:
-    upward = [f"{module} (layer {layer(module)}) imports {target} (layer {layer(target)})"
-              for module, targets in graph.items() for target in targets
-              if layer(target) > layer(module) or (layer(module) == 1 and layer(target) > 1)]
+    upward = [
+        f"{module} (layer {layer(module)}) imports {target} (layer {layer(target)})"
+        for module, targets in graph.items()
+        for target in targets
+        if layer(target) > layer(module) or (layer(module) == 1 and layer(target) > 1)
+    ]
     assert not upward
 
 
 def test_no_command_imports_another_and_nothing_imports_the_cli(graph) -> None:
-    sideways = [f"{module} imports {target}" for module, targets in graph.items() for target in targets
-                if module in COMMANDS and target in COMMANDS]
-    cli = [module for module, targets in graph.items() if "cocoshard.cli" in targets and module != "cocoshard.__main__"]
+    sideways = [
+        f"{module} imports {target}"
+        for module, targets in graph.items()
+        for target in targets
+        if module in COMMANDS and target in COMMANDS
+    ]
+    cli = [
+        module
+        for module, targets in graph.items()
+        if "cocoshard.cli" in targets and module != "cocoshard.__main__"
+    ]
     assert not sideways and not cli
 
 
@@ -107,7 +140,7 @@ def test_no_import_cycle(graph) -> None:
         state[module] = "open"
         for target in sorted(graph.get(module, ())):
             if state.get(target) == "open":
-                cycles.append(" -> ".join(path[path.index(target):] + [target]))
+                cycles.append(" -> ".join(path[path.index(target) :] + [target]))
             elif target not in state:
                 visit(target, path + [target])
         state[module] = "done"
@@ -121,7 +154,14 @@ def test_no_import_cycle(graph) -> None:
 def test_the_rules_would_catch_a_violation(graph) -> None:
     """The checks above are not vacuous: the graph is real, and a planted upward import is seen."""
     assert "cocoshard.prepare.format" in graph["cocoshard.loading.tario"] | graph["cocoshard.loading.decode"]
-    assert layer("cocoshard.prepare.pack") < layer("cocoshard.training.loop") < layer("cocoshard.scoring.predict")
-    planted = {**graph, "cocoshard.prepare.labels": graph["cocoshard.prepare.labels"] | {"cocoshard.scoring.predict"}}
+    assert (
+        layer("cocoshard.prepare.pack")
+        < layer("cocoshard.training.loop")
+        < layer("cocoshard.scoring.predict")
+    )
+    planted = {
+        **graph,
+        "cocoshard.prepare.labels": graph["cocoshard.prepare.labels"] | {"cocoshard.scoring.predict"},
+    }
     with pytest.raises(AssertionError):
         test_every_import_points_down_or_sideways_within_a_layer(planted)

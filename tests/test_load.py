@@ -53,10 +53,12 @@ EPOCH_SCRIPT = """
 import json, sys, time
 from cocoshard.loading.loader import build_loader
 started = time.perf_counter()
-loader = build_loader(sys.argv[1], "train", batch_size=256, device="cpu", mode="stream", train=True, seed=0, workers=2)
+loader = build_loader(sys.argv[1], "train", batch_size=256, device="cpu", mode="stream", train=True, seed=0,
+                      workers=2)
 keys = [key for batch in loader for key in batch.keys]
 loader.close()
-print(json.dumps({"batches": len(loader), "keys": len(keys), "unique": len(set(keys)), "seconds": time.perf_counter() - started}))
+seconds = time.perf_counter() - started
+print(json.dumps({"batches": len(loader), "keys": len(keys), "unique": len(set(keys)), "seconds": seconds}))
 """
 
 
@@ -105,8 +107,10 @@ class Measured:
     stdout: str
 
     def line(self, what: str) -> str:
-        return (f"{what}: {self.seconds:.0f} s, peak {self.tree_peak / MiB:,.0f} MiB (PSS) for the whole process "
-                f"tree, {self.process_peak / MiB:,.0f} MiB (peak RSS) for its largest process")
+        return (
+            f"{what}: {self.seconds:.0f} s, peak {self.tree_peak / MiB:,.0f} MiB (PSS) for the whole process "
+            f"tree, {self.process_peak / MiB:,.0f} MiB (peak RSS) for its largest process"
+        )
 
 
 def measure(command: list[str], folder: Path, timeout: float = 600) -> Measured:
@@ -166,15 +170,34 @@ def packed(workspace: Path) -> dict[str, tuple[Path, Measured]]:
     """The challenge-sized set and one ten times smaller, each packed (jpeg) by `cocoshard pack`, measured."""
     started = time.perf_counter()
     drawn = workspace / "drawn"
-    write_synthetic(SynthConfig(out=str(drawn), train=DISTINCT, test=0, seed=0, workers=2, clutter=0.0, quality=85))
+    write_synthetic(
+        SynthConfig(out=str(drawn), train=DISTINCT, test=0, seed=0, workers=2, clutter=0.0, quality=85)
+    )
     print(f"\ndrew {DISTINCT} images in {time.perf_counter() - started:.0f} s")
     result = {}
     for name, scale in (("tenth", SCALE_DOWN), ("full", 1)):
-        root = challenge_layout(drawn, workspace / name / "ms-coco", TRAIN_IMAGES_FULL // scale, TEST_IMAGES_FULL // scale)
+        root = challenge_layout(
+            drawn, workspace / name / "ms-coco", TRAIN_IMAGES_FULL // scale, TEST_IMAGES_FULL // scale
+        )
         shards = workspace / name / "shards"
-        command = [sys.executable, "-m", "cocoshard", "pack", "--root", str(root), "--out", str(shards), "--workers", "2"]
+        command = [
+            sys.executable,
+            "-m",
+            "cocoshard",
+            "pack",
+            "--root",
+            str(root),
+            "--out",
+            str(shards),
+            "--workers",
+            "2",
+        ]
         result[name] = (shards, measure(command, workspace / name))
-        print(result[name][1].line(f"pack, {name} ({TRAIN_IMAGES_FULL // scale:,} + {TEST_IMAGES_FULL // scale:,} images)"))
+        print(
+            result[name][1].line(
+                f"pack, {name} ({TRAIN_IMAGES_FULL // scale:,} + {TEST_IMAGES_FULL // scale:,} images)"
+            )
+        )
     return result
 
 
@@ -188,7 +211,9 @@ def test_pack_at_challenge_size_has_bounded_memory(packed) -> None:
     assert splits["train"]["samples"] + splits["val"]["samples"] == TRAIN_IMAGES_FULL
     assert splits["test"]["samples"] == TEST_IMAGES_FULL and not manifest["rejected"]
     assert full.tree_peak < PACK_BOUND and full.process_peak < PACK_BOUND, full.line("pack")
-    assert full.tree_peak - packed["tenth"][1].tree_peak < ADDED_IMAGES * GROWTH_PER_IMAGE, "pack holds image data"
+    assert full.tree_peak - packed["tenth"][1].tree_peak < ADDED_IMAGES * GROWTH_PER_IMAGE, (
+        "pack holds image data"
+    )
 
 
 def test_a_stream_epoch_at_challenge_size_has_bounded_memory(packed, workspace) -> None:
@@ -198,19 +223,34 @@ def test_a_stream_epoch_at_challenge_size_has_bounded_memory(packed, workspace) 
         figures[name] = measure([sys.executable, "-c", EPOCH_SCRIPT, str(shards)], shards.parent)
         print(figures[name].line(f"one stream epoch of the train split, {name}, 2 workers, batches of 256"))
     epoch = json.loads(figures["full"].stdout)
-    train_samples = json.loads((packed["full"][0] / "manifest.json").read_text())["splits"]["train"]["samples"]
+    train_samples = json.loads((packed["full"][0] / "manifest.json").read_text())["splits"]["train"][
+        "samples"
+    ]
     assert epoch["keys"] == epoch["unique"] == epoch["batches"] * 256 > train_samples - 256
     full = figures["full"]
     assert full.tree_peak < EPOCH_BOUND and full.process_peak < EPOCH_BOUND, full.line("epoch")
-    assert full.tree_peak - figures["tenth"].tree_peak < ADDED_IMAGES * GROWTH_PER_IMAGE, "the loader holds image data"
+    assert full.tree_peak - figures["tenth"].tree_peak < ADDED_IMAGES * GROWTH_PER_IMAGE, (
+        "the loader holds image data"
+    )
 
 
 def test_resident_mode_refuses_a_split_beyond_its_memory_limit_before_allocating(packed) -> None:
     shards, _ = packed["full"]
     before, started = own_rss(), time.perf_counter()
-    with pytest.raises(UserError, match=r"resident mode needs 7\.\d GiB for the 5\d,?\d{3} images of split 'train' .* "
-                                        r"the memory limit is 4\.0 GiB: use the stream loader"):
-        build_loader(shards, "train", batch_size=256, device="cpu", mode="resident", train=True, seed=0,
-                     memory_limit=RESIDENT_LIMIT)
+    with pytest.raises(
+        UserError,
+        match=r"resident mode needs 7\.\d GiB for the 5\d,?\d{3} images of split 'train' .* "
+        r"the memory limit is 4\.0 GiB: use the stream loader",
+    ):
+        build_loader(
+            shards,
+            "train",
+            batch_size=256,
+            device="cpu",
+            mode="resident",
+            train=True,
+            seed=0,
+            memory_limit=RESIDENT_LIMIT,
+        )
     assert time.perf_counter() - started < 10
     assert own_rss() - before < 256 * MiB

@@ -79,7 +79,11 @@ setattr(module, name, patched)
 sys.argv = ["cocoshard", *sys.argv[sys.argv.index("--") + 1:]]
 runpy.run_module("cocoshard", run_name="__main__", alter_sys=True)
 '''
-QUIET_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}  # one thread: fast on a busy CPU, same numbers
+QUIET_ENV = {
+    **os.environ,
+    "OMP_NUM_THREADS": "1",
+    "COLUMNS": "200",
+}  # one thread: fast on a busy CPU, same numbers
 
 
 @pytest.fixture(autouse=True)
@@ -97,14 +101,21 @@ def killer(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def run_killed(killer: Path, target: str, call: int, when: str, match: str, *args: str) -> None:
     """Run `cocoshard ARGS` until the chosen call kills it; fail if it ends any other way."""
-    process = subprocess.Popen([sys.executable, str(killer), target, str(call), when, match, "--", *args], env=QUIET_ENV,
-                               start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    process = subprocess.Popen(
+        [sys.executable, str(killer), target, str(call), when, match, "--", *args],
+        env=QUIET_ENV,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     try:
         _, err = process.communicate(timeout=300)
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
-    assert process.returncode == -signal.SIGKILL, f"ended with {process.returncode} before {target} call {call}: {err.decode()[-2000:]}"
+    assert process.returncode == -signal.SIGKILL, (
+        f"ended with {process.returncode} before {target} call {call}: {err.decode()[-2000:]}"
+    )
 
 
 def sha256(path: Path) -> str:
@@ -124,7 +135,8 @@ PACK_FLAGS = ["--shard-samples", "16", "--workers", "2"]
 
 @pytest.fixture(scope="module")
 def pack_runs(synth_root: Path, pack_dir, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """(an earlier run with other settings, left in the folder the killed run writes to; the reference run)."""
+    """(an earlier run with other settings, left in the folder the killed run writes to; the
+    reference run)."""
     earlier = pack_dir(synth_root, tmp_path_factory.mktemp("earlier"), seed=1, shard_samples=12)
     return earlier, pack_dir(synth_root, tmp_path_factory.mktemp("reference"), **PACK)
 
@@ -142,23 +154,50 @@ def assert_manifest_describes_whole_shards(folder: Path) -> bool:
     return True
 
 
-@pytest.mark.parametrize("target, call, when, match, manifest_after", [
-    ("cocoshard.prepare.pack.plan_splits", 1, "before", "", False),  # early: old manifest gone, nothing written yet
-    ("cocoshard.prepare.pack.add_member", 70, "before", "", False),  # mid-shard, in a worker's second shard
-    ("os.replace", 2, "before", ".tar", False),  # a whole shard not yet under its final name
-    ("cocoshard.prepare.pack._remove_unlisted", 1, "before", "", False),  # every shard written, old ones still there
-    ("os.replace", 1, "before", MANIFEST, False),  # manifest complete under its temporary name
-    ("os.replace", 1, "after", MANIFEST, True),  # manifest renamed, its folder not yet fsync'ed
-], ids=["early", "mid-shard", "shard-unrenamed", "before-cleanup", "manifest-unrenamed", "manifest-renamed"])
+@pytest.mark.parametrize(
+    "target, call, when, match, manifest_after",
+    [
+        (
+            "cocoshard.prepare.pack.plan_splits",
+            1,
+            "before",
+            "",
+            False,
+        ),  # early: old manifest gone, nothing written yet
+        (
+            "cocoshard.prepare.pack.add_member",
+            70,
+            "before",
+            "",
+            False,
+        ),  # mid-shard, in a worker's second shard
+        ("os.replace", 2, "before", ".tar", False),  # a whole shard not yet under its final name
+        (
+            "cocoshard.prepare.pack._remove_unlisted",
+            1,
+            "before",
+            "",
+            False,
+        ),  # every shard written, old ones still there
+        ("os.replace", 1, "before", MANIFEST, False),  # manifest complete under its temporary name
+        ("os.replace", 1, "after", MANIFEST, True),  # manifest renamed, its folder not yet fsync'ed
+    ],
+    ids=["early", "mid-shard", "shard-unrenamed", "before-cleanup", "manifest-unrenamed", "manifest-renamed"],
+)
 def test_pack_killed_anywhere_leaves_no_lying_manifest_and_reruns_identically(
-        tmp_path, killer, synth_root, pack_dir, pack_runs, target, call, when, match, manifest_after) -> None:
+    tmp_path, killer, synth_root, pack_dir, pack_runs, target, call, when, match, manifest_after
+) -> None:
     earlier, reference = pack_runs
     out = Path(shutil.copytree(earlier, tmp_path / "shards"))
     old, new = shard_digests(earlier), shard_digests(reference)
-    run_killed(killer, target, call, when, match, "pack", "--root", str(synth_root), "--out", str(out), *PACK_FLAGS)
+    run_killed(
+        killer, target, call, when, match, "pack", "--root", str(synth_root), "--out", str(out), *PACK_FLAGS
+    )
     assert assert_manifest_describes_whole_shards(out) == manifest_after
     for name, digest in shard_digests(out).items():  # under a final name: a whole shard, old or new
-        assert digest in (old.get(name), new.get(name)), f"{name} is neither the earlier run's nor the new one's"
+        assert digest in (old.get(name), new.get(name)), (
+            f"{name} is neither the earlier run's nor the new one's"
+        )
     pack_dir(synth_root, out, **PACK)
     assert shard_digests(out) == new
     assert assert_manifest_describes_whole_shards(out)
@@ -167,8 +206,27 @@ def test_pack_killed_anywhere_leaves_no_lying_manifest_and_reruns_identically(
 
 # ----------------------------------------------------------------------------------- kill -9 during training
 
-TRAIN = ["--model", "cocoshard_tiny", "--device", "cpu", "--size", "32", "--batch-size", "16", "--workers", "0",
-         "--weights", "none", "--epochs", "2", "--log-every", "1", "--seed", "3", "--no-amp"]
+TRAIN = [
+    "--model",
+    "cocoshard_tiny",
+    "--device",
+    "cpu",
+    "--size",
+    "32",
+    "--batch-size",
+    "16",
+    "--workers",
+    "0",
+    "--weights",
+    "none",
+    "--epochs",
+    "2",
+    "--log-every",
+    "1",
+    "--seed",
+    "3",
+    "--no-amp",
+]
 STEPS_PER_EPOCH = 5  # 88 train images of coco-sample in batches of 16
 TIMING = {"time_s", "images_per_s", "val_time_s", "data_wait_s"}
 
@@ -178,7 +236,9 @@ def train_args(shards: Path, run: Path, *extra: str) -> list[str]:
 
 
 def train_subprocess(*args: str) -> None:
-    done = subprocess.run([sys.executable, "-m", "cocoshard", *args], env=QUIET_ENV, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "cocoshard", *args], env=QUIET_ENV, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-3000:]
 
 
@@ -193,10 +253,13 @@ def outcome(run: Path) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor]]:
 
 
 def assert_same_outcome(run: Path, reference: tuple) -> None:
-    """The figures and weights of the uninterrupted run; best.pt and thresholds.json of the epoch the log calls best."""
+    """The figures and weights of the uninterrupted run; best.pt and thresholds.json of the epoch
+    the log calls best."""
     figures, weights = outcome(run)
     assert figures == reference[0]
-    assert weights.keys() == reference[1].keys() and all(torch.equal(weights[k], reference[1][k]) for k in weights)
+    assert weights.keys() == reference[1].keys() and all(
+        torch.equal(weights[k], reference[1][k]) for k in weights
+    )
     best_epoch = figures[-1]["best_epoch"]
     assert (run / BEST).is_file(), f"the log names epoch {best_epoch} best, and there is no {BEST}"
     assert load_checkpoint(run / BEST)["epoch"] == best_epoch
@@ -212,13 +275,30 @@ def uninterrupted(sample_shards_jpeg: Path, tmp_path_factory: pytest.TempPathFac
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("target, call, when, match, saved_epoch", [
-    ("cocoshard.training.loop.train_step", STEPS_PER_EPOCH + 2, "before", "", 1),  # mid-epoch 2
-    ("torch.save", 3, "midway", "", 1),  # half of epoch 2's last.pt written (1: last.pt, 2: best.pt of epoch 1)
-    ("os.replace", 1, "after", LAST, 1),  # epoch 1's last.pt in place, its best.pt (epoch 1 always improves) not yet
-], ids=["mid-epoch", "during-last.pt-write", "between-last.pt-and-best.pt"])
+@pytest.mark.parametrize(
+    "target, call, when, match, saved_epoch",
+    [
+        ("cocoshard.training.loop.train_step", STEPS_PER_EPOCH + 2, "before", "", 1),  # mid-epoch 2
+        (
+            "torch.save",
+            3,
+            "midway",
+            "",
+            1,
+        ),  # half of epoch 2's last.pt written (1: last.pt, 2: best.pt of epoch 1)
+        (
+            "os.replace",
+            1,
+            "after",
+            LAST,
+            1,
+        ),  # epoch 1's last.pt in place, its best.pt (epoch 1 always improves) not yet
+    ],
+    ids=["mid-epoch", "during-last.pt-write", "between-last.pt-and-best.pt"],
+)
 def test_training_killed_anywhere_resumes_to_the_uninterrupted_result(
-        tmp_path, killer, sample_shards_jpeg, uninterrupted, target, call, when, match, saved_epoch) -> None:
+    tmp_path, killer, sample_shards_jpeg, uninterrupted, target, call, when, match, saved_epoch
+) -> None:
     run = tmp_path / "run"
     run_killed(killer, target, call, when, match, *train_args(sample_shards_jpeg, run))
     assert load_checkpoint(run / LAST)["epoch"] == saved_epoch
@@ -229,8 +309,9 @@ def test_training_killed_anywhere_resumes_to_the_uninterrupted_result(
 
 
 @pytest.mark.slow
-def test_a_kill_during_the_first_checkpoint_loses_only_that_epoch(tmp_path, killer, sample_shards_jpeg, uninterrupted,
-                                                                   capsys) -> None:
+def test_a_kill_during_the_first_checkpoint_loses_only_that_epoch(
+    tmp_path, killer, sample_shards_jpeg, uninterrupted, capsys
+) -> None:
     run = tmp_path / "run"
     run_killed(killer, "torch.save", 1, "midway", "", *train_args(sample_shards_jpeg, run))
     assert not (run / LAST).exists()
@@ -283,7 +364,9 @@ def one_thread():
 
 
 @pytest.mark.parametrize("kind", DAMAGE)
-def test_damaged_shard_is_named_by_verify_and_by_train(kind, tmp_path, sample_shards_jpeg, capsys, one_thread) -> None:
+def test_damaged_shard_is_named_by_verify_and_by_train(
+    kind, tmp_path, sample_shards_jpeg, capsys, one_thread
+) -> None:
     shards = Path(shutil.copytree(sample_shards_jpeg, tmp_path / "shards"))
     damage(shards, kind)
     assert cli.main(["inspect", "--shards", str(shards), "--verify", "--workers", "1"]) == 1
@@ -310,8 +393,15 @@ def shard_keys(folder: Path, split: str, *names: str) -> dict[str, bytes]:
         if names and entry["name"] not in names:
             continue
         with tarfile.open(folder / entry["name"]) as tar:
-            labels.update({m.name.split(".")[0]: np.load(io.BytesIO(tar.extractfile(m).read()), allow_pickle=False).tobytes()
-                           for m in tar if m.name.endswith(".labels.npy")})
+            labels.update(
+                {
+                    m.name.split(".")[0]: np.load(
+                        io.BytesIO(tar.extractfile(m).read()), allow_pickle=False
+                    ).tobytes()
+                    for m in tar
+                    if m.name.endswith(".labels.npy")
+                }
+            )
     return labels
 
 
@@ -322,10 +412,23 @@ def test_skipping_never_yields_a_wrong_label(split, mode, tmp_path, sample_shard
     lost = shard_keys(sample_shards_jpeg, split, victim)
     shards = Path(shutil.copytree(sample_shards_jpeg, tmp_path / "shards"))
     damage(shards, "labels-byte", victim)
-    loader = build_loader(shards, split, batch_size=8, device="cpu", mode=mode, train=split == "train", seed=0,
-                          workers=2 if mode == "stream" else 0, skip_bad_samples=True)
+    loader = build_loader(
+        shards,
+        split,
+        batch_size=8,
+        device="cpu",
+        mode=mode,
+        train=split == "train",
+        seed=0,
+        workers=2 if mode == "stream" else 0,
+        skip_bad_samples=True,
+    )
     try:
-        seen = [(key, row) for batch in loader for key, row in zip(batch.keys, batch.labels.to(torch.uint8).numpy())]
+        seen = [
+            (key, row)
+            for batch in loader
+            for key, row in zip(batch.keys, batch.labels.to(torch.uint8).numpy())
+        ]
     finally:
         loader.close()
     assert seen and all(row.tobytes() == truth[key] for key, row in seen)
@@ -348,14 +451,18 @@ class RunsCode:
         return (os.system, (f"touch {self.marker}",))
 
 
-def test_a_pickle_that_runs_code_is_refused_by_every_command(tmp_path, coco_sample, sample_shards_jpeg, capsys) -> None:
+def test_a_pickle_that_runs_code_is_refused_by_every_command(
+    tmp_path, coco_sample, sample_shards_jpeg, capsys
+) -> None:
     marker = tmp_path / "ran"
     evil = tmp_path / "evil.pt"
     names = ["model", "ema", "optimizer", "epoch", "step", "config", "classes", "thresholds"]
     torch.save({name: RunsCode(marker) for name in names}, evil)
     images = coco_sample / "images/test-resized/test-resized"
-    commands = [["predict", "--checkpoint", str(evil), "--images", str(images), "--out", str(tmp_path / "p.json")],
-                train_args(sample_shards_jpeg, tmp_path / "run", "--weights", str(evil))]
+    commands = [
+        ["predict", "--checkpoint", str(evil), "--images", str(images), "--out", str(tmp_path / "p.json")],
+        train_args(sample_shards_jpeg, tmp_path / "run", "--weights", str(evil)),
+    ]
     for command in commands:
         assert cli.main(command) == 2, command[0]
         err = " ".join(capsys.readouterr().err.split())
@@ -364,7 +471,8 @@ def test_a_pickle_that_runs_code_is_refused_by_every_command(tmp_path, coco_samp
 
 
 def test_the_package_never_unpickles_or_extracts() -> None:
-    """Every torch.load and hub download passes weights_only=True; no pickle.load, np.load with pickles, or extract."""
+    """Every torch.load and hub download passes weights_only=True; no pickle.load, np.load with
+    pickles, or extract."""
     problems = []
     for path in sorted((REPO / "cocoshard").glob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
@@ -372,7 +480,10 @@ def test_the_package_never_unpickles_or_extracts() -> None:
                 continue
             name, keywords = ast.unparse(node.func), {k.arg: ast.unparse(k.value) for k in node.keywords}
             where = f"{path.name}:{node.lineno} {name}"
-            if name.endswith(("torch.load", "load_state_dict_from_url")) and keywords.get("weights_only") != "True":
+            if (
+                name.endswith(("torch.load", "load_state_dict_from_url"))
+                and keywords.get("weights_only") != "True"
+            ):
                 problems.append(f"{where} without weights_only=True")
             if name.startswith("pickle.") or name.endswith((".extract", ".extractall")):
                 problems.append(where)
@@ -391,11 +502,16 @@ def hostile_shards(folder: Path, kind: str, outside: Path) -> Path:
     """One val shard: two good samples around one whose image member is hostile: a `..` path, an absolute
     path into `outside`, or a symlink to a file there. Sizes and sha256 in the manifest match, as a
     forger would make them."""
-    hostile = {"parent": "../../escaped", "absolute": str(outside / "escaped"), "symlink": "000000000003"}[kind]
+    hostile = {"parent": "../../escaped", "absolute": str(outside / "escaped"), "symlink": "000000000003"}[
+        kind
+    ]
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for key in ("000000000001", hostile, "000000000002"):
-            for field, payload in (("jpg", _jpeg()), ("labels.npy", encode_labels(np.eye(80, dtype=np.uint8)[3]))):
+            for field, payload in (
+                ("jpg", _jpeg()),
+                ("labels.npy", encode_labels(np.eye(80, dtype=np.uint8)[3])),
+            ):
                 info = tarfile.TarInfo(f"{key}.{field}")
                 if kind == "symlink" and key == hostile and field == "jpg":
                     info.type, info.linkname = tarfile.SYMTYPE, str(outside / "escaped.jpg")
@@ -406,12 +522,29 @@ def hostile_shards(folder: Path, kind: str, outside: Path) -> Path:
     data = buffer.getvalue()
     folder.mkdir(parents=True)
     (folder / "val-000000.tar").write_bytes(data)
-    entry = {"name": "val-000000.tar", "samples": 3, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-    splits = {"train": {"samples": 0, "shards": [], "class_counts": [0] * 80}, "test": {"samples": 0, "shards": []},
-              "val": {"samples": 3, "shards": [entry], "class_counts": [0] * 80}}
-    manifest = {"format_version": FORMAT_VERSION, "created_by": "a forger", "pixel_format": "jpeg", "size": 32,
-                "seed": 0, "val_fraction": 0.2, "split_method": "none", "splits": splits, "rejected": [],
-                "classes": [f"class {i}" for i in range(80)]}
+    entry = {
+        "name": "val-000000.tar",
+        "samples": 3,
+        "bytes": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+    }
+    splits = {
+        "train": {"samples": 0, "shards": [], "class_counts": [0] * 80},
+        "test": {"samples": 0, "shards": []},
+        "val": {"samples": 3, "shards": [entry], "class_counts": [0] * 80},
+    }
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "created_by": "a forger",
+        "pixel_format": "jpeg",
+        "size": 32,
+        "seed": 0,
+        "val_fraction": 0.2,
+        "split_method": "none",
+        "splits": splits,
+        "rejected": [],
+        "classes": [f"class {i}" for i in range(80)],
+    }
     (folder / MANIFEST).write_text(json.dumps(manifest))
     return folder
 
@@ -449,8 +582,12 @@ def test_hostile_members_fail_verification(kind, tmp_path, monkeypatch, capsys) 
 # ----------------------------------------------------------------------------------- properties of parsers
 
 # What the statement's Dataset reads: one integer per line. Around it: blank lines, spaces, CRLF.
-cls_lines = st.one_of(st.integers(0, 120).map(str), st.integers(0, 79).map(lambda i: f" {i}\t"), st.sampled_from(["", "  "]))
-cls_texts = st.tuples(st.lists(cls_lines, max_size=20), st.sampled_from(["\n", "\r\n"])).map(lambda t: t[1].join(t[0]))
+cls_lines = st.one_of(
+    st.integers(0, 120).map(str), st.integers(0, 79).map(lambda i: f" {i}\t"), st.sampled_from(["", "  "])
+)
+cls_texts = st.tuples(st.lists(cls_lines, max_size=20), st.sampled_from(["\n", "\r\n"])).map(
+    lambda t: t[1].join(t[0])
+)
 HUGE_ID = "9" * 5000  # more digits than int() converts
 
 
@@ -477,7 +614,9 @@ def test_cls_parser_agrees_with_the_statements_reader(text: str) -> None:
         assert parse_cls(text).ids == tuple(sorted(set(wanted)))
 
 
-def test_pack_rejects_a_cls_file_it_cannot_convert_instead_of_crashing(tmp_path, coco_sample, pack_dir) -> None:
+def test_pack_rejects_a_cls_file_it_cannot_convert_instead_of_crashing(
+    tmp_path, coco_sample, pack_dir
+) -> None:
     root = Path(shutil.copytree(coco_sample, tmp_path / "ms-coco"))
     huge = sorted((root / "labels/train/train").glob("*.cls"))[0]
     huge.write_text(HUGE_ID + "\n")
@@ -487,7 +626,9 @@ def test_pack_rejects_a_cls_file_it_cannot_convert_instead_of_crashing(tmp_path,
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-5, 200) | st.floats(allow_nan=False) | st.text(max_size=5),
-    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=8), inner, max_size=5), max_leaves=30)
+    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=8), inner, max_size=5),
+    max_leaves=30,
+)
 DEEP = "[" * 100_000 + "]" * 100_000
 
 
@@ -500,7 +641,9 @@ def test_submission_reader_answers_any_text_with_a_submission_or_a_user_error(te
         checked = validate_submission(parse_submission_text(text))
     except UserError:
         return
-    assert all(isinstance(k, str) and v == sorted(set(v)) and all(0 <= i < 80 for i in v) for k, v in checked.items())
+    assert all(
+        isinstance(k, str) and v == sorted(set(v)) and all(0 <= i < 80 for i in v) for k, v in checked.items()
+    )
 
 
 def test_evaluate_names_a_submission_nested_too_deep(tmp_path, capsys) -> None:

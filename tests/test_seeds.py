@@ -23,4 +23,7 @@ def test_every_purpose_draws_its_own_numbers() -> None:
 
 def test_the_bare_seed_is_numpys_own() -> None:
     """pack's split draws from numpy_rng(seed): the same numbers as np.random.default_rng(seed)."""
-    assert numpy_rng(5).integers(1000, size=5).tolist() == np.random.default_rng(5).integers(1000, size=5).tolist()
+    assert (
+        numpy_rng(5).integers(1000, size=5).tolist()
+        == np.random.default_rng(5).integers(1000, size=5).tolist()
+    )

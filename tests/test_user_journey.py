@@ -24,14 +24,34 @@ import pytest
 from cocoshard.training.runlog import CONFIG_FILE, RUN_FILE
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["--model", "cocoshard_tiny", "--device", "cpu", "--size", "64", "--batch-size", "16", "--workers", "0",
-        "--weights", "none", "--log-every", "2"]
+TINY = [
+    "--model",
+    "cocoshard_tiny",
+    "--device",
+    "cpu",
+    "--size",
+    "64",
+    "--batch-size",
+    "16",
+    "--workers",
+    "0",
+    "--weights",
+    "none",
+    "--log-every",
+    "2",
+]
 pytestmark = pytest.mark.slow
 
 
 def cocoshard(*args: object, timeout: float = 240) -> subprocess.CompletedProcess:
-    done = subprocess.run([sys.executable, "-m", "cocoshard", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, cwd=REPO, env={**os.environ, "COLUMNS": "1000"})
+    done = subprocess.run(
+        [sys.executable, "-m", "cocoshard", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+        env={**os.environ, "COLUMNS": "1000"},
+    )
     done.text = " ".join((done.stdout + done.stderr).split())  # rich wraps long lines
     return done
 
@@ -58,8 +78,23 @@ def run(sample_shards_jpeg: Path, tmp_path_factory: pytest.TempPathFactory) -> t
 @pytest.fixture(scope="module")
 def val_scores(run, sample_shards_jpeg, tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("scores")
-    ok(cocoshard("predict", "--checkpoint", run[0] / "best.pt", "--shards", sample_shards_jpeg, "--split", "val",
-                 "--out", folder / "val.json", "--scores", folder / "val-scores.npz", "--device", "cpu"))
+    ok(
+        cocoshard(
+            "predict",
+            "--checkpoint",
+            run[0] / "best.pt",
+            "--shards",
+            sample_shards_jpeg,
+            "--split",
+            "val",
+            "--out",
+            folder / "val.json",
+            "--scores",
+            folder / "val-scores.npz",
+            "--device",
+            "cpu",
+        )
+    )
     return folder
 
 
@@ -68,8 +103,12 @@ def val_scores(run, sample_shards_jpeg, tmp_path_factory) -> Path:
 
 def test_1_info_reports_the_pil_really_imported():
     text = ok(cocoshard("info"))
-    probe = subprocess.run([sys.executable, "-c", "import PIL; print(PIL.__version__)"], capture_output=True,
-                           text=True, check=True).stdout.strip()
+    probe = subprocess.run(
+        [sys.executable, "-c", "import PIL; print(PIL.__version__)"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     assert f"PIL {probe}" in text or probe in text
     assert ("SIMD resize" in text) or ("stock" in text.lower()) or ("pillow-simd" in text), text
 
@@ -80,7 +119,11 @@ def test_1_info_reports_the_pil_really_imported():
 def test_5_the_printed_and_saved_settings_are_the_resolved_ones(run):
     out, text = run
     config = json.loads((out / CONFIG_FILE).read_text())
-    assert config["device"] == "cpu" and config["amp_dtype"] in ("bf16", "fp16") and isinstance(config["workers"], int)
+    assert (
+        config["device"] == "cpu"
+        and config["amp_dtype"] in ("bf16", "fp16")
+        and isinstance(config["workers"], int)
+    )
     facts = json.loads((out / RUN_FILE).read_text())
     assert {"device_name", "world_size", "loader", "amp", "command", "versions"} <= set(facts), facts
     assert {"cocoshard", "torch", "torchvision", "PIL"} <= set(facts["versions"]), facts["versions"]
@@ -102,9 +145,26 @@ def test_4_resume_takes_the_run_from_its_folder(run, sample_shards_jpeg, tmp_pat
 
 def test_6_sigterm_says_which_epoch_is_kept_and_how_to_resume(sample_shards_jpeg, tmp_path):
     out = tmp_path / "run"
-    train = subprocess.Popen([sys.executable, "-m", "cocoshard", "train", "--shards", str(sample_shards_jpeg),
-                              "--out", str(out), "--epochs", "40", *TINY], cwd=REPO, text=True,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "COLUMNS": "1000"})
+    train = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "cocoshard",
+            "train",
+            "--shards",
+            str(sample_shards_jpeg),
+            "--out",
+            str(out),
+            "--epochs",
+            "40",
+            *TINY,
+        ],
+        cwd=REPO,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "COLUMNS": "1000"},
+    )
     deadline = time.monotonic() + 120
     while not (out / "last.pt").exists():
         assert train.poll() is None and time.monotonic() < deadline
@@ -123,7 +183,10 @@ def test_6_sigterm_says_which_epoch_is_kept_and_how_to_resume(sample_shards_jpeg
 def test_7_flag_habits(sample_shards_jpeg, coco_sample, tmp_path):
     unknown = cocoshard("train", "--shards", sample_shards_jpeg, "--no-such-flag")
     refused(unknown, "usage: cocoshard train", "--no-such-flag")
-    refused(cocoshard("train", "--shards", sample_shards_jpeg, "--out", tmp_path / "r", "--ep", "1", *TINY), "--ep")
+    refused(
+        cocoshard("train", "--shards", sample_shards_jpeg, "--out", tmp_path / "r", "--ep", "1", *TINY),
+        "--ep",
+    )
     images = coco_sample / "images" / "train-resized" / "train-resized"
     hint = cocoshard("train", "--shards", images, "--out", tmp_path / "r2", *TINY)
     refused(hint, "cocoshard pack")
@@ -133,19 +196,38 @@ def test_7_flag_habits(sample_shards_jpeg, coco_sample, tmp_path):
 # ------------------------------------------------------------------------------------- 9. predict
 
 
-def test_9_predict_names_every_bad_image_then_writes_a_complete_submission_on_request(run, coco_sample, tmp_path):
+def test_9_predict_names_every_bad_image_then_writes_a_complete_submission_on_request(
+    run, coco_sample, tmp_path
+):
     images = tmp_path / "images"
     shutil.copytree(coco_sample / "images" / "test-resized" / "test-resized", images)
     (images / "garbage.jpg").write_bytes(b"this is not an image")
     (images / "empty.jpg").write_bytes(b"")
     out = tmp_path / "predictions.json"
-    done = cocoshard("predict", "--checkpoint", run[0] / "best.pt", "--images", images, "--out", out, "--device", "cpu")
+    done = cocoshard(
+        "predict", "--checkpoint", run[0] / "best.pt", "--images", images, "--out", out, "--device", "cpu"
+    )
     refused(done, "garbage.jpg", "empty.jpg", "--unreadable prior")
     assert "BytesIO" not in done.text and not out.exists()
-    ok(cocoshard("predict", "--checkpoint", run[0] / "best.pt", "--images", images, "--out", out, "--device", "cpu",
-                 "--unreadable", "prior"))
+    ok(
+        cocoshard(
+            "predict",
+            "--checkpoint",
+            run[0] / "best.pt",
+            "--images",
+            images,
+            "--out",
+            out,
+            "--device",
+            "cpu",
+            "--unreadable",
+            "prior",
+        )
+    )
     submission = json.loads(out.read_text())
-    assert len(submission) == len(list(images.glob("*.jpg"))) and submission["garbage"] and submission["empty"]
+    assert (
+        len(submission) == len(list(images.glob("*.jpg"))) and submission["garbage"] and submission["empty"]
+    )
 
 
 # ------------------------------------------------------------------------------------- 10-12. evaluate
@@ -164,29 +246,104 @@ def test_10_evaluate_misses_no_image(val_scores, sample_shards_jpeg, tmp_path):
     assert "which images it must cover is not known without --images DIR" in format_only
 
 
-def test_11_scores_from_another_split_and_bad_options_are_refused(val_scores, run, sample_shards_jpeg, tmp_path):
+def test_11_scores_from_another_split_and_bad_options_are_refused(
+    val_scores, run, sample_shards_jpeg, tmp_path
+):
     test_predictions = tmp_path / "test.json"
-    ok(cocoshard("predict", "--checkpoint", run[0] / "best.pt", "--shards", sample_shards_jpeg, "--split", "test",
-                 "--out", test_predictions, "--scores", tmp_path / "test-scores.npz", "--device", "cpu"))
-    refused(cocoshard("evaluate", "--predictions", val_scores / "val.json", "--labels", sample_shards_jpeg,
-                      "--scores", tmp_path / "test-scores.npz"), "test-scores.npz")
-    refused(cocoshard("evaluate", "--predictions", val_scores / "val.json", "--labels", sample_shards_jpeg,
-                      "--report", tmp_path / "report", "--run", tmp_path / "nowhere"), "nowhere")
-    refused(cocoshard("predict", "--checkpoint", run[0] / "best.pt", "--shards", sample_shards_jpeg,
-                      "--out", tmp_path / "p.json", "--min-labels", "81"), "--min-labels")
+    ok(
+        cocoshard(
+            "predict",
+            "--checkpoint",
+            run[0] / "best.pt",
+            "--shards",
+            sample_shards_jpeg,
+            "--split",
+            "test",
+            "--out",
+            test_predictions,
+            "--scores",
+            tmp_path / "test-scores.npz",
+            "--device",
+            "cpu",
+        )
+    )
+    refused(
+        cocoshard(
+            "evaluate",
+            "--predictions",
+            val_scores / "val.json",
+            "--labels",
+            sample_shards_jpeg,
+            "--scores",
+            tmp_path / "test-scores.npz",
+        ),
+        "test-scores.npz",
+    )
+    refused(
+        cocoshard(
+            "evaluate",
+            "--predictions",
+            val_scores / "val.json",
+            "--labels",
+            sample_shards_jpeg,
+            "--report",
+            tmp_path / "report",
+            "--run",
+            tmp_path / "nowhere",
+        ),
+        "nowhere",
+    )
+    refused(
+        cocoshard(
+            "predict",
+            "--checkpoint",
+            run[0] / "best.pt",
+            "--shards",
+            sample_shards_jpeg,
+            "--out",
+            tmp_path / "p.json",
+            "--min-labels",
+            "81",
+        ),
+        "--min-labels",
+    )
 
 
 def test_12_thresholds_retuned_from_saved_scores_feed_predict(val_scores, run, sample_shards_jpeg, tmp_path):
     thresholds = tmp_path / "thresholds.json"
-    text = ok(cocoshard("thresholds", "--scores", val_scores / "val-scores.npz", "--labels", sample_shards_jpeg,
-                        "--out", thresholds))
+    text = ok(
+        cocoshard(
+            "thresholds",
+            "--scores",
+            val_scores / "val-scores.npz",
+            "--labels",
+            sample_shards_jpeg,
+            "--out",
+            thresholds,
+        )
+    )
     saved = json.loads(thresholds.read_text())
     values = np.asarray(saved["thresholds"], dtype=float)
     assert values.shape == (80,) and np.all((values >= 0) & (values <= 1))
     assert "default" in text  # which classes keep the default threshold, and why
     out = tmp_path / "p.json"
-    ok(cocoshard("predict", "--checkpoint", run[0] / "best.pt", "--shards", sample_shards_jpeg, "--split", "val",
-                 "--out", out, "--thresholds", thresholds, "--device", "cpu"))
+    ok(
+        cocoshard(
+            "predict",
+            "--checkpoint",
+            run[0] / "best.pt",
+            "--shards",
+            sample_shards_jpeg,
+            "--split",
+            "val",
+            "--out",
+            out,
+            "--thresholds",
+            thresholds,
+            "--device",
+            "cpu",
+        )
+    )
     assert len(json.loads(out.read_text())) == len(json.loads((val_scores / "val.json").read_text()))
 
 
@@ -195,8 +352,22 @@ def test_12_thresholds_retuned_from_saved_scores_feed_predict(val_scores, run, s
 
 def test_13_the_report_says_what_was_evaluated(val_scores, run, sample_shards_jpeg, tmp_path):
     report = tmp_path / "report"
-    ok(cocoshard("evaluate", "--predictions", val_scores / "val.json", "--labels", sample_shards_jpeg,
-                 "--scores", val_scores / "val-scores.npz", "--per-class", "--report", report, "--run", run[0]))
+    ok(
+        cocoshard(
+            "evaluate",
+            "--predictions",
+            val_scores / "val.json",
+            "--labels",
+            sample_shards_jpeg,
+            "--scores",
+            val_scores / "val-scores.npz",
+            "--per-class",
+            "--report",
+            report,
+            "--run",
+            run[0],
+        )
+    )
     summary = (report / "summary.md").read_text()
     assert "cocoshard_tiny" in summary and "best.pt" in summary and "epoch" in summary
     assert {p.name for p in report.glob("*.png")} >= {"curves.png", "per_class_f1.png"}

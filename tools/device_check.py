@@ -60,21 +60,46 @@ EPOCH_MODEL = "resnet18"
 
 def parse(argv: Optional[list[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="tools/device-check", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default=str(REPO / "bench" / "results" / "device"),
-                        help="folder for device-check.json and device-check.md (default: %(default)s)")
-    parser.add_argument("--work", default=None, help="folder for the generated data and runs (default: a temporary one)")
-    parser.add_argument("--train", type=int, default=52_000, help="generated train images (default: %(default)s)")
-    parser.add_argument("--test", type=int, default=5_000, help="generated test images (default: %(default)s)")
+    parser.add_argument(
+        "--out",
+        default=str(REPO / "bench" / "results" / "device"),
+        help="folder for device-check.json and device-check.md (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--work", default=None, help="folder for the generated data and runs (default: a temporary one)"
+    )
+    parser.add_argument(
+        "--train", type=int, default=52_000, help="generated train images (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--test", type=int, default=5_000, help="generated test images (default: %(default)s)"
+    )
     parser.add_argument("--batch-size", type=int, default=256, help="images per step (default: %(default)s)")
-    parser.add_argument("--peers", action=argparse.BooleanOptionalAction, default=True,
-                        help="bench the peers that are installed (default: %(default)s)")
-    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
-                        help="also measure the ceiling with torch.compile (default: %(default)s)")
-    parser.add_argument("--rehearse-on-cpu", action="store_true",
-                        help="run every step on a CPU with tiny sizes, to prove the script before GPU time is spent")
+    parser.add_argument(
+        "--peers",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="bench the peers that are installed (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also measure the ceiling with torch.compile (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--rehearse-on-cpu",
+        action="store_true",
+        help="run every step on a CPU with tiny sizes, to prove the script before GPU time is spent",
+    )
     args = parser.parse_args(argv)
     if args.rehearse_on_cpu:
-        args.train, args.test, args.batch_size, args.compile = min(args.train, 160), min(args.test, 24), 16, False
+        args.train, args.test, args.batch_size, args.compile = (
+            min(args.train, 160),
+            min(args.test, 24),
+            16,
+            False,
+        )
     return args
 
 
@@ -100,10 +125,18 @@ class Check:
         found["seconds"] = round(time.perf_counter() - started, 1)
 
 
-def cocoshard(*args: str, timeout: float, env: Optional[dict[str, str]] = None) -> subprocess.CompletedProcess:
+def cocoshard(
+    *args: str, timeout: float, env: Optional[dict[str, str]] = None
+) -> subprocess.CompletedProcess:
     """Run `python -m cocoshard ARGS`; raise with its last lines when it fails."""
-    done = subprocess.run([sys.executable, "-m", "cocoshard", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "COLUMNS": "200", **(env or {})})
+    done = subprocess.run(
+        [sys.executable, "-m", "cocoshard", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "COLUMNS": "200", **(env or {})},
+    )
     if done.returncode != 0:
         tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-8:])
         raise RuntimeError(f"cocoshard {args[0]} exited with {done.returncode}:\n{tail}")
@@ -119,12 +152,21 @@ def machine() -> dict[str, Any]:
     from cocoshard.info import pil_build
     from cocoshard.machine import usable_cores
 
-    found: dict[str, Any] = {"cpu_cores": usable_cores(), "python": platform.python_version(),
-                             "torch": torch.__version__, "cuda": torch.version.cuda, "pil": pil_build().describe()}
+    found: dict[str, Any] = {
+        "cpu_cores": usable_cores(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "pil": pil_build().describe(),
+    }
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
-        found.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),
-                     gpus=torch.cuda.device_count(), bf16=torch.cuda.is_bf16_supported())
+        found.update(
+            gpu=props.name,
+            gpu_memory_gib=round(props.total_memory / 2**30, 1),
+            gpus=torch.cuda.device_count(),
+            bf16=torch.cuda.is_bf16_supported(),
+        )
     return found
 
 
@@ -142,8 +184,12 @@ class UtilisationSampler:
         with contextlib.suppress(Exception):
             return float(torch.cuda.utilization(0))
         with contextlib.suppress(Exception):
-            out = subprocess.run(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits",
-                                  "-i", "0"], capture_output=True, text=True, timeout=5).stdout
+            out = subprocess.run(
+                ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "-i", "0"],
+                capture_output=True,
+                text=True,
+                timeout=5,
+            ).stdout
             return float(out.strip().splitlines()[0])
         return None
 
@@ -167,8 +213,11 @@ class UtilisationSampler:
         if not busy:
             return {"samples": len(self.samples)}
         window = self.samples[busy[0] : busy[-1] + 1]
-        return {"samples": len(window), "mean_pct": round(statistics.fmean(window), 1),
-                "median_pct": round(statistics.median(window), 1)}
+        return {
+            "samples": len(window),
+            "mean_pct": round(statistics.fmean(window), 1),
+            "median_pct": round(statistics.median(window), 1),
+        }
 
 
 # ------------------------------------------------------------------------------------ sections
@@ -178,8 +227,18 @@ def make_data(check: Check, work: Path, found: dict[str, Any]) -> dict[str, Path
     """A generated set at the challenge's resolution, packed as jpeg and as raw shards."""
     root, shards = work / "synth", {"jpeg": work / "shards-jpeg", "raw": work / "shards-raw"}
     started = time.perf_counter()
-    cocoshard("synth", "--out", str(root), "--train", str(check.args.train), "--test", str(check.args.test),
-              "--size", "64" if check.cpu else "224", timeout=900)
+    cocoshard(
+        "synth",
+        "--out",
+        str(root),
+        "--train",
+        str(check.args.train),
+        "--test",
+        str(check.args.test),
+        "--size",
+        "64" if check.cpu else "224",
+        timeout=900,
+    )
     found["synth_s"] = round(time.perf_counter() - started, 1)
     for pixel_format, out in shards.items():
         started = time.perf_counter()
@@ -192,8 +251,18 @@ def make_data(check: Check, work: Path, found: dict[str, Any]) -> dict[str, Path
 def bench(check: Check, work: Path, found: dict[str, Any]) -> None:
     """`pytest bench/ --benchmark` on this device; the table it writes, kept whole."""
     latest = work / "bench.json"
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "bench/", "--benchmark",
-               "--bench-out", str(latest)]
+    command = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "bench/",
+        "--benchmark",
+        "--bench-out",
+        str(latest),
+    ]
     if check.args.peers:
         command.append("--peers")
     if check.cpu:
@@ -219,10 +288,23 @@ def step_ceiling(check: Check, shards: Path, work: Path, model: str, compiled: b
 
     size = 64 if check.cpu else 224
     name = "cocoshard_tiny" if check.cpu else model
-    cfg = config.resolve(config.TrainConfig, {
-        "shards": str(shards), "out": str(work / f"ceiling-{model}"), "model": name, "weights": "none",
-        "device": check.device, "size": size, "batch_size": check.args.batch_size, "workers": 0, "amp": True,
-        "channels_last": True, "compile": compiled, "epochs": 1})
+    cfg = config.resolve(
+        config.TrainConfig,
+        {
+            "shards": str(shards),
+            "out": str(work / f"ceiling-{model}"),
+            "model": name,
+            "weights": "none",
+            "device": check.device,
+            "size": size,
+            "batch_size": check.args.batch_size,
+            "workers": 0,
+            "amp": True,
+            "channels_last": True,
+            "compile": compiled,
+            "epochs": 1,
+        },
+    )
     runtime = setup(check.device, amp=True)
     with contextlib.redirect_stdout(io.StringIO()):  # its printed settings: the same for every model
         tr = build_trainer(cfg, runtime, RunLog(cfg.out, enabled=False))
@@ -245,9 +327,15 @@ def step_ceiling(check: Check, shards: Path, work: Path, model: str, compiled: b
         train_step(tr, batch, meter)
     synchronize(device)
     seconds = time.perf_counter() - started
-    return {"model": name, "compile": compiled, "batch_size": n, "size": size,
-            "images_per_s": round(steps * n / seconds, 1), "host_syncs_per_step": syncs,
-            "amp_dtype": str(runtime.amp_dtype).split(".")[-1]}
+    return {
+        "model": name,
+        "compile": compiled,
+        "batch_size": n,
+        "size": size,
+        "images_per_s": round(steps * n / seconds, 1),
+        "host_syncs_per_step": syncs,
+        "amp_dtype": str(runtime.amp_dtype).split(".")[-1],
+    }
 
 
 def synchronize(device: Any) -> None:
@@ -292,10 +380,30 @@ def epochs(check: Check, shards: dict[str, Path], work: Path, found: dict[str, A
     model = "cocoshard_tiny" if check.cpu else EPOCH_MODEL
     for name, loader, decode, pixel_format in MODES:
         out = work / "runs" / name
-        args = ["train", "--shards", str(shards[pixel_format]), "--out", str(out), "--model", model,
-                "--weights", "none", "--amp", "--epochs", "1", "--batch-size", str(check.args.batch_size),
-                "--loader", loader, "--decode", decode, "--device", check.device,
-                "--size", "64" if check.cpu else "224"]
+        args = [
+            "train",
+            "--shards",
+            str(shards[pixel_format]),
+            "--out",
+            str(out),
+            "--model",
+            model,
+            "--weights",
+            "none",
+            "--amp",
+            "--epochs",
+            "1",
+            "--batch-size",
+            str(check.args.batch_size),
+            "--loader",
+            loader,
+            "--decode",
+            decode,
+            "--device",
+            check.device,
+            "--size",
+            "64" if check.cpu else "224",
+        ]
         row: dict[str, Any] = {"mode": name, "model": model}
         try:
             with UtilisationSampler() as sampler:
@@ -303,10 +411,13 @@ def epochs(check: Check, shards: dict[str, Path], work: Path, found: dict[str, A
                 cocoshard(*args, timeout=900)
                 row["wall_s"] = round(time.perf_counter() - started, 1)
             record = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
-            row.update(images_per_s=round(record["images_per_s"], 1), train_s=round(record["time_s"], 1),
-                       data_wait_share=round(record["data_wait_s"] / max(record["time_s"], 1e-9), 3),
-                       gpu_utilisation=sampler.summary(), val_f1=round(record["val"][record["selected"]]
-                                                                      ["server_f1"], 4))
+            row.update(
+                images_per_s=round(record["images_per_s"], 1),
+                train_s=round(record["time_s"], 1),
+                data_wait_share=round(record["data_wait_s"] / max(record["time_s"], 1e-9), 3),
+                gpu_utilisation=sampler.summary(),
+                val_f1=round(record["val"][record["selected"]]["server_f1"], 4),
+            )
         except Exception as exc:
             row["error"] = f"{type(exc).__name__}: {exc}"
         rows.append(row)
@@ -319,8 +430,20 @@ def predict_and_evaluate(check: Check, shards: Path, work: Path, found: dict[str
     for split in ("test", "val"):
         out = work / f"{split}.json"
         started = time.perf_counter()
-        cocoshard("predict", "--checkpoint", str(checkpoint), "--shards", str(shards), "--split", split,
-                  "--out", str(out), "--device", check.device, timeout=600)
+        cocoshard(
+            "predict",
+            "--checkpoint",
+            str(checkpoint),
+            "--shards",
+            str(shards),
+            "--split",
+            split,
+            "--out",
+            str(out),
+            "--device",
+            check.device,
+            timeout=600,
+        )
         found[f"predict_{split}_s"] = round(time.perf_counter() - started, 1)
         source = ["--images", str(shards)] if split == "test" else ["--labels", str(shards)]
         done = cocoshard("evaluate", "--predictions", str(out), *source, "--json", timeout=600)
@@ -341,43 +464,71 @@ def _cell(value: Any, digits: int = 0) -> str:
 def markdown(results: dict[str, Any]) -> str:
     """The tables the README's GPU section quotes, from the JSON this script writes."""
     m, sections = results.get("machine", {}), results.get("sections", {})
-    lines = [f"# device check, {results.get('started', '')}", "",
-             f"{m.get('gpu', 'no GPU')} ({m.get('gpu_memory_gib', '-')} GiB), {m.get('cpu_cores', '-')} CPU cores; "
-             f"torch {m.get('torch', '-')}, CUDA {m.get('cuda', '-')}; Pillow {m.get('pil', '-')}", ""]
+    lines = [
+        f"# device check, {results.get('started', '')}",
+        "",
+        f"{m.get('gpu', 'no GPU')} ({m.get('gpu_memory_gib', '-')} GiB), {m.get('cpu_cores', '-')} CPU "
+        "cores; "
+        f"torch {m.get('torch', '-')}, CUDA {m.get('cuda', '-')}; Pillow {m.get('pil', '-')}",
+        "",
+    ]
     for name, found in sections.items():
         if "error" in found:
-            lines += [f"**{name} failed** after {found.get('seconds', '-')} s: `{found['error'].splitlines()[0]}`", ""]
+            lines += [
+                f"**{name} failed** after {found.get('seconds', '-')} s: `{found['error'].splitlines()[0]}`",
+                "",
+            ]
     report = sections.get("bench", {}).get("report")
     if report:
-        lines += ["## Loaders: training-ready images/s on the device", "",
-                  "| pipeline | images/s | x folder | x best peer | CPU µs/image | output |", "|---|---|---|---|---|---|"]
+        lines += [
+            "## Loaders: training-ready images/s on the device",
+            "",
+            "| pipeline | images/s | x folder | x best peer | CPU µs/image | output |",
+            "|---|---|---|---|---|---|",
+        ]
         for name, entry in report["pipelines"].items():
             version = f" {entry['version']}" if entry.get("version") else ""
-            lines.append(f"| {name}{version} | {_cell(entry['images_per_s'])} | {_cell(entry.get('ratio_to_folder'), 2)} "
-                         f"| {_cell(entry.get('ratio_to_best_peer'), 2)} | {_cell(entry.get('cpu_us_per_image'))} "
-                         f"| {entry.get('output', '')} |")
+            lines.append(
+                f"| {name}{version} | {_cell(entry['images_per_s'])} | "
+                f"{_cell(entry.get('ratio_to_folder'), 2)} "
+                f"| {_cell(entry.get('ratio_to_best_peer'), 2)} | {_cell(entry.get('cpu_us_per_image'))} "
+                f"| {entry.get('output', '')} |"
+            )
         for name, why in report.get("skipped", {}).items():
             lines.append(f"| {name} | skipped: {why} | | | | |")
         lines.append("")
     ceiling = sections.get("ceiling", {}).get("rows", [])
     if ceiling:
-        lines += ["## Training-step ceiling (batch on the device, AMP + channels_last)", "",
-                  "| model | compile | batch | images/s | host syncs / step |", "|---|---|---|---|---|"]
+        lines += [
+            "## Training-step ceiling (batch on the device, AMP + channels_last)",
+            "",
+            "| model | compile | batch | images/s | host syncs / step |",
+            "|---|---|---|---|---|",
+        ]
         for row in ceiling:
             if "error" in row:
-                lines.append(f"| {row['model']} | {row['compile']} | | failed: {row['error'].splitlines()[0]} | |")
+                lines.append(
+                    f"| {row['model']} | {row['compile']} | | failed: {row['error'].splitlines()[0]} | |"
+                )
             else:
-                lines.append(f"| {row['model']} | {row['compile']} | {row['batch_size']} | {_cell(row['images_per_s'])} "
-                             f"| {_cell(row['host_syncs_per_step'], 1)} |")
+                lines.append(
+                    f"| {row['model']} | {row['compile']} | {row['batch_size']} | "
+                    f"{_cell(row['images_per_s'])} "
+                    f"| {_cell(row['host_syncs_per_step'], 1)} |"
+                )
         lines.append("")
     rows = sections.get("epochs", {}).get("rows", [])
     if rows:
         eager = {r["model"]: r["images_per_s"] for r in ceiling if "images_per_s" in r and not r["compile"]}
         data = sections.get("data", {})
-        lines += [f"## One `cocoshard train --amp` epoch per loader mode ({data.get('train_images', '-')} generated "
-                  "images)", "",
-                  "| loader | images/s | of the step's ceiling | waiting for data | GPU busy (mean) | epoch s |",
-                  "|---|---|---|---|---|---|"]
+        lines += [
+            f"## One `cocoshard train --amp` epoch per loader mode ({data.get('train_images', '-')} "
+            "generated "
+            "images)",
+            "",
+            "| loader | images/s | of the step's ceiling | waiting for data | GPU busy (mean) | epoch s |",
+            "|---|---|---|---|---|---|",
+        ]
         for row in rows:
             if "error" in row:
                 lines.append(f"| {row['mode']} | failed: {row['error'].splitlines()[0]} | | | | |")
@@ -385,16 +536,24 @@ def markdown(results: dict[str, Any]) -> str:
             top = eager.get(row["model"])
             share = f"{row['images_per_s'] / top:.0%}" if top else "-"
             utilisation = row["gpu_utilisation"].get("mean_pct")
-            lines.append(f"| {row['mode']} | {_cell(row['images_per_s'])} | {share} | {row['data_wait_share']:.0%} "
-                         f"| {_cell(utilisation)}{'%' if utilisation is not None else ''} | {_cell(row['train_s'], 1)} |")
+            lines.append(
+                f"| {row['mode']} | {_cell(row['images_per_s'])} | {share} | {row['data_wait_share']:.0%} "
+                f"| {_cell(utilisation)}{'%' if utilisation is not None else ''} | "
+                f"{_cell(row['train_s'], 1)} |"
+            )
         lines.append("")
     scored = sections.get("predict", {})
     if "evaluate_val" in scored:
         val = scored["evaluate_val"]
-        lines += ["## Predict and evaluate", "",
-                  f"test submission: {scored.get('evaluate_test', {}).get('images', '-')} images, format OK; "
-                  f"predict {scored.get('predict_test_s', '-')} s. val: server F1 {_cell(val.get('server_f1'), 4)}, "
-                  f"predict {scored.get('predict_val_s', '-')} s.", ""]
+        lines += [
+            "## Predict and evaluate",
+            "",
+            f"test submission: {scored.get('evaluate_test', {}).get('images', '-')} images, format OK; "
+            f"predict {scored.get('predict_test_s', '-')} s. val: server F1 "
+            f"{_cell(val.get('server_f1'), 4)}, "
+            f"predict {scored.get('predict_val_s', '-')} s.",
+            "",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -414,10 +573,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     import torch
 
     if not args.rehearse_on_cpu and not torch.cuda.is_available():
-        print(f"tools/device-check measures cocoshard on a CUDA GPU, and this machine has none "
-              f"(torch {torch.__version__}, CUDA build {torch.version.cuda or 'none'}, "
-              f"torch.cuda.is_available() is False). Run it on a machine with one; "
-              f"`tools/device-check --rehearse-on-cpu` runs every step tiny on this CPU.", file=sys.stderr)
+        print(
+            f"tools/device-check measures cocoshard on a CUDA GPU, and this machine has none "
+            f"(torch {torch.__version__}, CUDA build {torch.version.cuda or 'none'}, "
+            f"torch.cuda.is_available() is False). Run it on a machine with one; "
+            f"`tools/device-check --rehearse-on-cpu` runs every step tiny on this CPU.",
+            file=sys.stderr,
+        )
         return NO_CUDA
     check = Check(args, "cpu" if args.rehearse_on_cpu else "cuda")
     check.results["machine"] = machine()
@@ -443,8 +605,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
     failed = [name for name, found in check.results["sections"].items() if "error" in found]
-    print(f"written to {Path(args.out) / 'device-check.json'} and device-check.md in {check.results['total_s']} s"
-          + (f"; failed: {', '.join(failed)}" if failed else ""))
+    print(
+        f"written to {Path(args.out) / 'device-check.json'} and device-check.md in "
+        f"{check.results['total_s']} s" + (f"; failed: {', '.join(failed)}" if failed else "")
+    )
     return 1 if failed else 0
 
 

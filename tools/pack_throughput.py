@@ -38,12 +38,23 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    return f"{model}, {usable_cores()} cores usable, {pil_build().describe()}, Python {platform.python_version()}"
+    python = platform.python_version()
+    return f"{model}, {usable_cores()} cores usable, {pil_build().describe()}, Python {python}"
 
 
-def time_pack(root: Path, out: Path, pixel_format: str, repeats: int, workers: int, shard_samples: int) -> list[float]:
-    cfg = config.resolve(config.PackConfig, {"root": str(root), "out": str(out), "format": pixel_format,
-                                             "workers": workers, "shard_samples": shard_samples})
+def time_pack(
+    root: Path, out: Path, pixel_format: str, repeats: int, workers: int, shard_samples: int
+) -> list[float]:
+    cfg = config.resolve(
+        config.PackConfig,
+        {
+            "root": str(root),
+            "out": str(out),
+            "format": pixel_format,
+            "workers": workers,
+            "shard_samples": shard_samples,
+        },
+    )
     seconds = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -75,13 +86,23 @@ def main() -> None:
         root = Path(args.root) if args.root else work / "synthetic"
         if not args.root:
             start = time.perf_counter()
-            write_synthetic(SynthConfig(out=str(root), train=args.images, test=0, seed=0, workers=args.workers), progress=True)
+            write_synthetic(
+                SynthConfig(out=str(root), train=args.images, test=0, seed=0, workers=args.workers),
+                progress=True,
+            )
             elapsed = time.perf_counter() - start
             print(f"synth: {args.images:,} images in {elapsed:.1f} s = {args.images / elapsed:,.0f} images/s")
         images = count_inputs(root)
         print(f"| format | images | median of {args.repeats} | images/s |\n|---|---|---|---|")
         for pixel_format in ("jpeg", "raw"):
-            seconds = time_pack(root, work / f"shards-{pixel_format}", pixel_format, args.repeats, args.workers, args.shard_samples)
+            seconds = time_pack(
+                root,
+                work / f"shards-{pixel_format}",
+                pixel_format,
+                args.repeats,
+                args.workers,
+                args.shard_samples,
+            )
             median = statistics.median(seconds)
             print(f"| {pixel_format} | {images:,} | {median:.1f} s | {images / median:,.0f} |", flush=True)
         print(f"load average after: {os.getloadavg()[0]:.2f}")

@@ -15,8 +15,14 @@ import importlib
 from typing import Callable
 
 PEERS = ("webdataset", "ffcv-jpeg", "ffcv-raw", "dali", "litdata", "mosaic")
-_MODULES = {"webdataset": "webdataset_loader", "ffcv-jpeg": "ffcv_loader", "ffcv-raw": "ffcv_loader",
-            "dali": "dali_loader", "litdata": "litdata_loader", "mosaic": "mosaic_loader"}
+_MODULES = {
+    "webdataset": "webdataset_loader",
+    "ffcv-jpeg": "ffcv_loader",
+    "ffcv-raw": "ffcv_loader",
+    "dali": "dali_loader",
+    "litdata": "litdata_loader",
+    "mosaic": "mosaic_loader",
+}
 
 
 def builder(name: str) -> Callable:

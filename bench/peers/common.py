@@ -25,12 +25,14 @@ def tensor_transform(size: int):
     resize on uint8, then one float conversion and normalisation): the fastest torchvision way."""
     from torchvision.transforms import v2
 
-    return v2.Compose([
-        v2.RandomResizedCrop(size, scale=SCALE, ratio=RATIO, antialias=True),
-        v2.RandomHorizontalFlip(),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(MEAN, STD),
-    ])
+    return v2.Compose(
+        [
+            v2.RandomResizedCrop(size, scale=SCALE, ratio=RATIO, antialias=True),
+            v2.RandomHorizontalFlip(),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(MEAN, STD),
+        ]
+    )
 
 
 def to_channels_last(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -44,7 +46,8 @@ def labels_of(keys: list[str], data) -> torch.Tensor:
 
 
 def dataloader_epochs(loader, device: torch.device):
-    """`epoch(number)` over a loader of (NCHW float images, labels, keys) batches: channels_last on arrival."""
+    """`epoch(number)` over a loader of (NCHW float images, labels, keys) batches, made channels_last
+    on arrival."""
 
     def epoch(number: int):
         for images, labels, keys in loader:

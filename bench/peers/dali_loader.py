@@ -29,15 +29,29 @@ def build(data, batch: int, workers: int, size: int, device: torch.device) -> Pi
     files = [str(data.images / f"{key}.jpg") for key in data.keys]
     on_gpu = device.type == "cuda"
 
-    @pipeline_def(batch_size=batch, num_threads=workers, device_id=device.index or 0 if on_gpu else None, seed=0)
+    @pipeline_def(
+        batch_size=batch, num_threads=workers, device_id=device.index or 0 if on_gpu else None, seed=0
+    )
     def pipeline():
-        jpegs, index = fn.readers.file(files=files, labels=list(range(len(files))), shuffle_after_epoch=True,
-                                       pad_last_batch=True, name="reader")
+        jpegs, index = fn.readers.file(
+            files=files,
+            labels=list(range(len(files))),
+            shuffle_after_epoch=True,
+            pad_last_batch=True,
+            name="reader",
+        )
         images = fn.decoders.image(jpegs, device="mixed" if on_gpu else "cpu", output_type=types.RGB)
-        images = fn.random_resized_crop(images, size=(size, size), random_area=SCALE, random_aspect_ratio=RATIO)
-        images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="HWC",
-                                          mean=[m * 255 for m in MEAN], std=[s * 255 for s in STD],
-                                          mirror=fn.random.coin_flip())
+        images = fn.random_resized_crop(
+            images, size=(size, size), random_area=SCALE, random_aspect_ratio=RATIO
+        )
+        images = fn.crop_mirror_normalize(
+            images,
+            dtype=types.FLOAT,
+            output_layout="HWC",
+            mean=[m * 255 for m in MEAN],
+            std=[s * 255 for s in STD],
+            mirror=fn.random.coin_flip(),
+        )
         return images, index
 
     built = pipeline()
@@ -45,8 +59,13 @@ def build(data, batch: int, workers: int, size: int, device: torch.device) -> Pi
         built.build()
     except RuntimeError as exc:
         raise PeerUnavailable(f"DALI cannot build its pipeline here: {str(exc).splitlines()[0]}") from None
-    iterator = DALIGenericIterator([built], ["images", "index"], reader_name="reader",
-                                   last_batch_policy=LastBatchPolicy.DROP, auto_reset=False)
+    iterator = DALIGenericIterator(
+        [built],
+        ["images", "index"],
+        reader_name="reader",
+        last_batch_policy=LastBatchPolicy.DROP,
+        auto_reset=False,
+    )
     state = {"fresh": True}
 
     def epoch(number: int):
@@ -57,6 +76,13 @@ def build(data, batch: int, workers: int, size: int, device: torch.device) -> Pi
             keys = [data.keys[i] for i in out[0]["index"].flatten().tolist()]
             yield out[0]["images"].permute(0, 3, 1, 2), labels_of(keys, data), keys
 
-    return Pipeline("dali", epoch, "float32 channels_last", torch.float32, version=release, peer=True,
-                    notes=f"{'GPU' if on_gpu else 'CPU'} pipeline; shuffle_after_epoch + pad_last_batch for exact "
-                          "epochs (random_shuffle repeats and drops images)")
+    return Pipeline(
+        "dali",
+        epoch,
+        "float32 channels_last",
+        torch.float32,
+        version=release,
+        peer=True,
+        notes=f"{'GPU' if on_gpu else 'CPU'} pipeline; shuffle_after_epoch + pad_last_batch for exact "
+        "epochs (random_shuffle repeats and drops images)",
+    )

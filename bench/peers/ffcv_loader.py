@@ -45,8 +45,11 @@ def _beton(data, mode: str, workers: int):
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_suffix(".partial")
-        fields = {"image": RGBImageField(write_mode=mode, max_resolution=224, jpeg_quality=90),
-                  "labels": NDArrayField(np.dtype("uint8"), (80,)), "index": IntField()}
+        fields = {
+            "image": RGBImageField(write_mode=mode, max_resolution=224, jpeg_quality=90),
+            "labels": NDArrayField(np.dtype("uint8"), (80,)),
+            "index": IntField(),
+        }
         DatasetWriter(str(partial), fields, num_workers=workers).from_indexed_dataset(_Images(data))
         partial.rename(path)
     return path
@@ -72,20 +75,42 @@ def _build(mode: str, data, batch: int, workers: int, size: int, device: torch.d
         raise PeerUnavailable(f"ffcv does not import: {exc}") from None
     path = _beton(data, mode, workers)
     mean, std = np.array(MEAN) * 255, np.array(STD) * 255
-    image = [RandomResizedCropRGBImageDecoder((size, size), scale=SCALE, ratio=RATIO), RandomHorizontalFlip(),
-             NormalizeImage(mean, std, np.float32), ToTensor(), ToTorchImage()]
-    loader = Loader(str(path), batch_size=batch, num_workers=workers, order=OrderOption.RANDOM, os_cache=True,
-                    drop_last=True, seed=0, pipelines={"image": image, "labels": [NDArrayDecoder(), ToTensor()],
-                                                       "index": [IntDecoder(), ToTensor(), Squeeze()]})
+    image = [
+        RandomResizedCropRGBImageDecoder((size, size), scale=SCALE, ratio=RATIO),
+        RandomHorizontalFlip(),
+        NormalizeImage(mean, std, np.float32),
+        ToTensor(),
+        ToTorchImage(),
+    ]
+    loader = Loader(
+        str(path),
+        batch_size=batch,
+        num_workers=workers,
+        order=OrderOption.RANDOM,
+        os_cache=True,
+        drop_last=True,
+        seed=0,
+        pipelines={
+            "image": image,
+            "labels": [NDArrayDecoder(), ToTensor()],
+            "index": [IntDecoder(), ToTensor(), Squeeze()],
+        },
+    )
 
     def epoch(number: int):
         for images, labels, index in loader:
             yield images.to(device, non_blocking=True), labels, [data.keys[i] for i in index.tolist()]
 
-    return Pipeline(f"ffcv-{'raw' if mode == 'raw' else 'jpeg'}", epoch, "float32 channels_last", torch.float32,
-                    version=release, peer=True,
-                    notes=f"{mode} .beton, os_cache, RandomResizedCropRGBImageDecoder; NormalizeImage before ToTensor "
-                          "(its example's order never builds on a CPU)")
+    return Pipeline(
+        f"ffcv-{'raw' if mode == 'raw' else 'jpeg'}",
+        epoch,
+        "float32 channels_last",
+        torch.float32,
+        version=release,
+        peer=True,
+        notes=f"{mode} .beton, os_cache, RandomResizedCropRGBImageDecoder; NormalizeImage before ToTensor "
+        "(its example's order never builds on a CPU)",
+    )
 
 
 def build_jpeg(data, batch: int, workers: int, size: int, device: torch.device) -> Pipeline:

@@ -46,8 +46,19 @@ def _optimized(data, workers: int):
         script = data.cache / "litdata_optimize.py"
         script.write_text(_OPTIMIZE)
         labels = find_sources(str(data.root)).train_labels
-        subprocess.run([sys.executable, str(script), str(data.images), str(labels), str(out), str(workers),
-                        ",".join(data.keys)], check=True, capture_output=True)
+        subprocess.run(
+            [
+                sys.executable,
+                str(script),
+                str(data.images),
+                str(labels),
+                str(out),
+                str(workers),
+                ",".join(data.keys),
+            ],
+            check=True,
+            capture_output=True,
+        )
     return out
 
 
@@ -71,8 +82,14 @@ def build(data, batch: int, workers: int, size: int, device: torch.device) -> Pi
     dataset = Augmented(str(out), shuffle=True, drop_last=True, seed=0)
     loader = litdata.StreamingDataLoader(dataset, batch_size=batch, num_workers=workers, drop_last=True)
 
-
     epoch = dataloader_epochs(loader, device)
-    return Pipeline("litdata", epoch, "float32 channels_last", torch.float32, version=release, peer=True,
-                    notes="optimize (in its own process: it switches to spawn) to JPEG bytes; torchvision decode "
-                          "+ v2 transforms per sample in StreamingDataLoader workers")
+    return Pipeline(
+        "litdata",
+        epoch,
+        "float32 channels_last",
+        torch.float32,
+        version=release,
+        peer=True,
+        notes="optimize (in its own process: it switches to spawn) to JPEG bytes; torchvision decode "
+        "+ v2 transforms per sample in StreamingDataLoader workers",
+    )

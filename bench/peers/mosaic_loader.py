@@ -23,7 +23,13 @@ def _written(data) -> str:
         columns = {"image": "bytes", "labels": "ndarray:uint8", "key": "str"}
         with MDSWriter(out=str(out), columns=columns, size_limit="16mb") as writer:
             for key in data.keys:
-                writer.write({"image": (data.images / f"{key}.jpg").read_bytes(), "labels": data.labels[key], "key": key})
+                writer.write(
+                    {
+                        "image": (data.images / f"{key}.jpg").read_bytes(),
+                        "labels": data.labels[key],
+                        "key": key,
+                    }
+                )
     return str(out)
 
 
@@ -40,16 +46,25 @@ def build(data, batch: int, workers: int, size: int, device: torch.device) -> Pi
     class Augmented(streaming.StreamingDataset):
         def __getitem__(self, index):
             sample = super().__getitem__(index)
-            image = decode_jpeg(torch.frombuffer(bytearray(sample["image"]), dtype=torch.uint8), mode=ImageReadMode.RGB)
+            image = decode_jpeg(
+                torch.frombuffer(bytearray(sample["image"]), dtype=torch.uint8), mode=ImageReadMode.RGB
+            )
             return transform(image), torch.as_tensor(sample["labels"]), sample["key"]
 
     streaming.base.util.clean_stale_shared_memory()
     dataset = Augmented(local=local, shuffle=True, shuffle_seed=0, batch_size=batch)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch, num_workers=workers, drop_last=True,
-                                         persistent_workers=workers > 0)
-
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch, num_workers=workers, drop_last=True, persistent_workers=workers > 0
+    )
 
     epoch = dataloader_epochs(loader, device)
-    return Pipeline("mosaic", epoch, "float32 channels_last", torch.float32, version=release, peer=True,
-                    notes="MDSWriter shards of JPEG bytes; torchvision decode + v2 transforms per sample in "
-                          "DataLoader workers")
+    return Pipeline(
+        "mosaic",
+        epoch,
+        "float32 channels_last",
+        torch.float32,
+        version=release,
+        peer=True,
+        notes="MDSWriter shards of JPEG bytes; torchvision decode + v2 transforms per sample in "
+        "DataLoader workers",
+    )

@@ -35,24 +35,36 @@ def build(data, batch: int, workers: int, size: int, device: torch.device) -> Pi
     urls = sorted(str(p) for p in data.shards["jpeg"].glob("train-*.tar"))
     if len(urls) < workers:
         raise PeerUnavailable(f"{len(urls)} shards for {workers} workers: WebDataset splits by whole shards")
-    transform = transforms.Compose([
-        transforms.RandomResizedCrop(size, scale=SCALE, ratio=RATIO),
-        transforms.RandomHorizontalFlip(),
-        transforms.ToTensor(),
-        transforms.Normalize(MEAN, STD),
-    ])
+    transform = transforms.Compose(
+        [
+            transforms.RandomResizedCrop(size, scale=SCALE, ratio=RATIO),
+            transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(),
+            transforms.Normalize(MEAN, STD),
+        ]
+    )
 
     def labels(array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(array))
 
-    dataset = (wds.WebDataset(urls, shardshuffle=len(urls), seed=0, empty_check=False)
-               .shuffle(1000).decode("pil").to_tuple("jpg;png", "labels.npy", "__key__")
-               .map_tuple(lambda image: transform(image.convert("RGB")), labels, str)
-               .batched(batch, partial=False))
+    dataset = (
+        wds.WebDataset(urls, shardshuffle=len(urls), seed=0, empty_check=False)
+        .shuffle(1000)
+        .decode("pil")
+        .to_tuple("jpg;png", "labels.npy", "__key__")
+        .map_tuple(lambda image: transform(image.convert("RGB")), labels, str)
+        .batched(batch, partial=False)
+    )
     loader = wds.WebLoader(dataset, batch_size=None, num_workers=workers, persistent_workers=workers > 0)
 
-
     epoch = dataloader_epochs(loader, device)
-    return Pipeline("webdataset", epoch, "float32 channels_last", torch.float32, version=release, peer=True,
-                    notes="canonical pipeline over cocoshard's jpeg shards: PIL decode, per-sample torchvision "
-                          "transforms, shards split over workers")
+    return Pipeline(
+        "webdataset",
+        epoch,
+        "float32 channels_last",
+        torch.float32,
+        version=release,
+        peer=True,
+        notes="canonical pipeline over cocoshard's jpeg shards: PIL decode, per-sample torchvision "
+        "transforms, shards split over workers",
+    )

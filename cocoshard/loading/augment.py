@@ -59,8 +59,14 @@ _constants: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 # ------------------------------------------------------------------------------ parameters
 
 
-def sample_crops(sizes: torch.Tensor, *, generator: torch.Generator, scale: Sequence[float] = (0.35, 1.0),
-                 ratio: Sequence[float] = RRC_RATIO, attempts: int = CROP_ATTEMPTS) -> torch.Tensor:
+def sample_crops(
+    sizes: torch.Tensor,
+    *,
+    generator: torch.Generator,
+    scale: Sequence[float] = (0.35, 1.0),
+    ratio: Sequence[float] = RRC_RATIO,
+    attempts: int = CROP_ATTEMPTS,
+) -> torch.Tensor:
     """Random resized crop boxes (top, left, height, width), int64 (N, 4), inside each (h, w).
 
     Vectorised torchvision RandomResizedCrop.get_params: `attempts` draws of area fraction in
@@ -88,8 +94,12 @@ def sample_crops(sizes: torch.Tensor, *, generator: torch.Generator, scale: Sequ
     crop_h = torch.where(found, crop_h, whole_h).clamp(1, None).minimum(height)
 
     where = torch.rand((n, 2), generator=generator, device=device, dtype=torch.float64)
-    top = torch.where(found, torch.floor(where[:, 0:1] * (height - crop_h + 1)), torch.floor((height - crop_h) / 2))
-    left = torch.where(found, torch.floor(where[:, 1:2] * (width - crop_w + 1)), torch.floor((width - crop_w) / 2))
+    top = torch.where(
+        found, torch.floor(where[:, 0:1] * (height - crop_h + 1)), torch.floor((height - crop_h) / 2)
+    )
+    left = torch.where(
+        found, torch.floor(where[:, 1:2] * (width - crop_w + 1)), torch.floor((width - crop_w) / 2)
+    )
     top = top.minimum(height - crop_h)
     left = left.minimum(width - crop_w)
     return torch.cat([top, left, crop_h, crop_w], dim=1).long()
@@ -134,8 +144,12 @@ def _thread_pool(threads: int) -> ThreadPoolExecutor:
         if _threads is None or _threads[0] != threads:
             if _threads is not None:
                 _threads[1].shutdown(wait=False)
-            _threads = (threads, ThreadPoolExecutor(max_workers=threads, thread_name_prefix="cocoshard-augment",
-                                                    initializer=_single_threaded))
+            _threads = (
+                threads,
+                ThreadPoolExecutor(
+                    max_workers=threads, thread_name_prefix="cocoshard-augment", initializer=_single_threaded
+                ),
+            )
         return _threads[1]
 
 
@@ -150,11 +164,19 @@ def resize_into(crop: torch.Tensor, out: torch.Tensor) -> None:
         return
     shrinks = crop.shape[-2] > out.shape[-2] or crop.shape[-1] > out.shape[-1]
     source = crop if crop.device.type == "cpu" and crop.dtype == torch.uint8 else crop.float()
-    out.copy_(F.interpolate(source, size=out.shape[-2:], mode="bilinear", align_corners=False, antialias=shrinks))
+    out.copy_(
+        F.interpolate(source, size=out.shape[-2:], mode="bilinear", align_corners=False, antialias=shrinks)
+    )
 
 
-def _resize_normalise_each(images: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor, rows: Optional[torch.Tensor],
-                           result: torch.Tensor, threads: int) -> None:
+def _resize_normalise_each(
+    images: torch.Tensor,
+    boxes: torch.Tensor,
+    flips: torch.Tensor,
+    rows: Optional[torch.Tensor],
+    result: torch.Tensor,
+    threads: int,
+) -> None:
     """Per image: crop, flip, resize (uint8 on CPU), normalise into row n of `result` (N, o, o, 3).
 
     Image n is `images[rows[n]]` (all of `images` in order without `rows`): a loader holding a
@@ -203,13 +225,17 @@ def _source_grid(start: torch.Tensor, length: torch.Tensor, out_size: int, canva
     return ((2 * (start.double()[:, None] + src) + 1) / canvas - 1).float()
 
 
-def _grid_resample(images: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor, out_size: int) -> torch.Tensor:
+def _grid_resample(
+    images: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor, out_size: int
+) -> torch.Tensor:
     """The whole batch in one grid_sample: float32 (N, 3, out, out), values 0-255."""
     n, canvas = images.shape[0], images.shape[1]
     gx = _source_grid(boxes[:, 1], boxes[:, 3], out_size, canvas)
     gy = _source_grid(boxes[:, 0], boxes[:, 2], out_size, canvas)
     gx = torch.where(flips.to(gx.device)[:, None], gx.flip(1), gx)
-    grid = torch.stack((gx[:, None, :].expand(n, out_size, out_size), gy[:, :, None].expand(n, out_size, out_size)), dim=-1)
+    grid = torch.stack(
+        (gx[:, None, :].expand(n, out_size, out_size), gy[:, :, None].expand(n, out_size, out_size)), dim=-1
+    )
     source = images.permute(0, 3, 1, 2).float()
     return F.grid_sample(source, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
@@ -246,15 +272,26 @@ def _normalise_nchw(pixels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 # ------------------------------------------------------------------------------- public API
 
 
-def output_buffer(n: int, out_size: int, dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
+def output_buffer(
+    n: int, out_size: int, dtype: torch.dtype, device: torch.device | str = "cpu"
+) -> torch.Tensor:
     """An (N, out, out, 3) NHWC tensor for `out=`: its permute(0, 3, 1, 2) is the channels_last result."""
     return torch.empty((n, out_size, out_size, 3), dtype=dtype, device=device)
 
 
-def crop_resize_normalise(images: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor, *, out_size: int,
-                          dtype: torch.dtype = torch.float32, channels_last: bool = True, method: str = "auto",
-                          threads: int = DEFAULT_THREADS, rows: Optional[torch.Tensor] = None,
-                          out: Optional[torch.Tensor] = None) -> torch.Tensor:
+def crop_resize_normalise(
+    images: torch.Tensor,
+    boxes: torch.Tensor,
+    flips: torch.Tensor,
+    *,
+    out_size: int,
+    dtype: torch.dtype = torch.float32,
+    channels_last: bool = True,
+    method: str = "auto",
+    threads: int = DEFAULT_THREADS,
+    rows: Optional[torch.Tensor] = None,
+    out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """Crop each box, resize to out x out, mirror where `flips`, normalise: (N, 3, out, out) in `dtype`.
 
     `rows` picks image n from `images[rows[n]]` ("resize" only). `out`, an NHWC buffer from
@@ -281,11 +318,22 @@ def crop_resize_normalise(images: torch.Tensor, boxes: torch.Tensor, flips: torc
     return result if channels_last else result.contiguous()
 
 
-def train_augment(images: torch.Tensor, sizes: torch.Tensor, *, out_size: int, generator: torch.Generator,
-                  scale: Sequence[float] = (0.35, 1.0), ratio: Sequence[float] = RRC_RATIO, flip: bool = True,
-                  dtype: torch.dtype = torch.float32, channels_last: bool = True, method: str = "auto",
-                  threads: int = DEFAULT_THREADS, rows: Optional[torch.Tensor] = None,
-                  out: Optional[torch.Tensor] = None) -> torch.Tensor:
+def train_augment(
+    images: torch.Tensor,
+    sizes: torch.Tensor,
+    *,
+    out_size: int,
+    generator: torch.Generator,
+    scale: Sequence[float] = (0.35, 1.0),
+    ratio: Sequence[float] = RRC_RATIO,
+    flip: bool = True,
+    dtype: torch.dtype = torch.float32,
+    channels_last: bool = True,
+    method: str = "auto",
+    threads: int = DEFAULT_THREADS,
+    rows: Optional[torch.Tensor] = None,
+    out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """Random resized crop inside each image + horizontal flip + normalisation, seeded by `generator`.
 
     `scale` bounds the crop's share of the image area: keep its lower end generous (the default
@@ -303,19 +351,49 @@ def train_augment(images: torch.Tensor, sizes: torch.Tensor, *, out_size: int, g
             flips = torch.rand(n, generator=generator, device=images.device) < 0.5
         else:
             flips = torch.zeros(n, dtype=torch.bool, device=images.device)
-    return crop_resize_normalise(images, boxes, flips, out_size=out_size, dtype=dtype, channels_last=channels_last,
-                                 method=method, threads=threads, rows=rows, out=out)
+    return crop_resize_normalise(
+        images,
+        boxes,
+        flips,
+        out_size=out_size,
+        dtype=dtype,
+        channels_last=channels_last,
+        method=method,
+        threads=threads,
+        rows=rows,
+        out=out,
+    )
 
 
-def eval_transform(images: torch.Tensor, sizes: torch.Tensor, *, out_size: int, dtype: torch.dtype = torch.float32,
-                   channels_last: bool = True, method: str = "auto", flip: bool = False,
-                   threads: int = DEFAULT_THREADS, rows: Optional[torch.Tensor] = None,
-                   out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Each image's whole (h, w) region resized to out x out (no crop), normalised; `flip` mirrors all (TTA)."""
+def eval_transform(
+    images: torch.Tensor,
+    sizes: torch.Tensor,
+    *,
+    out_size: int,
+    dtype: torch.dtype = torch.float32,
+    channels_last: bool = True,
+    method: str = "auto",
+    flip: bool = False,
+    threads: int = DEFAULT_THREADS,
+    rows: Optional[torch.Tensor] = None,
+    out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Each image's whole (h, w) region resized to out x out (no crop), normalised; `flip` mirrors
+    all of them (test-time augmentation)."""
     boxes = whole_boxes(sizes.to(images.device))
     flips = torch.full((sizes.shape[0],), flip, dtype=torch.bool, device=images.device)
-    return crop_resize_normalise(images, boxes, flips, out_size=out_size, dtype=dtype, channels_last=channels_last,
-                                 method=method, threads=threads, rows=rows, out=out)
+    return crop_resize_normalise(
+        images,
+        boxes,
+        flips,
+        out_size=out_size,
+        dtype=dtype,
+        channels_last=channels_last,
+        method=method,
+        threads=threads,
+        rows=rows,
+        out=out,
+    )
 
 
 # ------------------------------------------------------------------------------- transforms
@@ -334,12 +412,31 @@ class TrainTransform:
     method: str = "auto"  # resampler: "resize" on a CPU, "grid" on CUDA (see the module doc)
     random = True  # draws from a generator: the loader seeds one per epoch, rank and worker
 
-    def apply(self, images: torch.Tensor, sizes: torch.Tensor, *, generator: Optional[torch.Generator],
-              threads: int = DEFAULT_THREADS, rows: Optional[torch.Tensor] = None,
-              out: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return train_augment(images, sizes, out_size=self.out_size, generator=generator, scale=self.scale,
-                             ratio=self.ratio, flip=self.flip, dtype=self.dtype, channels_last=self.channels_last,
-                             method=self.method, threads=threads, rows=rows, out=out)
+    def apply(
+        self,
+        images: torch.Tensor,
+        sizes: torch.Tensor,
+        *,
+        generator: Optional[torch.Generator],
+        threads: int = DEFAULT_THREADS,
+        rows: Optional[torch.Tensor] = None,
+        out: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        return train_augment(
+            images,
+            sizes,
+            out_size=self.out_size,
+            generator=generator,
+            scale=self.scale,
+            ratio=self.ratio,
+            flip=self.flip,
+            dtype=self.dtype,
+            channels_last=self.channels_last,
+            method=self.method,
+            threads=threads,
+            rows=rows,
+            out=out,
+        )
 
 
 @dataclass(frozen=True)
@@ -353,9 +450,25 @@ class EvalTransform:
     method: str = "auto"
     random = False
 
-    def apply(self, images: torch.Tensor, sizes: torch.Tensor, *, generator: Optional[torch.Generator] = None,
-              threads: int = DEFAULT_THREADS, rows: Optional[torch.Tensor] = None,
-              out: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return eval_transform(images, sizes, out_size=self.out_size, dtype=self.dtype,
-                              channels_last=self.channels_last, flip=self.flip, method=self.method, threads=threads,
-                              rows=rows, out=out)
+    def apply(
+        self,
+        images: torch.Tensor,
+        sizes: torch.Tensor,
+        *,
+        generator: Optional[torch.Generator] = None,
+        threads: int = DEFAULT_THREADS,
+        rows: Optional[torch.Tensor] = None,
+        out: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        return eval_transform(
+            images,
+            sizes,
+            out_size=self.out_size,
+            dtype=self.dtype,
+            channels_last=self.channels_last,
+            flip=self.flip,
+            method=self.method,
+            threads=threads,
+            rows=rows,
+            out=out,
+        )

@@ -107,8 +107,13 @@ class BufferPool:
         self._max_per_key, self._max_keys = max_per_key, max_keys
         self._lock = threading.Lock()
 
-    def take(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str = "cpu",
-             pin_memory: bool = False) -> torch.Tensor:
+    def take(
+        self,
+        shape: tuple[int, ...],
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+        pin_memory: bool = False,
+    ) -> torch.Tensor:
         """An uninitialised tensor of `shape` and `dtype` on `device` (pooled on the CPU only)."""
         device = torch.device(device)
         if device.type != "cpu":

@@ -97,8 +97,10 @@ def check_pixel_count(data: bytes | memoryview, ext: str) -> None:
     """Raise BadSample when the image's header declares more than MAX_IMAGE_PIXELS pixels."""
     declared = image_size(data, ext)
     if declared is not None and declared[0] * declared[1] > MAX_IMAGE_PIXELS:
-        raise BadSample(f"refused, too many pixels: the .{ext} image declares {declared[1]} x {declared[0]}, "
-                        f"more than the {MAX_IMAGE_PIXELS:,} an image may have")
+        raise BadSample(
+            f"refused, too many pixels: the .{ext} image declares {declared[1]} x {declared[0]}, "
+            f"more than the {MAX_IMAGE_PIXELS:,} an image may have"
+        )
 
 
 # ----------------------------------------------------------------------------------- decoding
@@ -168,8 +170,10 @@ def image_member(sample: Sample) -> str:
         raise BadSample(problem)
     found = [ext for ext in (EXT_PIXELS, EXT_JPEG, EXT_PNG) if ext in sample.members]
     if len(found) != 1:
-        raise BadSample(f"{'no' if not found else len(found)} image members (.{EXT_JPEG}, .{EXT_PNG} or "
-                        f".{EXT_PIXELS}); it has {sorted(sample.members)}")
+        raise BadSample(
+            f"{'no' if not found else len(found)} image members (.{EXT_JPEG}, .{EXT_PNG} or "
+            f".{EXT_PIXELS}); it has {sorted(sample.members)}"
+        )
     return found[0]
 
 

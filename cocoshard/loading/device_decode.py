@@ -41,8 +41,13 @@ def _decode_png(encoded: torch.Tensor, device: torch.device) -> torch.Tensor:
     return tvio.decode_png(encoded, mode=tvio.ImageReadMode.RGB).to(device, non_blocking=True)
 
 
-def _each_jpeg(encoded: list[torch.Tensor], keys: Sequence[str], device: torch.device,
-               skip_bad: bool, where: Optional[Where]) -> list[Optional[torch.Tensor]]:
+def _each_jpeg(
+    encoded: list[torch.Tensor],
+    keys: Sequence[str],
+    device: torch.device,
+    skip_bad: bool,
+    where: Optional[Where],
+) -> list[Optional[torch.Tensor]]:
     """One at a time, to find which JPEG broke the batch: None for each bad one when skipping."""
     out: list[Optional[torch.Tensor]] = []
     for data, key in zip(encoded, keys):
@@ -50,14 +55,24 @@ def _each_jpeg(encoded: list[torch.Tensor], keys: Sequence[str], device: torch.d
             out.append(_decode_jpegs([data], device)[0])
         except RuntimeError as exc:
             if not skip_bad:
-                raise BadSample(f"{_named(key, where)}: cannot decode its JPEG on {device.type}: {str(exc).splitlines()[0]}") from None
+                raise BadSample(
+                    f"{_named(key, where)}: cannot decode its JPEG on {device.type}: "
+                    f"{str(exc).splitlines()[0]}"
+                ) from None
             out.append(None)
     return out
 
 
-def decode_on_device(encoded: list[torch.Tensor], kinds: Sequence[int], keys: Sequence[str], *, canvas_size: int,
-                     device: torch.device, skip_bad: bool = False,
-                     where: Optional[Where] = None) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+def decode_on_device(
+    encoded: list[torch.Tensor],
+    kinds: Sequence[int],
+    keys: Sequence[str],
+    *,
+    canvas_size: int,
+    device: torch.device,
+    skip_bad: bool = False,
+    where: Optional[Where] = None,
+) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """(uint8 canvases (M, S, S, 3) and sizes (M, 2) on `device`, the indices of the M images decoded).
 
     `encoded` are 1-D uint8 CPU tensors of JPEG or PNG bytes (`kinds`); an image whose decoded side
@@ -79,7 +94,9 @@ def decode_on_device(encoded: list[torch.Tensor], kinds: Sequence[int], keys: Se
                 decoded[i] = _decode_png(encoded[i], device)
             except RuntimeError as exc:
                 if not skip_bad:
-                    raise BadSample(f"{_named(keys[i], where)}: cannot decode its PNG: {str(exc).splitlines()[0]}") from None
+                    raise BadSample(
+                        f"{_named(keys[i], where)}: cannot decode its PNG: {str(exc).splitlines()[0]}"
+                    ) from None
                 decoded[i] = None
     good = []
     for i in range(len(kinds)):
@@ -88,8 +105,11 @@ def decode_on_device(encoded: list[torch.Tensor], kinds: Sequence[int], keys: Se
             continue  # a bad image, skipped
         if max(picture.shape[1:]) > canvas_size:
             if not skip_bad:
-                raise BadSample(f"{_named(keys[i], where)}: its image is {picture.shape[1]}x{picture.shape[2]}, larger than "
-                                f"the {canvas_size}-px canvas of these shards")
+                raise BadSample(
+                    f"{_named(keys[i], where)}: its image is {picture.shape[1]}x{picture.shape[2]}, larger "
+                    "than "
+                    f"the {canvas_size}-px canvas of these shards"
+                )
             continue
         good.append(i)
     images = torch.empty((len(good), canvas_size, canvas_size, 3), dtype=torch.uint8, device=device)

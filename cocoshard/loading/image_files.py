@@ -65,21 +65,36 @@ def image_problem(path: str) -> Optional[str]:
     try:
         check_pixel_count(data, ext)
         image = Image.open(io.BytesIO(data), formats=("JPEG", "PNG"))
-        image.draft("RGB", (max(1, image.width // 8), max(1, image.height // 8)))  # JPEG: every byte, 1/8 the work
+        image.draft(
+            "RGB", (max(1, image.width // 8), max(1, image.height // 8))
+        )  # JPEG: every byte, 1/8 the work
         image.load()
     except BadSample as exc:
         return str(exc)
     except Exception as exc:  # a malformed file can break a decoder in any way; it is the file's fault
-        kind = "a JPEG" if data[:2] == b"\xff\xd8" else "a PNG" if data[:4] == b"\x89PNG" else "not a JPEG or PNG image"
+        kind = (
+            "a JPEG"
+            if data[:2] == b"\xff\xd8"
+            else "a PNG"
+            if data[:4] == b"\x89PNG"
+            else "not a JPEG or PNG image"
+        )
         return f"cannot be decoded ({kind}, first bytes {data[:8]!r}): {decoder_message(exc)}"
     return None
 
 
-def check_image_folder(folder: str | os.PathLike, workers: Optional[int]) -> tuple[list[Path], dict[Path, str]]:
+def check_image_folder(
+    folder: str | os.PathLike, workers: Optional[int]
+) -> tuple[list[Path], dict[Path, str]]:
     """(every image file of the folder, {file: reason} for those that cannot be predicted)."""
     files = list_images(folder)
-    problems = map_in_workers(image_problem, [str(f) for f in files], workers=workers, desc="check images",
-                              describe=lambda path: shown_path(Path(path).name))
+    problems = map_in_workers(
+        image_problem,
+        [str(f) for f in files],
+        workers=workers,
+        desc="check images",
+        describe=lambda path: shown_path(Path(path).name),
+    )
     return files, {f: why for f, why in zip(files, problems) if why}
 
 
@@ -104,12 +119,17 @@ class FolderImages(torch.utils.data.Dataset):
         return torch.from_numpy(canvas), torch.tensor([height, width]), file.stem, error
 
 
-def folder_batches(files: list[Path], canvas: int, batch_size: int, workers: int,
-                   device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
+def folder_batches(
+    files: list[Path], canvas: int, batch_size: int, workers: int, device: torch.device
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
     """(uint8 images (N, S, S, 3), sizes (N, 2), keys) of checked files, on `device`, in order."""
     loader = torch.utils.data.DataLoader(
-        FolderImages(files, canvas), batch_size=batch_size, shuffle=False, num_workers=workers,
-        pin_memory=device.type == "cuda", persistent_workers=False,
+        FolderImages(files, canvas),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=False,
     )
     by_key = {file.stem: file for file in files}
     for images, sizes, keys, errors in loader:

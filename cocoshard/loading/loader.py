@@ -43,12 +43,26 @@ DEFAULT_PREFETCH = 2
 Transform = TrainTransform | EvalTransform
 
 
-def build_loader(location: str | os.PathLike, split: str, *, batch_size: int, device: torch.device | str,
-                 mode: str = "stream", train: bool, seed: int, rank: int = 0, world_size: int = 1,
-                 workers: int = 0, skip_bad_samples: bool = False, shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
-                 prefetch: int = DEFAULT_PREFETCH, memory_limit: Optional[int] = None,
-                 transform: Optional[Transform] = None, threads: Optional[int] = None,
-                 decode: str = "host") -> Any:
+def build_loader(
+    location: str | os.PathLike,
+    split: str,
+    *,
+    batch_size: int,
+    device: torch.device | str,
+    mode: str = "stream",
+    train: bool,
+    seed: int,
+    rank: int = 0,
+    world_size: int = 1,
+    workers: int = 0,
+    skip_bad_samples: bool = False,
+    shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
+    prefetch: int = DEFAULT_PREFETCH,
+    memory_limit: Optional[int] = None,
+    transform: Optional[Transform] = None,
+    threads: Optional[int] = None,
+    decode: str = "host",
+) -> Any:
     """Device batches of one split of the shards at `location` (folder or URL prefix).
 
     Returns a StreamLoader or ResidentLoader: `len()` (batches per epoch on this rank, equal on
@@ -68,7 +82,10 @@ def build_loader(location: str | os.PathLike, split: str, *, batch_size: int, de
     if mode not in MODES:
         raise UserError(f"unknown loader mode {mode!r}: choose one of {', '.join(MODES)}")
     if batch_size <= 0 or world_size <= 0 or not 0 <= rank < world_size or workers < 0:
-        raise UserError(f"bad loader settings: batch_size={batch_size}, rank={rank}, world_size={world_size}, workers={workers}")
+        raise UserError(
+            f"bad loader settings: batch_size={batch_size}, rank={rank}, world_size={world_size}, "
+            f"workers={workers}"
+        )
     manifest = read_manifest(location)
     entry = manifest["splits"].get(split)
     if entry is not None and not entry["samples"]:
@@ -76,11 +93,22 @@ def build_loader(location: str | os.PathLike, split: str, *, batch_size: int, de
     if decode not in ("host", "device"):
         raise UserError(f"unknown decode {decode!r}: choose host or device")
     if decode == "device" and manifest["pixel_format"] != "jpeg":
-        raise UserError(f"--decode device reads jpeg shards; {location} holds {manifest['pixel_format']} pixels, "
-                        f"which need no decoding (use --decode host)")
+        raise UserError(
+            f"--decode device reads jpeg shards; {location} holds {manifest['pixel_format']} pixels, "
+            f"which need no decoding (use --decode host)"
+        )
     device = torch.device(device)
-    common = dict(batch_size=batch_size, device=device, train=train, seed=seed, rank=rank, world_size=world_size,
-                  skip_bad_samples=skip_bad_samples, transform=transform, threads=threads)
+    common = dict(
+        batch_size=batch_size,
+        device=device,
+        train=train,
+        seed=seed,
+        rank=rank,
+        world_size=world_size,
+        skip_bad_samples=skip_bad_samples,
+        transform=transform,
+        threads=threads,
+    )
     if mode == "resident" and decode == "device":
         from cocoshard.loading.resident_bytes import ResidentBytesLoader
 
@@ -88,16 +116,32 @@ def build_loader(location: str | os.PathLike, split: str, *, batch_size: int, de
     elif mode == "resident":
         from cocoshard.loading.resident import ResidentLoader
 
-        loader = ResidentLoader(str(location), split, manifest, memory_limit=memory_limit, workers=workers,
-                                     prefetch=prefetch, **common)
+        loader = ResidentLoader(
+            str(location),
+            split,
+            manifest,
+            memory_limit=memory_limit,
+            workers=workers,
+            prefetch=prefetch,
+            **common,
+        )
     else:
         from cocoshard.loading.stream import StreamLoader
 
-        loader = StreamLoader(str(location), split, manifest, workers=workers, shuffle_buffer=shuffle_buffer,
-                              prefetch=prefetch, decode=decode, **common)
+        loader = StreamLoader(
+            str(location),
+            split,
+            manifest,
+            workers=workers,
+            shuffle_buffer=shuffle_buffer,
+            prefetch=prefetch,
+            decode=decode,
+            **common,
+        )
     if train and len(loader) == 0:
         raise UserError(
-            f"the {split!r} split holds {loader.split_samples} samples: too few for one batch of {batch_size} "
+            f"the {split!r} split holds {loader.split_samples} samples: too few for one batch of "
+            f"{batch_size} "
             f"on each of {world_size} process(es); lower --batch-size"
         )
     return loader

@@ -43,7 +43,9 @@ def shard_order(num_shards: int, *, seed: int, epoch: int, train: bool) -> list[
     return rng.permutation(num_shards).tolist()
 
 
-def rank_batches(total: int, *, batch_size: int, rank: int, world_size: int, train: bool) -> tuple[int, list[int]]:
+def rank_batches(
+    total: int, *, batch_size: int, rank: int, world_size: int, train: bool
+) -> tuple[int, list[int]]:
     """(first sample position, batch sizes) of one rank in an epoch's sequence of `total` samples.
 
     Training: every rank gets total // world_size positions and the same number of full batches
@@ -85,8 +87,17 @@ def _merge(segments: list[Segment]) -> tuple[Segment, ...]:
     return tuple(merged)
 
 
-def plan_epoch(counts: list[int], *, batch_size: int, seed: int, epoch: int, rank: int, world_size: int,
-               workers: int, train: bool) -> list[WorkerPlan]:
+def plan_epoch(
+    counts: list[int],
+    *,
+    batch_size: int,
+    seed: int,
+    epoch: int,
+    rank: int,
+    world_size: int,
+    workers: int,
+    train: bool,
+) -> list[WorkerPlan]:
     """Per worker of one rank: the segments it reads and the batch sizes it yields.
 
     Training workers get contiguous runs of whole batches (sizes differ by at most one batch);
@@ -94,7 +105,9 @@ def plan_epoch(counts: list[int], *, batch_size: int, seed: int, epoch: int, ran
     returns them in order.
     """
     order = shard_order(len(counts), seed=seed, epoch=epoch, train=train)
-    start, sizes = rank_batches(sum(counts), batch_size=batch_size, rank=rank, world_size=world_size, train=train)
+    start, sizes = rank_batches(
+        sum(counts), batch_size=batch_size, rank=rank, world_size=world_size, train=train
+    )
     offsets = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)]).tolist()
     plans = []
     for worker in range(workers):

@@ -72,11 +72,24 @@ class _InProcess:
 class PooledBatches:
     """The main-process side of a pooled loader (see the module doc)."""
 
-    def __init__(self, source: BatchSource, shapes: SlotShapes, *, workers: int, device: torch.device,
-                 prefetch: int, seed: int, rank: int, device_transform: Optional[Transform],
-                 output_transform: Optional[Transform], name: str, canvas_size: int = 0,
-                 skip_bad_samples: bool = False, threads: Optional[int] = None,
-                 where: Optional[Callable[[str], str]] = None) -> None:
+    def __init__(
+        self,
+        source: BatchSource,
+        shapes: SlotShapes,
+        *,
+        workers: int,
+        device: torch.device,
+        prefetch: int,
+        seed: int,
+        rank: int,
+        device_transform: Optional[Transform],
+        output_transform: Optional[Transform],
+        name: str,
+        canvas_size: int = 0,
+        skip_bad_samples: bool = False,
+        threads: Optional[int] = None,
+        where: Optional[Callable[[str], str]] = None,
+    ) -> None:
         self.device, self.workers, self.seed, self.rank = device, workers, seed, rank
         self.canvas_size, self.skip_bad_samples, self.threads = canvas_size, skip_bad_samples, threads
         self.where = where  # a key -> its shard, named when a compressed image fails to decode here
@@ -86,8 +99,14 @@ class PooledBatches:
         self._loans = Loans()
         self._pinned = device.type == "cuda"
         if workers > 0:
-            self._producer: Any = WorkerPool(source, workers, shapes, prefetch + 1, name=name,
-                                             on_new_slot=self._register if device.type == "cuda" else None)
+            self._producer: Any = WorkerPool(
+                source,
+                workers,
+                shapes,
+                prefetch + 1,
+                name=name,
+                on_new_slot=self._register if device.type == "cuda" else None,
+            )
         else:
             self._producer = _InProcess(source, shapes, self._loans)
 
@@ -112,7 +131,9 @@ class PooledBatches:
                 yield self._deliver(worker, ready, generator)
             for worker in range(max(self.workers, 1)):
                 if self._producer.receive(worker) is not None:
-                    raise RuntimeError(f"worker {worker} sent more batches than planned: the epoch plan is broken")
+                    raise RuntimeError(
+                        f"worker {worker} sent more batches than planned: the epoch plan is broken"
+                    )
         except Exception:  # (a caller that stops early is not an error: the next epoch cancels this one)
             self.close()
             raise
@@ -127,10 +148,21 @@ class PooledBatches:
         slot, n, key = self._producer.slots[worker][ready.slot], ready.size, (worker, ready.slot)
         spans, kinds = slot["spans"][:n].tolist(), slot["kinds"][:n].tolist()
         extra = ready.extra or {}
-        encoded = [torch.frombuffer(bytearray(extra[i]), dtype=torch.uint8) if start < 0
-                   else slot["bytes"][start : start + length] for i, (start, length) in enumerate(spans)]
-        images, sizes, good = decode_on_device(encoded, kinds, ready.keys, canvas_size=self.canvas_size,
-                                               device=self.device, skip_bad=self.skip_bad_samples, where=self.where)
+        encoded = [
+            torch.frombuffer(bytearray(extra[i]), dtype=torch.uint8)
+            if start < 0
+            else slot["bytes"][start : start + length]
+            for i, (start, length) in enumerate(spans)
+        ]
+        images, sizes, good = decode_on_device(
+            encoded,
+            kinds,
+            ready.keys,
+            canvas_size=self.canvas_size,
+            device=self.device,
+            skip_bad=self.skip_bad_samples,
+            where=self.where,
+        )
         labels = None
         if "labels" in slot:
             labels = slot["labels"][:n][good]
@@ -147,9 +179,12 @@ class PooledBatches:
         self.skipped += n - len(good)
         inputs = None
         if self.device_transform is not None:
-            inputs = self.device_transform.apply(images, sizes, generator=generator,
-                                                 threads=self.threads or usable_cores())
-        return Batch(images, sizes, labels, keys, inputs=inputs, skipped=ready.skipped + n - len(good), slot=key)
+            inputs = self.device_transform.apply(
+                images, sizes, generator=generator, threads=self.threads or usable_cores()
+            )
+        return Batch(
+            images, sizes, labels, keys, inputs=inputs, skipped=ready.skipped + n - len(good), slot=key
+        )
 
     def _deliver(self, worker: int, ready: Ready, generator: Optional[torch.Generator]) -> Batch:
         """The batch as the caller gets it: aliases of its slot (CPU), or its copy on the device."""
@@ -161,7 +196,9 @@ class PooledBatches:
         if self.device.type == "cpu":
             parts = dict(zip(names, self._loans.lend(key, views)))
         else:
-            parts = {name: view.to(self.device, non_blocking=self._pinned) for name, view in zip(names, views)}
+            parts = {
+                name: view.to(self.device, non_blocking=self._pinned) for name, view in zip(names, views)
+            }
             event = torch.cuda.Event()
             event.record()
             self._loans.lend_until(key, event)
@@ -172,17 +209,29 @@ class PooledBatches:
             inputs = self.device_transform.apply(parts["images"], parts["sizes"], generator=generator)
         elif inputs is not None and not self.output_transform.channels_last:
             inputs = inputs.contiguous()
-        return Batch(parts.get("images"), parts.get("sizes"), labels, ready.keys, inputs=inputs,
-                     skipped=ready.skipped, slot=key)
+        return Batch(
+            parts.get("images"),
+            parts.get("sizes"),
+            labels,
+            ready.keys,
+            inputs=inputs,
+            skipped=ready.skipped,
+            slot=key,
+        )
 
     def _register(self, slot: Slot) -> None:
         """Page-lock a new slot's memory in place, so its copy to the GPU overlaps compute."""
         for tensor in slot.values():
-            code = torch.cuda.cudart().cudaHostRegister(tensor.data_ptr(), tensor.numel() * tensor.element_size(), 0)
+            code = torch.cuda.cudart().cudaHostRegister(
+                tensor.data_ptr(), tensor.numel() * tensor.element_size(), 0
+            )
             if int(code) != 0:
                 self._pinned = False
-                warnings.warn(f"cannot page-lock a loader slot (cudaHostRegister error {int(code)}); "
-                              "copies to the GPU will not overlap compute", stacklevel=2)
+                warnings.warn(
+                    f"cannot page-lock a loader slot (cudaHostRegister error {int(code)}); "
+                    "copies to the GPU will not overlap compute",
+                    stacklevel=2,
+                )
                 return
 
     def close(self) -> None:

@@ -55,8 +55,11 @@ def _human(nbytes: float) -> str:
     return f"{int(nbytes)} bytes"
 
 
-def choose_placement(needed: int, device: torch.device, memory_limit: Optional[int], what: str) -> tuple[torch.device, bool]:
-    """(where the split lives, whether that host memory is pinned); UserError naming `what` when nothing fits."""
+def choose_placement(
+    needed: int, device: torch.device, memory_limit: Optional[int], what: str
+) -> tuple[torch.device, bool]:
+    """(where the split lives, whether that host memory is pinned); UserError naming `what` when
+    nothing fits."""
     if device.type == "cuda":
         free = torch.cuda.mem_get_info(device)[0] * DEVICE_SHARE
         if needed <= (free if memory_limit is None else min(free, memory_limit)):
@@ -68,8 +71,10 @@ def choose_placement(needed: int, device: torch.device, memory_limit: Optional[i
             reason = f"the memory limit is {_human(memory_limit)}"
         else:
             reason = f"only {_human(available)} of host memory is free to use"
-        raise UserError(f"resident mode needs {_human(needed)} for {what} but {reason}: "
-                        "use the stream loader (--loader stream)")
+        raise UserError(
+            f"resident mode needs {_human(needed)} for {what} but {reason}: "
+            "use the stream loader (--loader stream)"
+        )
     return torch.device("cpu"), device.type == "cuda"
 
 
@@ -79,7 +84,10 @@ def _allocate(shape: tuple[int, ...], placement: torch.device, pinned: bool) -> 
         try:
             return torch.empty(shape, dtype=torch.uint8, pin_memory=True)
         except RuntimeError as exc:
-            warnings.warn(f"cannot pin {_human(math.prod(shape))} of host memory ({exc}); copies to the GPU will not overlap")
+            warnings.warn(
+                f"cannot pin {_human(math.prod(shape))} of host memory ({exc}); copies to the GPU will not "
+                "overlap"
+            )
     return torch.empty(shape, dtype=torch.uint8, device=placement)
 
 
@@ -100,12 +108,22 @@ class ResidentBatchSource:
         loader, transform = self.loader, self.loader.transform
         rows = loader.epoch_rows(epoch)
         starts = np.concatenate([[0], np.cumsum(loader._batch_sizes)]).tolist()
-        generator = torch_generator(loader.seed, epoch, loader.rank, worker, Stream.AUGMENT) if transform.random else None
+        generator = (
+            torch_generator(loader.seed, epoch, loader.rank, worker, Stream.AUGMENT)
+            if transform.random
+            else None
+        )
         for b in range(worker, len(loader._batch_sizes), self.workers):
             mine = rows[starts[b] : starts[b + 1]]
             slot, tensors = acquire()
-            transform.apply(loader.images, loader.sizes.index_select(0, mine), generator=generator, threads=1,
-                            rows=mine, out=tensors["inputs"])
+            transform.apply(
+                loader.images,
+                loader.sizes.index_select(0, mine),
+                generator=generator,
+                threads=1,
+                rows=mine,
+                out=tensors["inputs"],
+            )
             if loader.labels is not None:
                 tensors["labels"][: len(mine)].copy_(loader.labels.index_select(0, mine))
             yield slot, len(mine), [loader.keys[i] for i in mine.tolist()], 0
@@ -114,10 +132,25 @@ class ResidentBatchSource:
 class ResidentLoader:
     """The split in one tensor; exact epochs by seeded permutation (see module doc)."""
 
-    def __init__(self, location: str, split: str, manifest: dict[str, Any], *, batch_size: int, device: torch.device,
-                 train: bool, seed: int, rank: int, world_size: int, skip_bad_samples: bool,
-                 memory_limit: Optional[int], transform: Optional[Transform] = None, workers: int = 0,
-                 prefetch: int = 2, threads: Optional[int] = None) -> None:
+    def __init__(
+        self,
+        location: str,
+        split: str,
+        manifest: dict[str, Any],
+        *,
+        batch_size: int,
+        device: torch.device,
+        train: bool,
+        seed: int,
+        rank: int,
+        world_size: int,
+        skip_bad_samples: bool,
+        memory_limit: Optional[int],
+        transform: Optional[Transform] = None,
+        workers: int = 0,
+        prefetch: int = 2,
+        threads: Optional[int] = None,
+    ) -> None:
         entries = split_shards(manifest, split)
         self.manifest, self.split, self.device, self.train = manifest, split, device, train
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
@@ -130,7 +163,9 @@ class ResidentLoader:
         counts = [int(e["samples"]) for e in entries]
         total = sum(counts)
         what = f"the {total} images of split {split!r} ({size}x{size} canvases)"
-        self.placement, pinned = choose_placement(total * (size * size * 3 + NUM_CLASSES + 16), device, memory_limit, what)
+        self.placement, pinned = choose_placement(
+            total * (size * size * 3 + NUM_CLASSES + 16), device, memory_limit, what
+        )
         self.images = _allocate((total, size, size, 3), self.placement, pinned)
         self.sizes = torch.zeros((total, 2), dtype=torch.int64)
         self.labels = torch.zeros((total, NUM_CLASSES), dtype=torch.uint8) if self.labelled else None
@@ -141,7 +176,9 @@ class ResidentLoader:
         self.split_samples = len(self.rows)
         self.sizes = self.sizes.to(self.placement)
         self.labels = None if self.labels is None else self.labels.to(self.placement)
-        _, sizes = rank_batches(self.split_samples, batch_size=batch_size, rank=rank, world_size=world_size, train=train)
+        _, sizes = rank_batches(
+            self.split_samples, batch_size=batch_size, rank=rank, world_size=world_size, train=train
+        )
         self._batch_sizes, self.num_samples = sizes, sum(sizes)
         # No loader processes here: CPU augmentation may use every core (or the threads it is given).
         self.augment_threads = threads or usable_cores()
@@ -150,9 +187,18 @@ class ResidentLoader:
         self._pooled: Optional[PooledBatches] = None
         if workers > 0 and transform is not None and device.type == "cpu" and START_METHOD == "fork":
             source = ResidentBatchSource(self, workers)
-            self._pooled = PooledBatches(source, source.slot_shapes(), workers=workers, device=device,
-                                         prefetch=prefetch, seed=seed, rank=rank, device_transform=None,
-                                         output_transform=transform, name=f"{split} resident loader")
+            self._pooled = PooledBatches(
+                source,
+                source.slot_shapes(),
+                workers=workers,
+                device=device,
+                prefetch=prefetch,
+                seed=seed,
+                rank=rank,
+                device_transform=None,
+                output_transform=transform,
+                name=f"{split} resident loader",
+            )
 
     # ------------------------------------------------------------------------------ loading
 
@@ -216,10 +262,18 @@ class ResidentLoader:
     def epoch_rows(self, epoch: Optional[int] = None) -> torch.Tensor:
         """Rows of the resident tensor this rank reads in `epoch` (the current one), in order (CPU int64)."""
         epoch = self.epoch if epoch is None else epoch
-        order = self.rows[torch.from_numpy(epoch_permutation(self.split_samples, seed=self.seed, epoch=epoch,
-                                                             train=self.train))]
-        start, _ = rank_batches(self.split_samples, batch_size=self.batch_size, rank=self.rank,
-                                world_size=self.world_size, train=self.train)
+        order = self.rows[
+            torch.from_numpy(
+                epoch_permutation(self.split_samples, seed=self.seed, epoch=epoch, train=self.train)
+            )
+        ]
+        start, _ = rank_batches(
+            self.split_samples,
+            batch_size=self.batch_size,
+            rank=self.rank,
+            world_size=self.world_size,
+            train=self.train,
+        )
         return order[start : start + self.num_samples]
 
     @property
@@ -247,8 +301,13 @@ class ResidentLoader:
         labels = None if self.labels is None else self.labels.index_select(0, index).float()
         if self.placement.type == "cpu" and self.device.type == "cpu" and self.transform is not None:
             # crops read straight from the split's rows, by every core: nothing gathered first
-            inputs = self.transform.apply(self.images, self.sizes.index_select(0, index), generator=generator,
-                                          threads=self.augment_threads, rows=rows)
+            inputs = self.transform.apply(
+                self.images,
+                self.sizes.index_select(0, index),
+                generator=generator,
+                threads=self.augment_threads,
+                rows=rows,
+            )
             return Batch(None, None, labels, keys, inputs=inputs)
         images, sizes = self._gather(rows, index)
         if self.device.type != self.placement.type:
@@ -256,7 +315,9 @@ class ResidentLoader:
             labels = None if labels is None else labels.to(self.device, non_blocking=True)
         if self.transform is None:
             return Batch(images, sizes, labels, keys)
-        return Batch(None, None, labels, keys, inputs=self.transform.apply(images, sizes, generator=generator))
+        return Batch(
+            None, None, labels, keys, inputs=self.transform.apply(images, sizes, generator=generator)
+        )
 
     def _gather(self, rows: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The rows' canvases and sizes on the device."""
@@ -265,7 +326,9 @@ class ResidentLoader:
         flat = self.images.view(len(self.images), -1)
         if self.placement.type == "cuda":
             return flat.index_select(0, index).view(n, size, size, 3), sizes
-        images = self._pool.take((n, flat.shape[1]), torch.uint8, "cpu", pin_memory=self.device.type == "cuda")
+        images = self._pool.take(
+            (n, flat.shape[1]), torch.uint8, "cpu", pin_memory=self.device.type == "cuda"
+        )
         # numpy's single-threaded row copy: torch's OpenMP index_select took 1 s instead of 3 ms for
         # a 19 MB batch on a 2-core CPU that other processes kept busy. mode="clip" (the rows are
         # valid): the default mode copies through a temporary buffer, 3x slower.

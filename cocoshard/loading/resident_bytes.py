@@ -36,10 +36,24 @@ Transform = Any  # cocoshard.loading.augment.TrainTransform or EvalTransform
 class ResidentBytesLoader:
     """The split's compressed images in one tensor; batches decoded on the device (see module doc)."""
 
-    def __init__(self, location: str, split: str, manifest: dict[str, Any], *, batch_size: int, device: torch.device,
-                 train: bool, seed: int, rank: int, world_size: int, skip_bad_samples: bool,
-                 memory_limit: Optional[int], transform: Optional[Transform] = None,
-                 threads: Optional[int] = None, **unused: Any) -> None:
+    def __init__(
+        self,
+        location: str,
+        split: str,
+        manifest: dict[str, Any],
+        *,
+        batch_size: int,
+        device: torch.device,
+        train: bool,
+        seed: int,
+        rank: int,
+        world_size: int,
+        skip_bad_samples: bool,
+        memory_limit: Optional[int],
+        transform: Optional[Transform] = None,
+        threads: Optional[int] = None,
+        **unused: Any,
+    ) -> None:
         entries = split_shards(manifest, split)
         self.manifest, self.split, self.device, self.train = manifest, split, device, train
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
@@ -48,8 +62,12 @@ class ResidentBytesLoader:
         self.augment_threads = threads or usable_cores()
         self.epoch, self._unread, self._undecoded = 0, 0, 0
         needed = sum(int(e["bytes"]) for e in entries)
-        choose_placement(needed, torch.device("cpu"), memory_limit,
-                         f"the compressed images of split {split!r} ({needed / 2**20:,.0f} MiB)")
+        choose_placement(
+            needed,
+            torch.device("cpu"),
+            memory_limit,
+            f"the compressed images of split {split!r} ({needed / 2**20:,.0f} MiB)",
+        )
         chunks, spans, kinds, labels, self.keys = [], [], [], [], []
         self._shard_of: dict[str, str] = {}  # for messages
         used = 0
@@ -87,7 +105,9 @@ class ResidentBytesLoader:
         # labels stay on the host with the bytes: each batch's rows are picked there and sent along
         self.labels = torch.from_numpy(np.stack(labels)) if labels and split != "test" else None
         self.split_samples = len(self.keys)
-        _, sizes = rank_batches(self.split_samples, batch_size=batch_size, rank=rank, world_size=world_size, train=train)
+        _, sizes = rank_batches(
+            self.split_samples, batch_size=batch_size, rank=rank, world_size=world_size, train=train
+        )
         self._batch_sizes, self.num_samples = sizes, sum(sizes)
 
     def _compressed(self, sample: Any) -> tuple[memoryview, int]:
@@ -116,8 +136,13 @@ class ResidentBytesLoader:
     def epoch_rows(self) -> np.ndarray:
         """Rows this rank reads this epoch, in order."""
         order = epoch_permutation(self.split_samples, seed=self.seed, epoch=self.epoch, train=self.train)
-        start, _ = rank_batches(self.split_samples, batch_size=self.batch_size, rank=self.rank,
-                                world_size=self.world_size, train=self.train)
+        start, _ = rank_batches(
+            self.split_samples,
+            batch_size=self.batch_size,
+            rank=self.rank,
+            world_size=self.world_size,
+            train=self.train,
+        )
         return order[start : start + self.num_samples]
 
     def __iter__(self) -> Iterator[Batch]:
@@ -135,9 +160,15 @@ class ResidentBytesLoader:
     def _batch(self, rows: list[int], generator: Optional[torch.Generator]) -> Batch:
         encoded = [self.encoded[self.spans[r][0] : self.spans[r][0] + self.spans[r][1]] for r in rows]
         keys = [self.keys[r] for r in rows]
-        images, sizes, good = decode_on_device(encoded, [self.kinds[r] for r in rows], keys,
-                                               canvas_size=self.canvas_size, device=self.device,
-                                               skip_bad=self.skip_bad_samples, where=self._shard_of.get)
+        images, sizes, good = decode_on_device(
+            encoded,
+            [self.kinds[r] for r in rows],
+            keys,
+            canvas_size=self.canvas_size,
+            device=self.device,
+            skip_bad=self.skip_bad_samples,
+            where=self._shard_of.get,
+        )
         chosen = [rows[i] for i in good]
         labels = None
         if self.labels is not None:
@@ -148,7 +179,9 @@ class ResidentBytesLoader:
         inputs = None
         if self.transform is not None:
             inputs = self.transform.apply(images, sizes, generator=generator, threads=self.augment_threads)
-        return Batch(images, sizes, labels, [keys[i] for i in good], inputs=inputs, skipped=len(rows) - len(good))
+        return Batch(
+            images, sizes, labels, [keys[i] for i in good], inputs=inputs, skipped=len(rows) - len(good)
+        )
 
     def close(self) -> None:
         """Nothing runs in the background; the memory goes with the object."""

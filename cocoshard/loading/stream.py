@@ -79,10 +79,26 @@ def _shuffled(items: Iterator, capacity: int, rng: np.random.Generator) -> Itera
 class ShardBatchSource:
     """What a stream worker does: read its segments of an epoch and fill batch slots (picklable)."""
 
-    def __init__(self, urls: list[str], counts: list[int], hashes: list[Optional[str]], *, canvas_size: int,
-                 labelled: bool, batch_size: int, seed: int, rank: int, world_size: int, workers: int, train: bool,
-                 shuffle_buffer: int, skip_bad_samples: bool, transform: Optional[Transform],
-                 threads: Optional[int] = None, send_bytes: bool = False) -> None:
+    def __init__(
+        self,
+        urls: list[str],
+        counts: list[int],
+        hashes: list[Optional[str]],
+        *,
+        canvas_size: int,
+        labelled: bool,
+        batch_size: int,
+        seed: int,
+        rank: int,
+        world_size: int,
+        workers: int,
+        train: bool,
+        shuffle_buffer: int,
+        skip_bad_samples: bool,
+        transform: Optional[Transform],
+        threads: Optional[int] = None,
+        send_bytes: bool = False,
+    ) -> None:
         self.urls, self.counts, self.hashes = urls, counts, hashes
         self.canvas_size, self.labelled, self.batch_size = canvas_size, labelled, batch_size
         self.seed, self.rank, self.world_size, self.workers = seed, rank, world_size, max(1, workers)
@@ -95,8 +111,16 @@ class ShardBatchSource:
         self._canvas: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # private buffers when transforming
 
     def plans(self, epoch: int) -> list[WorkerPlan]:
-        return plan_epoch(self.counts, batch_size=self.batch_size, seed=self.seed, epoch=epoch, rank=self.rank,
-                          world_size=self.world_size, workers=self.workers, train=self.train)
+        return plan_epoch(
+            self.counts,
+            batch_size=self.batch_size,
+            seed=self.seed,
+            epoch=epoch,
+            rank=self.rank,
+            world_size=self.world_size,
+            workers=self.workers,
+            train=self.train,
+        )
 
     def slot_shapes(self) -> SlotShapes:
         """The tensors of one slot: the training-ready batch when transforming here, else canvases."""
@@ -125,15 +149,22 @@ class ShardBatchSource:
             generator = torch_generator(self.seed, epoch, self.rank, worker, Stream.AUGMENT)
         return _BatchAssembler(self, plan, rng, generator, acquire).batches()
 
-    def read_segments(self, segments: tuple[Segment, ...]) -> Iterator[tuple[str, Optional[Sample], Optional[BadSample]]]:
+    def read_segments(
+        self, segments: tuple[Segment, ...]
+    ) -> Iterator[tuple[str, Optional[Sample], Optional[BadSample]]]:
         """(url, sample, None) for each planned sample; (url, None, error) for each lost to a bad shard."""
         cached: tuple[int, list[Sample]] | None = None
         for seg in segments:
             url = self.urls[seg.shard]
             if cached is None or cached[0] != seg.shard:
                 try:
-                    samples = read_samples(url, self.hashes[seg.shard], self.counts[seg.shard], checks=self.checks,
-                                           index=seg.shard)
+                    samples = read_samples(
+                        url,
+                        self.hashes[seg.shard],
+                        self.counts[seg.shard],
+                        checks=self.checks,
+                        index=seg.shard,
+                    )
                     cached = (seg.shard, samples)
                 except BadShard as exc:
                     if not self.skip_bad_samples:
@@ -149,7 +180,10 @@ class ShardBatchSource:
         """This process's own canvas buffers, filled before the transform writes into the slot."""
         if self._canvas is None:
             n, s = self.batch_size, self.canvas_size
-            self._canvas = (torch.empty((n, s, s, 3), dtype=torch.uint8), torch.empty((n, 2), dtype=torch.int64))
+            self._canvas = (
+                torch.empty((n, s, s, 3), dtype=torch.uint8),
+                torch.empty((n, 2), dtype=torch.int64),
+            )
         return self._canvas
 
 
@@ -161,8 +195,14 @@ class _BatchAssembler:
     their batch and never yields an empty one unless it carries a skipped count.
     """
 
-    def __init__(self, source: ShardBatchSource, plan: WorkerPlan, rng: np.random.Generator,
-                 generator: Optional[torch.Generator], acquire: Callable[[], tuple[int, Slot]]) -> None:
+    def __init__(
+        self,
+        source: ShardBatchSource,
+        plan: WorkerPlan,
+        rng: np.random.Generator,
+        generator: Optional[torch.Generator],
+        acquire: Callable[[], tuple[int, Slot]],
+    ) -> None:
         self.source, self.plan, self.rng, self.generator, self.acquire = source, plan, rng, generator, acquire
         self.passes = 0
         self.good = 0
@@ -178,7 +218,9 @@ class _BatchAssembler:
         if item is not None or not self.source.train:
             return stream, item
         if self.good == 0:
-            raise BadShard(f"no sample this loader worker reads can be decoded (shards: {self._shard_names()})")
+            raise BadShard(
+                f"no sample this loader worker reads can be decoded (shards: {self._shard_names()})"
+            )
         self.passes += 1
         stream = self._stream()
         return stream, next(stream, None)
@@ -198,10 +240,16 @@ class _BatchAssembler:
         src = self.source
         if src.send_bytes:
             images = sizes = None
-            encoded, spans, kinds = tensors["bytes"].numpy(), tensors["spans"].numpy(), tensors["kinds"].numpy()
+            encoded, spans, kinds = (
+                tensors["bytes"].numpy(),
+                tensors["spans"].numpy(),
+                tensors["kinds"].numpy(),
+            )
             used = 0
         else:
-            images, sizes = src.canvases() if src.transform is not None else (tensors["images"], tensors["sizes"])
+            images, sizes = (
+                src.canvases() if src.transform is not None else (tensors["images"], tensors["sizes"])
+            )
             pixels, hw = images.numpy(), sizes.numpy()
         label_rows = tensors["labels"].numpy() if src.labelled else None
         keys: list[str] = []
@@ -232,12 +280,18 @@ class _BatchAssembler:
             self.good += 1
         if src.transform is not None and keys and not src.send_bytes:
             n = len(keys)
-            src.transform.apply(images[:n], sizes[:n], generator=self.generator, threads=src.transform_threads,
-                                out=tensors["inputs"])
+            src.transform.apply(
+                images[:n],
+                sizes[:n],
+                generator=self.generator,
+                threads=src.transform_threads,
+                out=tensors["inputs"],
+            )
         return keys, skipped, stream
 
-    def _put_bytes(self, sample: Sample, row: int, encoded: np.ndarray, spans: np.ndarray, kinds: np.ndarray,
-                   used: int) -> int:
+    def _put_bytes(
+        self, sample: Sample, row: int, encoded: np.ndarray, spans: np.ndarray, kinds: np.ndarray, used: int
+    ) -> int:
         """Copy a sample's compressed image into the slot (or, past its end, into the message)."""
         ext = image_member(sample)
         if ext not in (EXT_JPEG, EXT_PNG):
@@ -263,11 +317,26 @@ class _BatchAssembler:
 class StreamLoader:
     """Exact epochs of device batches streamed from shards by `workers` processes (see module doc)."""
 
-    def __init__(self, location: str, split: str, manifest: dict[str, Any], *, batch_size: int,
-                 device: torch.device, train: bool, seed: int, rank: int, world_size: int, workers: int,
-                 skip_bad_samples: bool, shuffle_buffer: int, prefetch: int,
-                 transform: Optional[Transform] = None, threads: Optional[int] = None,
-                 decode: str = "host") -> None:
+    def __init__(
+        self,
+        location: str,
+        split: str,
+        manifest: dict[str, Any],
+        *,
+        batch_size: int,
+        device: torch.device,
+        train: bool,
+        seed: int,
+        rank: int,
+        world_size: int,
+        workers: int,
+        skip_bad_samples: bool,
+        shuffle_buffer: int,
+        prefetch: int,
+        transform: Optional[Transform] = None,
+        threads: Optional[int] = None,
+        decode: str = "host",
+    ) -> None:
         entries = split_shards(manifest, split)
         counts = [int(e["samples"]) for e in entries]
         self.manifest, self.split, self.device, self.train = manifest, split, device, train
@@ -279,22 +348,46 @@ class StreamLoader:
         # On a CPU the batch is made ready where it is made, unless it is to be decoded here.
         in_source = device.type == "cpu" and not send_bytes
         self._source = ShardBatchSource(
-            shard_urls(location, manifest, split), counts, [e.get("sha256") for e in entries],
-            canvas_size=self.canvas_size, labelled=split != "test", batch_size=batch_size, seed=seed, rank=rank,
-            world_size=world_size, workers=workers, train=train, shuffle_buffer=shuffle_buffer,
-            skip_bad_samples=skip_bad_samples, transform=transform if in_source else None, threads=threads,
+            shard_urls(location, manifest, split),
+            counts,
+            [e.get("sha256") for e in entries],
+            canvas_size=self.canvas_size,
+            labelled=split != "test",
+            batch_size=batch_size,
+            seed=seed,
+            rank=rank,
+            world_size=world_size,
+            workers=workers,
+            train=train,
+            shuffle_buffer=shuffle_buffer,
+            skip_bad_samples=skip_bad_samples,
+            transform=transform if in_source else None,
+            threads=threads,
             send_bytes=send_bytes,
         )
-        _, sizes = rank_batches(self.split_samples, batch_size=batch_size, rank=rank, world_size=world_size, train=train)
+        _, sizes = rank_batches(
+            self.split_samples, batch_size=batch_size, rank=rank, world_size=world_size, train=train
+        )
         self._batches, self.num_samples = len(sizes), sum(sizes)
         # Cores left to CPU augmentation in this process once the workers have theirs (for callers
         # that augment the canvases themselves).
         self.augment_threads = max(1, usable_cores() - workers)
-        self._pooled = PooledBatches(self._source, self._source.slot_shapes(), workers=workers, device=device,
-                                     prefetch=prefetch, seed=seed, rank=rank,
-                                     device_transform=None if in_source else transform, output_transform=transform,
-                                     name=f"{split} loader", canvas_size=self.canvas_size,
-                                     skip_bad_samples=skip_bad_samples, threads=threads, where=self._shard_of)
+        self._pooled = PooledBatches(
+            self._source,
+            self._source.slot_shapes(),
+            workers=workers,
+            device=device,
+            prefetch=prefetch,
+            seed=seed,
+            rank=rank,
+            device_transform=None if in_source else transform,
+            output_transform=transform,
+            name=f"{split} loader",
+            canvas_size=self.canvas_size,
+            skip_bad_samples=skip_bad_samples,
+            threads=threads,
+            where=self._shard_of,
+        )
 
     def _shard_of(self, key: str) -> str:
         """The shard of the split holding `key`, read from the tar headers (for an error message only)."""
@@ -327,7 +420,9 @@ class StreamLoader:
             count += 1
             yield batch
         if self.train and count != self._batches:
-            raise RuntimeError(f"the loader yielded {count} batches instead of {self._batches}: epoch plan broken")
+            raise RuntimeError(
+                f"the loader yielded {count} batches instead of {self._batches}: epoch plan broken"
+            )
 
     def close(self) -> None:
         """Stop the worker processes now (the next iteration starts new ones).

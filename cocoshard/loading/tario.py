@@ -178,7 +178,9 @@ def tar_members(data: bytes, url: str, check_headers: bool = True) -> list[tuple
             size = pax_size
         start = offset + BLOCK
         if start + size > end:
-            raise BadShard(f"shard {url} is truncated: a member at byte {offset} needs {size} bytes, the file ends first")
+            raise BadShard(
+                f"shard {url} is truncated: a member at byte {offset} needs {size} bytes, the file ends first"
+            )
         payload = view[start : start + size]
         if kind == _PAX_NEXT:
             long_name, pax_size = _pax_path(bytes(payload), url)
@@ -211,8 +213,14 @@ def group_samples(members: list[tuple[str, memoryview]], url: str) -> list[Sampl
     return samples
 
 
-def read_samples(url: str, sha256: str | None = None, expected_samples: int | None = None, *,
-                 checks: ShardChecks | None = None, index: int = 0) -> list[Sample]:
+def read_samples(
+    url: str,
+    sha256: str | None = None,
+    expected_samples: int | None = None,
+    *,
+    checks: ShardChecks | None = None,
+    index: int = 0,
+) -> list[Sample]:
     """Read, check and index one shard. Raises BadShard naming the shard on any inconsistency.
 
     The checksum is computed once per file version: per process, or across a loader's workers

@@ -53,7 +53,9 @@ class WorkerFailed(RuntimeError):
 
 
 class BatchSource(Protocol):
-    def batches(self, epoch: int, worker: int, acquire: Callable[[], tuple[int, Slot]]) -> Iterator[tuple]: ...
+    def batches(
+        self, epoch: int, worker: int, acquire: Callable[[], tuple[int, Slot]]
+    ) -> Iterator[tuple]: ...
 
 
 @dataclass(frozen=True)
@@ -157,8 +159,15 @@ def _worker_main(worker: int, conn: Any, source: BatchSource, slots: list[Slot])
 class WorkerPool:
     """`workers` processes filling slots from `source` (see the module doc); started on first use."""
 
-    def __init__(self, source: BatchSource, workers: int, slot_shapes: SlotShapes, slots_per_worker: int,
-                 on_new_slot: Optional[Callable[[Slot], None]] = None, name: str = "loader") -> None:
+    def __init__(
+        self,
+        source: BatchSource,
+        workers: int,
+        slot_shapes: SlotShapes,
+        slots_per_worker: int,
+        on_new_slot: Optional[Callable[[Slot], None]] = None,
+        name: str = "loader",
+    ) -> None:
         self.source, self.count, self.name = source, workers, name
         self.slot_shapes = slot_shapes
         self.on_new_slot = on_new_slot or (lambda slot: None)
@@ -181,8 +190,12 @@ class WorkerPool:
         self._at_worker = [set(range(self.slots_per_worker)) for _ in range(self.count)]
         for worker in range(self.count):
             parent, child = context.Pipe(duplex=True)
-            process = context.Process(target=_worker_main, args=(worker, child, self.source, self.slots[worker]),
-                                      daemon=True, name=f"cocoshard-{self.name}-{worker}")
+            process = context.Process(
+                target=_worker_main,
+                args=(worker, child, self.source, self.slots[worker]),
+                daemon=True,
+                name=f"cocoshard-{self.name}-{worker}",
+            )
             process.start()
             child.close()
             self._processes.append(process)
@@ -242,8 +255,10 @@ class WorkerPool:
                 code = process.exitcode
                 self.close()
                 how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
-                raise WorkerDied(f"{self.name} worker {worker} (pid {process.pid}) died during an epoch ({how}; "
-                                 f"out of memory?): run again, with fewer --workers if memory is short")
+                raise WorkerDied(
+                    f"{self.name} worker {worker} (pid {process.pid}) died during an epoch ({how}; "
+                    f"out of memory?): run again, with fewer --workers if memory is short"
+                )
 
     def _send(self, worker: int, message: tuple) -> None:
         try:

@@ -99,7 +99,8 @@ def split_member_name(name: str) -> tuple[str, str]:
 _NPY_MAGIC = b"\x93NUMPY"
 _NPY_FORMAT_1 = _NPY_MAGIC + b"\x01\x00"
 _NPY_HEADER = re.compile(
-    rb"\{'descr': '\|u1', 'fortran_order': False, 'shape': \(([0-9]+),(?: ([0-9]+), ([0-9]+))?\), \} *\n")
+    rb"\{'descr': '\|u1', 'fortran_order': False, 'shape': \(([0-9]+),(?: ([0-9]+), ([0-9]+))?\), \} *\n"
+)
 
 
 class NpyArray(NamedTuple):
@@ -154,7 +155,11 @@ def decode_pixels(data: bytes | memoryview, max_side: int) -> np.ndarray:
         pixels = npy_array(data)
     except ValueError as exc:
         raise ValueError(f"pixels: {exc}") from None
-    if pixels.ndim != 3 or pixels.shape[2] != 3 or not (0 < pixels.shape[0] <= max_side and 0 < pixels.shape[1] <= max_side):
+    if (
+        pixels.ndim != 3
+        or pixels.shape[2] != 3
+        or not (0 < pixels.shape[0] <= max_side and 0 < pixels.shape[1] <= max_side)
+    ):
         raise ValueError(f"pixels: a {pixels.shape} array, expected (h, w, 3) with sides in 1-{max_side}")
     return pixels
 

@@ -51,7 +51,9 @@ def check_sample(key: str, fields: dict[str, bytes], split: str, pixel_format: s
     images = [f for f in fields if f in IMAGE_FIELDS[pixel_format]]
     expected = set(images[:1]) | ({EXT_LABELS} if split != "test" else set())
     if len(images) != 1:
-        problems.append(f"{len(images)} pixel members, expected one of {'/'.join(IMAGE_FIELDS[pixel_format])}")
+        problems.append(
+            f"{len(images)} pixel members, expected one of {'/'.join(IMAGE_FIELDS[pixel_format])}"
+        )
     if set(fields) != expected:
         problems.append(f"members {sorted(fields)}, expected {sorted(expected)}")
     if EXT_LABELS in fields:
@@ -135,18 +137,33 @@ def verify_shard(task: tuple[str, str, dict[str, Any], str, int]) -> tuple[list[
     keys = [key for key, _ in samples]
     problems += [f"{key}: key appears {n} times" for key, n in Counter(keys).items() if n > 1]
     if len(problems) > MAX_PROBLEMS_PER_SHARD:
-        problems = problems[:MAX_PROBLEMS_PER_SHARD] + [f"... and {len(problems) - MAX_PROBLEMS_PER_SHARD} more"]
+        problems = problems[:MAX_PROBLEMS_PER_SHARD] + [
+            f"... and {len(problems) - MAX_PROBLEMS_PER_SHARD} more"
+        ]
     return problems, keys
 
 
-def verify_shards(folder: str | Path, manifest: dict[str, Any], workers: Optional[int] = None,
-                  progress: bool = False) -> dict[str, list[str]]:
+def verify_shards(
+    folder: str | Path, manifest: dict[str, Any], workers: Optional[int] = None, progress: bool = False
+) -> dict[str, list[str]]:
     """Problems by shard name (and by split for cross-shard checks); empty when everything is intact."""
-    entries = [(split, entry) for split in SPLITS for entry in manifest["splits"].get(split, {}).get("shards", [])]
-    tasks = [(str(Path(folder) / entry["name"]), split, entry, manifest["pixel_format"], manifest["size"])
-             for split, entry in entries]
-    results = map_in_workers(verify_shard, tasks, workers=workers, sizes=[e["samples"] for _, e in entries],
-                             progress=progress, desc="verify", unit="sample", describe=lambda task: Path(task[0]).name)
+    entries = [
+        (split, entry) for split in SPLITS for entry in manifest["splits"].get(split, {}).get("shards", [])
+    ]
+    tasks = [
+        (str(Path(folder) / entry["name"]), split, entry, manifest["pixel_format"], manifest["size"])
+        for split, entry in entries
+    ]
+    results = map_in_workers(
+        verify_shard,
+        tasks,
+        workers=workers,
+        sizes=[e["samples"] for _, e in entries],
+        progress=progress,
+        desc="verify",
+        unit="sample",
+        describe=lambda task: Path(task[0]).name,
+    )
     problems = {entry["name"]: found for (_, entry), (found, _) in zip(entries, results) if found}
     keys: dict[str, list[str]] = {split: [] for split in SPLITS}
     for (split, _), (_, shard_keys) in zip(entries, results):
@@ -155,7 +172,9 @@ def verify_shards(folder: str | Path, manifest: dict[str, Any], workers: Optiona
         seen = Counter(key for split in group for key in keys[split])
         repeated = sorted(key for key, n in seen.items() if n > 1)
         if repeated:
-            problems["/".join(group)] = [f"{len(repeated)} keys appear in more than one sample, e.g. {', '.join(repeated[:5])}"]
+            problems["/".join(group)] = [
+                f"{len(repeated)} keys appear in more than one sample, e.g. {', '.join(repeated[:5])}"
+            ]
     return problems
 
 
@@ -169,7 +188,10 @@ def run(cfg: InspectConfig) -> int:
         listed = {entry["name"] for split in manifest["splits"].values() for entry in split["shards"]}
         extra = [p.name for p in list_shard_files(cfg.shards) if p.name not in listed]
         if extra:
-            console.print(f"note: {len(extra)} shard files not in the manifest (ignored): {literal(', '.join(extra[:5]))}")
+            console.print(
+                f"note: {len(extra)} shard files not in the manifest (ignored): "
+                f"{literal(', '.join(extra[:5]))}"
+            )
     if not cfg.verify:
         return 0
     if is_url(cfg.shards):
@@ -177,7 +199,9 @@ def run(cfg: InspectConfig) -> int:
     problems = verify_shards(cfg.shards, manifest, cfg.workers, progress=True)
     total = sum(len(split["shards"]) for split in manifest["splits"].values())
     if not problems:
-        console.print(f"[bold green]verified[/] {total} shards: sizes, sha256 and every sample match the manifest")
+        console.print(
+            f"[bold green]verified[/] {total} shards: sizes, sha256 and every sample match the manifest"
+        )
         return 0
     console.print(f"[bold red]{len(problems)} of {total} shards fail verification:[/]")
     for name, found in problems.items():

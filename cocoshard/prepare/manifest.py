@@ -57,11 +57,20 @@ def _pack_hint(folder: Path) -> str:
     """What to run when a folder without a manifest was given as shards: pack it first, into a
     folder of its own (never into an image folder)."""
     if (folder / "images").is_dir() or (folder / "labels").is_dir():
-        return f"it looks like the challenge folder: pack it first, cocoshard pack --root {folder} --out {folder.parent / 'shards'}"
-    if folder.is_dir() and any(p.suffix.lower() in (".jpg", ".jpeg", ".png", ".cls") for p in folder.iterdir()):
+        shards = folder.parent / "shards"
+        return (
+            f"it looks like the challenge folder: pack it first, cocoshard pack --root {folder} "
+            f"--out {shards}"
+        )
+    if folder.is_dir() and any(
+        p.suffix.lower() in (".jpg", ".jpeg", ".png", ".cls") for p in folder.iterdir()
+    ):
         root = next((parent for parent in folder.parents if (parent / "images").is_dir()), folder.parent)
-        return (f"it holds images or labels, not shards: pack the challenge folder first, cocoshard pack --root {root} "
-                f"--out {root.parent / 'shards' if root != folder.parent else root / 'shards'}")
+        return (
+            "it holds images or labels, not shards: pack the challenge folder first, cocoshard pack --root "
+            f"{root} "
+            f"--out {root.parent / 'shards' if root != folder.parent else root / 'shards'}"
+        )
     return f"pack the data first (cocoshard pack --root ms-coco --out {folder})"
 
 
@@ -83,7 +92,9 @@ def _field(data: Any, name: str, kind: type | tuple[type, ...], where: str) -> A
     if not isinstance(data, dict) or name not in data:
         raise BadManifest(f"{where}: the field {name!r} is missing")
     value = data[name]
-    if not isinstance(value, kind) or (isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,))):
+    if not isinstance(value, kind) or (
+        isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,))
+    ):
         names = "/".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
         raise BadManifest(f"{where}: the field {name!r} must be {names}, not {json.dumps(value)[:40]}")
     return value
@@ -108,7 +119,9 @@ def _check_split(manifest: dict[str, Any], split: str, source: str, seen: dict[s
         if not is_shard_file(name) or not name.startswith(split + "-"):
             raise BadManifest(f"{at}: {name!r} is not a {split} shard name ({split}-NNNNNN.tar)")
         if name in seen:
-            raise BadManifest(f"{at}: {name} is listed in the {seen[name]} split too: a shard belongs to one split")
+            raise BadManifest(
+                f"{at}: {name} is listed in the {seen[name]} split too: a shard belongs to one split"
+            )
         seen[name] = split
         total += _count(shard, "samples", at, positive=True)
         _count(shard, "bytes", at, positive=True)
@@ -119,7 +132,9 @@ def _check_split(manifest: dict[str, Any], split: str, source: str, seen: dict[s
         raise BadManifest(f"{where}: 'samples' says {samples}, its shards hold {total}")
     if split != "test":
         counts = _field(entry, "class_counts", list, where)
-        if len(counts) != NUM_CLASSES or not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts):
+        if len(counts) != NUM_CLASSES or not all(
+            isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts
+        ):
             raise BadManifest(f"{where}: 'class_counts' must be {NUM_CLASSES} counts")
 
 
@@ -129,9 +144,11 @@ def check_manifest(manifest: Any, source: str) -> None:
         raise BadManifest(f"{source}: a manifest is a JSON object, not a {type(manifest).__name__}")
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
-        raise BadManifest(f"{source} describes shards of format {version!r}; this cocoshard reads format "
-                          f"{FORMAT_VERSION} ({'.npy members' if version == 1 else 'see docs/format.md'}): "
-                          f"re-pack the images with cocoshard pack")
+        raise BadManifest(
+            f"{source} describes shards of format {version!r}; this cocoshard reads format "
+            f"{FORMAT_VERSION} ({'.npy members' if version == 1 else 'see docs/format.md'}): "
+            f"re-pack the images with cocoshard pack"
+        )
     pixel_format = _field(manifest, "pixel_format", str, source)
     if pixel_format not in ("jpeg", "raw"):
         raise BadManifest(f"{source}: the field 'pixel_format' must be jpeg or raw, not {pixel_format!r}")
@@ -155,8 +172,10 @@ def shards_identity(manifest: dict[str, Any], splits: tuple[str, ...] = ("train"
     the same for the same packed data wherever it lives, different after any re-pack that changes it."""
     import hashlib
 
-    listing = [[split, [[s["name"], s["samples"], s["sha256"]] for s in manifest["splits"][split]["shards"]]]
-               for split in splits]
+    listing = [
+        [split, [[s["name"], s["samples"], s["sha256"]] for s in manifest["splits"][split]["shards"]]]
+        for split in splits
+    ]
     return hashlib.sha256(json.dumps(listing, sort_keys=True).encode()).hexdigest()
 
 

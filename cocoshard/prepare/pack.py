@@ -103,8 +103,10 @@ def decode_checked(data: bytes) -> Image.Image:
     try:
         image = Image.open(io.BytesIO(data), formats=DECODABLE_FORMATS)  # reads the header only
         if image.width * image.height > MAX_IMAGE_PIXELS:  # before anything is decoded
-            raise BadImage(f"refused, too many pixels: it declares {image.width} x {image.height}, "
-                           f"more than the {MAX_IMAGE_PIXELS:,} an input may have")
+            raise BadImage(
+                f"refused, too many pixels: it declares {image.width} x {image.height}, "
+                f"more than the {MAX_IMAGE_PIXELS:,} an input may have"
+            )
         image.load()  # a full decode: a truncated file fails here, not at training time
     except BadImage:
         raise
@@ -200,7 +202,9 @@ def add_member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
     tar.addfile(info, io.BytesIO(payload))
 
 
-def _add_sample(tar: tarfile.TarFile, task: ShardTask, sample: tuple[str, str, str, bytes], result: ShardResult) -> np.ndarray | None:
+def _add_sample(
+    tar: tarfile.TarFile, task: ShardTask, sample: tuple[str, str, str, bytes], result: ShardResult
+) -> np.ndarray | None:
     """Append one sample; returns its labels (None for a test sample or a rejected image)."""
     key, image_path, labels_path, labels = sample
     try:
@@ -209,7 +213,9 @@ def _add_sample(tar: tarfile.TarFile, task: ShardTask, sample: tuple[str, str, s
         reason = str(exc)
         result.rejected.append({"path": image_path, "reason": reason})
         if labels_path:
-            result.rejected.append({"path": labels_path, "reason": f"its image {Path(image_path).name} was rejected: {reason}"})
+            result.rejected.append(
+                {"path": labels_path, "reason": f"its image {Path(image_path).name} was rejected: {reason}"}
+            )
         return None
     add_member(tar, member_name(key, encoded.field), encoded.payload)
     if labels_path:
@@ -247,11 +253,19 @@ Sample = tuple[str, str, str, bytes]
 def plan_splits(inventory: Inventory, val_fraction: float, seed: int) -> dict[str, list[Sample]]:
     """The samples of each split in shard order: train shuffled with the seed, val and test by key."""
     labelled = inventory.labelled
-    matrix = np.stack([multi_hot(ids) for *_, ids in labelled]) if labelled else np.zeros((0, NUM_CLASSES), np.uint8)
+    matrix = (
+        np.stack([multi_hot(ids) for *_, ids in labelled])
+        if labelled
+        else np.zeros((0, NUM_CLASSES), np.uint8)
+    )
     is_val = stratified_split(matrix, val_fraction, seed)
-    samples = [(key, str(image), str(cls), row.tobytes()) for (key, image, cls, _), row in zip(labelled, matrix)]
+    samples = [
+        (key, str(image), str(cls), row.tobytes()) for (key, image, cls, _), row in zip(labelled, matrix)
+    ]
     train = [samples[i] for i in np.flatnonzero(~is_val)]
-    order = numpy_rng(seed, Stream.PACK_TRAIN_ORDER).permutation(len(train))  # a stream apart from the split's
+    order = numpy_rng(seed, Stream.PACK_TRAIN_ORDER).permutation(
+        len(train)
+    )  # a stream apart from the split's
     return {
         "train": [train[i] for i in order],
         "val": [samples[i] for i in np.flatnonzero(is_val)],
@@ -259,10 +273,18 @@ def plan_splits(inventory: Inventory, val_fraction: float, seed: int) -> dict[st
     }
 
 
-def shard_tasks(plan: dict[str, list[Sample]], out: Path, pixel_format: str, size: int, per_shard: int) -> list[ShardTask]:
+def shard_tasks(
+    plan: dict[str, list[Sample]], out: Path, pixel_format: str, size: int, per_shard: int
+) -> list[ShardTask]:
     """Consecutive runs of `per_shard` samples, named `{split}-NNNNNN.tar` from 0 in each split."""
     return [
-        ShardTask(str(out), shard_name(split, start // per_shard), pixel_format, size, samples[start : start + per_shard])
+        ShardTask(
+            str(out),
+            shard_name(split, start // per_shard),
+            pixel_format,
+            size,
+            samples[start : start + per_shard],
+        )
         for split in SPLITS
         for samples in (plan[split],)
         for start in range(0, len(samples), per_shard)
@@ -278,9 +300,15 @@ def _split_entry(split: str, results: list[ShardResult]) -> dict[str, Any]:
             fields[name] = fields.get(name, 0) + count
     entry["fields"] = dict(sorted(fields.items()))
     if split != "test":
-        entry["class_counts"] = np.sum([r.class_counts for r in mine], axis=0, dtype=np.int64).tolist() if mine else [0] * NUM_CLASSES
+        entry["class_counts"] = (
+            np.sum([r.class_counts for r in mine], axis=0, dtype=np.int64).tolist()
+            if mine
+            else [0] * NUM_CLASSES
+        )
         entry["empty_labels"] = sum(r.empty_labels for r in mine)
-    entry["shards"] = [{"name": r.name, "samples": r.samples, "bytes": r.bytes, "sha256": r.sha256} for r in mine]
+    entry["shards"] = [
+        {"name": r.name, "samples": r.samples, "bytes": r.bytes, "sha256": r.sha256} for r in mine
+    ]
     return entry
 
 
@@ -288,7 +316,13 @@ def _examples(paths: list[str]) -> dict[str, Any]:
     return {"count": len(paths), "examples": paths[:MAX_EXAMPLES]}
 
 
-def build_manifest(cfg: PackConfig, sources: Sources, inventory: Inventory, results: list[ShardResult], rejected: list[dict[str, str]]) -> dict[str, Any]:
+def build_manifest(
+    cfg: PackConfig,
+    sources: Sources,
+    inventory: Inventory,
+    results: list[ShardResult],
+    rejected: list[dict[str, str]],
+) -> dict[str, Any]:
     """Everything a reader needs about the shards; see docs/architecture.md for the schema."""
     return {
         "format_version": FORMAT_VERSION,
@@ -335,19 +369,30 @@ def pack_folder(cfg: PackConfig, progress: bool = False) -> dict[str, Any]:
         plan = plan_splits(inventory, cfg.val_fraction, cfg.seed)
         tasks = shard_tasks(plan, out, cfg.format, cfg.size, cfg.shard_samples)
         try:
-            results = map_in_workers(write_shard, tasks, workers=cfg.workers, sizes=[len(t.samples) for t in tasks],
-                                     progress=progress, desc="pack", describe=lambda task: task.name)
+            results = map_in_workers(
+                write_shard,
+                tasks,
+                workers=cfg.workers,
+                sizes=[len(t.samples) for t in tasks],
+                progress=progress,
+                desc="pack",
+                describe=lambda task: task.name,
+            )
         except BaseException:
             remove_stale_temporaries(out)  # a worker's half-written shard; whole shards may stay, unlisted
             raise
-        rejected = sorted(inventory.rejected + [item for r in results for item in r.rejected], key=lambda item: item["path"])
+        rejected = sorted(
+            inventory.rejected + [item for r in results for item in r.rejected], key=lambda item: item["path"]
+        )
         if cfg.strict and rejected:
             _remove_unlisted(out, ())
             raise InputsRejected(rejected)
         if not any(r.samples for r in results if not r.name.startswith("test-")):
             _remove_unlisted(out, ())
-            raise UserError(f"no usable labelled image in {sources.train_images}: all {len(rejected)} inputs were "
-                            f"rejected, e.g. {rejected[0]['path']}: {rejected[0]['reason']}")
+            raise UserError(
+                f"no usable labelled image in {sources.train_images}: all {len(rejected)} inputs were "
+                f"rejected, e.g. {rejected[0]['path']}: {rejected[0]['reason']}"
+            )
         manifest = build_manifest(cfg, sources, inventory, results, rejected)
         _remove_unlisted(out, (r.name for r in results if r.samples))
         atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1) + "\n")

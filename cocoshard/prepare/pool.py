@@ -107,8 +107,8 @@ def map_in_workers(
                 names = ", ".join(describe(tasks[i]) for i in lost[:3]) + (" ..." if len(lost) > 3 else "")
                 raise WorkerDied(
                     f"a {desc or 'worker'} process died before finishing (killed, or out of memory?); "
-                    f"{len(lost)} task(s) unfinished: {names}. Nothing half-done was kept: run the command again"
-                    + (" with fewer --workers" if count > 1 else "")
+                    f"{len(lost)} task(s) unfinished: {names}. Nothing half-done was kept: run the command "
+                    "again" + (" with fewer --workers" if count > 1 else "")
                 ) from None
             except BaseException:  # a task's error, Ctrl-C, SIGTERM: stop now, not when every task is done
                 _stop_now(pool)

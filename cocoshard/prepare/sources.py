@@ -83,7 +83,9 @@ class Sources:
 
 @dataclass
 class Inventory:
-    labelled: list[tuple[str, Path, Path, tuple[int, ...]]] = field(default_factory=list)  # key, image, .cls, ids
+    labelled: list[tuple[str, Path, Path, tuple[int, ...]]] = field(
+        default_factory=list
+    )  # key, image, .cls, ids
     test: list[tuple[str, Path]] = field(default_factory=list)
     rejected: list[dict[str, str]] = field(default_factory=list)
     unlabelled: list[str] = field(default_factory=list)
@@ -94,7 +96,12 @@ def _looked_for(root: Path, kind: str) -> str:
     return " or ".join(str(root / rel) for rel in LAYOUTS[kind])
 
 
-def find_sources(root: str, train_images: str | None = None, train_labels: str | None = None, test_images: str | None = None) -> Sources:
+def find_sources(
+    root: str,
+    train_images: str | None = None,
+    train_labels: str | None = None,
+    test_images: str | None = None,
+) -> Sources:
     """The three input folders: explicit ones as given, the others found under `root` (either layout)."""
     base = Path(root)
     explicit = {"train_images": train_images, "train_labels": train_labels, "test_images": test_images}
@@ -111,10 +118,15 @@ def find_sources(root: str, train_images: str | None = None, train_labels: str |
                 raise UserError(f"--{kind.replace('_', '-')} {given} is not a folder")
             found[kind] = Path(given).resolve()
         else:
-            found[kind] = next(((base / rel).resolve() for rel in LAYOUTS[kind] if (base / rel).is_dir()), None)
+            found[kind] = next(
+                ((base / rel).resolve() for rel in LAYOUTS[kind] if (base / rel).is_dir()), None
+            )
     for kind in ("train_images", "train_labels"):
         if found[kind] is None:
-            raise UserError(f"no {kind.replace('_', ' ')} folder under --root {base}: looked for {_looked_for(base, kind)}")
+            raise UserError(
+                f"no {kind.replace('_', ' ')} folder under --root {base}: looked for "
+                f"{_looked_for(base, kind)}"
+            )
     return Sources(found["train_images"], found["train_labels"], found["test_images"])
 
 
@@ -127,7 +139,11 @@ def _entries(folder: Path, rejected: list[dict[str, str]]) -> list[Path]:
         if entry.is_file():  # follows symlinks: a link to a regular file is fine
             files.append(entry)
         else:
-            kind = "a broken symlink" if entry.is_symlink() and not entry.exists() else "a pipe, device or socket"
+            kind = (
+                "a broken symlink"
+                if entry.is_symlink() and not entry.exists()
+                else "a pipe, device or socket"
+            )
             rejected.append({"path": shown_path(entry), "reason": f"not a regular file ({kind})"})
     return files
 
@@ -137,7 +153,9 @@ def _images_by_key(folder: Path, rejected: list[dict[str, str]]) -> dict[str, Pa
     images: dict[str, Path] = {}
     for path in _entries(folder, rejected):
         key = path.stem
-        problem = key_problem(key) or (f"another file has the same key {key!r}: {images[key].name}" if key in images else None)
+        problem = key_problem(key) or (
+            f"another file has the same key {key!r}: {images[key].name}" if key in images else None
+        )
         if problem:
             rejected.append({"path": shown_path(path), "reason": problem})
         else:
@@ -163,7 +181,9 @@ def _pair(key: str, image: Path, cls: Path, inventory: Inventory) -> None:
     except (InputError, LabelError) as exc:
         reason = str(exc)
         inventory.rejected.append({"path": str(cls), "reason": reason})
-        inventory.rejected.append({"path": str(image), "reason": f"its labels file {cls.name} was rejected: {reason}"})
+        inventory.rejected.append(
+            {"path": str(image), "reason": f"its labels file {cls.name} was rejected: {reason}"}
+        )
         return
     if parsed.duplicates:
         inventory.deduplicated.append(str(cls))
@@ -183,7 +203,9 @@ def take_inventory(sources: Sources) -> Inventory:
         if key in images:
             _pair(key, images[key], cls, inventory)
         else:
-            inventory.rejected.append({"path": str(cls), "reason": f"no image named {key}.* in {sources.train_images}"})
+            inventory.rejected.append(
+                {"path": str(cls), "reason": f"no image named {key}.* in {sources.train_images}"}
+            )
     inventory.unlabelled = [str(images[key]) for key in sorted(set(images) - set(labels))]
     if sources.test_images is not None:
         inventory.test = sorted(_images_by_key(sources.test_images, inventory.rejected).items())

@@ -45,7 +45,9 @@ def _label_rows(y: np.ndarray) -> list[np.ndarray]:
     return np.split(cls, np.cumsum(y.sum(axis=1))[:-1]) if len(y) else []
 
 
-def _deal_rarest_first(y: np.ndarray, rows: list[np.ndarray], val_fraction: float, rng: np.random.Generator) -> np.ndarray:
+def _deal_rarest_first(
+    y: np.ndarray, rows: list[np.ndarray], val_fraction: float, rng: np.random.Generator
+) -> np.ndarray:
     """The core of iterative stratification; images without labels stay in train here."""
     n = len(y)
     is_val = np.zeros(n, dtype=bool)
@@ -77,7 +79,9 @@ def _deal_rarest_first(y: np.ndarray, rows: list[np.ndarray], val_fraction: floa
     return is_val
 
 
-def _choose_split(want_train: float, want_val: float, wanted_total: list[float], rng: np.random.Generator) -> int:
+def _choose_split(
+    want_train: float, want_val: float, wanted_total: list[float], rng: np.random.Generator
+) -> int:
     """The split that wants this label more; ties go to the split that wants more images, then to chance."""
     if want_train != want_val:
         return int(want_val > want_train)
@@ -86,7 +90,9 @@ def _choose_split(want_train: float, want_val: float, wanted_total: list[float],
     return int(rng.integers(2))
 
 
-def _ensure_both_splits(y: np.ndarray, rows: list[np.ndarray], is_val: np.ndarray, rng: np.random.Generator) -> None:
+def _ensure_both_splits(
+    y: np.ndarray, rows: list[np.ndarray], is_val: np.ndarray, rng: np.random.Generator
+) -> None:
     """Move single images until every class with >= 2 images is in both splits, where possible.
 
     An image may leave its split only if every class of two or more images that it carries keeps
@@ -103,7 +109,9 @@ def _ensure_both_splits(y: np.ndarray, rows: list[np.ndarray], is_val: np.ndarra
             for target in (0, 1):
                 if counts[target, cls] > 0:
                     continue
-                image = _cheapest_move(y[:, cls] & (is_val != bool(target)), rows, counts[1 - target], total, rng)
+                image = _cheapest_move(
+                    y[:, cls] & (is_val != bool(target)), rows, counts[1 - target], total, rng
+                )
                 if image is None:
                     continue
                 is_val[image] = bool(target)
@@ -112,13 +120,23 @@ def _ensure_both_splits(y: np.ndarray, rows: list[np.ndarray], is_val: np.ndarra
                 moved = True
 
 
-def _cheapest_move(candidates: np.ndarray, rows: list[np.ndarray], source_counts: np.ndarray, total: np.ndarray, rng: np.random.Generator) -> int | None:
+def _cheapest_move(
+    candidates: np.ndarray,
+    rows: list[np.ndarray],
+    source_counts: np.ndarray,
+    total: np.ndarray,
+    rng: np.random.Generator,
+) -> int | None:
     """A candidate image whose move keeps every shared class in the source split, or None.
 
     Preferred: moving no single-image class along (it would leave train for good), then the
     fewest labels (the least disturbance of the other classes' shares), then chance.
     """
-    movable = [i for i in np.flatnonzero(candidates).tolist() if ((source_counts[rows[i]] >= 2) | (total[rows[i]] < 2)).all()]
+    movable = [
+        i
+        for i in np.flatnonzero(candidates).tolist()
+        if ((source_counts[rows[i]] >= 2) | (total[rows[i]] < 2)).all()
+    ]
     if not movable:
         return None
     cost = [(int((total[rows[i]] < 2).sum()), len(rows[i])) for i in movable]
@@ -126,7 +144,9 @@ def _cheapest_move(candidates: np.ndarray, rows: list[np.ndarray], source_counts
     return best[int(rng.integers(len(best)))]
 
 
-def _fill_unlabelled(y: np.ndarray, is_val: np.ndarray, val_fraction: float, rng: np.random.Generator) -> None:
+def _fill_unlabelled(
+    y: np.ndarray, is_val: np.ndarray, val_fraction: float, rng: np.random.Generator
+) -> None:
     """Send images without labels to val until val holds its share of all images (the rest: train)."""
     empty = np.flatnonzero(~y.any(axis=1))
     if len(empty) == 0:

@@ -32,8 +32,14 @@ def _split_table(manifest: dict[str, Any], title: str) -> Any:
         entry = manifest["splits"].get(split, {})
         fields = ", ".join(f"{count} {name}" for name, count in entry.get("fields", {}).items())
         empty = entry.get("empty_labels")
-        table.add_row(split, f"{entry.get('samples', 0):,}", str(len(entry.get("shards", []))),
-                      _megabytes(entry.get("bytes", 0)), fields or "-", "-" if empty is None else str(empty))
+        table.add_row(
+            split,
+            f"{entry.get('samples', 0):,}",
+            str(len(entry.get("shards", []))),
+            _megabytes(entry.get("bytes", 0)),
+            fields or "-",
+            "-" if empty is None else str(empty),
+        )
     return table
 
 
@@ -44,7 +50,10 @@ def class_frequency_lines(manifest: dict[str, Any]) -> list[str]:
     names = manifest.get("classes") or [str(i) for i in range(len(counts))]
     order = np.argsort(-counts, kind="stable")
     describe = lambda ids: ", ".join(f"{names[i]} ({i}): {counts[i]:,}" for i in ids)  # noqa: E731
-    return [f"most frequent: {describe(order[:HEAD_TAIL])}", f"least frequent: {describe(order[::-1][:HEAD_TAIL])}"]
+    return [
+        f"most frequent: {describe(order[:HEAD_TAIL])}",
+        f"least frequent: {describe(order[::-1][:HEAD_TAIL])}",
+    ]
 
 
 def member_layout_table(pixel_format: str) -> Any:
@@ -73,13 +82,17 @@ def print_summary(manifest: dict[str, Any], console: Any, title: str = "", layou
         console.print(member_layout_table(manifest["pixel_format"]))
     for line in class_frequency_lines(manifest):
         console.print(literal(line))
-    for key, what in (("unlabelled_images", "images without a .cls file (not training samples)"),
-                      ("deduplicated_labels", ".cls files listing a class twice (deduplicated)")):
+    for key, what in (
+        ("unlabelled_images", "images without a .cls file (not training samples)"),
+        ("deduplicated_labels", ".cls files listing a class twice (deduplicated)"),
+    ):
         if manifest.get(key, {}).get("count"):
             console.print(f"{manifest[key]['count']} {what}")
     rejected = manifest.get("rejected", [])
     if rejected:
-        console.print(f"[bold yellow]warning:[/] {len(rejected)} input files rejected (all listed in the manifest):")
+        console.print(
+            f"[bold yellow]warning:[/] {len(rejected)} input files rejected (all listed in the manifest):"
+        )
         for item in rejected[:SHOWN_REJECTIONS]:
             console.print(f"  {literal(item['path'])}: {literal(item['reason'])}")
         if len(rejected) > SHOWN_REJECTIONS:

@@ -81,7 +81,6 @@ class Difficulty:
     rotation: float = 180.0  # objects turn by up to this many degrees either way; 0 keeps them upright
 
 
-
 # ----------------------------------------------------------------------------------- classes
 
 
@@ -110,7 +109,9 @@ def _normalise(points: np.ndarray) -> np.ndarray:
     return centred / np.linalg.norm(centred, axis=1).max()
 
 
-def _arc(radius: float, start: float, stop: float, count: int, centre: tuple[float, float] = (0.0, 0.0)) -> np.ndarray:
+def _arc(
+    radius: float, start: float, stop: float, count: int, centre: tuple[float, float] = (0.0, 0.0)
+) -> np.ndarray:
     angles = np.linspace(start, stop, count)
     return np.stack([centre[0] + radius * np.cos(angles), centre[1] + radius * np.sin(angles)], axis=1)
 
@@ -127,7 +128,10 @@ def _crescent() -> np.ndarray:
 
 def _heart() -> np.ndarray:
     t = np.linspace(0, 2 * np.pi, 40, endpoint=False)
-    return np.stack([16 * np.sin(t) ** 3, -(13 * np.cos(t) - 5 * np.cos(2 * t) - 2 * np.cos(3 * t) - np.cos(4 * t))], axis=1)
+    return np.stack(
+        [16 * np.sin(t) ** 3, -(13 * np.cos(t) - 5 * np.cos(2 * t) - 2 * np.cos(3 * t) - np.cos(4 * t))],
+        axis=1,
+    )
 
 
 def _shape_outlines() -> dict[str, np.ndarray]:
@@ -140,12 +144,29 @@ def _shape_outlines() -> dict[str, np.ndarray]:
         "square": np.array([(-1, -1), (1, -1), (1, 1), (-1, 1)], dtype=float),
         "triangle": _arc(1.0, -np.pi / 2, 3 * np.pi / 2, 4)[:-1],
         "star": np.stack([star_radii * np.cos(star_angles), star_radii * np.sin(star_angles)], axis=1),
-        "plus": np.array([(-a, -1), (a, -1), (a, -a), (1, -a), (1, a), (a, a), (a, 1), (-a, 1), (-a, a), (-1, a), (-1, -a), (-a, -a)]),
+        "plus": np.array(
+            [
+                (-a, -1),
+                (a, -1),
+                (a, -a),
+                (1, -a),
+                (1, a),
+                (a, a),
+                (a, 1),
+                (-a, 1),
+                (-a, a),
+                (-1, a),
+                (-1, -a),
+                (-a, -a),
+            ]
+        ),
         "crescent": _crescent(),
         "half-disc": np.concatenate([_arc(1.0, 0, np.pi, 24), [[-1.0, 0.0]]]),
         "heart": _heart(),
         "ell": np.array([(0, 0), (0.4, 0), (0.4, 1.1), (1.0, 1.1), (1.0, 1.5), (0, 1.5)]),
-        "arrow": np.array([(-1, -0.18), (0.2, -0.18), (0.2, -0.55), (1, 0), (0.2, 0.55), (0.2, 0.18), (-1, 0.18)]),
+        "arrow": np.array(
+            [(-1, -0.18), (0.2, -0.18), (0.2, -0.55), (1, 0), (0.2, 0.55), (0.2, 0.18), (-1, 0.18)]
+        ),
     }
     return {name: _normalise(points.astype(np.float64)) for name, points in raw.items()}
 
@@ -157,7 +178,8 @@ OUTLINES = _shape_outlines()
 
 
 def _image_size(rng: np.random.Generator, size: int) -> tuple[int, int]:
-    """(width, height): long side `size`; short side mostly 4:3, some square, 16:9 or anything down to 36/224."""
+    """(width, height): long side `size`; short side mostly 4:3, some square, 16:9 or anything
+    down to 36/224 of it."""
     pick = rng.random()
     if pick < 0.45:
         ratio = 3 / 4
@@ -185,7 +207,9 @@ def _background(rng: np.random.Generator, width: int, height: int, clutter: floa
     start, stop = _muted_colour(rng), _muted_colour(rng)
     pixels = start + ramp[..., None] * (stop - start)
     coarse = rng.normal(128, 40, size=(int(rng.integers(3, 9)), int(rng.integers(3, 9)), 3))
-    blotches = Image.fromarray(np.clip(coarse, 0, 255).astype(np.uint8)).resize((width, height), Image.BICUBIC)
+    blotches = Image.fromarray(np.clip(coarse, 0, 255).astype(np.uint8)).resize(
+        (width, height), Image.BICUBIC
+    )
     pixels += (np.asarray(blotches, dtype=np.float32) - 128) * 0.5 * clutter
     pixels += rng.standard_normal((height, width, 3), dtype=np.float32) * 6 * clutter
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
@@ -200,20 +224,31 @@ def _stroke_colour(rng: np.random.Generator) -> tuple[int, int, int]:
     return tuple(int(v) for v in np.clip(base + rng.normal(0, 12, 3), 0, 255))
 
 
-def _strokes(draw: ImageDraw.ImageDraw, rng: np.random.Generator, width: int, height: int, count: int) -> None:
+def _strokes(
+    draw: ImageDraw.ImageDraw, rng: np.random.Generator, width: int, height: int, count: int
+) -> None:
     """Distractors: long thin polylines and open arcs, never closed shapes."""
     unit = max(width, height) / 224
     for _ in range(count):
         line_width = max(1, int(round(rng.integers(1, 4) * unit)))
         colour = _stroke_colour(rng)
         if rng.random() < 0.6:
-            points = [(float(rng.uniform(0, width)), float(rng.uniform(0, height))) for _ in range(int(rng.integers(2, 5)))]
+            points = [
+                (float(rng.uniform(0, width)), float(rng.uniform(0, height)))
+                for _ in range(int(rng.integers(2, 5)))
+            ]
             draw.line(points, fill=colour, width=line_width, joint="curve")
         else:
             x0, y0 = rng.uniform(-0.2, 0.8) * width, rng.uniform(-0.2, 0.8) * height
             extent = rng.uniform(0.2, 0.7) * max(width, height)
             start = float(rng.uniform(0, 360))
-            draw.arc([x0, y0, x0 + extent, y0 + extent], start, start + float(rng.uniform(60, 200)), fill=colour, width=line_width)
+            draw.arc(
+                [x0, y0, x0 + extent, y0 + extent],
+                start,
+                start + float(rng.uniform(60, 200)),
+                fill=colour,
+                width=line_width,
+            )
 
 
 def _object_colour(rng: np.random.Generator, colour: str) -> tuple[int, int, int]:
@@ -221,7 +256,9 @@ def _object_colour(rng: np.random.Generator, colour: str) -> tuple[int, int, int
     return tuple(int(v) for v in np.clip(base + rng.normal(0, 10, 3), 0, 255))
 
 
-def _place(rng: np.random.Generator, radius: float, width: int, height: int, placed: list[tuple[float, float, float]]) -> tuple[float, float] | None:
+def _place(
+    rng: np.random.Generator, radius: float, width: int, height: int, placed: list[tuple[float, float, float]]
+) -> tuple[float, float] | None:
     """A centre keeping the object inside the image and mostly clear of the others, or None."""
     for _ in range(30):
         x, y = rng.uniform(radius, width - radius), rng.uniform(radius, height - radius)
@@ -230,7 +267,9 @@ def _place(rng: np.random.Generator, radius: float, width: int, height: int, pla
     return None
 
 
-def draw_image(rng: np.random.Generator, size: int, difficulty: Difficulty) -> tuple[Image.Image, tuple[int, ...]]:
+def draw_image(
+    rng: np.random.Generator, size: int, difficulty: Difficulty
+) -> tuple[Image.Image, tuple[int, ...]]:
     """One image and the distinct classes drawn in it (at least one)."""
     width, height = _image_size(rng, size)
     image = _background(rng, width, height, difficulty.clutter)
@@ -297,9 +336,15 @@ def _refuse_foreign(out: Path) -> None:
     """Refuse a folder this module did not write (nothing in it is touched)."""
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a folder")
-    if out.is_dir() and any(entry.name != LOCK_FILE for entry in out.iterdir()) and not (out / MARKER).is_file():
-        raise UserError(f"--out {out} is not empty and holds no {MARKER}: it was not written by cocoshard synth; "
-                        f"choose an empty or new folder")
+    if (
+        out.is_dir()
+        and any(entry.name != LOCK_FILE for entry in out.iterdir())
+        and not (out / MARKER).is_file()
+    ):
+        raise UserError(
+            f"--out {out} is not empty and holds no {MARKER}: it was not written by cocoshard synth; "
+            f"choose an empty or new folder"
+        )
 
 
 def _prepare_folder(out: Path) -> None:
@@ -339,14 +384,28 @@ def write_synthetic(cfg: SynthConfig, progress: bool = False) -> dict[str, Any]:
 def _write_all(root: Path, cfg: SynthConfig, progress: bool) -> dict[str, Any]:
     difficulty = Difficulty(cfg.min_scale, cfg.max_scale, cfg.clutter, cfg.tail, cfg.rotation)
     train, test, seed, size, quality = cfg.train, cfg.test, cfg.seed, cfg.size, cfg.quality
-    settings = {"seed": seed, "train": train, "test": test, "size": size, "quality": quality, "difficulty": asdict(difficulty)}
+    settings = {
+        "seed": seed,
+        "train": train,
+        "test": test,
+        "size": size,
+        "quality": quality,
+        "difficulty": asdict(difficulty),
+    }
     atomic_write_text(root / MARKER, json.dumps({"status": "writing", **settings}, indent=1))
     tasks = [
         (str(root), split, start, min(start + _CHUNK, count), seed, size, quality, asdict(difficulty))
         for split, count in (("train", train), ("test", test))
         for start in range(0, count, _CHUNK)
     ]
-    chunks = map_in_workers(_write_chunk, tasks, workers=cfg.workers, sizes=[t[3] - t[2] for t in tasks], progress=progress, desc="synth")
+    chunks = map_in_workers(
+        _write_chunk,
+        tasks,
+        workers=cfg.workers,
+        sizes=[t[3] - t[2] for t in tasks],
+        progress=progress,
+        desc="synth",
+    )
     labels = {"train": [], "test": []}
     for task, chunk in zip(tasks, chunks):
         labels[task[1]].extend(chunk)
@@ -355,7 +414,10 @@ def _write_all(root: Path, cfg: SynthConfig, progress: bool) -> dict[str, Any]:
         **settings,
         "classes": generated_class_names(),
         "class_counts": {split: _class_counts(found) for split, found in labels.items()},
-        "labels_per_image": {split: float(np.mean([len(c) for c in found])) if found else 0.0 for split, found in labels.items()},
+        "labels_per_image": {
+            split: float(np.mean([len(c) for c in found])) if found else 0.0
+            for split, found in labels.items()
+        },
     }
     atomic_write_text(root / MARKER, json.dumps(metadata, indent=1))
     return metadata
@@ -371,7 +433,8 @@ def run(cfg: SynthConfig) -> int:
     names = metadata["classes"]
     Console(stderr=True).print(
         f"wrote {cfg.train} train and {cfg.test} test images to {cfg.out} "
-        f"({metadata['labels_per_image']['train']:.2f} labels per image; most frequent: {names[counts.argmax()]} "
+        f"({metadata['labels_per_image']['train']:.2f} labels per image; most frequent: "
+        f"{names[counts.argmax()]} "
         f"in {counts.max()} images, rarest: {names[counts.argmin()]} in {counts.min()})",
         highlight=False,
     )

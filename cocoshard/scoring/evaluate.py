@@ -2,7 +2,8 @@
 
     $ cocoshard evaluate --predictions predictions.json --labels shards --per-class
     $ cocoshard evaluate --predictions predictions.json --labels ms-coco/labels/train/train --json
-    $ cocoshard evaluate --predictions val.json --labels shards --scores val.npz --report report --run runs/train
+    $ cocoshard evaluate --predictions val.json --labels shards --scores val.npz \
+          --report report --run runs/train
     $ cocoshard evaluate --predictions predictions.json --images ms-coco/images/test-resized/test-resized
 
 The format check comes first and names every offending entry (see `cocoshard.submission`). With
@@ -59,7 +60,9 @@ class Evaluation:
     server: metrics.ServerF1
     average_precision: Optional[np.ndarray]  # (C,) per-class AP, NaN without positives; None without scores
     names: tuple[str, ...] = CLASSES  # the class names to report with
-    thresholds: Optional[np.ndarray] = None  # (C,) the thresholds the submission was made with (from --scores)
+    thresholds: Optional[np.ndarray] = (
+        None  # (C,) the thresholds the submission was made with (from --scores)
+    )
 
 
 def score_submission(
@@ -107,9 +110,17 @@ def per_class_rows(evaluation: Evaluation) -> list[dict[str, Any]]:
 def _summary_table(evaluation: Evaluation, source: str) -> Table:
     table = Table(title=f"{source}: {len(evaluation.keys)} images", show_header=False, box=None)
     m = evaluation.metrics
-    table.add_row("[bold]server F1[/]", f"[bold]{m['server_f1']:.4f}[/]", f"P {m['server_precision']:.4f}  R {m['server_recall']:.4f}")
-    table.add_row("macro F1", f"{m['macro_f1']:.4f}", f"P {m['macro_precision']:.4f}  R {m['macro_recall']:.4f}")
-    table.add_row("micro F1", f"{m['micro_f1']:.4f}", f"P {m['micro_precision']:.4f}  R {m['micro_recall']:.4f}")
+    table.add_row(
+        "[bold]server F1[/]",
+        f"[bold]{m['server_f1']:.4f}[/]",
+        f"P {m['server_precision']:.4f}  R {m['server_recall']:.4f}",
+    )
+    table.add_row(
+        "macro F1", f"{m['macro_f1']:.4f}", f"P {m['macro_precision']:.4f}  R {m['macro_recall']:.4f}"
+    )
+    table.add_row(
+        "micro F1", f"{m['micro_f1']:.4f}", f"P {m['micro_precision']:.4f}  R {m['micro_recall']:.4f}"
+    )
     if "map" in m:
         table.add_row("mAP", f"{m['map']:.4f}", "")
     table.add_row("labels per image", f"{m['labels_per_image']:.2f}", "")
@@ -127,8 +138,17 @@ def _per_class_table(rows: list[dict[str, Any]]) -> Table:
     if with_threshold:
         table.add_column("threshold", justify="right")
     for row in sorted(rows, key=lambda r: -r["positives"]):
-        cells = [str(row["id"]), Text(row["name"]), str(row["positives"]), f"{row['weight']:.3f}", str(row["tp"]),
-                 str(row["fp"]), f"{row['precision']:.3f}", f"{row['recall']:.3f}", f"{row['f1']:.3f}"]
+        cells = [
+            str(row["id"]),
+            Text(row["name"]),
+            str(row["positives"]),
+            f"{row['weight']:.3f}",
+            str(row["tp"]),
+            str(row["fp"]),
+            f"{row['precision']:.3f}",
+            f"{row['recall']:.3f}",
+            f"{row['f1']:.3f}",
+        ]
         if with_ap:
             cells.append("-" if row["ap"] is None else f"{row['ap']:.3f}")
         if with_threshold:
@@ -150,8 +170,10 @@ def check_file(cfg: EvaluateConfig, labels: Optional[dict[str, np.ndarray]]) -> 
         submission = validate_submission(raw, expected=expected, allowed=allowed, source=cfg.predictions)
     except UserError as exc:
         if labels is not None and not cfg.subset and "missing image" in str(exc):
-            raise UserError(f"{exc}\n(the labels in {cfg.labels} cover {len(labels)} images and a submission covers "
-                            f"each; to score only the images the file has, give --subset)") from None
+            raise UserError(
+                f"{exc}\n(the labels in {cfg.labels} cover {len(labels)} images and a submission covers "
+                f"each; to score only the images the file has, give --subset)"
+            ) from None
         raise
     return submission, unsorted_entries(raw)
 
@@ -173,12 +195,16 @@ def assess(cfg: EvaluateConfig) -> Assessment:
     notes = [f"{len(unsorted)} list(s) were not sorted (accepted; e.g. {unsorted[0]!r})"] if unsorted else []
     empty = sum(1 for ids in submission.values() if not ids)
     if empty:
-        notes.append(f"{empty} image(s) have no class at all (every COCO image has one: see predict --min-labels)")
+        notes.append(
+            f"{empty} image(s) have no class at all (every COCO image has one: see predict --min-labels)"
+        )
     if labels is None:
         return Assessment(submission, notes, None, [])
     if cfg.subset and len(submission) < len(labels):
-        notes.append(f"--subset: scoring the {len(submission)} images the file has, of the {len(labels)} labelled "
-                     f"(the server F1 weights come from these images only)")
+        notes.append(
+            f"--subset: scoring the {len(submission)} images the file has, of the {len(labels)} labelled "
+            f"(the server F1 weights come from these images only)"
+        )
     scores = thresholds = None
     checkpoint = ""
     if cfg.scores:
@@ -189,11 +215,15 @@ def assess(cfg: EvaluateConfig) -> Assessment:
         check_scores_match(found, cfg.scores, submission, cfg.predictions, identity)
         scores = load_scores(cfg.scores, sorted(submission))
     if cfg.run is not None and not (Path(cfg.run) / METRICS_LOG).is_file():
-        raise UserError(f"--run {cfg.run}: no {METRICS_LOG} there, so no training curves to draw (give the run "
-                        f"folder cocoshard train wrote)")
+        raise UserError(
+            f"--run {cfg.run}: no {METRICS_LOG} there, so no training curves to draw (give the run "
+            f"folder cocoshard train wrote)"
+        )
     evaluation = score_submission(submission, labels, scores, class_names_of(cfg.labels))
     evaluation = dataclasses.replace(evaluation, thresholds=thresholds)
-    return Assessment(submission, notes, evaluation, _write_report(cfg, evaluation, checkpoint) if cfg.report else [])
+    return Assessment(
+        submission, notes, evaluation, _write_report(cfg, evaluation, checkpoint) if cfg.report else []
+    )
 
 
 def show(cfg: EvaluateConfig, found: Assessment) -> None:
@@ -239,17 +269,23 @@ def run(cfg: EvaluateConfig) -> int:
 
 def _show_format_only(cfg: EvaluateConfig, found: Assessment) -> None:
     if cfg.json:
-        sys.stdout.write(json.dumps({"format_ok": True, "images": len(found.submission), "notes": found.notes}) + "\n")
+        sys.stdout.write(
+            json.dumps({"format_ok": True, "images": len(found.submission), "notes": found.notes}) + "\n"
+        )
         return
     count = len(found.submission)
     console = stdout_console()
     if cfg.images:
-        console.print(f"[green]format OK[/]: {literal(cfg.predictions)} covers exactly the {count} images of "
-                      f"{literal(cfg.images)}, each once; give --labels to score it")
+        console.print(
+            f"[green]format OK[/]: {literal(cfg.predictions)} covers exactly the {count} images of "
+            f"{literal(cfg.images)}, each once; give --labels to score it"
+        )
     else:
-        console.print(f"[green]format OK[/]: {literal(cfg.predictions)} ({count} images, every entry well formed); "
-                      f"[yellow]which images it must cover is not known without --images DIR[/] (the test folder): "
-                      f"give it to check that none is missing or extra")
+        console.print(
+            f"[green]format OK[/]: {literal(cfg.predictions)} ({count} images, every entry well formed); "
+            f"[yellow]which images it must cover is not known without --images DIR[/] (the test folder): "
+            f"give it to check that none is missing or extra"
+        )
     for note in found.notes:
         console.print(f"[yellow]note[/]: {note}")
 
@@ -263,6 +299,12 @@ def _write_report(cfg: EvaluateConfig, evaluation: Evaluation, checkpoint: str =
         about["checkpoint"] = checkpoint
     with folder_lock(cfg.report, "cocoshard evaluate --report"):
         return write_report(
-            cfg.report, evaluation.metrics, evaluation.server, average_precision=evaluation.average_precision,
-            run_dir=cfg.run, title=f"Evaluation of {Path(cfg.predictions).name}", names=evaluation.names, about=about,
+            cfg.report,
+            evaluation.metrics,
+            evaluation.server,
+            average_precision=evaluation.average_precision,
+            run_dir=cfg.run,
+            title=f"Evaluation of {Path(cfg.predictions).name}",
+            names=evaluation.names,
+            about=about,
         )

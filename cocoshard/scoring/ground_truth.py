@@ -77,7 +77,8 @@ def read_shard_labels(location: str | os.PathLike, split: str = "val") -> dict[s
 
 
 def class_names_of(location: Optional[str | os.PathLike]) -> tuple[str, ...]:
-    """The class names to report with: a shards folder's own (a generated set has its own), else the challenge's."""
+    """The class names to report with: a shards folder's own (a generated set has its own), else
+    the challenge's."""
     if location is not None and is_shard_folder(location):
         return manifest_class_names(read_manifest(location))
     return CLASSES

@@ -323,7 +323,9 @@ def tune_thresholds(
         if not moved:
             break
     pull = counts / (counts + shrink) if shrink > 0 else np.ones(num_classes)
-    return np.where(np.isin(np.arange(num_classes), tunable), default + pull * (thresholds - default), default)
+    return np.where(
+        np.isin(np.arange(num_classes), tunable), default + pull * (thresholds - default), default
+    )
 
 
 def holdout_threshold_gain(

@@ -88,24 +88,42 @@ def load_predictor(path: str | os.PathLike, device: torch.device) -> Predictor:
     try:
         model.load_state_dict(weights, strict=True)
     except RuntimeError as exc:
-        raise UserError(f"checkpoint {path}: its {source} weights do not fit {train_cfg.model}: "
-                        f"{str(exc).splitlines()[0]}") from exc
+        raise UserError(
+            f"checkpoint {path}: its {source} weights do not fit {train_cfg.model}: "
+            f"{str(exc).splitlines()[0]}"
+        ) from exc
     fmt = torch.channels_last if train_cfg.channels_last else torch.contiguous_format
     model = model.to(device, memory_format=fmt).eval()
     counts = state.get("class_counts")
     prior = int(np.argmax(counts)) if isinstance(counts, list) and len(counts) == NUM_CLASSES else 0
-    return Predictor(model, train_cfg.size, np.asarray(state["thresholds"], dtype=np.float64), train_cfg.channels_last,
-                     source, prior)
+    return Predictor(
+        model,
+        train_cfg.size,
+        np.asarray(state["thresholds"], dtype=np.float64),
+        train_cfg.channels_last,
+        source,
+        prior,
+    )
 
 
 # ----------------------------------------------------------------------------------- image sources
 
 
-def shard_batches(cfg: PredictConfig, predictor: Predictor, workers: int, device: torch.device,
-                  dtype: torch.dtype) -> tuple[int, Batches]:
+def shard_batches(
+    cfg: PredictConfig, predictor: Predictor, workers: int, device: torch.device, dtype: torch.dtype
+) -> tuple[int, Batches]:
     """(number of samples, model-ready batches with their keys) of one split of packed shards, in order."""
-    loader = build_loader(cfg.shards, cfg.split, batch_size=cfg.batch_size, device=device, mode="stream", train=False,
-                          seed=0, workers=workers, transform=EvalTransform(predictor.size, dtype, predictor.channels_last))
+    loader = build_loader(
+        cfg.shards,
+        cfg.split,
+        batch_size=cfg.batch_size,
+        device=device,
+        mode="stream",
+        train=False,
+        seed=0,
+        workers=workers,
+        transform=EvalTransform(predictor.size, dtype, predictor.channels_last),
+    )
 
     def batches() -> Batches:
         try:
@@ -117,37 +135,60 @@ def shard_batches(cfg: PredictConfig, predictor: Predictor, workers: int, device
     return loader.num_samples, batches()
 
 
-def image_batches(files: list[Path], predictor: Predictor, cfg: PredictConfig, workers: int, device: torch.device,
-                  dtype: torch.dtype) -> Batches:
+def image_batches(
+    files: list[Path],
+    predictor: Predictor,
+    cfg: PredictConfig,
+    workers: int,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> Batches:
     """Model-ready batches of checked image files, with their keys."""
     canvas = max(DEFAULT_CANVAS, predictor.size)
     for images, sizes, keys in folder_batches(files, canvas, cfg.batch_size, workers, device):
-        yield eval_transform(images, sizes, out_size=predictor.size, dtype=dtype,
-                             channels_last=predictor.channels_last), keys
+        yield (
+            eval_transform(
+                images, sizes, out_size=predictor.size, dtype=dtype, channels_last=predictor.channels_last
+            ),
+            keys,
+        )
 
 
 def bad_files_message(folder: str, bad: dict[Path, str]) -> str:
     """Every unreadable file of the folder with its reason, and the ways on."""
     shown = "\n  ".join(f"{shown_path(path)}: {why}" for path, why in list(bad.items())[:SHOWN_BAD])
     more = f"\n  ... and {len(bad) - SHOWN_BAD} more" if len(bad) > SHOWN_BAD else ""
-    return (f"{len(bad)} image file(s) in {folder} cannot be read; nothing was written:\n  {shown}{more}\n"
-            f"Replace them, or write a complete submission anyway with --unreadable prior (they get the most "
-            f"frequent training class)")
+    return (
+        f"{len(bad)} image file(s) in {folder} cannot be read; nothing was written:\n  {shown}{more}\n"
+        f"Replace them, or write a complete submission anyway with --unreadable prior (they get the most "
+        f"frequent training class)"
+    )
 
 
 # ----------------------------------------------------------------------------------- inference
 
 
 @torch.no_grad()
-def predict_scores(predictor: Predictor, batches: Batches, *, total: int, amp_dtype: Optional[torch.dtype],
-                   tta: bool = False, progress: bool = True) -> tuple[list[str], np.ndarray]:
+def predict_scores(
+    predictor: Predictor,
+    batches: Batches,
+    *,
+    total: int,
+    amp_dtype: Optional[torch.dtype],
+    tta: bool = False,
+    progress: bool = True,
+) -> tuple[list[str], np.ndarray]:
     """Sigmoid probabilities (N, C) float32 for every image, with the keys in the order seen."""
     from tqdm import tqdm
 
     keys: list[str] = []
     chunks: list[torch.Tensor] = []
     device = next(predictor.model.parameters()).device
-    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else torch.autocast(device.type, enabled=False)
+    autocast = (
+        torch.autocast(device.type, dtype=amp_dtype)
+        if amp_dtype
+        else torch.autocast(device.type, enabled=False)
+    )
     with tqdm(total=total, unit="img", desc="predict", disable=not progress, leave=False) as bar:
         for inputs, batch_keys in batches:
             with autocast:
@@ -165,7 +206,9 @@ def predict_scores(predictor: Predictor, batches: Batches, *, total: int, amp_dt
 def _check_keys(keys: list[str], expected: int, source: str) -> None:
     repeated = [key for key, count in Counter(keys).items() if count > 1]
     if repeated:
-        raise UserError(f"{source}: the image {repeated[0]!r} was read more than once; each key must be unique")
+        raise UserError(
+            f"{source}: the image {repeated[0]!r} was read more than once; each key must be unique"
+        )
     if len(keys) != expected:
         raise UserError(f"{source}: read {len(keys)} images but expected {expected}")
 
@@ -178,9 +221,13 @@ def _check_outputs(cfg: PredictConfig) -> None:
         raise UserError(f"--out and --scores are the same file {cfg.out}: give each its own")
     for output in outputs:
         for given in inputs:
-            if output.resolve() == given.resolve() or (output.exists() and given.exists() and output.samefile(given)):
-                raise UserError(f"{output} is an input of this command ({given}): writing there would replace it; "
-                                f"choose another file")
+            if output.resolve() == given.resolve() or (
+                output.exists() and given.exists() and output.samefile(given)
+            ):
+                raise UserError(
+                    f"{output} is an input of this command ({given}): writing there would replace it; "
+                    f"choose another file"
+                )
 
 
 def _thresholds(cfg: PredictConfig, predictor: Predictor) -> tuple[np.ndarray, str]:
@@ -228,18 +275,36 @@ def run(cfg: PredictConfig) -> int:
     write_submission(cfg.out, submission)
     load_submission(cfg.out, expected=keys)  # read back from disk: what was written is what we checked
     if cfg.scores:
-        save_scores(cfg.scores, Scores(keys, scores, thresholds, cfg.min_labels, cfg.tta, str(cfg.checkpoint),
-                                       file_sha256(cfg.checkpoint), origin, split, unreadable))
+        save_scores(
+            cfg.scores,
+            Scores(
+                keys,
+                scores,
+                thresholds,
+                cfg.min_labels,
+                cfg.tta,
+                str(cfg.checkpoint),
+                file_sha256(cfg.checkpoint),
+                origin,
+                split,
+                unreadable,
+            ),
+        )
     filled = int((predicted.sum(axis=1) < cfg.min_labels).sum())
     labels = sum(len(ids) for ids in submission.values())
     console.print(
-        f"[green]wrote[/] {literal(cfg.out)}: {len(keys)} images, {labels / max(len(keys), 1):.2f} classes per image "
+        f"[green]wrote[/] {literal(cfg.out)}: {len(keys)} images, {labels / max(len(keys), 1):.2f} classes "
+        "per image "
         f"({filled} topped up to --min-labels {cfg.min_labels}); {predictor.weights} weights, "
-        f"{literal(threshold_source)}{', TTA' if cfg.tta else ''}; {total / max(elapsed, 1e-9):.0f} images/s on {device}"
+        f"{literal(threshold_source)}{', TTA' if cfg.tta else ''}; {total / max(elapsed, 1e-9):.0f} images/s "
+        f"on {device}"
     )
     if unreadable:
-        console.print(f"[bold yellow]warning:[/] {len(unreadable)} unreadable image(s) were given the most frequent "
-                      f"training class {predictor.prior_class} (--unreadable prior): {literal(', '.join(unreadable[:10]))}")
+        console.print(
+            f"[bold yellow]warning:[/] {len(unreadable)} unreadable image(s) were given the most frequent "
+            f"training class {predictor.prior_class} (--unreadable prior): "
+            f"{literal(', '.join(unreadable[:10]))}"
+        )
     if cfg.scores:
         console.print(f"scores: {literal(cfg.scores)}")
     return 0

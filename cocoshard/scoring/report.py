@@ -73,8 +73,13 @@ def _class_axis(ax: Any, order: np.ndarray, counts: np.ndarray, names: Sequence[
 HEAVIEST_LABELLED = 10
 
 
-def plot_class_f1(server: ServerF1, path: Path, title: str, average_precision: Optional[np.ndarray] = None,
-                  names: Sequence[str] = CLASSES) -> Path:
+def plot_class_f1(
+    server: ServerF1,
+    path: Path,
+    title: str,
+    average_precision: Optional[np.ndarray] = None,
+    names: Sequence[str] = CLASSES,
+) -> Path:
     """Horizontal F1 bars, classes sorted by frequency; the heaviest classes say their weight in the
     score; classes absent from the labels are marked as such. With `average_precision`, each
     class's AP is drawn as a dot on its bar."""
@@ -82,11 +87,23 @@ def plot_class_f1(server: ServerF1, path: Path, title: str, average_precision: O
     order = frequency_order(server.class_counts)
     present = server.class_counts[order] > 0
     figure, ax = plt.subplots(figsize=(8.5, 0.19 * len(order) + 1.6))
-    ax.barh(range(len(order)), np.where(present, server.class_f1[order], 0.0), color=F1_COLOUR, height=0.75, label="F1")
+    ax.barh(
+        range(len(order)),
+        np.where(present, server.class_f1[order], 0.0),
+        color=F1_COLOUR,
+        height=0.75,
+        label="F1",
+    )
     absent_rows = np.flatnonzero(~present)
     if len(absent_rows):  # a background band says "absent" where an F1 of 0 would say "missed"
-        ax.barh(absent_rows, np.full(len(absent_rows), 1.0), color=ABSENT_COLOUR, alpha=0.35, height=0.75,
-                label="absent from the labels")
+        ax.barh(
+            absent_rows,
+            np.full(len(absent_rows), 1.0),
+            color=ABSENT_COLOUR,
+            alpha=0.35,
+            height=0.75,
+            label="absent from the labels",
+        )
         for row in absent_rows:
             ax.text(0.01, row, "absent: no weight", va="center", fontsize=6, color="#555555")
     if average_precision is not None:
@@ -95,14 +112,23 @@ def plot_class_f1(server: ServerF1, path: Path, title: str, average_precision: O
     heaviest = set(np.argsort(-server.class_weights)[:HEAVIEST_LABELLED].tolist())
     for row, c in enumerate(order):  # in the margin right of the bars, clear of bars and dots
         if c in heaviest and server.class_weights[c] > 0:
-            ax.text(1.045, row, f"w {server.class_weights[c]:.1%}", va="center", fontsize=6, color="#b22222",
-                    clip_on=False)
+            ax.text(
+                1.045,
+                row,
+                f"w {server.class_weights[c]:.1%}",
+                va="center",
+                fontsize=6,
+                color="#b22222",
+                clip_on=False,
+            )
     ax.legend(loc="lower right", fontsize=7, framealpha=0.9)
     _class_axis(ax, order, server.class_counts, names)
     ax.set_xlabel("F1 per class")
-    ax.set_title(f"{title}: server F1 {server.f1:.3f}\nclasses from the most to the least frequent (positives in "
-                 f"brackets)\nw (right): a class's share of the server F1, for the {HEAVIEST_LABELLED} heaviest",
-                 fontsize=9)
+    ax.set_title(
+        f"{title}: server F1 {server.f1:.3f}\nclasses from the most to the least frequent (positives in "
+        f"brackets)\nw (right): a class's share of the server F1, for the {HEAVIEST_LABELLED} heaviest",
+        fontsize=9,
+    )
     return _save(figure, path)
 
 
@@ -120,8 +146,11 @@ def plot_precision_recall(server: ServerF1, path: Path, title: str, names: Seque
         _class_axis(ax, order, server.class_counts, names)
         ax.set_xlabel(f"{name} per class")
     right.tick_params(labelleft=False)
-    figure.suptitle(f"{title}\nweighted precision {server.precision:.3f}, weighted recall {server.recall:.3f} "
-                    f"(weights of the server F1); classes by frequency (positives)", fontsize=9)
+    figure.suptitle(
+        f"{title}\nweighted precision {server.precision:.3f}, weighted recall {server.recall:.3f} "
+        f"(weights of the server F1); classes by frequency (positives)",
+        fontsize=9,
+    )
     figure.tight_layout(rect=(0, 0, 1, 0.985))
     return _save(figure, path)
 
@@ -162,7 +191,11 @@ def read_metrics_log(run_dir: str | os.PathLike) -> list[dict[str, float]]:
         if isinstance(record, dict):
             flat = _flatten(record)
             chosen = record.get("selected")
-            if isinstance(chosen, str) and isinstance(record.get("val"), dict) and isinstance(record["val"].get(chosen), dict):
+            if (
+                isinstance(chosen, str)
+                and isinstance(record.get("val"), dict)
+                and isinstance(record["val"].get(chosen), dict)
+            ):
                 flat.update(_flatten(record["val"][chosen], CHOSEN))
             records.append(flat)
     return records
@@ -202,8 +235,13 @@ def curve_series(records: list[dict[str, float]]) -> tuple[dict, dict]:
     return _series(records, _is_loss), scores
 
 
-CURVE_LABELS = {"train/loss": "train loss", CHOSEN + "loss": "validation loss", CHOSEN + "server_f1_tuned":
-                "server F1, tuned thresholds", CHOSEN + "server_f1": "server F1 at 0.5", CHOSEN + "map": "mAP"}
+CURVE_LABELS = {
+    "train/loss": "train loss",
+    CHOSEN + "loss": "validation loss",
+    CHOSEN + "server_f1_tuned": "server F1, tuned thresholds",
+    CHOSEN + "server_f1": "server F1 at 0.5",
+    CHOSEN + "map": "mAP",
+}
 
 
 def _score_limits(series: dict) -> tuple[float, float]:
@@ -227,11 +265,25 @@ def plot_curves(records: list[dict[str, float]], path: Path, title: str) -> Opti
     for ax, series, label in ((left, losses, "loss"), (right, scores, "score")):
         for key, (xs, ys) in sorted(series.items()):
             tuned = key.endswith("server_f1_tuned")
-            ax.plot(xs, ys, marker="o", markersize=3, label=CURVE_LABELS.get(key, key),
-                    linewidth=2.4 if tuned or key == "train/loss" else 1.2, linestyle="--" if key.endswith("map") else "-")
+            ax.plot(
+                xs,
+                ys,
+                marker="o",
+                markersize=3,
+                label=CURVE_LABELS.get(key, key),
+                linewidth=2.4 if tuned or key == "train/loss" else 1.2,
+                linestyle="--" if key.endswith("map") else "-",
+            )
             if tuned and best in xs:
-                ax.plot([best], [ys[xs.index(best)]], marker="*", markersize=14, color="#d62728", zorder=5,
-                        label=f"best epoch ({int(best)})")
+                ax.plot(
+                    [best],
+                    [ys[xs.index(best)]],
+                    marker="*",
+                    markersize=14,
+                    color="#d62728",
+                    zorder=5,
+                    label=f"best epoch ({int(best)})",
+                )
         if best is not None:
             ax.axvline(best, color="#d62728", alpha=0.25, linewidth=1)
         ax.set_xlabel("epoch")
@@ -250,25 +302,48 @@ def plot_curves(records: list[dict[str, float]], path: Path, title: str) -> Opti
 # ----------------------------------------------------------------------------------- summary
 
 
-def _summary_text(metrics: dict[str, float], server: ServerF1, figures: list[Path], title: str,
-                  names: Sequence[str], about: dict[str, Any]) -> str:
+def _summary_text(
+    metrics: dict[str, float],
+    server: ServerF1,
+    figures: list[Path],
+    title: str,
+    names: Sequence[str],
+    about: dict[str, Any],
+) -> str:
     lines = [f"# {title}", ""]
     if about:
-        lines += ["| what was evaluated | |", "|---|---|"] + [f"| {key} | {value} |" for key, value in about.items()]
+        lines += ["| what was evaluated | |", "|---|---|"] + [
+            f"| {key} | {value} |" for key, value in about.items()
+        ]
         lines.append("")
     lines += ["| metric | value |", "|---|---|"]
-    for key in ("server_f1", "server_precision", "server_recall", "macro_f1", "micro_f1", "map", "labels_per_image"):
+    for key in (
+        "server_f1",
+        "server_precision",
+        "server_recall",
+        "macro_f1",
+        "micro_f1",
+        "map",
+        "labels_per_image",
+    ):
         if key in metrics:
             lines.append(f"| {key} | {metrics[key]:.4f} |")
     lines.append(f"| images | {int(metrics.get('images', 0))} |")
     heavy = [c for c in np.argsort(-server.class_weights) if server.class_weights[c] > 0][:10]
     weakest = sorted(heavy, key=lambda c: server.class_f1[c])[:5]
     if weakest:
-        lines += ["", "Where the server F1 is lost: the weakest of the ten heaviest classes", "",
-                  "| class | positives | weight | precision | recall | F1 |", "|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "Where the server F1 is lost: the weakest of the ten heaviest classes",
+            "",
+            "| class | positives | weight | precision | recall | F1 |",
+            "|---|---|---|---|---|---|",
+        ]
         for c in weakest:
-            lines.append(f"| {names[c]} | {int(server.class_counts[c])} | {server.class_weights[c]:.1%} | "
-                         f"{server.class_precision[c]:.3f} | {server.class_recall[c]:.3f} | {server.class_f1[c]:.3f} |")
+            lines.append(
+                f"| {names[c]} | {int(server.class_counts[c])} | {server.class_weights[c]:.1%} | "
+                f"{server.class_precision[c]:.3f} | {server.class_recall[c]:.3f} | {server.class_f1[c]:.3f} |"
+            )
     lines.append("")
     lines += [f"![{figure.stem}]({figure.name})" for figure in figures]
     return "\n".join(lines) + "\n"
@@ -284,11 +359,21 @@ def run_description(run_dir: Optional[str | os.PathLike]) -> dict[str, Any]:
     except (OSError, ValueError):
         settings = {}
     if isinstance(settings, dict) and settings:
-        start = "trained from scratch" if settings.get("weights") == "none" else f"from {settings.get('weights')} weights"
+        start = (
+            "trained from scratch"
+            if settings.get("weights") == "none"
+            else f"from {settings.get('weights')} weights"
+        )
         about["model"] = f"{settings.get('model')}, {start}"
         amp = settings.get("amp_dtype") if settings.get("amp") else "off"
-        about["settings"] = ", ".join([f"{key} {settings.get(key)}" for key in (
-            "epochs", "size", "batch_size", "lr", "loss", "loader") if key in settings] + [f"amp {amp}"])
+        about["settings"] = ", ".join(
+            [
+                f"{key} {settings.get(key)}"
+                for key in ("epochs", "size", "batch_size", "lr", "loss", "loader")
+                if key in settings
+            ]
+            + [f"amp {amp}"]
+        )
     records = read_metrics_log(run_dir)
     best = next((r["best_epoch"] for r in reversed(records) if r.get("best_epoch")), None)
     if best is not None:
@@ -318,8 +403,11 @@ def write_report(
         plot_precision_recall(server, out / PR_FIGURE, title, names),
     ]
     if run_dir is not None:
-        curves = plot_curves(read_metrics_log(run_dir), out / CURVES_FIGURE,
-                             f"training run {run_dir}: validation figures of the weights each epoch chose (raw or EMA)")
+        curves = plot_curves(
+            read_metrics_log(run_dir),
+            out / CURVES_FIGURE,
+            f"training run {run_dir}: validation figures of the weights each epoch chose (raw or EMA)",
+        )
         if curves is not None:
             figures.append(curves)
     summary = out / SUMMARY

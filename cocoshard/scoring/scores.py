@@ -7,7 +7,8 @@ A compressed `.npz` of plain arrays, read with `allow_pickle=False`:
     classes             the 80 class names
     checkpoint          the checkpoint's path and its sha256 (checkpoint_sha256)
     source, split       "shards" (with the shards' identity) or "images" (the folder), and which split
-    unreadable          keys of images that could not be read (predicted with the prior, predict --unreadable prior)
+    unreadable          keys of images that could not be read (predicted with the prior:
+                        predict --unreadable prior)
 
 so that `evaluate --scores` can refuse scores of another model, another split or other images
 instead of printing their mAP beside a submission they did not make (`check_scores_match`), and
@@ -66,11 +67,16 @@ class Scores:
 def save_scores(path: str | os.PathLike, found: Scores) -> None:
     """Write a scores file atomically (no pickles)."""
     arrays: dict[str, Any] = {
-        "keys": np.asarray(found.keys, dtype=str), "scores": np.asarray(found.scores, dtype=np.float32),
-        "thresholds": np.asarray(found.thresholds, dtype=np.float64), "classes": np.asarray(CLASSES, dtype=str),
-        "min_labels": np.asarray(found.min_labels), "tta": np.asarray(found.tta),
-        "checkpoint": np.asarray(found.checkpoint), "checkpoint_sha256": np.asarray(found.checkpoint_sha256),
-        "source": np.asarray(found.source), "split": np.asarray(found.split),
+        "keys": np.asarray(found.keys, dtype=str),
+        "scores": np.asarray(found.scores, dtype=np.float32),
+        "thresholds": np.asarray(found.thresholds, dtype=np.float64),
+        "classes": np.asarray(CLASSES, dtype=str),
+        "min_labels": np.asarray(found.min_labels),
+        "tta": np.asarray(found.tta),
+        "checkpoint": np.asarray(found.checkpoint),
+        "checkpoint_sha256": np.asarray(found.checkpoint_sha256),
+        "source": np.asarray(found.source),
+        "split": np.asarray(found.split),
         "unreadable": np.asarray(found.unreadable, dtype=str),
     }
     buffer = io.BytesIO()
@@ -86,13 +92,20 @@ def read_scores(path: str | os.PathLike) -> Scores:
             missing = [name for name in FIELDS if name not in names]
             if missing:
                 raise KeyError(f"it has no {', '.join(missing)}")
-            text = {name: str(data[name]) for name in ("checkpoint", "checkpoint_sha256", "source", "split") if name in names}
+            text = {
+                name: str(data[name])
+                for name in ("checkpoint", "checkpoint_sha256", "source", "split")
+                if name in names
+            }
             found = Scores(
-                keys=[str(k) for k in data["keys"]], scores=np.asarray(data["scores"], np.float64),
+                keys=[str(k) for k in data["keys"]],
+                scores=np.asarray(data["scores"], np.float64),
                 thresholds=np.asarray(data["thresholds"], np.float64),
                 min_labels=int(data["min_labels"]) if "min_labels" in names else 1,
                 tta=bool(data["tta"]) if "tta" in names else False,
-                unreadable=[str(k) for k in data["unreadable"]] if "unreadable" in names else [], **text)
+                unreadable=[str(k) for k in data["unreadable"]] if "unreadable" in names else [],
+                **text,
+            )
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise UserError(f"{path}: not a scores file written by cocoshard predict --scores ({exc})") from None
     if found.scores.shape != (len(found.keys), NUM_CLASSES) or found.thresholds.shape != (NUM_CLASSES,):
@@ -102,24 +115,35 @@ def read_scores(path: str | os.PathLike) -> Scores:
     return found
 
 
-def check_scores_match(found: Scores, path: str, submission: Submission, source: str,
-                       labels_identity: Optional[str] = None) -> None:
-    """Refuse scores that did not make `submission`: other images, other thresholds or model, another split."""
+def check_scores_match(
+    found: Scores, path: str, submission: Submission, source: str, labels_identity: Optional[str] = None
+) -> None:
+    """Refuse scores that did not make `submission`: other images, other thresholds or model,
+    another split."""
     keys, wanted = set(found.keys), set(submission)
     if keys != wanted:
-        raise UserError(f"{path} holds scores of other images than {source} ({len(wanted - keys)} of its images "
-                        f"have none, {len(keys - wanted)} scored images are not in it): the scores come from "
-                        f"another run or split")
+        raise UserError(
+            f"{path} holds scores of other images than {source} ({len(wanted - keys)} of its images "
+            f"have none, {len(keys - wanted)} scored images are not in it): the scores come from "
+            f"another run or split"
+        )
     remade = found.submission()
     differ = sorted(key for key in wanted if key not in found.unreadable and remade[key] != submission[key])
     if differ:
-        raise UserError(f"the classes in {source} do not follow from the scores in {path} with their own thresholds "
-                        f"({len(differ)} images differ, e.g. {differ[0]!r}): the two files come from different "
-                        f"models, runs or thresholds")
-    if labels_identity is not None and found.source.startswith("shards ") and (
-            found.source.split(" ", 1)[1] != labels_identity or found.split != "val"):
-        raise UserError(f"{path} scores the {found.split!r} split of other shards than the labels given: "
-                        f"evaluate scores against the val split of the shards they were predicted from")
+        raise UserError(
+            f"the classes in {source} do not follow from the scores in {path} with their own thresholds "
+            f"({len(differ)} images differ, e.g. {differ[0]!r}): the two files come from different "
+            f"models, runs or thresholds"
+        )
+    if (
+        labels_identity is not None
+        and found.source.startswith("shards ")
+        and (found.source.split(" ", 1)[1] != labels_identity or found.split != "val")
+    ):
+        raise UserError(
+            f"{path} scores the {found.split!r} split of other shards than the labels given: "
+            f"evaluate scores against the val split of the shards they were predicted from"
+        )
 
 
 def load_scores(path: str | os.PathLike, keys: list[str]) -> np.ndarray:

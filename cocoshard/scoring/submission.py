@@ -123,7 +123,9 @@ def parse_submission_text(text: str, source: str = "predictions") -> Any:
     except ValueError as exc:  # json.JSONDecodeError is a ValueError
         raise UserError(f"{source}: not a valid submission JSON: {exc}") from exc
     except RecursionError:
-        raise UserError(f"{source}: not a submission: JSON nested too deeply (a submission is one flat object)") from None
+        raise UserError(
+            f"{source}: not a submission: JSON nested too deeply (a submission is one flat object)"
+        ) from None
 
 
 def read_submission_json(path: str | os.PathLike) -> Any:
@@ -166,13 +168,19 @@ def _entry_problems(key: str, value: Any, num_classes: int) -> list[str]:
     return problems
 
 
-def _key_problems(keys: Iterable[str], expected: Optional[Iterable[str]], allowed: Optional[Iterable[str]]) -> list[str]:
+def _key_problems(
+    keys: Iterable[str], expected: Optional[Iterable[str]], allowed: Optional[Iterable[str]]
+) -> list[str]:
     present = set(keys)
     problems = []
     for key in sorted(present):  # whatever the images: a key is an image's file stem, and nothing else
         problem = key_problem(key)
         if problem:
-            hint = " (keys are file stems: drop the extension)" if "." in key and key_problem(key.split(".")[0]) is None else ""
+            hint = (
+                " (keys are file stems: drop the extension)"
+                if "." in key and key_problem(key.split(".")[0]) is None
+                else ""
+            )
             problems.append(f"{key!r}: not an image key: {problem}{hint}")
     known = set(expected) if expected is not None else set(allowed) if allowed is not None else None
     if known is not None:
@@ -180,7 +188,10 @@ def _key_problems(keys: Iterable[str], expected: Optional[Iterable[str]], allowe
             hint = " (keys are file stems: drop the extension)" if Path(key).stem in known else ""
             problems.append(f"{key!r}: unknown image, not one of the expected keys{hint}")
     if expected is not None:
-        problems += [f"{key!r}: missing image (every image must appear once)" for key in sorted(set(expected) - present)]
+        problems += [
+            f"{key!r}: missing image (every image must appear once)"
+            for key in sorted(set(expected) - present)
+        ]
     return problems
 
 
@@ -200,7 +211,9 @@ def validate_submission(
     entry (the first `MAX_REPORTED`, then a count).
     """
     if not isinstance(data, dict):
-        raise UserError(f"{source}: the top level must be a JSON object of image -> class ids, got a {_json_type(data)}")
+        raise UserError(
+            f"{source}: the top level must be a JSON object of image -> class ids, got a {_json_type(data)}"
+        )
     problems = _key_problems(data.keys(), expected, allowed)
     for key, value in data.items():
         problems += _entry_problems(key, value, num_classes)
@@ -231,7 +244,9 @@ def load_submission(
 ) -> Submission:
     """Read, parse and check a submission file in one call."""
     data = read_submission_json(path)
-    return validate_submission(data, expected=expected, allowed=allowed, num_classes=num_classes, source=str(path))
+    return validate_submission(
+        data, expected=expected, allowed=allowed, num_classes=num_classes, source=str(path)
+    )
 
 
 def to_matrix(submission: Submission, keys: Sequence[str], num_classes: int = NUM_CLASSES) -> np.ndarray:

@@ -23,9 +23,14 @@ from cocoshard.errors import UserError
 
 def check_thresholds(values: Any, source: str) -> np.ndarray:
     """(80,) float64 thresholds; UserError naming `source` unless 80 finite numbers in [0, 1]."""
-    if not isinstance(values, list) or len(values) != NUM_CLASSES or not all(
+    if (
+        not isinstance(values, list)
+        or len(values) != NUM_CLASSES
+        or not all(
             isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and 0.0 <= v <= 1.0
-            for v in values):
+            for v in values
+        )
+    ):
         raise UserError(f"{source}: 'thresholds' must be {NUM_CLASSES} finite numbers in [0, 1]")
     return np.asarray(values, dtype=np.float64)
 

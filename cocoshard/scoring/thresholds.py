@@ -1,6 +1,7 @@
 """`cocoshard thresholds`: tune the 80 per-class thresholds for the server F1 from saved scores.
 
-    $ cocoshard predict --checkpoint runs/train/best.pt --shards shards --split val --out val.json --scores val.npz
+    $ cocoshard predict --checkpoint runs/train/best.pt --shards shards --split val \
+          --out val.json --scores val.npz
     $ cocoshard thresholds --scores val.npz --labels shards --out thresholds.json
     $ cocoshard predict --checkpoint runs/train/best.pt --images ms-coco/images/test-resized/test-resized \\
           --thresholds thresholds.json --out predictions.json
@@ -36,23 +37,42 @@ def run(cfg: ThresholdsConfig) -> int:
     labels = load_labels(cfg.labels)
     unlabelled = [key for key in found.keys if key not in labels]
     if unlabelled:
-        raise UserError(f"{cfg.scores}: {len(unlabelled)} scored images have no labels in {cfg.labels} (e.g. "
-                        f"{unlabelled[0]!r}): tune on the scores of the split the labels describe (predict --split val)")
+        raise UserError(
+            f"{cfg.scores}: {len(unlabelled)} scored images have no labels in {cfg.labels} (e.g. "
+            f"{unlabelled[0]!r}): tune on the scores of the split the labels describe (predict --split val)"
+        )
     truth = np.stack([labels[key] for key in found.keys])
     tuned = metrics.tune_thresholds(found.scores, truth, default=cfg.default, min_positives=cfg.min_positives)
     counts = truth.sum(axis=0)
     kept = [c for c in range(len(counts)) if counts[c] < cfg.min_positives]
     figures = {
-        "with the scores' own thresholds": metrics.server_f1(metrics.predictions_from_scores(found.scores, found.thresholds), truth).f1,
-        f"at {cfg.default} for every class": metrics.server_f1(metrics.predictions_from_scores(found.scores, cfg.default), truth).f1,
-        "tuned (on these same images)": metrics.server_f1(metrics.predictions_from_scores(found.scores, tuned), truth).f1,
+        "with the scores' own thresholds": metrics.server_f1(
+            metrics.predictions_from_scores(found.scores, found.thresholds), truth
+        ).f1,
+        f"at {cfg.default} for every class": metrics.server_f1(
+            metrics.predictions_from_scores(found.scores, cfg.default), truth
+        ).f1,
+        "tuned (on these same images)": metrics.server_f1(
+            metrics.predictions_from_scores(found.scores, tuned), truth
+        ).f1,
     }
-    holdout = metrics.holdout_threshold_gain(found.scores, truth, default=cfg.default, min_positives=cfg.min_positives)
+    holdout = metrics.holdout_threshold_gain(
+        found.scores, truth, default=cfg.default, min_positives=cfg.min_positives
+    )
     names = class_names_of(cfg.labels)
-    write_thresholds_file(cfg.out, tuned, classes=list(names), tuned_on=str(cfg.scores), labels=str(cfg.labels),
-                          images=len(found.keys), min_positives=cfg.min_positives, default=cfg.default,
-                          kept_default=kept, server_f1_tuned=figures["tuned (on these same images)"],
-                          heldout_gain=holdout["gain"])
+    write_thresholds_file(
+        cfg.out,
+        tuned,
+        classes=list(names),
+        tuned_on=str(cfg.scores),
+        labels=str(cfg.labels),
+        images=len(found.keys),
+        min_positives=cfg.min_positives,
+        default=cfg.default,
+        kept_default=kept,
+        server_f1_tuned=figures["tuned (on these same images)"],
+        heldout_gain=holdout["gain"],
+    )
     console = stdout_console()
     table = Table(title=f"server F1 of {len(found.keys)} images", show_header=False, box=None)
     for label, value in figures.items():
@@ -61,7 +81,13 @@ def run(cfg: ThresholdsConfig) -> int:
     console.print(table)
     if kept:
         shown = ", ".join(f"{names[c]} ({int(counts[c])})" for c in kept[:12])
-        console.print(Text(f"{len(kept)} classes keep {cfg.default}: fewer than {cfg.min_positives} positive images "
-                           f"here: {shown}{' ...' if len(kept) > 12 else ''}"))
-    console.print(f"[green]wrote[/] {literal(cfg.out)}: use it with cocoshard predict --thresholds {literal(cfg.out)}")
+        console.print(
+            Text(
+                f"{len(kept)} classes keep {cfg.default}: fewer than {cfg.min_positives} positive images "
+                f"here: {shown}{' ...' if len(kept) > 12 else ''}"
+            )
+        )
+    console.print(
+        f"[green]wrote[/] {literal(cfg.out)}: use it with cocoshard predict --thresholds {literal(cfg.out)}"
+    )
     return 0

@@ -5,11 +5,13 @@ A checkpoint (`last.pt`, `best.pt`) is a dict of tensors, numbers, strings, list
     model, ema, optimizer, scaler, scheduler   state dicts (ema may be None)
     epoch, step, ema_updates                   epochs completed, optimizer steps taken
     rng                                        generator states as tensors and lists (`runtime.rng_state`)
-    config                                     the run's TrainConfig as a plain dict (automatic settings resolved)
+    config                                     the run's TrainConfig as a plain dict, automatic
+                                               settings resolved
     shards, class_counts                       the identity of the train and val shards it was trained on,
                                                and how many train images hold each class
     classes, thresholds                        80 names, 80 tuned thresholds
-    metrics, best, versions                    the epoch's validation figures, the best epoch so far, libraries
+    metrics, best, versions                    the epoch's validation figures, the best epoch so
+                                               far, the libraries' versions
 
 so that the safe unpickler loads all of it (`checkpoint_state` is the one place that decides it).
 A file that asks the unpickler for anything else (a class, a function: the way a malicious
@@ -50,8 +52,19 @@ BEST = "best.pt"
 RAW, EMA = "model", "ema"
 REQUIRED_KEYS = ("model", "epoch", "step", "config", "classes", "thresholds")
 # Settings a resumed run may be given again with other values: none changes what is trained.
-RESUMABLE = ("resume", "out", "shards", "epochs", "max_steps", "workers", "threads", "log_every", "device", "compile",
-             "decode")
+RESUMABLE = (
+    "resume",
+    "out",
+    "shards",
+    "epochs",
+    "max_steps",
+    "workers",
+    "threads",
+    "log_every",
+    "device",
+    "compile",
+    "decode",
+)
 # Chosen from the machine when not given: a resumed run chooses them again on its own machine.
 MACHINE_SETTINGS = ("workers", "threads")
 _GLOBAL_RE = re.compile(r"GLOBAL\s+([\w.]+)")
@@ -69,8 +82,13 @@ def versions() -> dict[str, str]:
     from cocoshard import __version__
 
     # str(): torch.__version__ is a TorchVersion, a class the safe unpickler refuses.
-    return {"cocoshard": __version__, "torch": str(torch.__version__), "torchvision": str(torchvision.__version__),
-            "PIL": str(PIL.__version__), "python": platform.python_version()}
+    return {
+        "cocoshard": __version__,
+        "torch": str(torch.__version__),
+        "torchvision": str(torchvision.__version__),
+        "PIL": str(PIL.__version__),
+        "python": platform.python_version(),
+    }
 
 
 # ----------------------------------------------------------------------------------- writing and reading
@@ -87,8 +105,10 @@ def _why_refused(exc: Exception) -> str:
     found = _GLOBAL_RE.search(text)
     if found or "Unsupported global" in text:
         name = found.group(1) if found else "a Python object"
-        return (f"it asks to import {name}, which a checkpoint of tensors never does (a pickle that "
-                f"imports code can run it). Refused: cocoshard loads only with weights_only=True")
+        return (
+            f"it asks to import {name}, which a checkpoint of tensors never does (a pickle that "
+            f"imports code can run it). Refused: cocoshard loads only with weights_only=True"
+        )
     return "it is not a PyTorch checkpoint or it is corrupted (not a valid zip/pickle)"
 
 
@@ -106,20 +126,45 @@ def safe_load(path: str | os.PathLike, what: str = "checkpoint", map_location: A
         raise BadCheckpoint(f"cannot load {what} {file}: {_why_refused(exc)}") from exc
     except Exception as exc:  # random bytes break the unpickler in any way (IndexError, KeyError, ...)
         detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise BadCheckpoint(f"cannot load {what} {file}: it is not a PyTorch checkpoint or it is truncated or "
-                            f"corrupted ({type(exc).__name__}: {detail})") from exc
+        raise BadCheckpoint(
+            f"cannot load {what} {file}: it is not a PyTorch checkpoint or it is truncated or "
+            f"corrupted ({type(exc).__name__}: {detail})"
+        ) from exc
 
 
 def _field_problem(state: dict[str, Any]) -> str | None:
     """The first field a reader would trip on, or None when everything used is usable."""
     checks: list[tuple[str, Any]] = [
-        ("model", lambda v: isinstance(v, dict) and v and all(isinstance(t, torch.Tensor) for t in v.values())),
-        ("ema", lambda v: v is None or (isinstance(v, dict) and all(isinstance(t, torch.Tensor) for t in v.values()))),
+        (
+            "model",
+            lambda v: isinstance(v, dict) and v and all(isinstance(t, torch.Tensor) for t in v.values()),
+        ),
+        (
+            "ema",
+            lambda v: (
+                v is None or (isinstance(v, dict) and all(isinstance(t, torch.Tensor) for t in v.values()))
+            ),
+        ),
         ("epoch", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0),
         ("step", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0),
-        ("classes", lambda v: isinstance(v, list) and len(v) == NUM_CLASSES and all(isinstance(n, str) for n in v)),
-        ("thresholds", lambda v: isinstance(v, list) and len(v) == NUM_CLASSES and all(
-            isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) and 0.0 <= t <= 1.0 for t in v)),
+        (
+            "classes",
+            lambda v: isinstance(v, list) and len(v) == NUM_CLASSES and all(isinstance(n, str) for n in v),
+        ),
+        (
+            "thresholds",
+            lambda v: (
+                isinstance(v, list)
+                and len(v) == NUM_CLASSES
+                and all(
+                    isinstance(t, (int, float))
+                    and not isinstance(t, bool)
+                    and math.isfinite(t)
+                    and 0.0 <= t <= 1.0
+                    for t in v
+                )
+            ),
+        ),
         ("config", lambda v: isinstance(v, dict)),
     ]
     for name, valid in checks:
@@ -128,20 +173,30 @@ def _field_problem(state: dict[str, Any]) -> str | None:
     return None
 
 
-def check_checkpoint(state: Any, path: str | os.PathLike, required: Iterable[str] = REQUIRED_KEYS) -> dict[str, Any]:
+def check_checkpoint(
+    state: Any, path: str | os.PathLike, required: Iterable[str] = REQUIRED_KEYS
+) -> dict[str, Any]:
     """`state` if it holds everything a cocoshard reader uses, each of the right type and range."""
     if not isinstance(state, dict):
-        raise BadCheckpoint(f"checkpoint {path} holds a {type(state).__name__}, not a cocoshard checkpoint dict")
+        raise BadCheckpoint(
+            f"checkpoint {path} holds a {type(state).__name__}, not a cocoshard checkpoint dict"
+        )
     missing = [key for key in required if key not in state]
     if missing:
-        raise BadCheckpoint(f"checkpoint {path} lacks {', '.join(missing)}: it was not written by cocoshard train")
+        raise BadCheckpoint(
+            f"checkpoint {path} lacks {', '.join(missing)}: it was not written by cocoshard train"
+        )
     problem = _field_problem(state)
     if problem == "thresholds":
-        raise BadCheckpoint(f"checkpoint {path}: its field 'thresholds' must be {NUM_CLASSES} finite numbers in "
-                            f"[0, 1]; it holds {str(state['thresholds'])[:80]}")
+        raise BadCheckpoint(
+            f"checkpoint {path}: its field 'thresholds' must be {NUM_CLASSES} finite numbers in "
+            f"[0, 1]; it holds {str(state['thresholds'])[:80]}"
+        )
     if problem:
-        raise BadCheckpoint(f"checkpoint {path}: its field {problem!r} is not what cocoshard train writes "
-                            f"({type(state[problem]).__name__})")
+        raise BadCheckpoint(
+            f"checkpoint {path}: its field {problem!r} is not what cocoshard train writes "
+            f"({type(state[problem]).__name__})"
+        )
     try:
         from_dict(TrainConfig, state["config"], source=f"checkpoint {path}: config")
     except ConfigError as exc:
@@ -151,8 +206,9 @@ def check_checkpoint(state: Any, path: str | os.PathLike, required: Iterable[str
     return state
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu",
-                    required: Iterable[str] = REQUIRED_KEYS) -> dict[str, Any]:
+def load_checkpoint(
+    path: str | os.PathLike, map_location: Any = "cpu", required: Iterable[str] = REQUIRED_KEYS
+) -> dict[str, Any]:
     """A checkpoint written by `cocoshard train`, loaded safely and checked (`check_checkpoint`)."""
     return check_checkpoint(safe_load(path, "checkpoint", map_location), path, required)
 
@@ -165,8 +221,9 @@ def checkpoint_config(state: dict[str, Any], path: str | os.PathLike) -> TrainCo
 # ----------------------------------------------------------------------------------- what a checkpoint holds
 
 
-def checkpoint_state(tr: Trainer, epoch: int, thresholds: Sequence[float], figures: dict[str, float],
-                     keep_ema: bool) -> dict[str, Any]:
+def checkpoint_state(
+    tr: Trainer, epoch: int, thresholds: Sequence[float], figures: dict[str, float], keep_ema: bool
+) -> dict[str, Any]:
     """What last.pt/best.pt hold; tensors, numbers, strings and containers only (weights_only=True).
 
     `keep_ema=False` (best.pt when the raw weights scored better) stores no EMA, so that a reader
@@ -207,18 +264,28 @@ def resume_settings(cfg: TrainConfig, state: dict[str, Any], path: Path) -> Trai
     """The run's own settings (from its checkpoint), with only what a resumed run may change taken
     from `cfg`; a given setting that would change what is trained is refused by name."""
     if "out" in cfg.given and cfg.resume != RESUME_LAST and Path(cfg.out).resolve() != path.parent.resolve():
-        raise ConfigError(f"--out {cfg.out} and --resume {path} name two runs: a run resumes in its own folder "
-                          f"(drop --out, or give --out {path.parent} --resume)")
+        raise ConfigError(
+            f"--out {cfg.out} and --resume {path} name two runs: a run resumes in its own folder "
+            f"(drop --out, or give --out {path.parent} --resume)"
+        )
     saved = checkpoint_config(state, path)
     saved_values, given_values = to_dict(saved), to_dict(cfg)
     # `auto` (or unset) given again matches whatever the run resolved it to
-    refused = sorted(name for name in cfg.given - set(RESUMABLE)
-                     if given_values[name] not in (None, "auto") and given_values[name] != saved_values[name])
+    refused = sorted(
+        name
+        for name in cfg.given - set(RESUMABLE)
+        if given_values[name] not in (None, "auto") and given_values[name] != saved_values[name]
+    )
     if refused:
-        changes = ", ".join(f"--{n.replace('_', '-')} {given_values[n]!r} (the run has {saved_values[n]!r})" for n in refused)
-        raise ConfigError(f"--resume continues {path} with the settings it was trained with; these would change it: "
-                          f"{changes}. A resumed run may change only {', '.join('--' + n.replace('_', '-') for n in RESUMABLE[2:])}; "
-                          f"start a new run in another --out to train differently")
+        changes = ", ".join(
+            f"--{n.replace('_', '-')} {given_values[n]!r} (the run has {saved_values[n]!r})" for n in refused
+        )
+        raise ConfigError(
+            f"--resume continues {path} with the settings it was trained with; these would change it: "
+            f"{changes}. A resumed run may change only "
+            f"{', '.join('--' + n.replace('_', '-') for n in RESUMABLE[2:])}; "
+            f"start a new run in another --out to train differently"
+        )
     values = {**saved_values, **{name: None for name in MACHINE_SETTINGS}}
     values.update({name: given_values[name] for name in cfg.given if name in RESUMABLE})
     values["out"], values["resume"] = str(path.parent), str(path)
@@ -230,9 +297,11 @@ def check_same_shards(state: dict[str, Any], identity: str, shards: str, path: P
     between train and val: validation would then score images the model has learned)."""
     trained_on = state.get("shards")
     if trained_on is not None and trained_on != identity:
-        raise ConfigError(f"{path} was trained on other shards than the ones in {shards} now (their train/val "
-                          f"shards or checksums differ: re-packed?). Resume with the shards it was trained on, or "
-                          f"start a new run in another --out")
+        raise ConfigError(
+            f"{path} was trained on other shards than the ones in {shards} now (their train/val "
+            f"shards or checksums differ: re-packed?). Resume with the shards it was trained on, or "
+            f"start a new run in another --out"
+        )
 
 
 def restore(tr: Trainer, state: dict[str, Any], path: Path) -> None:

@@ -91,8 +91,12 @@ class OnlineMetrics:
         if not is_main or len(labels) == 0:
             return {}
         result = metrics.metrics_from_predictions(predicted.cpu().numpy(), labels.cpu().numpy())
-        return {"loss": float(totals[0] / totals[1].clamp(min=1)), "server_f1": result["server_f1"],
-                "macro_f1": result["macro_f1"], "micro_f1": result["micro_f1"]}
+        return {
+            "loss": float(totals[0] / totals[1].clamp(min=1)),
+            "server_f1": result["server_f1"],
+            "macro_f1": result["macro_f1"],
+            "micro_f1": result["micro_f1"],
+        }
 
 
 def train_step(tr: Trainer, batch: Batch, meter: OnlineMetrics) -> None:
@@ -123,20 +127,27 @@ def train_one_epoch(tr: Trainer, epoch: int) -> dict[str, Any]:
     """One pass over this rank's share of the train split; returns the epoch's train figures."""
     cfg, runtime = tr.cfg, tr.runtime
     tr.train_loader.set_epoch(epoch)
-    torch.manual_seed(derive_seed(cfg.seed, epoch, runtime.rank, Stream.TORCH_GLOBAL))  # dropout, stochastic depth
+    torch.manual_seed(
+        derive_seed(cfg.seed, epoch, runtime.rank, Stream.TORCH_GLOBAL)
+    )  # dropout, stochastic depth
     set_train_mode(tr.model, backbone_frozen=tr.frozen)
     meter = OnlineMetrics(runtime.device)
     steps = tr.steps_per_epoch
     if cfg.max_steps:
         steps = min(steps, cfg.max_steps - tr.step)
     epochs_after = cfg.epochs - epoch - 1
-    val_share = tr.val_loader.num_samples / max(tr.train_loader.num_samples, 1) / 2  # inference: ~1/3 of a step's work, twice
+    val_share = (
+        tr.val_loader.num_samples / max(tr.train_loader.num_samples, 1) / 2
+    )  # inference: ~1/3 of a step's work, twice
 
     def run_left(per_step: float) -> float:
-        return epochs_after * steps * per_step + (epochs_after + 1) * val_share * tr.steps_per_epoch * per_step
+        return (
+            epochs_after * steps * per_step + (epochs_after + 1) * val_share * tr.steps_per_epoch * per_step
+        )
 
-    progress = tr.log.epoch_progress(f"epoch {epoch + 1}/{cfg.epochs}", steps, cfg.batch_size * runtime.world_size,
-                                     run_left)
+    progress = tr.log.epoch_progress(
+        f"epoch {epoch + 1}/{cfg.epochs}", steps, cfg.batch_size * runtime.world_size, run_left
+    )
     started = time.perf_counter()
     waited = 0.0  # time this process spent waiting for the loader: data-starved when large
     try:
@@ -158,8 +169,13 @@ def train_one_epoch(tr: Trainer, epoch: int) -> dict[str, Any]:
     elapsed = time.perf_counter() - started
     images = int(all_reduce_sum(torch.tensor(float(meter.images), device=runtime.device)).item())
     steps_per_rank = gather_objects(len(meter.predicted))
-    return {"train": meter.summary(runtime.is_main), "time_s": elapsed, "images_per_s": images / max(elapsed, 1e-9),
-            "data_wait_s": waited, "steps_per_rank": steps_per_rank}
+    return {
+        "train": meter.summary(runtime.is_main),
+        "time_s": elapsed,
+        "images_per_s": images / max(elapsed, 1e-9),
+        "data_wait_s": waited,
+        "steps_per_rank": steps_per_rank,
+    }
 
 
 # ----------------------------------------------------------------------------------- validation
@@ -170,7 +186,9 @@ class NothingToValidate(UserError):
 
 
 @torch.no_grad()
-def validation_scores(tr: Trainer, model: torch.nn.Module) -> tuple[Optional[np.ndarray], Optional[np.ndarray], float]:
+def validation_scores(
+    tr: Trainer, model: torch.nn.Module
+) -> tuple[Optional[np.ndarray], Optional[np.ndarray], float]:
     """Scores and labels of the whole validation split (gathered on rank 0) and its mean loss.
 
     Raises NothingToValidate on every rank when no rank read a single validation image."""
@@ -193,27 +211,45 @@ def validation_scores(tr: Trainer, model: torch.nn.Module) -> tuple[Optional[np.
     loss_sum = all_reduce_sum(loss_sum)
     if not all_keys:
         raise NothingToValidate(
-            f"validation read no image: all {tr.val_loader.split_samples} samples of the val split were bad and "
-            f"skipped (--skip-bad-samples); no epoch can be scored, so no best.pt was written. Check the val shards "
-            f"with cocoshard inspect --shards {tr.cfg.shards} --verify and re-pack")
+            f"validation read no image: all {tr.val_loader.split_samples} samples of the val split were bad "
+            "and "
+            "skipped (--skip-bad-samples); no epoch can be scored, so no best.pt was written. Check the val "
+            "shards "
+            f"with cocoshard inspect --shards {tr.cfg.shards} --verify and re-pack"
+        )
     if not runtime.is_main:
         return None, None, 0.0
     # A loader may repeat a sample to even out ranks: count every image once.
     _, first = np.unique(np.asarray(all_keys), return_index=True)
     first.sort()
-    return all_scores.cpu().numpy()[first], all_labels.cpu().numpy()[first], float(loss_sum) / max(len(all_keys), 1)
+    return (
+        all_scores.cpu().numpy()[first],
+        all_labels.cpu().numpy()[first],
+        float(loss_sum) / max(len(all_keys), 1),
+    )
 
 
-def score_validation(scores: np.ndarray, labels: np.ndarray, loss: float, seed: int) -> tuple[dict[str, float], np.ndarray]:
+def score_validation(
+    scores: np.ndarray, labels: np.ndarray, loss: float, seed: int
+) -> tuple[dict[str, float], np.ndarray]:
     """Headline metrics at 0.5 and at thresholds tuned for the server F1, and those thresholds."""
     at_half = metrics.metrics_from_scores(scores, labels)
     thresholds = metrics.tune_thresholds(scores, labels)
     tuned = metrics.metrics_from_scores(scores, labels, thresholds)
     holdout = metrics.holdout_threshold_gain(scores, labels, seed=seed)
-    figures = {"loss": loss, "server_f1": at_half["server_f1"], "server_f1_tuned": tuned["server_f1"],
-               "server_precision_tuned": tuned["server_precision"], "server_recall_tuned": tuned["server_recall"],
-               "heldout_gain": holdout["gain"], "macro_f1": at_half["macro_f1"], "micro_f1": at_half["micro_f1"],
-               "macro_f1_tuned": tuned["macro_f1"], "map": at_half["map"], "images": at_half["images"]}
+    figures = {
+        "loss": loss,
+        "server_f1": at_half["server_f1"],
+        "server_f1_tuned": tuned["server_f1"],
+        "server_precision_tuned": tuned["server_precision"],
+        "server_recall_tuned": tuned["server_recall"],
+        "heldout_gain": holdout["gain"],
+        "macro_f1": at_half["macro_f1"],
+        "micro_f1": at_half["micro_f1"],
+        "macro_f1_tuned": tuned["macro_f1"],
+        "map": at_half["map"],
+        "images": at_half["images"],
+    }
     return figures, thresholds
 
 
@@ -241,23 +277,45 @@ def finish_epoch(tr: Trainer, epoch: int, train: dict[str, Any], figures: dict, 
     if improved:
         tr.best_score, tr.best_epoch = score, epoch + 1
     lrs = {group["part"]: group["lr"] for group in tr.optimizer.param_groups}
-    record = {"epoch": epoch + 1, "epochs": tr.cfg.epochs, "step": tr.step, "lr_head": lrs.get(HEAD, 0.0),
-              "lr_backbone": lrs.get(BACKBONE, 0.0),
-              "frozen_backbone": tr.frozen, "selected": selected, "best": improved, "best_epoch": tr.best_epoch,
-              "val": figures, **train}
+    record = {
+        "epoch": epoch + 1,
+        "epochs": tr.cfg.epochs,
+        "step": tr.step,
+        "lr_head": lrs.get(HEAD, 0.0),
+        "lr_backbone": lrs.get(BACKBONE, 0.0),
+        "frozen_backbone": tr.frozen,
+        "selected": selected,
+        "best": improved,
+        "best_epoch": tr.best_epoch,
+        "val": figures,
+        **train,
+    }
     tr.log.record_epoch(record, list(figures))
     if improved:
-        save_checkpoint(tr.out / BEST, checkpoint_state(tr, epoch + 1, thresholds[selected], figures[selected],
-                                                        keep_ema=selected == EMA))
-        tr.log.save_thresholds({"epoch": epoch + 1, "weights": selected, "classes": list(tr.classes),
-                                "thresholds": [float(t) for t in thresholds[selected]],
-                                "server_f1_tuned": score, "server_f1_at_0.5": figures[selected]["server_f1"],
-                                "heldout_gain": figures[selected]["heldout_gain"]})
+        save_checkpoint(
+            tr.out / BEST,
+            checkpoint_state(
+                tr, epoch + 1, thresholds[selected], figures[selected], keep_ema=selected == EMA
+            ),
+        )
+        tr.log.save_thresholds(
+            {
+                "epoch": epoch + 1,
+                "weights": selected,
+                "classes": list(tr.classes),
+                "thresholds": [float(t) for t in thresholds[selected]],
+                "server_f1_tuned": score,
+                "server_f1_at_0.5": figures[selected]["server_f1"],
+                "heldout_gain": figures[selected]["heldout_gain"],
+            }
+        )
     # best.pt and thresholds.json before last.pt: resume trusts last.pt's best score, so a kill in
     # between must leave the best files already written, never named by the log but missing.
     # predict uses the EMA whenever a checkpoint has one: last.pt carries the EMA's thresholds.
     kept = EMA if EMA in figures else RAW
-    save_checkpoint(tr.out / LAST, checkpoint_state(tr, epoch + 1, thresholds[kept], figures[kept], keep_ema=True))
+    save_checkpoint(
+        tr.out / LAST, checkpoint_state(tr, epoch + 1, thresholds[kept], figures[kept], keep_ema=True)
+    )
 
 
 def fit(tr: Trainer) -> None:
@@ -282,13 +340,25 @@ def fit(tr: Trainer) -> None:
 def summary_lines(tr: Trainer, seconds: float) -> list[str]:
     """What a finished run says: time, the best epoch and its scores, the files written, the next command."""
     best = tr.out / BEST
-    lines = [f"trained {tr.epoch} epoch(s) in {seconds / 60:.1f} min; best epoch {tr.best_epoch}: server F1 "
-             f"{tr.best_score:.4f} with tuned thresholds (on the val split they were tuned on)"]
-    lines += [f"  {name:<16}{tr.out / file}" for name, file in (
-        ("best checkpoint", BEST), ("last checkpoint", LAST), ("thresholds", THRESHOLDS_FILE),
-        ("metrics per epoch", METRICS_LOG), ("settings", CONFIG_FILE))]
+    lines = [
+        f"trained {tr.epoch} epoch(s) in {seconds / 60:.1f} min; best epoch {tr.best_epoch}: server F1 "
+        f"{tr.best_score:.4f} with tuned thresholds (on the val split they were tuned on)"
+    ]
+    lines += [
+        f"  {name:<16}{tr.out / file}"
+        for name, file in (
+            ("best checkpoint", BEST),
+            ("last checkpoint", LAST),
+            ("thresholds", THRESHOLDS_FILE),
+            ("metrics per epoch", METRICS_LOG),
+            ("settings", CONFIG_FILE),
+        )
+    ]
     lines.append("next: predict the test images and check the submission:")
-    lines.append(f"  cocoshard predict --checkpoint {best} --shards {tr.cfg.shards} --split test --out predictions.json")
+    lines.append(
+        f"  cocoshard predict --checkpoint {best} --shards {tr.cfg.shards} --split test --out "
+        "predictions.json"
+    )
     lines.append(f"  cocoshard evaluate --predictions predictions.json --images {tr.cfg.shards}")
     return lines
 
@@ -296,10 +366,15 @@ def summary_lines(tr: Trainer, seconds: float) -> list[str]:
 def interrupted_lines(tr: Trainer) -> list[str]:
     """What a run stopped by Ctrl-C or SIGTERM says: what is kept and how to go on."""
     if tr.epoch == 0 or not (tr.out / LAST).is_file():
-        return [f"stopped during epoch {tr.epoch + 1}: no epoch was complete, nothing to resume; start again with "
-                f"the same command"]
-    return [f"stopped during epoch {tr.epoch + 1}: {tr.out / LAST} holds epoch {tr.epoch} of {tr.cfg.epochs}",
-            f"  resume with: cocoshard train --out {tr.out} --resume"]
+        return [
+            f"stopped during epoch {tr.epoch + 1}: no epoch was complete, nothing to resume; start again "
+            "with "
+            f"the same command"
+        ]
+    return [
+        f"stopped during epoch {tr.epoch + 1}: {tr.out / LAST} holds epoch {tr.epoch} of {tr.cfg.epochs}",
+        f"  resume with: cocoshard train --out {tr.out} --resume",
+    ]
 
 
 def run(cfg: TrainConfig) -> int:
@@ -312,11 +387,17 @@ def run(cfg: TrainConfig) -> int:
     with contextlib.ExitStack() as stack:
         try:
             # one writer per run folder: a second train into it is refused at once
-            lock = (lambda: stack.enter_context(folder_lock(cfg.out, "cocoshard train"))) if runtime.is_main else None
+            lock = (
+                (lambda: stack.enter_context(folder_lock(cfg.out, "cocoshard train")))
+                if runtime.is_main
+                else None
+            )
             tr = build_trainer(cfg, runtime, log, resumed, resumed_from, lock=lock)
             if tr.epoch >= tr.cfg.epochs:
-                log.note(f"{tr.out / LAST} already completed {tr.epoch} of {tr.cfg.epochs} epochs: nothing to do "
-                         f"(give --epochs more than {tr.epoch} with --resume to train on)")
+                log.note(
+                    f"{tr.out / LAST} already completed {tr.epoch} of {tr.cfg.epochs} epochs: nothing to do "
+                    f"(give --epochs more than {tr.epoch} with --resume to train on)"
+                )
                 return 0
             fit(tr)
             for line in summary_lines(tr, time.perf_counter() - started):

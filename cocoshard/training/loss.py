@@ -22,7 +22,9 @@ from torch import nn
 class AsymmetricLoss(nn.Module):
     """ASL with focusing exponents gamma_neg, gamma_pos and the negative probability margin `clip`."""
 
-    def __init__(self, gamma_neg: float = 4.0, gamma_pos: float = 0.0, clip: float = 0.05, eps: float = 1e-8) -> None:
+    def __init__(
+        self, gamma_neg: float = 4.0, gamma_pos: float = 0.0, clip: float = 0.05, eps: float = 1e-8
+    ) -> None:
         super().__init__()
         self.gamma_neg, self.gamma_pos, self.clip, self.eps = gamma_neg, gamma_pos, clip, eps
 
@@ -53,7 +55,7 @@ class MultiLabelBCE(nn.Module):
 
 
 def build_loss(name: str, gamma_neg: float = 4.0, gamma_pos: float = 0.0, clip: float = 0.05) -> nn.Module:
-    """"asl" or "bce" (as in `--loss`)."""
+    """ "asl" or "bce" (as in `--loss`)."""
     if name == "asl":
         return AsymmetricLoss(gamma_neg=gamma_neg, gamma_pos=gamma_pos, clip=clip)
     if name == "bce":

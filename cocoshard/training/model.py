@@ -51,7 +51,9 @@ class _BasicBlock(nn.Module):
         nn.init.zeros_(self.bn2.weight)
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or c_in != c_out:
-            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out)
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = torch.relu(self.bn1(self.conv1(x)))
@@ -65,9 +67,13 @@ class TinyResNet(nn.Module):
     input ends as a 3x3 map: ~50 MFLOPs per image, a few hundred images/s of training on two cores.
     """
 
-    def __init__(self, num_classes: int = IMAGENET_CLASSES, widths: Sequence[int] = (32, 64, 128, 256)) -> None:
+    def __init__(
+        self, num_classes: int = IMAGENET_CLASSES, widths: Sequence[int] = (32, 64, 128, 256)
+    ) -> None:
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, widths[0], 3, 2, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True))
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, widths[0], 3, 2, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True)
+        )
         stages, c_in = [], widths[0]
         for width in widths:
             stages.append(_BasicBlock(c_in, width, stride=2))
@@ -151,7 +157,9 @@ def prior_logits(class_prior: torch.Tensor | Sequence[float], floor: float = 1e-
     return torch.log(p / (1.0 - p))
 
 
-def replace_head(model: nn.Module, num_classes: int = NUM_CLASSES, class_prior: Optional[Sequence[float]] = None) -> nn.Module:
+def replace_head(
+    model: nn.Module, num_classes: int = NUM_CLASSES, class_prior: Optional[Sequence[float]] = None
+) -> nn.Module:
     """Swap the last linear layer for a `num_classes` one; its bias starts at the prior's log-odds."""
     name = head_layer_name(model)
     old = model.get_submodule(name)
@@ -189,7 +197,7 @@ def strip_wrapper_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Te
     for key, value in state.items():
         for prefix in ("module.", "_orig_mod."):
             while key.startswith(prefix):
-                key = key[len(prefix):]
+                key = key[len(prefix) :]
         out[key] = value
     return out
 
@@ -260,7 +268,11 @@ def imagenet_state_dict(name: str) -> dict[str, torch.Tensor]:
     try:
         with _socket_timeout(DOWNLOAD_TIMEOUT_S):
             return torch.hub.load_state_dict_from_url(
-                weights.url, model_dir=str(cached.parent), map_location="cpu", check_hash=True, weights_only=True
+                weights.url,
+                model_dir=str(cached.parent),
+                map_location="cpu",
+                check_hash=True,
+                weights_only=True,
             )
     except (OSError, RuntimeError) as exc:
         raise UserError(
@@ -291,7 +303,9 @@ def build_model(
         _load_matching(model, imagenet_state_dict(name), f"ImageNet weights of {name}")
     elif weights != WEIGHTS_NONE:
         if not Path(weights).is_file():
-            raise ConfigError(f"--weights {weights!r}: no such file; use imagenet, none, or the path of a state dict")
+            raise ConfigError(
+                f"--weights {weights!r}: no such file; use imagenet, none, or the path of a state dict"
+            )
         load_local_weights(model, weights)
     last = model.get_submodule(head_layer_name(model))
     if last.out_features != num_classes:
@@ -307,7 +321,9 @@ def check_input_size(model: nn.Module, size: int, name: str) -> None:
         with torch.no_grad():
             model(torch.zeros(1, 3, size, size))
     except (RuntimeError, ValueError, AssertionError) as exc:
-        raise ConfigError(f"--model {name} cannot take --size {size}: {exc}. Most torchvision models take any "
-                          f"size from 64 up; maxvit_t and vit_* need 224") from exc
+        raise ConfigError(
+            f"--model {name} cannot take --size {size}: {exc}. Most torchvision models take any "
+            f"size from 64 up; maxvit_t and vit_* need 224"
+        ) from exc
     finally:
         model.train(was_training)

@@ -29,7 +29,9 @@ HEAD = "head"
 BACKBONE = "backbone"
 
 
-def param_groups(model: nn.Module, lr: float, backbone_lr_mult: float, weight_decay: float) -> list[dict[str, Any]]:
+def param_groups(
+    model: nn.Module, lr: float, backbone_lr_mult: float, weight_decay: float
+) -> list[dict[str, Any]]:
     """AdamW groups named `head`/`backbone` (+ `_no_decay`), each with its own lr and decay."""
     prefix = head_prefix(model)
     groups: dict[str, dict[str, Any]] = {}
@@ -38,14 +40,20 @@ def param_groups(model: nn.Module, lr: float, backbone_lr_mult: float, weight_de
         decay = param.ndim > 1
         key = part if decay else f"{part}_no_decay"
         if key not in groups:
-            groups[key] = {"name": key, "part": part, "params": [],
-                           "lr": lr if part == HEAD else lr * backbone_lr_mult,
-                           "weight_decay": weight_decay if decay else 0.0}
+            groups[key] = {
+                "name": key,
+                "part": part,
+                "params": [],
+                "lr": lr if part == HEAD else lr * backbone_lr_mult,
+                "weight_decay": weight_decay if decay else 0.0,
+            }
         groups[key]["params"].append(param)
     return [groups[k] for k in sorted(groups)]
 
 
-def build_optimizer(model: nn.Module, lr: float, backbone_lr_mult: float, weight_decay: float) -> torch.optim.AdamW:
+def build_optimizer(
+    model: nn.Module, lr: float, backbone_lr_mult: float, weight_decay: float
+) -> torch.optim.AdamW:
     """AdamW over `param_groups` (fused kernels on CUDA)."""
     groups = param_groups(model, lr, backbone_lr_mult, weight_decay)
     on_cuda = next(model.parameters()).is_cuda
@@ -53,7 +61,8 @@ def build_optimizer(model: nn.Module, lr: float, backbone_lr_mult: float, weight
 
 
 def warmup_cosine_factor(step: int, start: int, warmup: int, total: int, min_ratio: float) -> float:
-    """LR multiplier: 0 before `start`, linear warm-up for `warmup` steps, cosine decay to `min_ratio` at `total`."""
+    """LR multiplier: 0 before `start`, linear warm-up for `warmup` steps, cosine decay to
+    `min_ratio` at `total`."""
     if step < start:
         return 0.0
     since = step - start
@@ -77,18 +86,23 @@ def build_scheduler(
     if schedule == "onecycle":
         peaks = [group["lr"] for group in optimizer.param_groups]
         pct = min(0.5, max(1.0 / total_steps, warmup_steps / total_steps))
-        return OneCycleLR(optimizer, max_lr=peaks, total_steps=total_steps, pct_start=pct, anneal_strategy="cos")
+        return OneCycleLR(
+            optimizer, max_lr=peaks, total_steps=total_steps, pct_start=pct, anneal_strategy="cos"
+        )
     if schedule != "cosine":
         raise ValueError(f"unknown schedule {schedule!r}; expected cosine or onecycle")
 
     def factor_for(start: int) -> Callable[[int], float]:
         def factor(step: int) -> float:
             return warmup_cosine_factor(step, start, warmup_steps, total_steps, min_lr_ratio)
+
         return factor
 
     # Plain functions (not objects) so the scheduler's state dict holds numbers only and the
     # schedule itself always comes from the current configuration.
-    lambdas = [factor_for(freeze_steps if group.get("part") == BACKBONE else 0) for group in optimizer.param_groups]
+    lambdas = [
+        factor_for(freeze_steps if group.get("part") == BACKBONE else 0) for group in optimizer.param_groups
+    ]
     return LambdaLR(optimizer, lr_lambda=lambdas)
 
 
@@ -117,10 +131,14 @@ class ModelEma:
     def _pair(self, model: nn.Module) -> None:
         # state_dict() tensors share storage with the live parameters, so these lists stay current.
         ours, theirs = self.module.state_dict(), model.state_dict()
-        self._float = ([ours[k] for k in ours if ours[k].is_floating_point()],
-                       [theirs[k] for k in ours if ours[k].is_floating_point()])
-        self._other = ([ours[k] for k in ours if not ours[k].is_floating_point()],
-                       [theirs[k] for k in ours if not ours[k].is_floating_point()])
+        self._float = (
+            [ours[k] for k in ours if ours[k].is_floating_point()],
+            [theirs[k] for k in ours if ours[k].is_floating_point()],
+        )
+        self._other = (
+            [ours[k] for k in ours if not ours[k].is_floating_point()],
+            [theirs[k] for k in ours if not ours[k].is_floating_point()],
+        )
 
     def current_decay(self) -> float:
         """The decay used by the next update: ramps as (1 + n) / (10 + n) up to `decay`."""

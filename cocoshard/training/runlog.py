@@ -39,9 +39,15 @@ METRICS_LOG = "metrics.jsonl"
 THRESHOLDS_FILE = "thresholds.json"
 TENSORBOARD_DIR = "tensorboard"
 # rows of the epoch table: (record key, label)
-TABLE_ROWS = (("loss", "loss"), ("server_f1", "server F1 @0.5"), ("server_f1_tuned", "server F1 tuned"),
-              ("heldout_gain", "tuning gain (held-out)"), ("macro_f1", "macro F1"),
-              ("micro_f1", "micro F1"), ("map", "mAP"))
+TABLE_ROWS = (
+    ("loss", "loss"),
+    ("server_f1", "server F1 @0.5"),
+    ("server_f1_tuned", "server F1 tuned"),
+    ("heldout_gain", "tuning gain (held-out)"),
+    ("macro_f1", "macro F1"),
+    ("micro_f1", "micro F1"),
+    ("map", "mAP"),
+)
 
 
 def _flat_numbers(record: dict[str, Any], prefix: str = "") -> dict[str, float]:
@@ -56,7 +62,11 @@ def _flat_numbers(record: dict[str, Any], prefix: str = "") -> dict[str, float]:
 
 def _duration(seconds: float) -> str:
     seconds = int(round(seconds))
-    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else f"{seconds // 60}:{seconds % 60:02d}"
+    return (
+        f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+        if seconds >= 3600
+        else f"{seconds // 60}:{seconds % 60:02d}"
+    )
 
 
 class EpochProgress:
@@ -65,18 +75,30 @@ class EpochProgress:
     `run_left(seconds_per_step)` says how long the steps after this epoch will take (the epochs to
     come, validation included), so the bar can show the time left in the whole run."""
 
-    def __init__(self, console: Optional[Console], description: str, steps: int, batch_images: int,
-                 run_left: Any = None) -> None:
+    def __init__(
+        self,
+        console: Optional[Console],
+        description: str,
+        steps: int,
+        batch_images: int,
+        run_left: Any = None,
+    ) -> None:
         self.batch_images, self.steps = batch_images, steps
         self.run_left = run_left or (lambda per_step: 0.0)
         self.started = time.perf_counter()
         self.progress: Optional[Progress] = None
         if console is not None:
             self.progress = Progress(
-                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("loss {task.fields[loss]}"), TextColumn("lr {task.fields[lr]}"),
-                TextColumn("{task.fields[rate]} img/s"), TimeElapsedColumn(), TimeRemainingColumn(),
-                TextColumn("run {task.fields[run]} left"), console=console,
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("loss {task.fields[loss]}"),
+                TextColumn("lr {task.fields[lr]}"),
+                TextColumn("{task.fields[rate]} img/s"),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+                TextColumn("run {task.fields[run]} left"),
+                console=console,
             )
             self.task = self.progress.add_task(description, total=steps, loss="-", lr="-", rate="-", run="-")
             self.progress.start()
@@ -88,8 +110,14 @@ class EpochProgress:
         elapsed = max(time.perf_counter() - self.started, 1e-9)
         per_step = elapsed / max(step, 1)
         left = (self.steps - step) * per_step + self.run_left(per_step)
-        self.progress.update(self.task, completed=step, loss=f"{loss:.4f}", lr=f"{lr:.2e}",
-                             rate=f"{step * self.batch_images / elapsed:,.0f}", run=_duration(left))
+        self.progress.update(
+            self.task,
+            completed=step,
+            loss=f"{loss:.4f}",
+            lr=f"{lr:.2e}",
+            rate=f"{step * self.batch_images / elapsed:,.0f}",
+            run=_duration(left),
+        )
 
     def close(self) -> None:
         """Stop redrawing the bar (it stays on screen)."""
@@ -128,7 +156,9 @@ class RunLog:
             atomic_write_text(self.out / CONFIG_FILE, json.dumps(settings, indent=2, sort_keys=True) + "\n")
             atomic_write_text(self.out / RUN_FILE, json.dumps(facts, indent=2, sort_keys=True) + "\n")
 
-    def epoch_progress(self, description: str, steps: int, batch_images: int, run_left: Any = None) -> EpochProgress:
+    def epoch_progress(
+        self, description: str, steps: int, batch_images: int, run_left: Any = None
+    ) -> EpochProgress:
         """A progress bar for one epoch (silent off rank 0)."""
         return EpochProgress(self.console, description, steps, batch_images, run_left)
 
@@ -164,8 +194,10 @@ class RunLog:
         self._print_table(record, columns)
 
     def _print_table(self, record: dict[str, Any], columns: Sequence[str]) -> None:
-        title = (f"epoch {record['epoch']}/{record['epochs']} · {record['images_per_s']:,.0f} img/s · "
-                 f"{record['time_s']:.1f} s")
+        title = (
+            f"epoch {record['epoch']}/{record['epochs']} · {record['images_per_s']:,.0f} img/s · "
+            f"{record['time_s']:.1f} s"
+        )
         if "data_wait_s" in record and record["time_s"] > 0:
             title += f" · {record['data_wait_s'] / record['time_s']:.0%} waiting for data"
         table = Table(title=title, title_justify="left")
@@ -175,7 +207,10 @@ class RunLog:
             table.add_column(f"val {column}{' ★' if column == record['selected'] else ''}", justify="right")
         for key, label in TABLE_ROWS:
             train = record["train"].get(key)
-            cells = [f"{record['val'][column][key]:.4f}" if key in record["val"][column] else "" for column in columns]
+            cells = [
+                f"{record['val'][column][key]:.4f}" if key in record["val"][column] else ""
+                for column in columns
+            ]
             table.add_row(label, "" if train is None else f"{train:.4f}", *cells)
         self.console.print(table)
 

@@ -64,7 +64,7 @@ class Runtime:
 
 
 def resolve_device(choice: str) -> torch.device:
-    """"auto" → CUDA when available, else the CPU; "cuda" without a GPU is a config error."""
+    """ "auto" → CUDA when available, else the CPU; "cuda" without a GPU is a config error."""
     if choice == "auto":
         choice = "cuda" if torch.cuda.is_available() else "cpu"
     if choice == "cuda" and not torch.cuda.is_available():
@@ -83,7 +83,9 @@ def resolve_amp_dtype(amp: bool, choice: str, device: torch.device) -> Optional[
         if choice == "auto":
             return torch.bfloat16 if bf16_ok else torch.float16
         if choice == "bf16" and not bf16_ok:
-            raise ConfigError(f"--amp-dtype bf16: {torch.cuda.get_device_name(device)} lacks bf16; use fp16 or auto")
+            raise ConfigError(
+                f"--amp-dtype bf16: {torch.cuda.get_device_name(device)} lacks bf16; use fp16 or auto"
+            )
         return AMP_DTYPES[choice]
     if choice == "fp16":
         raise ConfigError("--amp-dtype fp16 needs a GPU; on a CPU use --amp-dtype bf16 (or auto) or --no-amp")
@@ -209,8 +211,13 @@ def rng_state() -> dict[str, Any]:
     version, internal, gauss = random.getstate()
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
-        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
         "python": {"version": version, "internal": list(internal), "gauss": gauss},
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
@@ -222,7 +229,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"].cpu())
     np_state = state["numpy"]
     keys = np_state["keys"].numpy().astype(np.uint32)
-    np.random.set_state((np_state["kind"], keys, np_state["pos"], np_state["has_gauss"], np_state["cached_gaussian"]))
+    np.random.set_state(
+        (np_state["kind"], keys, np_state["pos"], np_state["has_gauss"], np_state["cached_gaussian"])
+    )
     py = state["python"]
     random.setstate((py["version"], tuple(py["internal"]), py["gauss"]))
     cuda = state.get("cuda") or []

@@ -94,7 +94,9 @@ class Trainer:
 
     def skipped_samples(self) -> int:
         """Samples this rank's loaders skipped as undecodable (with --skip-bad-samples)."""
-        return sum(int(getattr(loader, "skipped_samples", 0)) for loader in (self.train_loader, self.val_loader))
+        return sum(
+            int(getattr(loader, "skipped_samples", 0)) for loader in (self.train_loader, self.val_loader)
+        )
 
 
 # ----------------------------------------------------------------------------------- settings
@@ -136,8 +138,9 @@ def compute_threads(cfg: TrainConfig, workers: int, busy: float) -> int:
 def resolved_settings(cfg: TrainConfig, runtime: Runtime, workers: int, threads: int) -> TrainConfig:
     """The settings with every automatic one replaced by what the run really uses."""
     amp = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(runtime.amp_dtype, cfg.amp_dtype)
-    return dataclasses.replace(cfg.resolved(), device=runtime.device.type, amp_dtype=amp, workers=workers,
-                               threads=threads)
+    return dataclasses.replace(
+        cfg.resolved(), device=runtime.device.type, amp_dtype=amp, workers=workers, threads=threads
+    )
 
 
 def run_facts(cfg: TrainConfig, runtime: Runtime, identity: str, busy: float) -> dict[str, Any]:
@@ -146,11 +149,23 @@ def run_facts(cfg: TrainConfig, runtime: Runtime, identity: str, busy: float) ->
         name = torch.cuda.get_device_name(runtime.device)
     else:
         name = f"CPU, {torch.get_num_threads()} threads of {cores_per_process()} cores ({platform.machine()})"
-    how = "given" if "threads" in cfg.given else (f"{cores_per_process()} cores, {cfg.workers} loader workers, "
-                                                   f"{busy:.1f} busy elsewhere at start")
-    return {"device_name": name, "world_size": runtime.world_size, "loader": cfg.loader, "cpu_threads": f"{cfg.threads} ({how})",
-            "amp": str(runtime.amp_dtype).removeprefix("torch.") if runtime.amp_dtype else "off",
-            "shards_identity": identity[:16], "command": " ".join(sys.argv), "versions": versions()}
+    how = (
+        "given"
+        if "threads" in cfg.given
+        else (
+            f"{cores_per_process()} cores, {cfg.workers} loader workers, {busy:.1f} busy elsewhere at start"
+        )
+    )
+    return {
+        "device_name": name,
+        "world_size": runtime.world_size,
+        "loader": cfg.loader,
+        "cpu_threads": f"{cfg.threads} ({how})",
+        "amp": str(runtime.amp_dtype).removeprefix("torch.") if runtime.amp_dtype else "off",
+        "shards_identity": identity[:16],
+        "command": " ".join(sys.argv),
+        "versions": versions(),
+    }
 
 
 # ----------------------------------------------------------------------------------- checks
@@ -161,24 +176,34 @@ def check_shards(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
     manifest = read_manifest(cfg.shards)
     for split in ("train", "val"):
         if not manifest["splits"][split]["samples"]:
-            raise UserError(f"{cfg.shards}: the {split} split is empty; re-pack with more images "
-                            f"(or a larger --val-fraction) before training")
+            raise UserError(
+                f"{cfg.shards}: the {split} split is empty; re-pack with more images "
+                f"(or a larger --val-fraction) before training"
+            )
         if not is_url(cfg.shards):
             missing = [url for url in shard_urls(cfg.shards, manifest, split) if not Path(url).is_file()]
             if missing:
-                raise UserError(f"shard {missing[0]} listed in the manifest is missing ({len(missing)} missing "
-                                f"in all): re-pack into {cfg.shards}")
+                raise UserError(
+                    f"shard {missing[0]} listed in the manifest is missing ({len(missing)} missing "
+                    f"in all): re-pack into {cfg.shards}"
+                )
     if not is_url(cfg.shards):  # (over a URL every shard would be downloaded just to list its keys)
-        keys = {split: {key for url in shard_urls(cfg.shards, manifest, split) for key in _keys(url, cfg)}
-                for split in ("train", "val")}
+        keys = {
+            split: {key for url in shard_urls(cfg.shards, manifest, split) for key in _keys(url, cfg)}
+            for split in ("train", "val")
+        }
         shared = sorted(keys["train"] & keys["val"])
         if shared:
-            raise UserError(f"{cfg.shards}: {len(shared)} images are in both the train and the val split (e.g. "
-                            f"{', '.join(shared[:3])}): validation would score images the model learns from; re-pack")
+            raise UserError(
+                f"{cfg.shards}: {len(shared)} images are in both the train and the val split (e.g. "
+                f"{', '.join(shared[:3])}): validation would score images the model learns from; re-pack"
+            )
     train_samples = manifest["splits"]["train"]["samples"]
     if cfg.batch_size * world_size > train_samples:
-        raise ConfigError(f"--batch-size {cfg.batch_size} x {world_size} process(es) is larger than the train split "
-                          f"({train_samples} images): use --batch-size {max(1, train_samples // world_size)} or less")
+        raise ConfigError(
+            f"--batch-size {cfg.batch_size} x {world_size} process(es) is larger than the train split "
+            f"({train_samples} images): use --batch-size {max(1, train_samples // world_size)} or less"
+        )
     return manifest
 
 
@@ -195,9 +220,13 @@ def _keys(url: str, cfg: TrainConfig) -> list[str]:
 def check_run_folder(out: Path) -> None:
     """A new run never overwrites an old one, finished or not."""
     if (out / LAST).is_file():
-        raise ConfigError(f"{out} already holds a run ({LAST}): add --resume to continue it, or choose another --out")
+        raise ConfigError(
+            f"{out} already holds a run ({LAST}): add --resume to continue it, or choose another --out"
+        )
     if (out / BEST).is_file():
-        raise ConfigError(f"{out} holds a finished run's {BEST}: choose another --out (or move {out / BEST} away)")
+        raise ConfigError(
+            f"{out} holds a finished run's {BEST}: choose another --out (or move {out / BEST} away)"
+        )
 
 
 def class_prior(manifest: dict[str, Any]) -> Optional[list[float]]:
@@ -211,8 +240,9 @@ def class_prior(manifest: dict[str, Any]) -> Optional[list[float]]:
 
 def train_transform(cfg: TrainConfig, dtype: torch.dtype) -> TrainTransform:
     """The random resized crop and flip of training, normalised into the model's input dtype."""
-    return TrainTransform(out_size=cfg.size, scale=(cfg.crop_scale_min, 1.0), dtype=dtype,
-                          channels_last=cfg.channels_last)
+    return TrainTransform(
+        out_size=cfg.size, scale=(cfg.crop_scale_min, 1.0), dtype=dtype, channels_last=cfg.channels_last
+    )
 
 
 def validation_transform(cfg: TrainConfig, dtype: torch.dtype) -> EvalTransform:
@@ -224,11 +254,22 @@ def build_loaders(cfg: TrainConfig, runtime: Runtime) -> tuple[Any, Any]:
     """The train loader (shuffled, equal steps on every rank) and the validation loader, both
     delivering model-ready inputs."""
     dtype = runtime.amp_dtype or torch.float32
-    common = dict(batch_size=cfg.batch_size, device=runtime.device, mode=cfg.loader, seed=cfg.seed,
-                  rank=runtime.rank, world_size=runtime.world_size, workers=cfg.workers, threads=cfg.threads,
-                  skip_bad_samples=cfg.skip_bad_samples, decode=cfg.decode)
-    return (build_loader(cfg.shards, "train", train=True, transform=train_transform(cfg, dtype), **common),
-            build_loader(cfg.shards, "val", train=False, transform=validation_transform(cfg, dtype), **common))
+    common = dict(
+        batch_size=cfg.batch_size,
+        device=runtime.device,
+        mode=cfg.loader,
+        seed=cfg.seed,
+        rank=runtime.rank,
+        world_size=runtime.world_size,
+        workers=cfg.workers,
+        threads=cfg.threads,
+        skip_bad_samples=cfg.skip_bad_samples,
+        decode=cfg.decode,
+    )
+    return (
+        build_loader(cfg.shards, "train", train=True, transform=train_transform(cfg, dtype), **common),
+        build_loader(cfg.shards, "val", train=False, transform=validation_transform(cfg, dtype), **common),
+    )
 
 
 def agreed_steps(loader: Any, runtime: Runtime) -> int:
@@ -241,8 +282,14 @@ def agreed_steps(loader: Any, runtime: Runtime) -> int:
     return int(steps)
 
 
-def build_trainer(cfg: TrainConfig, runtime: Runtime, log: RunLog, resumed: Optional[dict[str, Any]] = None,
-                  resumed_from: Optional[Path] = None, lock: Optional[Callable[[], Any]] = None) -> Trainer:
+def build_trainer(
+    cfg: TrainConfig,
+    runtime: Runtime,
+    log: RunLog,
+    resumed: Optional[dict[str, Any]] = None,
+    resumed_from: Optional[Path] = None,
+    lock: Optional[Callable[[], Any]] = None,
+) -> Trainer:
     """Check everything that can be checked, then build the state (restored from `resumed`).
 
     `lock()` takes the run folder's write lock once the checks pass (nothing is created before)."""
@@ -275,15 +322,30 @@ def build_trainer(cfg: TrainConfig, runtime: Runtime, log: RunLog, resumed: Opti
     train_loader, val_loader = build_loaders(cfg, runtime)
     steps = agreed_steps(train_loader, runtime)
     optimizer = build_optimizer(model, cfg.lr, cfg.backbone_lr_mult, cfg.weight_decay)
-    scheduler = build_scheduler(optimizer, cfg.schedule, total_steps=cfg.epochs * steps,
-                                warmup_steps=round(cfg.warmup_epochs * steps), freeze_steps=cfg.freeze_epochs * steps)
+    scheduler = build_scheduler(
+        optimizer,
+        cfg.schedule,
+        total_steps=cfg.epochs * steps,
+        warmup_steps=round(cfg.warmup_epochs * steps),
+        freeze_steps=cfg.freeze_epochs * steps,
+    )
     tr = Trainer(
-        cfg=cfg, runtime=runtime, log=log, model=model, ema=ModelEma(model, cfg.ema_decay) if cfg.ema else None,
-        optimizer=optimizer, scheduler=scheduler, scaler=runtime.grad_scaler(),
+        cfg=cfg,
+        runtime=runtime,
+        log=log,
+        model=model,
+        ema=ModelEma(model, cfg.ema_decay) if cfg.ema else None,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        scaler=runtime.grad_scaler(),
         criterion=build_loss(cfg.loss, cfg.asl_gamma_neg, cfg.asl_gamma_pos, cfg.asl_clip),
-        train_loader=train_loader, val_loader=val_loader, steps_per_epoch=steps,
-        classes=manifest_class_names(manifest), input_dtype=runtime.amp_dtype or torch.float32,
-        shards_identity=identity, class_counts=manifest["splits"]["train"]["class_counts"],
+        train_loader=train_loader,
+        val_loader=val_loader,
+        steps_per_epoch=steps,
+        classes=manifest_class_names(manifest),
+        input_dtype=runtime.amp_dtype or torch.float32,
+        shards_identity=identity,
+        class_counts=manifest["splits"]["train"]["class_counts"],
     )
     if resumed is not None:
         restore(tr, resumed, resumed_from)
@@ -307,5 +369,9 @@ def enter_phase(tr: Trainer, epoch: int) -> None:
     net = wrap_ddp(tr.model, tr.runtime)
     tr.net = torch.compile(net) if tr.cfg.compile else net
     if tr.frozen is not None or frozen:
-        tr.log.note("backbone frozen: training the head only" if frozen else "backbone released: fine-tuning all layers")
+        tr.log.note(
+            "backbone frozen: training the head only"
+            if frozen
+            else "backbone released: fine-tuning all layers"
+        )
     tr.frozen = frozen

@@ -48,7 +48,9 @@ def test_train_output_shape_dtype_memory_format_and_range(dtype, method):
     assert out.shape == (6, 3, 48, 48) and out.dtype == dtype
     assert out.is_contiguous(memory_format=torch.channels_last)
     assert LOW - 0.02 <= out.float().min() and out.float().max() <= HIGH + 0.02
-    plain = train_augment(images, sizes, out_size=48, generator=gen(), dtype=dtype, method=method, channels_last=False)
+    plain = train_augment(
+        images, sizes, out_size=48, generator=gen(), dtype=dtype, method=method, channels_last=False
+    )
     assert plain.is_contiguous() and torch.equal(plain, out)
 
 
@@ -59,8 +61,10 @@ def test_nothing_outside_an_image_region_reaches_the_output(method):
     for i, (h, w) in enumerate(sizes.tolist()):
         images[i, :h, :w] = 10
     expected = normalised(10).view(1, 3, 1, 1)
-    for out in (train_augment(images, sizes, out_size=24, generator=gen(), method=method),
-                eval_transform(images, sizes, out_size=24, method=method)):
+    for out in (
+        train_augment(images, sizes, out_size=24, generator=gen(), method=method),
+        eval_transform(images, sizes, out_size=24, method=method),
+    ):
         assert torch.allclose(out, expected.expand_as(out), atol=1e-5)
 
 
@@ -71,7 +75,9 @@ def test_eval_resizes_the_whole_image_without_cropping(method):
     for i, (h, w) in enumerate(sizes.tolist()):
         region = images[i, :h, :w].permute(2, 0, 1)[None].float()
         reference = F.interpolate(region, size=(64, 64), mode="bilinear", align_corners=False)
-        reference = (reference / 255 - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+        reference = (reference / 255 - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(
+            IMAGENET_STD
+        ).view(1, 3, 1, 1)
         # The CPU path resamples in uint8 fixed point: at most one grey level off.
         assert (out[i : i + 1] - reference).abs().max() <= 1.1 / 255 / min(IMAGENET_STD)
 
@@ -100,11 +106,16 @@ def test_same_seed_same_batch_other_seed_other_batch():
 
 
 def test_flip_mirrors_the_crop():
-    images = torch.arange(16, dtype=torch.uint8).repeat(16, 1)[None, :, :, None].expand(1, 16, 16, 3).contiguous() * 10
+    images = (
+        torch.arange(16, dtype=torch.uint8).repeat(16, 1)[None, :, :, None].expand(1, 16, 16, 3).contiguous()
+        * 10
+    )
     sizes = torch.tensor([[16, 16]])
     flipped = unflipped = None
     for seed in range(40):  # whole-image crops: only the flip is random
-        out = train_augment(images, sizes, out_size=16, generator=gen(seed), scale=(1.0, 1.0), ratio=(1.0, 1.0))
+        out = train_augment(
+            images, sizes, out_size=16, generator=gen(seed), scale=(1.0, 1.0), ratio=(1.0, 1.0)
+        )
         if out[0, 0, 0, 0] > out[0, 0, 0, -1]:
             flipped = out
         else:
@@ -149,8 +160,11 @@ def test_bad_arguments_are_refused():
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.lists(st.tuples(st.integers(1, 300), st.integers(1, 300)), min_size=1, max_size=12),
-       st.floats(0.05, 1.0), st.integers(0, 2**31 - 1))
+@given(
+    st.lists(st.tuples(st.integers(1, 300), st.integers(1, 300)), min_size=1, max_size=12),
+    st.floats(0.05, 1.0),
+    st.integers(0, 2**31 - 1),
+)
 def test_crops_stay_inside_each_image_and_respect_the_scale(shapes, scale_min, seed):
     sizes = torch.tensor(shapes)
     boxes = sample_crops(sizes, generator=gen(seed), scale=(scale_min, 1.0))

@@ -21,7 +21,9 @@ def encoded(mode: str, size: tuple[int, int], fmt: str = "JPEG") -> bytes:
     return buffer.getvalue()
 
 
-@pytest.mark.parametrize("mode,fmt", [("RGB", "JPEG"), ("L", "JPEG"), ("CMYK", "JPEG"), ("P", "PNG"), ("RGBA", "PNG")])
+@pytest.mark.parametrize(
+    "mode,fmt", [("RGB", "JPEG"), ("L", "JPEG"), ("CMYK", "JPEG"), ("P", "PNG"), ("RGBA", "PNG")]
+)
 def test_every_colour_mode_becomes_rgb_in_the_top_left_corner(mode, fmt):
     data = encoded(mode, (50, 30), fmt)
     canvas = np.full((64, 64, 3), 7, np.uint8)
@@ -63,8 +65,10 @@ def test_shard_samples_are_checked_member_by_member():
     row = np.zeros(80, np.uint8)
     fill_labels(Sample("k", {"labels.npy": memoryview(encode_labels(np.eye(80, dtype=np.uint8)[0]))}), row)
     assert row[0] == 1 and row[1:].sum() == 0
-    for payload, message in ((encode_npy(np.full(80, 2, np.uint8)), "other than 0 and 1"),
-                             (encode_npy(np.zeros(79, np.uint8)), r"\(79,\) array")):
+    for payload, message in (
+        (encode_npy(np.full(80, 2, np.uint8)), "other than 0 and 1"),
+        (encode_npy(np.zeros(79, np.uint8)), r"\(79,\) array"),
+    ):
         with pytest.raises(BadSample, match=message):
             fill_labels(Sample("k", {"labels.npy": memoryview(payload)}), row)
 

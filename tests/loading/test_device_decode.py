@@ -108,7 +108,9 @@ def test_a_broken_jpeg_is_named_with_its_shard_or_skipped(sample_shards_jpeg, tm
 
 def test_device_decode_refuses_raw_shards(sample_shards_raw):
     with pytest.raises(UserError, match="--decode device reads jpeg shards"):
-        build_loader(sample_shards_raw, "val", batch_size=8, device="cpu", train=False, seed=0, decode="device")
+        build_loader(
+            sample_shards_raw, "val", batch_size=8, device="cpu", train=False, seed=0, decode="device"
+        )
 
 
 def _bytes(path: str) -> torch.Tensor:
@@ -123,8 +125,9 @@ def test_decode_on_device_canvases_sizes_and_the_png_path(coco_sample, tmp_path)
     png = tmp_path / "one.png"
     Image.open(photos[0]).convert("RGB").save(png)
     encoded = [_bytes(p) for p in photos] + [_bytes(str(png))]
-    images, sizes, good = decode_on_device(encoded, [KIND_JPEG] * 3 + [KIND_PNG], list("abcd"), canvas_size=640,
-                                           device=torch.device("cpu"))
+    images, sizes, good = decode_on_device(
+        encoded, [KIND_JPEG] * 3 + [KIND_PNG], list("abcd"), canvas_size=640, device=torch.device("cpu")
+    )
     assert good == [0, 1, 2, 3] and images.shape == (4, 640, 640, 3) and images.dtype == torch.uint8
     for row, path in enumerate(photos):
         width, height = Image.open(path).size
@@ -134,6 +137,7 @@ def test_decode_on_device_canvases_sizes_and_the_png_path(coco_sample, tmp_path)
     assert torch.equal(images[3, :height, :width], images[0, :height, :width])  # the lossless PNG of photo 0
     with pytest.raises(BadSample, match="sample a: its image is .* larger than the 64-px canvas"):
         decode_on_device(encoded[:1], [KIND_JPEG], ["a"], canvas_size=64, device=torch.device("cpu"))
-    _, _, good = decode_on_device(encoded[:2], [KIND_JPEG] * 2, ["a", "b"], canvas_size=64,
-                                  device=torch.device("cpu"), skip_bad=True)
+    _, _, good = decode_on_device(
+        encoded[:2], [KIND_JPEG] * 2, ["a", "b"], canvas_size=64, device=torch.device("cpu"), skip_bad=True
+    )
     assert good == []

@@ -69,17 +69,31 @@ def write_shards(folder: Path, counts: dict[str, list[int]], size: int = CANVAS)
                     pixels = np.full((*_hw(index, size), 3), index % 251, np.uint8)
                     _member(tar, f"{key}.pixels.npy", encode_pixels(pixels))
                     if split != "test":
-                        _member(tar, f"{key}.labels.npy", encode_labels(np.frombuffer(_labels(index), np.uint8)))
+                        _member(
+                            tar, f"{key}.labels.npy", encode_labels(np.frombuffer(_labels(index), np.uint8))
+                        )
                     index += 1
             data = buffer.getvalue()
             (folder / shard_name(split, number)).write_bytes(data)
-            entries.append({"name": shard_name(split, number), "samples": count, "bytes": len(data),
-                            "sha256": hashlib.sha256(data).hexdigest()})
+            entries.append(
+                {
+                    "name": shard_name(split, number),
+                    "samples": count,
+                    "bytes": len(data),
+                    "sha256": hashlib.sha256(data).hexdigest(),
+                }
+            )
         splits[split] = {"samples": sum(per_shard), "shards": entries, "class_counts": [0] * 80}
     for split in ("train", "val", "test"):
         splits.setdefault(split, {"samples": 0, "shards": [], "class_counts": [0] * 80})
-    manifest = {"format_version": FORMAT_VERSION, "pixel_format": "raw", "size": size, "splits": splits,
-                "classes": [f"class {i}" for i in range(80)], "rejected": []}
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "pixel_format": "raw",
+        "size": size,
+        "splits": splits,
+        "classes": [f"class {i}" for i in range(80)],
+        "rejected": [],
+    }
     (folder / MANIFEST).write_text(json.dumps(manifest))
     return folder
 
@@ -120,8 +134,16 @@ def test_plan_gives_every_rank_the_same_full_batches_without_overlap(world_size,
     seen: list[tuple[int, int]] = []
     per_rank = set()
     for rank in range(world_size):
-        plans = plan_epoch(counts, batch_size=batch, seed=3, epoch=1, rank=rank, world_size=world_size,
-                           workers=workers, train=True)
+        plans = plan_epoch(
+            counts,
+            batch_size=batch,
+            seed=3,
+            epoch=1,
+            rank=rank,
+            world_size=world_size,
+            workers=workers,
+            train=True,
+        )
         sizes = [s for plan in plans for s in plan.batch_sizes]
         assert set(sizes) <= {batch}
         per_rank.add(len(sizes))
@@ -140,8 +162,16 @@ def test_eval_plan_covers_every_sample_once_in_manifest_order(world_size, worker
     counts, batch = UNEVEN, 8
     positions = []
     for rank in range(world_size):
-        plans = plan_epoch(counts, batch_size=batch, seed=0, epoch=5, rank=rank, world_size=world_size,
-                           workers=workers, train=False)
+        plans = plan_epoch(
+            counts,
+            batch_size=batch,
+            seed=0,
+            epoch=5,
+            rank=rank,
+            world_size=world_size,
+            workers=workers,
+            train=False,
+        )
         # The DataLoader collects batches round-robin over workers: rebuild that order.
         streams = [[(seg.shard, seg.skip + i) for seg in p.segments for i in range(seg.take)] for p in plans]
         cursors = [0] * workers
@@ -161,7 +191,11 @@ def test_shard_order_is_seeded_and_changes_with_the_epoch():
 
 
 def test_segments_and_rank_ranges_cut_the_sequence_exactly():
-    assert [tuple(s.__dict__.values()) for s in segments_between([2, 0, 1], [4, 6, 3], 2, 9)] == [(2, 2, 1), (0, 0, 4), (1, 0, 2)]
+    assert [tuple(s.__dict__.values()) for s in segments_between([2, 0, 1], [4, 6, 3], 2, 9)] == [
+        (2, 2, 1),
+        (0, 0, 4),
+        (1, 0, 2),
+    ]
     assert rank_batches(103, batch_size=10, rank=1, world_size=3, train=False) == (35, [10, 10, 10, 4])
     assert rank_batches(103, batch_size=10, rank=2, world_size=3, train=True) == (68, [10, 10, 10])
 
@@ -276,7 +310,11 @@ def test_resident_epochs_are_exact_and_seeded(tmp_path):
 
 def test_resident_refuses_a_split_larger_than_its_memory(tmp_path):
     shards = write_shards(tmp_path / "s", {"train": [40]})
-    with pytest.raises(UserError, match=r"resident mode needs 123.8 KiB for the 40 images .* the memory limit is 60.0 KiB: use the stream loader"):
+    with pytest.raises(
+        UserError,
+        match=r"resident mode needs 123.8 KiB for the 40 images .* the memory limit is 60.0 KiB: "
+        r"use the stream loader",
+    ):
         _loader(shards, mode="resident", memory_limit=40 * CANVAS * CANVAS * 3 // 2)
     assert len(_loader(shards, mode="resident", memory_limit=10 * 40 * CANVAS * CANVAS * 3)) == 5
 
@@ -322,7 +360,11 @@ def test_reads_coco_sample_shards_with_grayscale_photos(request, coco_sample, fi
         for batch in loader:
             assert (batch.labels is None) == (split == "test")
             for i, key in enumerate(batch.keys):
-                seen[key] = (batch.images[i], tuple(batch.sizes[i].tolist()), None if batch.labels is None else batch.labels[i])
+                seen[key] = (
+                    batch.images[i],
+                    tuple(batch.sizes[i].tolist()),
+                    None if batch.labels is None else batch.labels[i],
+                )
     assert len(seen) == 126 + 32
     assert gray & set(seen), "the grayscale photos should be in the sample's shards"
     for key, (image, (h, w), labels) in seen.items():
@@ -394,7 +436,10 @@ def _rewrite_with_bad_jpeg(src: Path, dst: Path, victim: str) -> None:
     for entry in manifest["splits"]["val"]["shards"]:
         path = dst / entry["name"]
         out = io.BytesIO()
-        with tarfile.open(path) as tar_in, tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar_out:
+        with (
+            tarfile.open(path) as tar_in,
+            tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar_out,
+        ):
             for member in tar_in:
                 payload = tar_in.extractfile(member).read()
                 if member.name == f"{victim}.jpg":

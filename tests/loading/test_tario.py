@@ -44,14 +44,21 @@ def test_parser_agrees_with_tarfile_on_long_and_unicode_names(fmt):
 def test_samples_group_consecutive_members_by_key():
     data = make_tar([("a.jpg", b"1"), ("a.hw", b"2"), ("b.jpg", b"3"), ("dir/c.x.y", b"4"), ("noext", b"5")])
     samples = group_samples(tar_members(data, "x.tar"), "x.tar")
-    assert [(s.key, sorted(s.members)) for s in samples] == [("a", ["hw", "jpg"]), ("b", ["jpg"]), ("dir/c", ["x.y"])]
+    assert [(s.key, sorted(s.members)) for s in samples] == [
+        ("a", ["hw", "jpg"]),
+        ("b", ["jpg"]),
+        ("dir/c", ["x.y"]),
+    ]
     with pytest.raises(BadShard, match="holds a.jpg twice"):
         group_samples(tar_members(make_tar([("a.jpg", b"1"), ("a.jpg", b"2")]), "x.tar"), "x.tar")
 
 
 def test_hostile_member_names_are_only_keys():
     data = make_tar([("/etc/passwd.jpg", b"1"), ("../../evil.jpg", b"2")])
-    assert [s.key for s in group_samples(tar_members(data, "x.tar"), "x.tar")] == ["/etc/passwd", "../../evil"]
+    assert [s.key for s in group_samples(tar_members(data, "x.tar"), "x.tar")] == [
+        "/etc/passwd",
+        "../../evil",
+    ]
 
 
 def test_damaged_header_and_truncation_are_named():

@@ -30,7 +30,13 @@ def test_shard_names_and_the_files_pack_owns(tmp_path):
     assert shard_name("train", 42) == "train-000042.tar"
     for name in ("train-000000.tar", "val-000123.tar", "test-999999.tar"):
         assert is_shard_file(name)
-    for name in ("train-0.tar", "other-000000.tar", "train-000000.tar.tmp", ".tmp-train-000000.tar", "manifest.json"):
+    for name in (
+        "train-0.tar",
+        "other-000000.tar",
+        "train-000000.tar.tmp",
+        ".tmp-train-000000.tar",
+        "manifest.json",
+    ):
         assert not is_shard_file(name)
     for name in ("val-000001.tar", "train-000000.tar", "notes.txt", ".tmp-train-000002.tar.x1"):
         (tmp_path / name).write_bytes(b"")
@@ -64,9 +70,13 @@ def test_pixels_are_standard_npy_files_that_round_trip(height, width, seed):
 def test_npy_members_are_refused_unless_exactly_what_pack_writes():
     rgb = np.zeros((4, 6, 3), np.uint8)
     data = encode_pixels(rgb)
-    cases = [(data[:-1], "holds 71 bytes"), (b"\x93NUMPY\x02\x00" + data[8:], "format 1.0"),
-             (encode_npy(np.zeros((4, 6), np.uint8)), "1 or 3 dimensions"),
-             (data.replace(b"'|u1'", b"'<i2'"), "uint8"), (data.replace(b"False", b"True "), "C-order")]
+    cases = [
+        (data[:-1], "holds 71 bytes"),
+        (b"\x93NUMPY\x02\x00" + data[8:], "format 1.0"),
+        (encode_npy(np.zeros((4, 6), np.uint8)), "1 or 3 dimensions"),
+        (data.replace(b"'|u1'", b"'<i2'"), "uint8"),
+        (data.replace(b"False", b"True "), "C-order"),
+    ]
     for broken, message in cases:
         with pytest.raises(ValueError, match=message):
             npy_array(broken)
@@ -94,7 +104,9 @@ def loader_view(shards, split: str) -> dict[str, tuple[np.ndarray, np.ndarray | 
     """key -> (the image exactly as cocoshard's loader decodes it, its uint8 labels or None)."""
     from cocoshard.loading.loader import build_loader
 
-    loader = build_loader(shards, split, batch_size=16, device="cpu", mode="stream", train=False, seed=0, workers=0)
+    loader = build_loader(
+        shards, split, batch_size=16, device="cpu", mode="stream", train=False, seed=0, workers=0
+    )
     found = {}
     for batch in loader:
         for i, key in enumerate(batch.keys):
@@ -152,24 +164,37 @@ def test_tarfile_and_numpy_load_read_what_the_loader_reads(fixture, request):
             if "pixels.npy" in fields:
                 image = np.load(io.BytesIO(fields["pixels.npy"]), allow_pickle=False)
             else:
-                image = np.asarray(Image.open(io.BytesIO(fields.get("jpg", fields.get("png")))).convert("RGB"))
-            labels = np.load(io.BytesIO(fields["labels.npy"]), allow_pickle=False) if "labels.npy" in fields else None
+                image = np.asarray(
+                    Image.open(io.BytesIO(fields.get("jpg", fields.get("png")))).convert("RGB")
+                )
+            labels = (
+                np.load(io.BytesIO(fields["labels.npy"]), allow_pickle=False)
+                if "labels.npy" in fields
+                else None
+            )
             seen[key] = (image, labels)
         assert_same_samples(seen, loader_view(shards, split))
 
 
 @pytest.mark.parametrize("fixture", SHARD_FIXTURES)
 def test_hugging_face_datasets_reads_what_the_loader_reads(fixture, request, tmp_path):
-    datasets = pytest.importorskip("datasets", reason="Hugging Face datasets is not installed (pip install datasets)")
+    datasets = pytest.importorskip(
+        "datasets", reason="Hugging Face datasets is not installed (pip install datasets)"
+    )
     shards = request.getfixturevalue(fixture)
     for split in SPLITS_READ:
         files = sorted(str(p) for p in shards.glob(f"{split}-*.tar"))
-        rows = datasets.load_dataset("webdataset", data_files={split: files}, split=split,
-                                     cache_dir=str(tmp_path / "hf-cache"))
+        rows = datasets.load_dataset(
+            "webdataset", data_files={split: files}, split=split, cache_dir=str(tmp_path / "hf-cache")
+        )
         seen = {}
         for row in rows:
             image = next(row[f] for f in ("jpg", "png", "pixels.npy") if row.get(f) is not None)
-            image = np.asarray(image.convert("RGB")) if hasattr(image, "convert") else np.asarray(image, dtype=np.uint8)
+            image = (
+                np.asarray(image.convert("RGB"))
+                if hasattr(image, "convert")
+                else np.asarray(image, dtype=np.uint8)
+            )
             labels = row.get("labels.npy")
             seen[row["__key__"]] = (image, None if labels is None else np.asarray(labels, dtype=np.uint8))
         assert_same_samples(seen, loader_view(shards, split))

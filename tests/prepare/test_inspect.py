@@ -57,22 +57,32 @@ def rewrite_sample(folder: Path, shard: str, change) -> None:
     for split in manifest["splits"].values():
         for entry in split["shards"]:
             if entry["name"] == shard:
-                entry["bytes"], entry["sha256"] = len(buffer.getvalue()), hashlib.sha256(buffer.getvalue()).hexdigest()
+                entry["bytes"], entry["sha256"] = (
+                    len(buffer.getvalue()),
+                    hashlib.sha256(buffer.getvalue()).hexdigest(),
+                )
     (folder / "manifest.json").write_text(json.dumps(manifest))
 
 
 def test_summary_without_verify(sample_shards_jpeg, capsys):
     code, out = inspect(sample_shards_jpeg, capsys)
     assert code == 0 and "verified" not in out
+    assert "KEY.labels.npy" in out and "KEY.jpg" in out  # the member layout, for readers elsewhere
     manifest = json.loads((sample_shards_jpeg / "manifest.json").read_text())
     for split in ("train", "val", "test"):
-        assert f"│{split}│{manifest['splits'][split]['samples']}│{len(manifest['splits'][split]['shards'])}│" in out
+        assert (
+            f"│{split}│{manifest['splits'][split]['samples']}│{len(manifest['splits'][split]['shards'])}│"
+            in out
+        )
     assert "mostfrequent:person(0):" in out and "leastfrequent:" in out
     assert "2imageswithouta.clsfile" in out and "formatjpeg" in out
 
 
 def test_class_frequency_head_and_tail():
-    manifest = {"classes": [f"c{i}" for i in range(80)], "splits": {"train": {"class_counts": list(range(80))}, "val": {"class_counts": [1] * 80}}}
+    manifest = {
+        "classes": [f"c{i}" for i in range(80)],
+        "splits": {"train": {"class_counts": list(range(80))}, "val": {"class_counts": [1] * 80}},
+    }
     head, tail = class_frequency_lines(manifest)
     assert head.startswith("most frequent: c79 (79): 80, c78 (78): 79")
     assert tail.startswith("least frequent: c0 (0): 1, c1 (1): 2")
@@ -97,7 +107,11 @@ def test_a_truncated_shard_is_caught(jpeg_copy, capsys):
     shard = jpeg_copy / "val-000000.tar"
     shard.write_bytes(shard.read_bytes()[:70_000])
     code, out = inspect(jpeg_copy, capsys, "--verify")
-    assert code == 1 and "val-000000.tar:70,000bytes,themanifestsays" in out and "val-000000.tar:sha256differs" in out
+    assert (
+        code == 1
+        and "val-000000.tar:70,000bytes,themanifestsays" in out
+        and "val-000000.tar:sha256differs" in out
+    )
 
 
 def test_a_deleted_shard_is_caught(jpeg_copy, capsys):
@@ -107,8 +121,11 @@ def test_a_deleted_shard_is_caught(jpeg_copy, capsys):
 
 
 def test_bad_labels_are_caught_even_with_a_matching_hash(jpeg_copy, capsys):
-    rewrite_sample(jpeg_copy, "train-000000.tar",
-                   lambda fields: fields.update({"labels.npy": encode_npy(np.full(80, 2, np.uint8))}))
+    rewrite_sample(
+        jpeg_copy,
+        "train-000000.tar",
+        lambda fields: fields.update({"labels.npy": encode_npy(np.full(80, 2, np.uint8))}),
+    )
     code, out = inspect(jpeg_copy, capsys, "--verify")
     assert code == 1 and "train-000000.tar:" in out and "labelsholdvaluesotherthan0and1" in out
     assert "sha256" not in out

@@ -22,7 +22,6 @@ from cocoshard.cli import main
 from cocoshard.prepare import pack
 
 
-
 # ----------------------------------------------------------------------------------- reading back
 
 
@@ -50,7 +49,11 @@ def read_cls(path: Path) -> np.ndarray:
 
 
 def challenge_folders(root: Path) -> tuple[Path, Path, Path]:
-    return (root / "images/train-resized/train-resized", root / "labels/train/train", root / "images/test-resized/test-resized")
+    return (
+        root / "images/train-resized/train-resized",
+        root / "labels/train/train",
+        root / "images/test-resized/test-resized",
+    )
 
 
 def check_round_trip(shards: Path, root: Path) -> dict[str, dict[str, dict[str, bytes]]]:
@@ -105,7 +108,9 @@ def test_coco_sample_round_trips(fixture, request, coco_sample):
     assert manifest["unlabelled_images"]["count"] == 2
     assert len(splits["train"]) + len(splits["val"]) == 126 and len(splits["test"]) == 32
     # shards of 16 samples; the stratified split keeps every class with two images in both splits
-    assert [s["samples"] for s in manifest["splits"]["train"]["shards"]][:-1] == [16] * (len(manifest["splits"]["train"]["shards"]) - 1)
+    assert [s["samples"] for s in manifest["splits"]["train"]["shards"]][:-1] == [16] * (
+        len(manifest["splits"]["train"]["shards"]) - 1
+    )
     train, val = (np.array(manifest["splits"][s]["class_counts"]) for s in ("train", "val"))
     assert ((train > 0) & (val > 0))[train + val >= 2].all()
 
@@ -115,16 +120,24 @@ def test_both_formats_hold_the_same_split(sample_shards_jpeg, sample_shards_raw)
         jpeg, raw = read_split(sample_shards_jpeg, split), read_split(sample_shards_raw, split)
         assert list(jpeg) == list(raw)  # same keys in the same order
         for key in jpeg:
-            assert Image.open(io.BytesIO(jpeg[key]["jpg"])).size[::-1] == npy(raw[key]["pixels.npy"]).shape[:2]
+            assert (
+                Image.open(io.BytesIO(jpeg[key]["jpg"])).size[::-1] == npy(raw[key]["pixels.npy"]).shape[:2]
+            )
 
 
-def test_grayscale_is_kept_as_jpeg_and_decoded_to_rgb_in_raw(sample_shards_jpeg, sample_shards_raw, coco_sample):
+def test_grayscale_is_kept_as_jpeg_and_decoded_to_rgb_in_raw(
+    sample_shards_jpeg, sample_shards_raw, coco_sample
+):
     key = "000000000086"  # a grayscale (mode L) photo of the sample
     jpeg = {**read_split(sample_shards_jpeg, "train"), **read_split(sample_shards_jpeg, "val")}[key]
     raw = {**read_split(sample_shards_raw, "train"), **read_split(sample_shards_raw, "val")}[key]
     assert Image.open(io.BytesIO(jpeg["jpg"])).mode == "L"
     pixels = npy(raw["pixels.npy"])
-    assert pixels[:, :, 0].any() and (pixels[:, :, 0] == pixels[:, :, 1]).all() and (pixels[:, :, 1] == pixels[:, :, 2]).all()
+    assert (
+        pixels[:, :, 0].any()
+        and (pixels[:, :, 0] == pixels[:, :, 1]).all()
+        and (pixels[:, :, 1] == pixels[:, :, 2]).all()
+    )
 
 
 def test_train_is_shuffled_val_and_test_sorted(sample_shards_jpeg):
@@ -154,10 +167,17 @@ def _shard_bytes(folder: Path) -> dict[str, bytes]:
 def test_rerun_is_byte_identical(pixel_format, tmp_path, pack_dir, coco_sample):
     first = _shard_bytes(pack_dir(coco_sample, tmp_path / "a", format=pixel_format, shard_samples=40))
     again = _shard_bytes(pack_dir(coco_sample, tmp_path / "a", format=pixel_format, shard_samples=40))
-    alone = _shard_bytes(pack_dir(coco_sample, tmp_path / "b", format=pixel_format, shard_samples=40, workers=1))
+    alone = _shard_bytes(
+        pack_dir(coco_sample, tmp_path / "b", format=pixel_format, shard_samples=40, workers=1)
+    )
     assert first == again == alone  # same input: same bytes, whatever the number of workers
     assert {name for name in first if name.endswith(".tar")} == {
-        "train-000000.tar", "train-000001.tar", "train-000002.tar", "val-000000.tar", "test-000000.tar"}
+        "train-000000.tar",
+        "train-000001.tar",
+        "train-000002.tar",
+        "val-000000.tar",
+        "test-000000.tar",
+    }
 
 
 def test_seed_changes_the_split(tmp_path, pack_dir, coco_sample, sample_shards_jpeg):
@@ -170,7 +190,9 @@ def test_tar_headers_are_fixed(sample_shards_jpeg):
     with tarfile.open(next(sample_shards_jpeg.glob("train-*.tar"))) as tar:
         members = tar.getmembers()
     assert [m.name.split(".", 1)[1] for m in members[:2]] == ["jpg", "labels.npy"]
-    assert {(m.mtime, m.uid, m.gid, m.uname, m.gname, m.mode, m.type) for m in members} == {(0, 0, 0, "", "", 0o644, tarfile.REGTYPE)}
+    assert {(m.mtime, m.uid, m.gid, m.uname, m.gname, m.mode, m.type) for m in members} == {
+        (0, 0, 0, "", "", 0o644, tarfile.REGTYPE)
+    }
 
 
 def test_stale_shards_and_temporaries_are_removed(tmp_path, pack_dir, coco_sample):
@@ -212,9 +234,25 @@ def test_a_killed_run_leaves_no_manifest_and_no_partial_shard(tmp_path, synth_ro
     settings = {"format": "raw", "shard_samples": 4}
     reference = _shard_bytes(pack_dir(synth_root, tmp_path / "reference", **settings))
     out = pack_dir(synth_root, tmp_path / "out", **settings)
-    command = [sys.executable, "-m", "cocoshard", "pack", "--root", str(synth_root), "--out", str(out),
-               "--format", "raw", "--shard-samples", "4", "--workers", "2"]
-    process = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    command = [
+        sys.executable,
+        "-m",
+        "cocoshard",
+        "pack",
+        "--root",
+        str(synth_root),
+        "--out",
+        str(out),
+        "--format",
+        "raw",
+        "--shard-samples",
+        "4",
+        "--workers",
+        "2",
+    ]
+    process = subprocess.Popen(
+        command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.monotonic() + 60
     while not list(out.glob(".tmp-*")) and time.monotonic() < deadline:  # a shard is being written
         time.sleep(0.002)
@@ -248,7 +286,14 @@ def _jpeg_variant(source: Path, **save) -> bytes:
 def bad_root(tmp_path, coco_sample) -> Path:
     """The challenge layout holding four good photos and one of every bad input the rules name."""
     root = tmp_path / "ms-coco"
-    images, labels, test = (root / p for p in ("images/train-resized/train-resized", "labels/train/train", "images/test-resized/test-resized"))
+    images, labels, test = (
+        root / p
+        for p in (
+            "images/train-resized/train-resized",
+            "labels/train/train",
+            "images/test-resized/test-resized",
+        )
+    )
     for folder in (images, labels, test):
         folder.mkdir(parents=True)
     real_images, real_labels, real_test = challenge_folders(coco_sample)
@@ -259,18 +304,37 @@ def bad_root(tmp_path, coco_sample) -> Path:
     source = real_images / f"{SOURCE}.jpg"
     photo = source.read_bytes()
     files = {
-        "zero.jpg": b"", "truncated.jpg": photo[: len(photo) // 2], "html.jpg": b"<html>Not Found</html>",
-        "png.png": _jpeg_variant(source, format="PNG"), "png_named_jpg.jpg": _jpeg_variant(source, format="PNG"),
+        "zero.jpg": b"",
+        "truncated.jpg": photo[: len(photo) // 2],
+        "html.jpg": b"<html>Not Found</html>",
+        "png.png": _jpeg_variant(source, format="PNG"),
+        "png_named_jpg.jpg": _jpeg_variant(source, format="PNG"),
         "truncated_png.png": _jpeg_variant(source, format="PNG")[:-300],
-        "cmyk.jpg": _jpeg_variant(source, mode="CMYK", quality=90), "big.jpg": _jpeg_variant(source, size=(320, 240), quality=90),
+        "cmyk.jpg": _jpeg_variant(source, mode="CMYK", quality=90),
+        "big.jpg": _jpeg_variant(source, size=(320, 240), quality=90),
         "progressive.jpg": _jpeg_variant(source, progressive=True, quality=90),
-        "badid.jpg": photo, "nonint.jpg": photo, "dup.jpg": photo, "empty.jpg": photo, "nolabels.jpg": photo,
-        "a.b.jpg": photo, "twin.jpg": photo, "twin.png": _jpeg_variant(source, format="PNG"),
+        "badid.jpg": photo,
+        "nonint.jpg": photo,
+        "dup.jpg": photo,
+        "empty.jpg": photo,
+        "nolabels.jpg": photo,
+        "a.b.jpg": photo,
+        "twin.jpg": photo,
+        "twin.png": _jpeg_variant(source, format="PNG"),
     }
     for name, data in files.items():
         (images / name).write_bytes(data)
     cls = {name.split(".")[0]: "3\n" for name in files if name not in ("nolabels.jpg", "a.b.jpg", "twin.png")}
-    cls.update({"badid": "3\n80\n", "nonint": "3\ncat\n", "dup": "5\n5\n7\n", "empty": "", "orphan": "1\n", "a.b": "2\n"})
+    cls.update(
+        {
+            "badid": "3\n80\n",
+            "nonint": "3\ncat\n",
+            "dup": "5\n5\n7\n",
+            "empty": "",
+            "orphan": "1\n",
+            "a.b": "2\n",
+        }
+    )
     for key, text in cls.items():
         (labels / f"{key}.cls").write_text(text)
     (labels / "notes.txt").write_text("labels made by hand\n")
@@ -279,14 +343,23 @@ def bad_root(tmp_path, coco_sample) -> Path:
 
 
 EXPECTED_REJECTIONS = {
-    "zero.jpg": "empty file (0 bytes)", "zero.cls": "its image zero.jpg was rejected",
-    "truncated.jpg": "truncated or corrupt JPEG", "truncated.cls": "its image truncated.jpg was rejected",
-    "html.jpg": "not an image (JPEG, PNG, WEBP, BMP, GIF, TIFF); first bytes b'<html>No'", "html.cls": "its image html.jpg was rejected",
-    "truncated_png.png": "truncated or corrupt PNG", "truncated_png.cls": "was rejected",
-    "badid.cls": "line 2: class id 80 is outside 0-79", "badid.jpg": "its labels file badid.cls was rejected",
-    "nonint.cls": "line 2: 'cat' is not an integer class id", "nonint.jpg": "its labels file nonint.cls was rejected",
-    "orphan.cls": "no image named orphan.*", "a.b.jpg": "contains a '.'", "a.b.cls": "contains a '.'",
-    "twin.png": "another file has the same key 'twin': twin.jpg", "notes.txt": "not a .cls labels file",
+    "zero.jpg": "empty file (0 bytes)",
+    "zero.cls": "its image zero.jpg was rejected",
+    "truncated.jpg": "truncated or corrupt JPEG",
+    "truncated.cls": "its image truncated.jpg was rejected",
+    "html.jpg": "not an image (JPEG, PNG, WEBP, BMP, GIF, TIFF); first bytes b'<html>No'",
+    "html.cls": "its image html.jpg was rejected",
+    "truncated_png.png": "truncated or corrupt PNG",
+    "truncated_png.cls": "was rejected",
+    "badid.cls": "line 2: class id 80 is outside 0-79",
+    "badid.jpg": "its labels file badid.cls was rejected",
+    "nonint.cls": "line 2: 'cat' is not an integer class id",
+    "nonint.jpg": "its labels file nonint.cls was rejected",
+    "orphan.cls": "no image named orphan.*",
+    "a.b.jpg": "contains a '.'",
+    "a.b.cls": "contains a '.'",
+    "twin.png": "another file has the same key 'twin': twin.jpg",
+    "notes.txt": "not a .cls labels file",
     "test_zero.jpg": "empty file (0 bytes)",
 }
 
@@ -302,9 +375,18 @@ def test_every_bad_input_lands_where_the_rules_say(bad_root, tmp_path, pack_dir)
     samples = {**read_split(out, "train"), **read_split(out, "val")}
     stored = {key: next(f for f in s if f in ("jpg", "png")) for key, s in samples.items()}
     assert stored == {
-        "000000000009": "jpg", "000000000025": "jpg", "000000000030": "jpg", "000000000086": "jpg",  # 086 is grayscale
-        "png": "png", "png_named_jpg": "png", "cmyk": "png", "big": "png", "progressive": "jpg",
-        "dup": "jpg", "empty": "jpg", "twin": "jpg",
+        "000000000009": "jpg",
+        "000000000025": "jpg",
+        "000000000030": "jpg",
+        "000000000086": "jpg",  # 086 is grayscale
+        "png": "png",
+        "png_named_jpg": "png",
+        "cmyk": "png",
+        "big": "png",
+        "progressive": "jpg",
+        "dup": "jpg",
+        "empty": "jpg",
+        "twin": "jpg",
     }
     images = bad_root / "images/train-resized/train-resized"
     assert samples["progressive"]["jpg"] == (images / "progressive.jpg").read_bytes()
@@ -315,7 +397,10 @@ def test_every_bad_input_lands_where_the_rules_say(bad_root, tmp_path, pack_dir)
     for key, size in (("cmyk", (224, 168)), ("big", (224, 168))):
         decoded = Image.open(io.BytesIO(samples[key]["png"]))
         assert decoded.mode == "RGB" and decoded.size == size
-    assert manifest["unlabelled_images"] == {"count": 1, "examples": [str((images / "nolabels.jpg").resolve())]}
+    assert manifest["unlabelled_images"] == {
+        "count": 1,
+        "examples": [str((images / "nolabels.jpg").resolve())],
+    }
     assert manifest["deduplicated_labels"]["count"] == 1
     assert manifest["splits"]["train"]["empty_labels"] + manifest["splits"]["val"]["empty_labels"] == 1
     assert set(read_split(out, "test")) == {"000000007888"}
@@ -350,13 +435,17 @@ def test_cli_warns_by_default_and_fails_under_strict(bad_root, tmp_path, capsys)
 
 def test_strict_passes_clean_input(coco_sample, tmp_path):
     # images without labels are not rejections: the real sample has two
-    assert main(["pack", "--root", str(coco_sample), "--out", str(tmp_path), "--strict", "--workers", "1"]) == 0
+    assert (
+        main(["pack", "--root", str(coco_sample), "--out", str(tmp_path), "--strict", "--workers", "1"]) == 0
+    )
 
 
 def test_cli_names_what_it_looked_for(tmp_path, capsys):
     assert main(["pack", "--root", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out")]) == 2
     err = "".join(capsys.readouterr().err.split())  # the console wraps long lines
-    assert "nowhere" in err and "images/train-resized/train-resized" in err and "flatlayoutimages/train," in err
+    assert (
+        "nowhere" in err and "images/train-resized/train-resized" in err and "flatlayoutimages/train," in err
+    )
     assert main(["pack", "--root", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
     err = "".join(capsys.readouterr().err.split())
     assert f"lookedfor{tmp_path}/images/train-resized/train-resizedor{tmp_path}/images/train" in err

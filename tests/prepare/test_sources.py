@@ -26,7 +26,9 @@ def flat_copy(tmp_path, coco_sample):
 
 def test_finds_the_zip_layout(coco_sample):
     sources = find_sources(str(coco_sample))
-    assert (sources.train_images, sources.train_labels, sources.test_images) == tuple((coco_sample / p).resolve() for p in ZIP_LAYOUT)
+    assert (sources.train_images, sources.train_labels, sources.test_images) == tuple(
+        (coco_sample / p).resolve() for p in ZIP_LAYOUT
+    )
 
 
 def test_flat_layout_packs_to_the_same_shards(flat_copy, tmp_path, pack_dir, sample_shards_jpeg):
@@ -47,7 +49,9 @@ def test_explicit_folders_override_the_root(flat_copy, tmp_path):
 
 def test_missing_folders_say_what_was_looked_for(tmp_path, coco_sample):
     shutil.copytree(coco_sample / ZIP_LAYOUT[0], tmp_path / ZIP_LAYOUT[0])
-    with pytest.raises(UserError, match=r"no train labels folder .* looked for .*labels/train/train or .*labels/train$"):
+    with pytest.raises(
+        UserError, match=r"no train labels folder .* looked for .*labels/train/train or .*labels/train$"
+    ):
         find_sources(str(tmp_path))
     (tmp_path / "labels/train/train").mkdir(parents=True)
     sources = find_sources(str(tmp_path))

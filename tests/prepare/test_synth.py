@@ -42,7 +42,9 @@ def test_layout_is_the_challenges(synth_root):
     assert len(train) == len(labels) == 300 and len(test) == 40
     assert [p.stem for p in train] == [p.stem for p in labels]
     assert not {p.stem for p in train} & {p.stem for p in test}
-    assert len(_files(synth_root, TEST_LABELS, ".cls")) == 40  # hidden answers, outside the challenge's folders
+    assert (
+        len(_files(synth_root, TEST_LABELS, ".cls")) == 40
+    )  # hidden answers, outside the challenge's folders
     assert all(len(p.stem) == 12 and p.stem.isdigit() for p in train + test)
 
 
@@ -71,7 +73,9 @@ def test_labels_are_one_to_six_classes_with_a_long_tail(synth_root):
     assert counts.argmax() == 0
     assert counts[:10].sum() > 3 * counts[-10:].sum()
     metadata = json.loads((synth_root / MARKER).read_text())
-    assert metadata["status"] == "complete" and metadata["class_counts"]["train"] == counts.astype(int).tolist()
+    assert (
+        metadata["status"] == "complete" and metadata["class_counts"]["train"] == counts.astype(int).tolist()
+    )
 
 
 def test_default_tail_keeps_the_rarest_class_learnable():
@@ -111,10 +115,12 @@ def test_drawn_labels_match_the_pixels(seed):
 
 
 def test_same_seed_same_bytes_whatever_the_workers(tmp_path):
-    one = write_synthetic(SynthConfig(out=str(tmp_path / 'a'), train=24, test=6, seed=5, workers=1))
-    write_synthetic(SynthConfig(out=str(tmp_path / 'b'), train=24, test=6, seed=5, workers=2))
-    write_synthetic(SynthConfig(out=str(tmp_path / 'c'), train=24, test=6, seed=6, workers=1))
-    files = lambda root: {p.relative_to(root): p.read_bytes() for p in root.rglob("*") if p.is_file() and p.name != MARKER}  # noqa: E731
+    one = write_synthetic(SynthConfig(out=str(tmp_path / "a"), train=24, test=6, seed=5, workers=1))
+    write_synthetic(SynthConfig(out=str(tmp_path / "b"), train=24, test=6, seed=5, workers=2))
+    write_synthetic(SynthConfig(out=str(tmp_path / "c"), train=24, test=6, seed=6, workers=1))
+    files = lambda root: {
+        p.relative_to(root): p.read_bytes() for p in root.rglob("*") if p.is_file() and p.name != MARKER
+    }  # noqa: E731
     assert files(tmp_path / "a") == files(tmp_path / "b")
     assert files(tmp_path / "a") != files(tmp_path / "c")
     assert one["class_counts"] == json.loads((tmp_path / "b" / MARKER).read_text())["class_counts"]
@@ -145,7 +151,24 @@ def test_difficulty_knobs_are_checked_and_used(tmp_path):
 
 
 def test_cli(tmp_path):
-    assert main(["synth", "--out", str(tmp_path), "--train", "10", "--test", "3", "--workers", "1", "--clutter", "0.5"]) == 0
+    assert (
+        main(
+            [
+                "synth",
+                "--out",
+                str(tmp_path),
+                "--train",
+                "10",
+                "--test",
+                "3",
+                "--workers",
+                "1",
+                "--clutter",
+                "0.5",
+            ]
+        )
+        == 0
+    )
     assert len(_files(tmp_path, TRAIN_IMAGES, ".jpg")) == 10
     assert json.loads((tmp_path / MARKER).read_text())["difficulty"]["clutter"] == 0.5
     assert main(["synth", "--out", str(tmp_path), "--min-scale", "0.5", "--max-scale", "0.4"]) == 2
@@ -156,7 +179,9 @@ def test_rotation_zero_keeps_shapes_upright():
     def square_fill(rotation):
         fills = []
         for seed in range(400):
-            image, classes = draw_image(np.random.default_rng(seed), 224, Difficulty(clutter=0.0, tail=0.0, rotation=rotation))
+            image, classes = draw_image(
+                np.random.default_rng(seed), 224, Difficulty(clutter=0.0, tail=0.0, rotation=rotation)
+            )
             colours = [class_shape_colour(c)[1] for c in classes]
             for c in classes:
                 shape, colour = class_shape_colour(c)

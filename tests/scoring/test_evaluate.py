@@ -33,7 +33,9 @@ def sample_labels(coco_sample: Path) -> dict[str, np.ndarray]:
     return read_label_folder(coco_sample / LABELS)
 
 
-def noisy_submission(labels: dict[str, np.ndarray], seed: int, keys: list[str] | None = None) -> tuple[dict, np.ndarray]:
+def noisy_submission(
+    labels: dict[str, np.ndarray], seed: int, keys: list[str] | None = None
+) -> tuple[dict, np.ndarray]:
     """A plausible submission: true labels with misses and false alarms, and matching scores."""
     rng = np.random.default_rng(seed)
     keys = sorted(labels) if keys is None else keys
@@ -71,8 +73,12 @@ def test_server_f1_equals_the_statement_on_real_labels(tmp_path, coco_sample, sa
 def test_only_the_predicted_images_are_evaluated(tmp_path, coco_sample, sample_labels, capsys) -> None:
     keys = sorted(sample_labels)[:40]
     submission, _ = noisy_submission(sample_labels, seed=1, keys=keys)
-    result = evaluate_json(capsys, predictions=str(write(tmp_path / "p.json", submission)), labels=str(coco_sample / LABELS),
-                           subset=True)  # 40 of the 126 labelled images, on purpose
+    result = evaluate_json(
+        capsys,
+        predictions=str(write(tmp_path / "p.json", submission)),
+        labels=str(coco_sample / LABELS),
+        subset=True,
+    )  # 40 of the 126 labelled images, on purpose
     truth = np.stack([sample_labels[k] for k in keys])
     pred = np.stack([np.isin(np.arange(80), submission[k]) for k in keys])
     assert result["images"] == 40
@@ -83,12 +89,21 @@ def test_scores_give_map_and_per_class_rows(tmp_path, coco_sample, sample_labels
     submission, scores = noisy_submission(sample_labels, seed=2)
     keys = sorted(submission)
     order = np.random.default_rng(0).permutation(len(keys))  # the .npz need not follow the JSON's order
-    save_scores(tmp_path / "s.npz", Scores([keys[i] for i in order], scores[order].astype(np.float32), np.full(80, 0.5),
-                                           min_labels=0))
-    result = evaluate_json(capsys, predictions=str(write(tmp_path / "p.json", submission)),
-                           labels=str(coco_sample / LABELS), scores=str(tmp_path / "s.npz"), per_class=True)
+    save_scores(
+        tmp_path / "s.npz",
+        Scores([keys[i] for i in order], scores[order].astype(np.float32), np.full(80, 0.5), min_labels=0),
+    )
+    result = evaluate_json(
+        capsys,
+        predictions=str(write(tmp_path / "p.json", submission)),
+        labels=str(coco_sample / LABELS),
+        scores=str(tmp_path / "s.npz"),
+        per_class=True,
+    )
     truth = np.stack([sample_labels[k] for k in keys])
-    assert result["map"] == pytest.approx(metrics.mean_average_precision(scores.astype(np.float32), truth), abs=1e-6)
+    assert result["map"] == pytest.approx(
+        metrics.mean_average_precision(scores.astype(np.float32), truth), abs=1e-6
+    )
     rows = result["per_class"]
     assert [row["id"] for row in rows] == list(range(80)) and rows[0]["name"] == "person"
     assert sum(row["weight"] for row in rows) == pytest.approx(1.0)
@@ -101,7 +116,11 @@ def test_a_key_without_labels_is_rejected_by_name(tmp_path, coco_sample, sample_
     submission["000000999999"] = [1]
     path = write(tmp_path / "p.json", submission)
     with pytest.raises(UserError, match="'000000999999': unknown image"):
-        evaluate.run(config.resolve(config.EvaluateConfig, {"predictions": str(path), "labels": str(coco_sample / LABELS)}))
+        evaluate.run(
+            config.resolve(
+                config.EvaluateConfig, {"predictions": str(path), "labels": str(coco_sample / LABELS)}
+            )
+        )
 
 
 def test_images_folder_requires_every_test_image_exactly_once(tmp_path, coco_sample, capsys) -> None:
@@ -111,7 +130,9 @@ def test_images_folder_requires_every_test_image_exactly_once(tmp_path, coco_sam
     result = evaluate_json(capsys, predictions=str(complete), images=str(coco_sample / TEST_IMAGES))
     assert result == {"format_ok": True, "images": 32, "notes": []}
     incomplete = write(tmp_path / "bad.json", {k: [0] for k in stems[1:]})
-    code = cli.main(["evaluate", "--predictions", str(incomplete), "--images", str(coco_sample / TEST_IMAGES)])
+    code = cli.main(
+        ["evaluate", "--predictions", str(incomplete), "--images", str(coco_sample / TEST_IMAGES)]
+    )
     assert code == 2
     assert f"'{stems[0]}': missing image" in capsys.readouterr().err
 
@@ -125,10 +146,17 @@ def test_notes_for_unsorted_and_empty_lists(tmp_path, coco_sample, sample_labels
     assert any("no class at all" in note for note in result["notes"])
 
 
-def test_human_output_has_the_headline_and_per_class_table(tmp_path, coco_sample, sample_labels, capsys) -> None:
+def test_human_output_has_the_headline_and_per_class_table(
+    tmp_path, coco_sample, sample_labels, capsys
+) -> None:
     submission, _ = noisy_submission(sample_labels, seed=4)
     path = write(tmp_path / "p.json", submission)
-    assert cli.main(["evaluate", "--predictions", str(path), "--labels", str(coco_sample / LABELS), "--per-class"]) == 0
+    assert (
+        cli.main(
+            ["evaluate", "--predictions", str(path), "--labels", str(coco_sample / LABELS), "--per-class"]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "format OK" in out and "server F1" in out and "hair drier" in out
 
@@ -136,7 +164,9 @@ def test_human_output_has_the_headline_and_per_class_table(tmp_path, coco_sample
 def test_report_folder_gets_figures_and_summary(tmp_path, coco_sample, sample_labels, capsys) -> None:
     submission, _ = noisy_submission(sample_labels, seed=5)
     path = write(tmp_path / "p.json", submission)
-    result = evaluate_json(capsys, predictions=str(path), labels=str(coco_sample / LABELS), report=str(tmp_path / "r"))
+    result = evaluate_json(
+        capsys, predictions=str(path), labels=str(coco_sample / LABELS), report=str(tmp_path / "r")
+    )
     names = {Path(p).name for p in result["report"]}
     assert names == {"summary.md", "per_class_f1.png", "precision_recall.png"}
     assert f"{result['server_f1']:.4f}" in (tmp_path / "r" / "summary.md").read_text()
@@ -157,7 +187,9 @@ def test_labels_from_the_val_split_of_shards(sample_shards_jpeg, sample_labels, 
     for key, vector in shard_labels.items():
         np.testing.assert_array_equal(vector, sample_labels[key])
     submission, _ = noisy_submission(shard_labels, seed=6)
-    result = evaluate_json(capsys, predictions=str(write(tmp_path / "p.json", submission)), labels=str(sample_shards_jpeg))
+    result = evaluate_json(
+        capsys, predictions=str(write(tmp_path / "p.json", submission)), labels=str(sample_shards_jpeg)
+    )
     assert result["images"] == len(shard_labels)
     test_keys = evaluate.image_keys(sample_shards_jpeg)
     assert len(test_keys) == 32
@@ -183,8 +215,13 @@ def test_class_names_come_from_the_shards_manifest(synth_shards_jpeg, coco_sampl
     assert class_names_of(coco_sample / LABELS) == CLASSES
     labels = load_labels(synth_shards_jpeg)
     submission, _ = noisy_submission(labels, seed=8)
-    result = evaluate_json(capsys, predictions=str(write(tmp_path / "p.json", submission)), labels=str(synth_shards_jpeg),
-                           per_class=True, report=str(tmp_path / "r"))
+    result = evaluate_json(
+        capsys,
+        predictions=str(write(tmp_path / "p.json", submission)),
+        labels=str(synth_shards_jpeg),
+        per_class=True,
+        report=str(tmp_path / "r"),
+    )
     assert [row["name"] for row in result["per_class"]] == synth_names()
     summary = (tmp_path / "r" / "summary.md").read_text()
     assert any(f"| {name} |" in summary for name in synth_names())

@@ -16,7 +16,9 @@ from cocoshard.scoring import metrics
 # ----------------------------------------------------------------------------------- reference
 
 
-def statement_validation_loop(outputs: np.ndarray, labels: np.ndarray, threshold: float = 0.5, batch: int = 7) -> dict:
+def statement_validation_loop(
+    outputs: np.ndarray, labels: np.ndarray, threshold: float = 0.5, batch: int = 7
+) -> dict:
     """The statement's `validation_loop(multi_task=True, one_hot=True, class_metrics=True)`,
     re-implemented on precomputed outputs: same batching, same accumulation, same zero conventions."""
     num_classes = outputs.shape[1]
@@ -47,7 +49,12 @@ def statement_validation_loop(outputs: np.ndarray, labels: np.ndarray, threshold
     with np.errstate(divide="ignore"):
         f1 = 2.0 / (1 / prec + 1 / recall)
     class_f1 = [0 if p == r == 0 else 2.0 / (1 / p + 1 / r) for p, r in zip(class_prec, class_recall)]
-    return {"f1": float(f1), "precision": float(prec), "recall": float(recall), "class_f1": np.array(class_f1, float)}
+    return {
+        "f1": float(f1),
+        "precision": float(prec),
+        "recall": float(recall),
+        "class_f1": np.array(class_f1, float),
+    }
 
 
 def reference_on_present_classes(outputs: np.ndarray, labels: np.ndarray, threshold: float = 0.5) -> dict:
@@ -144,7 +151,9 @@ def test_shape_mismatch_is_an_error() -> None:
 
 matrices = st.integers(1, 30).flatmap(
     lambda n: st.integers(1, 12).flatmap(
-        lambda c: st.tuples(arrays(np.bool_, (n, c)), arrays(np.bool_, (n, c)), st.randoms(use_true_random=False))
+        lambda c: st.tuples(
+            arrays(np.bool_, (n, c)), arrays(np.bool_, (n, c)), st.randoms(use_true_random=False)
+        )
     )
 )
 
@@ -203,7 +212,9 @@ def test_metrics_from_scores_has_every_headline_figure() -> None:
 def test_threshold_comparison_is_strict_and_float64() -> None:
     score = np.float32(0.3)
     just_below = float(score) - 1e-10  # rounds onto the score itself in float32
-    pred = metrics.predictions_from_scores(np.array([[0.5, score]], dtype=np.float32), np.array([0.5, just_below]))
+    pred = metrics.predictions_from_scores(
+        np.array([[0.5, score]], dtype=np.float32), np.array([0.5, just_below])
+    )
     assert pred.tolist() == [[False, True]]
 
 

@@ -37,9 +37,19 @@ def make_checkpoint(path: Path, *, ema_bias_class: int | None = None, seed: int 
     if ema_bias_class is not None:
         ema = {k: v.clone() for k, v in model.state_dict().items()}
         ema["fc.bias"][ema_bias_class] = 50.0
-    train_cfg = config.to_dict(config.resolve(config.TrainConfig, {"model": "cocoshard_tiny", "size": SIZE, "weights": "none"}))
-    state = {"model": model.state_dict(), "ema": ema, "epoch": 1, "step": 10, "config": train_cfg,
-             "classes": list(CLASSES), "thresholds": [0.5] * 80, "metrics": {}}
+    train_cfg = config.to_dict(
+        config.resolve(config.TrainConfig, {"model": "cocoshard_tiny", "size": SIZE, "weights": "none"})
+    )
+    state = {
+        "model": model.state_dict(),
+        "ema": ema,
+        "epoch": 1,
+        "step": 10,
+        "config": train_cfg,
+        "classes": list(CLASSES),
+        "thresholds": [0.5] * 80,
+        "metrics": {},
+    }
     save_checkpoint(path, state)
     return path
 
@@ -56,7 +66,12 @@ def predict_cfg(**settings) -> config.PredictConfig:
 def test_folder_of_real_photos_gives_a_strictly_valid_file(tmp_path, coco_sample, checkpoint) -> None:
     out, scores = tmp_path / "predictions.json", tmp_path / "scores.npz"
     folder = coco_sample / TEST_IMAGES
-    assert predict.run(predict_cfg(checkpoint=str(checkpoint), images=str(folder), out=str(out), scores=str(scores))) == 0
+    assert (
+        predict.run(
+            predict_cfg(checkpoint=str(checkpoint), images=str(folder), out=str(out), scores=str(scores))
+        )
+        == 0
+    )
     stems = sorted(p.stem for p in folder.glob("*.jpg"))
     submission = load_submission(out, expected=stems)  # raises on any format problem
     assert len(submission) == 32
@@ -69,10 +84,27 @@ def test_folder_of_real_photos_gives_a_strictly_valid_file(tmp_path, coco_sample
     assert text.startswith('{\n    "') and json.loads(text) == submission
 
 
-def test_shards_give_the_same_scores_as_the_folder(tmp_path, coco_sample, sample_shards_jpeg, checkpoint) -> None:
+def test_shards_give_the_same_scores_as_the_folder(
+    tmp_path, coco_sample, sample_shards_jpeg, checkpoint
+) -> None:
     common = {"checkpoint": str(checkpoint), "amp": False}
-    predict.run(predict_cfg(**common, images=str(coco_sample / TEST_IMAGES), out=str(tmp_path / "a.json"), scores=str(tmp_path / "a.npz")))
-    predict.run(predict_cfg(**common, shards=str(sample_shards_jpeg), split="test", out=str(tmp_path / "b.json"), scores=str(tmp_path / "b.npz")))
+    predict.run(
+        predict_cfg(
+            **common,
+            images=str(coco_sample / TEST_IMAGES),
+            out=str(tmp_path / "a.json"),
+            scores=str(tmp_path / "a.npz"),
+        )
+    )
+    predict.run(
+        predict_cfg(
+            **common,
+            shards=str(sample_shards_jpeg),
+            split="test",
+            out=str(tmp_path / "b.json"),
+            scores=str(tmp_path / "b.npz"),
+        )
+    )
     found_a, found_b = read_scores(tmp_path / "a.npz"), read_scores(tmp_path / "b.npz")
     (keys_a, scores_a), (keys_b, scores_b) = (found_a.keys, found_a.scores), (found_b.keys, found_b.scores)
     assert len(keys_b) == 32 and sorted(keys_a) == sorted(keys_b)
@@ -83,8 +115,16 @@ def test_shards_give_the_same_scores_as_the_folder(tmp_path, coco_sample, sample
 
 def test_threshold_one_leaves_only_the_top_class_of_each_image(tmp_path, coco_sample, checkpoint) -> None:
     out = tmp_path / "p.json"
-    predict.run(predict_cfg(checkpoint=str(checkpoint), images=str(coco_sample / TEST_IMAGES), out=str(out),
-                            threshold=1.0, min_labels=2, scores=str(tmp_path / "s.npz")))
+    predict.run(
+        predict_cfg(
+            checkpoint=str(checkpoint),
+            images=str(coco_sample / TEST_IMAGES),
+            out=str(out),
+            threshold=1.0,
+            min_labels=2,
+            scores=str(tmp_path / "s.npz"),
+        )
+    )
     submission = load_submission(out)
     found = read_scores(tmp_path / "s.npz")
     keys, scores = found.keys, found.scores
@@ -95,7 +135,15 @@ def test_threshold_one_leaves_only_the_top_class_of_each_image(tmp_path, coco_sa
 def test_ema_weights_are_used_when_present(tmp_path, coco_sample) -> None:
     ckpt = make_checkpoint(tmp_path / "ema.pt", ema_bias_class=BIASED_CLASS)
     out = tmp_path / "p.json"
-    predict.run(predict_cfg(checkpoint=str(ckpt), images=str(coco_sample / TEST_IMAGES), out=str(out), threshold=0.99, min_labels=0))
+    predict.run(
+        predict_cfg(
+            checkpoint=str(ckpt),
+            images=str(coco_sample / TEST_IMAGES),
+            out=str(out),
+            threshold=0.99,
+            min_labels=0,
+        )
+    )
     assert all(ids == [BIASED_CLASS] for ids in load_submission(out).values())
 
 
@@ -108,8 +156,12 @@ def test_tta_averages_the_image_and_its_mirror(coco_sample, checkpoint) -> None:
         batches = folder_batches(files, 224, 16, 0, torch.device("cpu"))
         if flip_input:
             batches = ((_mirror(images, sizes), sizes, keys) for images, sizes, keys in batches)
-        ready = ((eval_transform(images, sizes, out_size=predictor.size), keys) for images, sizes, keys in batches)
-        return predict.predict_scores(predictor, ready, total=len(files), amp_dtype=None, tta=tta, progress=False)[1]
+        ready = (
+            (eval_transform(images, sizes, out_size=predictor.size), keys) for images, sizes, keys in batches
+        )
+        return predict.predict_scores(
+            predictor, ready, total=len(files), amp_dtype=None, tta=tta, progress=False
+        )[1]
 
     plain, mirrored, averaged = scores(False), scores(False, flip_input=True), scores(True)
     np.testing.assert_allclose(averaged, (plain + mirrored) / 2, atol=1e-5)

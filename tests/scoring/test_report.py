@@ -30,12 +30,25 @@ def write_log(folder: Path, lines: list[str]) -> Path:
 
 
 def test_metrics_log_is_read_defensively(tmp_path: Path) -> None:
-    run = write_log(tmp_path / "run", [
-        json.dumps({"epoch": 1, "train_loss": 0.9, "val": {"server_f1": 0.2, "loss": 1.1}, "note": "warm-up", "ok": True}),
-        "[1, 2, 3]",
-        json.dumps({"epoch": 2, "train_loss": 0.5, "val": {"server_f1": 0.4, "loss": 0.8}, "lr": float("nan")}),
-        '{"epoch": 3, "train_lo',  # a record cut short by a killed run
-    ])
+    run = write_log(
+        tmp_path / "run",
+        [
+            json.dumps(
+                {
+                    "epoch": 1,
+                    "train_loss": 0.9,
+                    "val": {"server_f1": 0.2, "loss": 1.1},
+                    "note": "warm-up",
+                    "ok": True,
+                }
+            ),
+            "[1, 2, 3]",
+            json.dumps(
+                {"epoch": 2, "train_loss": 0.5, "val": {"server_f1": 0.4, "loss": 0.8}, "lr": float("nan")}
+            ),
+            '{"epoch": 3, "train_lo',  # a record cut short by a killed run
+        ],
+    )
     records = report.read_metrics_log(run)
     assert records == [
         {"epoch": 1.0, "train_loss": 0.9, "val/server_f1": 0.2, "val/loss": 1.1},
@@ -45,9 +58,19 @@ def test_metrics_log_is_read_defensively(tmp_path: Path) -> None:
 
 
 def test_curves_keep_losses_and_headline_scores_of_a_trainer_log() -> None:
-    record = {"epoch": 1.0, "lr": 0.1, "train/loss": 0.7, "train/server_f1": 0.3, "train/macro_f1": 0.4,
-              "val/ema/loss": 0.6, "val/ema/server_f1": 0.35, "val/ema/server_f1_tuned": 0.45, "val/ema/macro_f1": 0.5,
-              "val/ema/map": 0.6, "val/ema/heldout_gain": 0.05}
+    record = {
+        "epoch": 1.0,
+        "lr": 0.1,
+        "train/loss": 0.7,
+        "train/server_f1": 0.3,
+        "train/macro_f1": 0.4,
+        "val/ema/loss": 0.6,
+        "val/ema/server_f1": 0.35,
+        "val/ema/server_f1_tuned": 0.45,
+        "val/ema/macro_f1": 0.5,
+        "val/ema/map": 0.6,
+        "val/ema/heldout_gain": 0.05,
+    }
     losses, scores = report.curve_series([record, {**record, "epoch": 2.0}])
     assert set(losses) == {"train/loss", "val/ema/loss"}
     assert set(scores) == {"train/server_f1", "val/ema/server_f1", "val/ema/server_f1_tuned", "val/ema/map"}
@@ -70,8 +93,12 @@ def test_classes_are_ordered_by_frequency_with_ties_by_id() -> None:
 
 def test_write_report_makes_every_figure_and_links_them(tmp_path: Path, evaluation) -> None:
     result, server, ap = evaluation
-    run = write_log(tmp_path / "run", [json.dumps({"epoch": e, "loss": 1 / e, "server_f1": e / 10}) for e in (1, 2, 3)])
-    paths = report.write_report(tmp_path / "out", result, server, average_precision=ap, run_dir=run, title="val")
+    run = write_log(
+        tmp_path / "run", [json.dumps({"epoch": e, "loss": 1 / e, "server_f1": e / 10}) for e in (1, 2, 3)]
+    )
+    paths = report.write_report(
+        tmp_path / "out", result, server, average_precision=ap, run_dir=run, title="val"
+    )
     assert [p.name for p in paths] == ["summary.md", "per_class_f1.png", "precision_recall.png", "curves.png"]
     for png in paths[1:]:
         with Image.open(png) as image:

@@ -59,7 +59,10 @@ def test_written_file_is_the_statement_format(tmp_path: Path) -> None:
     path = tmp_path / "predictions.json"
     sub.write_submission(path, {KEYS[1]: [21], KEYS[0]: [62, 56, 60]})
     text = path.read_text()
-    assert text == '{\n    "000000000139": [\n        56,\n        60,\n        62\n    ],\n    "000000000285": [\n        21\n    ]\n}\n'
+    assert (
+        text == '{\n    "000000000139": [\n        56,\n        60,\n        62\n    ],\n'
+        '    "000000000285": [\n        21\n    ]\n}\n'
+    )
     assert sub.load_submission(path, expected=KEYS[:2]) == {KEYS[0]: [56, 60, 62], KEYS[1]: [21]}
     assert not list(tmp_path.glob(".tmp-*"))
 
@@ -77,21 +80,43 @@ MALFORMED = [
     ("not an object", [[1, 2]], None, "top level must be a JSON object"),
     ("unknown key", {**good(), "000000000999": [1]}, KEYS, "'000000000999': unknown image"),
     ("extension kept", {**good(), "000000000632.jpg": [1]}, KEYS, "drop the extension"),
-    ("missing image", {k: v for k, v in good().items() if k != KEYS[1]}, KEYS, "'000000000285': missing image"),
+    (
+        "missing image",
+        {k: v for k, v in good().items() if k != KEYS[1]},
+        KEYS,
+        "'000000000285': missing image",
+    ),
     ("float id", {**good(), KEYS[1]: [21.0]}, KEYS, "'000000000285': item 0 \\(21.0\\): 21.0 is a float"),
-    ("bool id", {**good(), KEYS[2]: [57, True]}, KEYS, "'000000000632': item 1 \\(true\\): true is a boolean"),
+    (
+        "bool id",
+        {**good(), KEYS[2]: [57, True]},
+        KEYS,
+        "'000000000632': item 1 \\(true\\): true is a boolean",
+    ),
     ("string id", {**good(), KEYS[0]: ["56"]}, KEYS, "'000000000139': item 0 \\(\"56\"\\)"),
     ("null id", {**good(), KEYS[0]: [None]}, KEYS, "'000000000139': item 0 \\(null\\)"),
-    ("out of range", {**good(), KEYS[0]: [56, 80]}, KEYS, "'000000000139': item 1 \\(80\\): 80 is out of range"),
+    (
+        "out of range",
+        {**good(), KEYS[0]: [56, 80]},
+        KEYS,
+        "'000000000139': item 1 \\(80\\): 80 is out of range",
+    ),
     ("negative", {**good(), KEYS[0]: [-1]}, KEYS, "-1 is out of range"),
-    ("duplicates", {**good(), KEYS[2]: [57, 59, 57]}, KEYS, "'000000000632': class id\\(s\\) 57 listed more than once"),
+    (
+        "duplicates",
+        {**good(), KEYS[2]: [57, 59, 57]},
+        KEYS,
+        "'000000000632': class id\\(s\\) 57 listed more than once",
+    ),
     ("value not a list", {**good(), KEYS[1]: 21}, KEYS, "'000000000285': the value must be a list"),
     ("nested object", {**good(), KEYS[1]: {"ids": [21]}}, KEYS, "'000000000285': the value must be a list"),
 ]
 
 
 @pytest.mark.parametrize("name,data,expected,message", MALFORMED, ids=[m[0] for m in MALFORMED])
-def test_every_malformed_file_is_rejected_naming_the_entry(tmp_path: Path, name, data, expected, message) -> None:
+def test_every_malformed_file_is_rejected_naming_the_entry(
+    tmp_path: Path, name, data, expected, message
+) -> None:
     path = tmp_path / "bad.json"
     path.write_text(json.dumps(data))
     with pytest.raises(UserError, match=message) as error:

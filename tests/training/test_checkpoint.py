@@ -30,12 +30,20 @@ def _full_state() -> dict:
     optimizer.step()
     scheduler.step()
     return {
-        "model": model.state_dict(), "ema": ModelEma(model, 0.9).state_dict(), "ema_updates": 0,
-        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "model": model.state_dict(),
+        "ema": ModelEma(model, 0.9).state_dict(),
+        "ema_updates": 0,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
         "scaler": torch.amp.GradScaler("cpu", enabled=False).state_dict(),
-        "epoch": 1, "step": 1, "rng": rng_state(), "config": {"model": "cocoshard_tiny", "lr": 1e-3},
-        "classes": list(CLASSES), "thresholds": [0.5] * len(CLASSES),
-        "metrics": {"server_f1": 0.25}, "versions": versions(),
+        "epoch": 1,
+        "step": 1,
+        "rng": rng_state(),
+        "config": {"model": "cocoshard_tiny", "lr": 1e-3},
+        "classes": list(CLASSES),
+        "thresholds": [0.5] * len(CLASSES),
+        "metrics": {"server_f1": 0.25},
+        "versions": versions(),
     }
 
 
@@ -73,7 +81,9 @@ def test_damaged_files_are_named(tmp_path: Path, damage: str) -> None:
     path = tmp_path / "last.pt"
     save_checkpoint(path, _full_state())
     data = path.read_bytes()
-    path.write_bytes({"truncate": data[: len(data) // 2], "garbage": b"\x80not a checkpoint" * 50, "empty": b""}[damage])
+    path.write_bytes(
+        {"truncate": data[: len(data) // 2], "garbage": b"\x80not a checkpoint" * 50, "empty": b""}[damage]
+    )
     with pytest.raises(UserError, match=str(path)):
         load_checkpoint(path)
 
@@ -87,7 +97,9 @@ def test_missing_file_and_foreign_dicts_are_refused(tmp_path: Path) -> None:
         load_checkpoint(path)
 
 
-def test_a_save_that_dies_midway_keeps_the_previous_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_save_that_dies_midway_keeps_the_previous_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     path = tmp_path / "last.pt"
     save_checkpoint(path, _full_state())
     before = path.read_bytes()

@@ -47,6 +47,7 @@ def host_syncs() -> Iterator[Counter]:
             if caller.f_code.co_filename.startswith(PACKAGE):
                 found[f"{Path(caller.f_code.co_filename).name}:{caller.f_lineno} {name}"] += 1
             return original(*args, **kwargs)
+
         return wrapper
 
     for owner, name, original in patches:
@@ -59,9 +60,22 @@ def host_syncs() -> Iterator[Counter]:
 
 
 def _trainer(shards: Path, out: Path, **settings):
-    cfg = config.resolve(config.TrainConfig, {
-        "shards": str(shards), "out": str(out), "model": "cocoshard_tiny", "weights": "none", "device": "cpu",
-        "size": 64, "batch_size": 8, "workers": 0, "amp": True, "ema": True, **settings})
+    cfg = config.resolve(
+        config.TrainConfig,
+        {
+            "shards": str(shards),
+            "out": str(out),
+            "model": "cocoshard_tiny",
+            "weights": "none",
+            "device": "cpu",
+            "size": 64,
+            "batch_size": 8,
+            "workers": 0,
+            "amp": True,
+            "ema": True,
+            **settings,
+        },
+    )
     tr = build_trainer(cfg, setup("cpu", amp=True), RunLog(out, enabled=False))
     enter_phase(tr, 0)
     return tr
@@ -75,9 +89,11 @@ def test_the_counter_catches_what_it_is_for(sample_shards_jpeg, tmp_path):
     with host_syncs() as found:
         meter.mean_loss()  # reads the loss: a sync, on purpose, at the logging cadence only
         cocoshard.loading.augment._constants.clear()
-        TrainTransform(out_size=32, method="grid").apply(batch.images if batch.images is not None
-                                                         else torch.zeros((2, 64, 64, 3), dtype=torch.uint8),
-                                                         torch.full((2, 2), 64), generator=torch.Generator())
+        TrainTransform(out_size=32, method="grid").apply(
+            batch.images if batch.images is not None else torch.zeros((2, 64, 64, 3), dtype=torch.uint8),
+            torch.full((2, 2), 64),
+            generator=torch.Generator(),
+        )
     tr.train_loader.close()
     assert any(key.endswith(" item") and key.startswith("loop.py") for key in found), found
     assert any(key.startswith("augment.py") and key.endswith(" tensor") for key in found), found
@@ -99,13 +115,18 @@ def test_steady_state_training_steps_never_wait_for_the_device(sample_shards_jpe
     assert not found, f"host syncs in a training step: {dict(found)}"
 
 
-@pytest.mark.parametrize("transform", [
-    TrainTransform(out_size=48, dtype=torch.bfloat16, method="grid"),
-    EvalTransform(out_size=48, dtype=torch.bfloat16, method="grid"),
-])
+@pytest.mark.parametrize(
+    "transform",
+    [
+        TrainTransform(out_size=48, dtype=torch.bfloat16, method="grid"),
+        EvalTransform(out_size=48, dtype=torch.bfloat16, method="grid"),
+    ],
+)
 def test_the_device_transform_never_waits_for_the_device(sample_shards_jpeg, transform):
     """The "grid" resampler is what runs on CUDA: crops, flips and constants stay on the device."""
-    loader = build_loader(sample_shards_jpeg, "train", batch_size=8, device="cpu", train=True, seed=0, workers=0)
+    loader = build_loader(
+        sample_shards_jpeg, "train", batch_size=8, device="cpu", train=True, seed=0, workers=0
+    )
     batches = iter(loader)
     first = next(batches)
     generator = torch.Generator().manual_seed(0)

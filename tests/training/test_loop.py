@@ -27,10 +27,35 @@ from cocoshard.training.runlog import (
 )
 from cocoshard.training.runtime import setup
 
-CHECKPOINT_KEYS = {"model", "ema", "optimizer", "scaler", "scheduler", "epoch", "step", "rng", "config",
-                   "classes", "thresholds", "metrics", "versions"}
-TINY = ["--model", "cocoshard_tiny", "--device", "cpu", "--size", "64", "--batch-size", "16", "--workers", "0",
-        "--log-every", "2"]
+CHECKPOINT_KEYS = {
+    "model",
+    "ema",
+    "optimizer",
+    "scaler",
+    "scheduler",
+    "epoch",
+    "step",
+    "rng",
+    "config",
+    "classes",
+    "thresholds",
+    "metrics",
+    "versions",
+}
+TINY = [
+    "--model",
+    "cocoshard_tiny",
+    "--device",
+    "cpu",
+    "--size",
+    "64",
+    "--batch-size",
+    "16",
+    "--workers",
+    "0",
+    "--log-every",
+    "2",
+]
 
 
 def train(*args: str) -> int:
@@ -57,12 +82,29 @@ def records(run: Path) -> list[dict[str, Any]]:
 
 def test_a_few_steps_from_scratch_on_coco_sample(sample_shards_jpeg: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
-    assert train("--shards", str(sample_shards_jpeg), "--out", str(run), "--weights", "none", "--epochs", "2",
-                 "--max-steps", "3", *TINY) == 0
+    assert (
+        train(
+            "--shards",
+            str(sample_shards_jpeg),
+            "--out",
+            str(run),
+            "--weights",
+            "none",
+            "--epochs",
+            "2",
+            "--max-steps",
+            "3",
+            *TINY,
+        )
+        == 0
+    )
     (record,) = records(run)  # --max-steps 3 ends the run inside its first epoch
     assert record["step"] == 3 and record["epoch"] == 1
     assert 0 < record["data_wait_s"] < record["time_s"]  # the loader's share of the epoch (in-process here)
-    assert record["val"]["model"]["images"] == json.loads((sample_shards_jpeg / "manifest.json").read_text())["splits"]["val"]["samples"]
+    assert (
+        record["val"]["model"]["images"]
+        == json.loads((sample_shards_jpeg / "manifest.json").read_text())["splits"]["val"]["samples"]
+    )
     raw = torch.load(run / LAST, weights_only=True)  # the plain safe loader, nothing else
     assert CHECKPOINT_KEYS <= set(raw)
     assert raw["step"] == 3 and len(raw["thresholds"]) == NUM_CLASSES and len(raw["classes"]) == NUM_CLASSES
@@ -80,7 +122,18 @@ def test_local_weights_file_with_an_imagenet_head(sample_shards_jpeg: Path, tmp_
     weights = tmp_path / "resnet18-local.pth"
     torch.save(torchvision.models.resnet18(num_classes=1000).state_dict(), weights)
     run = tmp_path / "run"
-    args = [*TINY, "--model", "resnet18", "--weights", str(weights), "--epochs", "2", "--no-ema", "--size", "32"]
+    args = [
+        *TINY,
+        "--model",
+        "resnet18",
+        "--weights",
+        str(weights),
+        "--epochs",
+        "2",
+        "--no-ema",
+        "--size",
+        "32",
+    ]
     assert train("--shards", str(sample_shards_jpeg), "--out", str(run), *args) == 0
     first, second = records(run)
     assert first["frozen_backbone"] and not second["frozen_backbone"]  # pretrained: one head-only epoch
@@ -90,14 +143,27 @@ def test_local_weights_file_with_an_imagenet_head(sample_shards_jpeg: Path, tmp_
 
 
 @pytest.mark.parametrize("amp, channels_last", [(True, True), (False, False)])
-def test_bf16_autocast_and_channels_last_reach_the_model(sample_shards_jpeg: Path, tmp_path: Path, amp: bool,
-                                                         channels_last: bool) -> None:
+def test_bf16_autocast_and_channels_last_reach_the_model(
+    sample_shards_jpeg: Path, tmp_path: Path, amp: bool, channels_last: bool
+) -> None:
     from cocoshard.training.loop import OnlineMetrics, train_step
     from cocoshard.training.state import build_trainer, enter_phase
 
-    cfg = config.resolve(config.TrainConfig, {
-        "shards": str(sample_shards_jpeg), "out": str(tmp_path / "run"), "model": "cocoshard_tiny", "weights": "none",
-        "device": "cpu", "size": 64, "batch_size": 8, "workers": 0, "amp": amp, "channels_last": channels_last})
+    cfg = config.resolve(
+        config.TrainConfig,
+        {
+            "shards": str(sample_shards_jpeg),
+            "out": str(tmp_path / "run"),
+            "model": "cocoshard_tiny",
+            "weights": "none",
+            "device": "cpu",
+            "size": 64,
+            "batch_size": 8,
+            "workers": 0,
+            "amp": amp,
+            "channels_last": channels_last,
+        },
+    )
     tr = build_trainer(cfg, setup("cpu", amp=amp), RunLog(tmp_path / "run", enabled=False))
     enter_phase(tr, 0)
     seen: dict[str, Any] = {}
@@ -125,28 +191,58 @@ def _missing_shard(shards: Path, tmp_path: Path) -> Path:
     return copy
 
 
-@pytest.mark.parametrize("case, expected", [
-    ("unknown model", "unknown --model 'resnet81'"),
-    ("no manifest", "pack the data first"),
-    ("batch larger than split", "larger than the train split"),
-    ("resume without a run", "--resume: there is no"),
-    ("missing shard", "train-000001.tar"),
-])
-def test_config_errors_stop_before_any_work(sample_shards_jpeg: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
-                                            case: str, expected: str) -> None:
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("unknown model", "unknown --model 'resnet81'"),
+        ("no manifest", "pack the data first"),
+        ("batch larger than split", "larger than the train split"),
+        ("resume without a run", "--resume: there is no"),
+        ("missing shard", "train-000001.tar"),
+    ],
+)
+def test_config_errors_stop_before_any_work(
+    sample_shards_jpeg: Path, tmp_path: Path, capsys: pytest.CaptureFixture, case: str, expected: str
+) -> None:
     run = tmp_path / "run"
-    shards = {"no manifest": str(tmp_path), "missing shard": str(_missing_shard(sample_shards_jpeg, tmp_path))}
-    extra = {"unknown model": ["--model", "resnet81"], "batch larger than split": ["--batch-size", "5000"],
-             "resume without a run": ["--resume"]}
-    args = [*TINY, "--weights", "none", "--shards", shards.get(case, str(sample_shards_jpeg)), "--out", str(run)]
+    shards = {
+        "no manifest": str(tmp_path),
+        "missing shard": str(_missing_shard(sample_shards_jpeg, tmp_path)),
+    }
+    extra = {
+        "unknown model": ["--model", "resnet81"],
+        "batch larger than split": ["--batch-size", "5000"],
+        "resume without a run": ["--resume"],
+    }
+    args = [
+        *TINY,
+        "--weights",
+        "none",
+        "--shards",
+        shards.get(case, str(sample_shards_jpeg)),
+        "--out",
+        str(run),
+    ]
     assert train(*args, *extra.get(case, [])) == 2
     assert expected in error_text(capsys)
     assert not run.exists()  # nothing was written
 
 
-def test_a_finished_run_is_not_overwritten(sample_shards_jpeg: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_a_finished_run_is_not_overwritten(
+    sample_shards_jpeg: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     run = tmp_path / "run"
-    args = ["--shards", str(sample_shards_jpeg), "--out", str(run), "--weights", "none", "--max-steps", "1", *TINY]
+    args = [
+        "--shards",
+        str(sample_shards_jpeg),
+        "--out",
+        str(run),
+        "--weights",
+        "none",
+        "--max-steps",
+        "1",
+        *TINY,
+    ]
     assert train(*args) == 0
     before = (run / LAST).read_bytes()
     assert train(*args) == 2
@@ -154,8 +250,9 @@ def test_a_finished_run_is_not_overwritten(sample_shards_jpeg: Path, tmp_path: P
     assert (run / LAST).read_bytes() == before
 
 
-def test_a_last_pt_that_would_run_code_is_refused(sample_shards_jpeg: Path, tmp_path: Path,
-                                                  capsys: pytest.CaptureFixture) -> None:
+def test_a_last_pt_that_would_run_code_is_refused(
+    sample_shards_jpeg: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     run = tmp_path / "run"
     run.mkdir()
     marker = tmp_path / "ran"
@@ -182,10 +279,21 @@ def _flip_a_byte(shards: Path, tmp_path: Path) -> tuple[Path, str]:
     return copy, victim.name
 
 
-def test_a_damaged_shard_stops_training_with_its_name(sample_shards_jpeg: Path, tmp_path: Path,
-                                                      capsys: pytest.CaptureFixture) -> None:
+def test_a_damaged_shard_stops_training_with_its_name(
+    sample_shards_jpeg: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     shards, name = _flip_a_byte(sample_shards_jpeg, tmp_path)
-    args = ["--shards", str(shards), "--out", str(tmp_path / "run"), "--weights", "none", "--epochs", "1", *TINY]
+    args = [
+        "--shards",
+        str(shards),
+        "--out",
+        str(tmp_path / "run"),
+        "--weights",
+        "none",
+        "--epochs",
+        "1",
+        *TINY,
+    ]
     assert train(*args) == 2
     assert name in error_text(capsys)
 
@@ -193,7 +301,18 @@ def test_a_damaged_shard_stops_training_with_its_name(sample_shards_jpeg: Path, 
 def test_skip_bad_samples_skips_and_counts_them(sample_shards_jpeg: Path, tmp_path: Path) -> None:
     shards, _ = _flip_a_byte(sample_shards_jpeg, tmp_path)
     run = tmp_path / "run"
-    args = ["--shards", str(shards), "--out", str(run), "--weights", "none", "--epochs", "1", "--skip-bad-samples", *TINY]
+    args = [
+        "--shards",
+        str(shards),
+        "--out",
+        str(run),
+        "--weights",
+        "none",
+        "--epochs",
+        "1",
+        "--skip-bad-samples",
+        *TINY,
+    ]
     assert train(*args) == 0
     (record,) = records(run)
     assert record["skipped_samples"] > 0
@@ -213,19 +332,55 @@ def learnable_shards(tmp_path_factory: pytest.TempPathFactory, pack_dir: Any) ->
     from cocoshard.prepare.synth import write_synthetic
 
     root = tmp_path_factory.mktemp("learnable")
-    write_synthetic(SynthConfig(out=str(root / 'data'), train=LEARN_IMAGES, test=0, seed=1, size=LEARN_SIZE, workers=2, clutter=0.0, tail=0.0, min_scale=0.25))
+    write_synthetic(
+        SynthConfig(
+            out=str(root / "data"),
+            train=LEARN_IMAGES,
+            test=0,
+            seed=1,
+            size=LEARN_SIZE,
+            workers=2,
+            clutter=0.0,
+            tail=0.0,
+            min_scale=0.25,
+        )
+    )
     return pack_dir(root / "data", root / "shards", format="raw", size=LEARN_SIZE, shard_samples=256)
 
 
 @pytest.mark.slow
 def test_a_short_synthetic_run_learns(learnable_shards: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
-    args = ["--shards", str(learnable_shards), "--out", str(run), "--model", "cocoshard_tiny", "--weights", "none",
-            "--device", "cpu", "--size", str(LEARN_SIZE), "--epochs", "10", "--batch-size", "64", "--lr", "3e-3",
-            "--crop-scale-min", "0.6", "--workers", "0", "--log-every", "10",
-            # from scratch on little data BCE learns faster than ASL, whose margin and focusing leave
-            # the many easy negatives without gradient while the features are still random
-            "--loss", "bce"]
+    args = [
+        "--shards",
+        str(learnable_shards),
+        "--out",
+        str(run),
+        "--model",
+        "cocoshard_tiny",
+        "--weights",
+        "none",
+        "--device",
+        "cpu",
+        "--size",
+        str(LEARN_SIZE),
+        "--epochs",
+        "10",
+        "--batch-size",
+        "64",
+        "--lr",
+        "3e-3",
+        "--crop-scale-min",
+        "0.6",
+        "--workers",
+        "0",
+        "--log-every",
+        "10",
+        # from scratch on little data BCE learns faster than ASL, whose margin and focusing leave
+        # the many easy negatives without gradient while the features are still random
+        "--loss",
+        "bce",
+    ]
     assert train(*args) == 0
     history = records(run)
     best = next(r for r in history if r["epoch"] == history[-1]["best_epoch"])
@@ -244,22 +399,57 @@ def test_a_short_synthetic_run_learns(learnable_shards: Path, tmp_path: Path) ->
 # ----------------------------------------------------------------------------------- kill -9, resume
 
 
-RESUME_ARGS = ["--model", "cocoshard_tiny", "--device", "cpu", "--size", "64", "--batch-size", "32", "--workers", "0",
-               "--weights", "none", "--epochs", "3", "--log-every", "1", "--seed", "3"]
+RESUME_ARGS = [
+    "--model",
+    "cocoshard_tiny",
+    "--device",
+    "cpu",
+    "--size",
+    "64",
+    "--batch-size",
+    "32",
+    "--workers",
+    "0",
+    "--weights",
+    "none",
+    "--epochs",
+    "3",
+    "--log-every",
+    "1",
+    "--seed",
+    "3",
+]
 
 
 def _start(shards: Path, run: Path, *extra: str) -> subprocess.Popen:
     env = {**os.environ, "COLUMNS": "200"}
-    return subprocess.Popen([sys.executable, "-m", "cocoshard", "train", "--shards", str(shards), "--out", str(run),
-                             *RESUME_ARGS, *extra], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "cocoshard",
+            "train",
+            "--shards",
+            str(shards),
+            "--out",
+            str(run),
+            *RESUME_ARGS,
+            *extra,
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
 
 
 def _wait_for(condition: Any, process: subprocess.Popen, timeout: float = 120.0, poll: float = 0.002) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         if process.poll() is not None:
-            raise AssertionError(f"training ended (rc {process.returncode}) before the moment to kill it: "
-                                 f"{process.stderr.read().decode()[-2000:]}")
+            raise AssertionError(
+                f"training ended (rc {process.returncode}) before the moment to kill it: "
+                f"{process.stderr.read().decode()[-2000:]}"
+            )
         if time.monotonic() > deadline:
             process.kill()
             raise AssertionError("timed out waiting for the moment to kill training")
@@ -292,8 +482,9 @@ def uninterrupted(synth_shards_raw: Path, tmp_path_factory: pytest.TempPathFacto
 
 
 @pytest.mark.slow
-def test_kill_mid_epoch_then_resume_ends_like_an_uninterrupted_run(synth_shards_raw: Path, tmp_path: Path,
-                                                                   uninterrupted: dict[str, Any]) -> None:
+def test_kill_mid_epoch_then_resume_ends_like_an_uninterrupted_run(
+    synth_shards_raw: Path, tmp_path: Path, uninterrupted: dict[str, Any]
+) -> None:
     run = tmp_path / "run"
     process = _start(synth_shards_raw, run)
     _wait_for(lambda: (run / LAST).is_file(), process)  # epoch 1 is saved; epoch 2 is under way
@@ -306,15 +497,18 @@ def test_kill_mid_epoch_then_resume_ends_like_an_uninterrupted_run(synth_shards_
 
 
 @pytest.mark.slow
-def test_kill_during_a_checkpoint_write_leaves_a_loadable_last_pt(synth_shards_raw: Path, tmp_path: Path,
-                                                                  uninterrupted: dict[str, Any]) -> None:
+def test_kill_during_a_checkpoint_write_leaves_a_loadable_last_pt(
+    synth_shards_raw: Path, tmp_path: Path, uninterrupted: dict[str, Any]
+) -> None:
     from cocoshard.atomic import TMP_PREFIX
 
     run = tmp_path / "run"
     process = _start(synth_shards_raw, run)
     _wait_for(lambda: _epochs_logged(run) >= 2, process)
     # epoch 2 is logged and its last.pt is being written (or just was): kill on the temporary file
-    _wait_for(lambda: any(run.glob(TMP_PREFIX + LAST + "*")) or load_checkpoint(run / LAST)["epoch"] == 2, process)
+    _wait_for(
+        lambda: any(run.glob(TMP_PREFIX + LAST + "*")) or load_checkpoint(run / LAST)["epoch"] == 2, process
+    )
     _kill(process)
     assert load_checkpoint(run / LAST)["epoch"] in (1, 2)
     assert train("--shards", str(synth_shards_raw), "--out", str(run), *RESUME_ARGS, "--resume") == 0
@@ -329,15 +523,39 @@ def test_kill_during_a_checkpoint_write_leaves_a_loadable_last_pt(synth_shards_r
 @pytest.mark.slow
 def test_torchrun_two_gloo_processes_run_equal_steps(sample_shards_jpeg: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               "-m", "cocoshard", "train", "--shards", str(sample_shards_jpeg), "--out", str(run), *TINY,
-               "--batch-size", "8", "--weights", "none", "--epochs", "2", "--freeze-epochs", "1"]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "200"})
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "cocoshard",
+        "train",
+        "--shards",
+        str(sample_shards_jpeg),
+        "--out",
+        str(run),
+        *TINY,
+        "--batch-size",
+        "8",
+        "--weights",
+        "none",
+        "--epochs",
+        "2",
+        "--freeze-epochs",
+        "1",
+    ]
+    done = subprocess.run(
+        command, capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "200"}
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     manifest = json.loads((sample_shards_jpeg / "manifest.json").read_text())
     first, second = records(run)
     for record in (first, second):
         assert len(record["steps_per_rank"]) == 2 and len(set(record["steps_per_rank"])) == 1
-        assert record["val"]["model"]["images"] == manifest["splits"]["val"]["samples"]  # every rank's share gathered
+        assert (
+            record["val"]["model"]["images"] == manifest["splits"]["val"]["samples"]
+        )  # every rank's share gathered
     assert second["step"] == 2 * first["step"] == 2 * first["steps_per_rank"][0]
     assert load_checkpoint(run / LAST)["epoch"] == 2

@@ -8,7 +8,9 @@ import torch
 from cocoshard.training.loss import AsymmetricLoss, MultiLabelBCE, build_loss
 
 
-def _reference_asl(logits: torch.Tensor, targets: torch.Tensor, gamma_neg: float, gamma_pos: float, clip: float) -> torch.Tensor:
+def _reference_asl(
+    logits: torch.Tensor, targets: torch.Tensor, gamma_neg: float, gamma_pos: float, clip: float
+) -> torch.Tensor:
     """The paper's formula written out term by term in float64."""
     p = torch.sigmoid(logits.double())
     p_m = (p - clip).clamp(min=0) if clip > 0 else p  # shifted probability of the negatives
@@ -29,7 +31,9 @@ def test_asl_matches_the_paper(gammas: tuple[float, float, float]) -> None:
 def test_asl_without_focusing_or_margin_is_bce() -> None:
     logits = torch.randn(8, 80)
     targets = (torch.rand(8, 80) < 0.2).float()
-    assert torch.allclose(AsymmetricLoss(0.0, 0.0, 0.0)(logits, targets), MultiLabelBCE()(logits, targets), rtol=1e-5)
+    assert torch.allclose(
+        AsymmetricLoss(0.0, 0.0, 0.0)(logits, targets), MultiLabelBCE()(logits, targets), rtol=1e-5
+    )
 
 
 def test_asl_ignores_easy_negatives_and_keeps_positives() -> None:

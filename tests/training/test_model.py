@@ -23,8 +23,17 @@ from cocoshard.training.model import (
     set_train_mode,
 )
 
-REQUIRED = ["resnet18", "resnet50", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0",
-            "convnext_tiny", "regnet_y_1_6gf", "maxvit_t", "cocoshard_tiny"]
+REQUIRED = [
+    "resnet18",
+    "resnet50",
+    "mobilenet_v3_small",
+    "mobilenet_v3_large",
+    "efficientnet_b0",
+    "convnext_tiny",
+    "regnet_y_1_6gf",
+    "maxvit_t",
+    "cocoshard_tiny",
+]
 
 
 @pytest.mark.parametrize("name", REQUIRED)
@@ -136,7 +145,9 @@ def test_weights_file_that_would_run_code_is_refused(tmp_path: Path) -> None:
     assert not marker.exists()
 
 
-def test_imagenet_offline_fails_at_once_naming_the_alternatives(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_imagenet_offline_fails_at_once_naming_the_alternatives(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     def offline(*args: object, **kwargs: object) -> None:
         raise OSError("Network is unreachable")
 

@@ -24,7 +24,9 @@ def test_groups_split_head_from_backbone_and_spare_norms_and_biases_from_decay()
     assert groups["head"]["lr"] == 1e-3 and groups["backbone"]["lr"] == pytest.approx(1e-4)
     assert groups["backbone"]["weight_decay"] == 0.05 and groups["backbone_no_decay"]["weight_decay"] == 0.0
     assert all(p.ndim == 1 for p in groups["backbone_no_decay"]["params"])  # BN weights/biases
-    assert groups["head"]["params"] == [model.fc.weight] and groups["head_no_decay"]["params"] == [model.fc.bias]
+    assert groups["head"]["params"] == [model.fc.weight] and groups["head_no_decay"]["params"] == [
+        model.fc.bias
+    ]
     assert sum(len(g["params"]) for g in groups.values()) == len(list(model.parameters()))
 
 
@@ -68,7 +70,10 @@ def test_scheduler_state_is_weights_only_loadable_and_resumes(schedule: str) -> 
     optimizer2, scheduler2 = fresh()
     optimizer2.load_state_dict(saved["optimizer"])
     scheduler2.load_state_dict(saved["scheduler"])
-    optimizer.step(); scheduler.step(); optimizer2.step(); scheduler2.step()  # noqa: E702
+    optimizer.step()
+    scheduler.step()
+    optimizer2.step()
+    scheduler2.step()  # noqa: E702
     assert [g["lr"] for g in optimizer.param_groups] == [g["lr"] for g in optimizer2.param_groups]
 
 
