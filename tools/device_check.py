@@ -1,6 +1,6 @@
 """The GPU check: what cocoshard does on one CUDA device, measured in one command (`tools/device-check`).
 
-    $ tools/device-check                       # ~6 minutes on one H100/H200
+    $ tools/device-check                       # sized for < 8 minutes on one H100/H200
     $ tools/device-check --out bench/results/device --no-peers
     $ tools/device-check --rehearse-on-cpu     # every step, tiny, on a CPU: proves the script runs
 
