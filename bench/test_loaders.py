@@ -7,7 +7,7 @@ What "training-ready" means and what each pipeline delivers: `bench/pipelines.py
 driven: `bench/peers/`. Every pipeline first runs one warm-up epoch (worker start, page cache,
 checksums, compilation); its first batch is checked. Then the pipelines take turns, one epoch each
 per round, so that a change in the machine's load hits all of them alike rather than whichever ran
-last; the median round is reported. Each pipeline's CPU time per image (this process, its threads
+last, each turn starting once the process tree is idle (`settle`); the median round is reported. Each pipeline's CPU time per image (this process, its threads
 and its worker processes) is reported too: on a machine other processes keep busy, images/s
 measures the share of the CPU a pipeline won as much as its efficiency, CPU time the work itself.
 """
@@ -58,6 +58,21 @@ def build_pipelines(
     return built
 
 
+def settle(limit_s: float = 3.0, window_s: float = 0.1) -> None:
+    """Wait until this process tree is idle (at most one 10 ms clock tick in `window_s`), at most `limit_s`.
+
+    Some pipelines keep working after their epoch ends (DALI prefetches its next batches: 0.2-0.6
+    CPU-seconds after each turn on the 2-core CPU); without this, that work would be charged to
+    whichever pipeline runs next.
+    """
+    deadline = time.perf_counter() + limit_s
+    while time.perf_counter() < deadline:
+        before = process_tree_cpu_seconds()
+        time.sleep(window_s)
+        if process_tree_cpu_seconds() - before < 0.015:
+            return
+
+
 def interleaved_rates(
     pipelines: list[Pipeline], data: BenchData, rounds: int, size: int, batch: int, device: torch.device
 ) -> tuple[dict[str, list[float]], dict[str, float]]:
@@ -73,6 +88,7 @@ def interleaved_rates(
     images = {p.name: 0 for p in pipelines}
     for epoch in range(1, rounds + 1):
         for pipeline in pipelines:
+            settle()
             start, cpu_start = time.perf_counter(), process_tree_cpu_seconds()
             count = sum(inputs.shape[0] for inputs, _, _ in pipeline.epoch(epoch))
             if device.type == "cuda":

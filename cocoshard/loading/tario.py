@@ -22,6 +22,7 @@ import re
 import stat
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from cocoshard.errors import UserError
@@ -156,20 +157,19 @@ def _name(header: bytes) -> str:
     return name.decode("utf-8", "replace")
 
 
-def tar_members(data: bytes, url: str, check_headers: bool = True) -> list[tuple[str, memoryview]]:
-    """(name, bytes) of every regular file in a tar held in memory, in order; views, no copies.
+def tar_spans(data: bytes, url: str, check_headers: bool = True) -> list[tuple[str, int, int]]:
+    """(name, start, end) of every regular file in a tar held in memory, in order.
 
     `check_headers=False` skips the per-header checksums: for data whose sha256 already matched.
     """
-    view = memoryview(data)
-    members: list[tuple[str, memoryview]] = []
+    spans: list[tuple[str, int, int]] = []
     offset, end = 0, len(data)
     long_name: str | None = None
     pax_size: int | None = None
     while offset + BLOCK <= end:
         header = data[offset : offset + BLOCK]
         if header.count(0) == BLOCK:
-            return members
+            return spans
         if check_headers:
             _check_header(header, url, offset)
         size = _octal(header[124:136], url, offset)
@@ -181,36 +181,83 @@ def tar_members(data: bytes, url: str, check_headers: bool = True) -> list[tuple
             raise BadShard(
                 f"shard {url} is truncated: a member at byte {offset} needs {size} bytes, the file ends first"
             )
-        payload = view[start : start + size]
         if kind == _PAX_NEXT:
-            long_name, pax_size = _pax_path(bytes(payload), url)
+            long_name, pax_size = _pax_path(bytes(data[start : start + size]), url)
         elif kind == _GNU_LONGNAME:
-            long_name = bytes(payload).split(b"\0", 1)[0].decode("utf-8", "replace")
+            long_name = bytes(data[start : start + size]).split(b"\0", 1)[0].decode("utf-8", "replace")
         elif kind not in (_PAX_GLOBAL, _GNU_LONGLINK):
             if kind in _REGULAR:
-                members.append((long_name or _name(header), payload))
+                spans.append((long_name or _name(header), start, start + size))
             long_name, pax_size = None, None
         offset = start + (size + BLOCK - 1) // BLOCK * BLOCK
     if offset != end:
         raise BadShard(f"shard {url} is truncated: it ends inside a tar header at byte {offset}")
-    return members
+    return spans
 
 
-def group_samples(members: list[tuple[str, memoryview]], url: str) -> list[Sample]:
+class ShardIndex(NamedTuple):
+    """Where each sample's members lie in a shard: what parsing its tar headers found, compactly.
+
+    A loader worker reads each of its shards once per epoch; keeping the index (about 100 bytes
+    per sample) spares it the header parsing from the second epoch on (~13 ms per 800-sample shard,
+    which sits before the epoch's first batch).
+    """
+
+    keys: list[str]
+    exts: list[tuple[str, ...]]  # the member extensions of each sample (one shared tuple per pattern)
+    bounds: np.ndarray  # int64 (members, 2): start and end of each member, samples in order
+
+    def samples(self, data: bytes | mmap.mmap) -> list[Sample]:
+        view, bounds, out = memoryview(data), self.bounds.tolist(), []
+        row = 0
+        for key, exts in zip(self.keys, self.exts):
+            members = {}
+            for ext in exts:
+                start, end = bounds[row]
+                members[ext] = view[start:end]
+                row += 1
+            out.append(Sample(key, members))
+        return out
+
+
+def index_samples(spans: list[tuple[str, int, int]], url: str) -> ShardIndex:
     """Consecutive members sharing a key make one sample (WebDataset's grouping rule)."""
-    samples: list[Sample] = []
-    for name, payload in members:
+    keys: list[str] = []
+    exts: list[tuple[str, ...]] = []
+    bounds: list[tuple[int, int]] = []
+    patterns: dict[tuple[str, ...], tuple[str, ...]] = {}
+    current: list[str] = []
+
+    def close_sample() -> None:
+        if keys:
+            pattern = tuple(current)
+            exts.append(patterns.setdefault(pattern, pattern))
+
+    for name, start, end in spans:
         match = _KEY_EXT.match(name)
         if match is None:
             continue  # a member without an extension belongs to no sample
         key, ext = match.group(1), match.group(2)
-        if samples and samples[-1].key == key:
-            if ext in samples[-1].members:
+        if keys and keys[-1] == key:
+            if ext in current:
                 raise BadShard(f"shard {url} holds {key}.{ext} twice in one sample")
-            samples[-1].members[ext] = payload
+            current.append(ext)
         else:
-            samples.append(Sample(key, {ext: payload}))
-    return samples
+            close_sample()
+            keys.append(key)
+            current = [ext]
+        bounds.append((start, end))
+    close_sample()
+    return ShardIndex(keys, exts, np.array(bounds, dtype=np.int64).reshape(-1, 2))
+
+
+def parse_samples(data: bytes | mmap.mmap, url: str, check_headers: bool = True) -> list[Sample]:
+    """The samples of a tar held in memory, members as zero-copy views (no cache)."""
+    return index_samples(tar_spans(data, url, check_headers), url).samples(data)
+
+
+# Shard indexes this process parsed: url -> (file version, index). Kept for local files only.
+_indexes: dict[str, tuple[int, ShardIndex]] = {}
 
 
 def read_samples(
@@ -235,7 +282,14 @@ def read_samples(
                 checks.confirm(index, stamp)
             else:
                 _confirmed_here[url] = stamp
-    samples = group_samples(tar_members(data, url, check_headers=not sha256), url)
+    known = _indexes.get(url)
+    if known is not None and known[0] == stamp:
+        shard_index = known[1]
+    else:
+        shard_index = index_samples(tar_spans(data, url, check_headers=not sha256), url)
+        if not is_url(url):
+            _indexes[url] = (stamp, shard_index)
+    samples = shard_index.samples(data)
     if expected_samples is not None and len(samples) != expected_samples:
         raise BadShard(f"shard {url} holds {len(samples)} samples, the manifest says {expected_samples}")
     return samples
@@ -243,4 +297,4 @@ def read_samples(
 
 def shard_keys(url: str) -> list[str]:
     """The sample keys of a shard in order, from its tar headers alone (no checksum, no payload read)."""
-    return [sample.key for sample in group_samples(tar_members(open_shard(url).data, url), url)]
+    return index_samples(tar_spans(open_shard(url).data, url), url).keys

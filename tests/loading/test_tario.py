@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import tarfile
 
 import pytest
@@ -11,9 +12,9 @@ import pytest
 from cocoshard.loading.tario import (
     BadShard,
     check_sha256,
-    group_samples,
+    parse_samples,
     read_samples,
-    tar_members,
+    tar_spans,
 )
 
 
@@ -35,7 +36,7 @@ def test_parser_agrees_with_tarfile_on_long_and_unicode_names(fmt):
         names[3] = "plain.rgb"
     members = [(name, bytes([i]) * (i * 700)) for i, name in enumerate(names)]
     data = make_tar(members, fmt)
-    parsed = [(name, bytes(view)) for name, view in tar_members(data, "x.tar")]
+    parsed = [(name, data[start:end]) for name, start, end in tar_spans(data, "x.tar")]
     with tarfile.open(fileobj=io.BytesIO(data)) as tar:
         reference = [(m.name, tar.extractfile(m).read()) for m in tar if m.isfile()]
     assert parsed == reference == members
@@ -43,19 +44,19 @@ def test_parser_agrees_with_tarfile_on_long_and_unicode_names(fmt):
 
 def test_samples_group_consecutive_members_by_key():
     data = make_tar([("a.jpg", b"1"), ("a.hw", b"2"), ("b.jpg", b"3"), ("dir/c.x.y", b"4"), ("noext", b"5")])
-    samples = group_samples(tar_members(data, "x.tar"), "x.tar")
+    samples = parse_samples(data, "x.tar")
     assert [(s.key, sorted(s.members)) for s in samples] == [
         ("a", ["hw", "jpg"]),
         ("b", ["jpg"]),
         ("dir/c", ["x.y"]),
     ]
     with pytest.raises(BadShard, match="holds a.jpg twice"):
-        group_samples(tar_members(make_tar([("a.jpg", b"1"), ("a.jpg", b"2")]), "x.tar"), "x.tar")
+        parse_samples(make_tar([("a.jpg", b"1"), ("a.jpg", b"2")]), "x.tar")
 
 
 def test_hostile_member_names_are_only_keys():
     data = make_tar([("/etc/passwd.jpg", b"1"), ("../../evil.jpg", b"2")])
-    assert [s.key for s in group_samples(tar_members(data, "x.tar"), "x.tar")] == [
+    assert [s.key for s in parse_samples(data, "x.tar")] == [
         "/etc/passwd",
         "../../evil",
     ]
@@ -65,11 +66,11 @@ def test_damaged_header_and_truncation_are_named():
     data = bytearray(make_tar([("a.jpg", b"x" * 3000), ("b.jpg", b"y" * 10)]))
     flipped = bytes(data[:5] + bytes([data[5] ^ 1]) + data[6:])
     with pytest.raises(BadShard, match="s.tar has a damaged tar header at byte 0"):
-        tar_members(flipped, "s.tar")
+        tar_spans(flipped, "s.tar")
     with pytest.raises(BadShard, match="s.tar is truncated"):
-        tar_members(bytes(data[:2000]), "s.tar")
+        tar_spans(bytes(data[:2000]), "s.tar")
     with pytest.raises(BadShard, match="ends inside a tar header"):
-        tar_members(bytes(data[: 512 * 7 + 100]), "s.tar")
+        tar_spans(bytes(data[: 512 * 7 + 100]), "s.tar")
 
 
 def test_read_samples_checks_hash_and_count(tmp_path):
@@ -84,3 +85,23 @@ def test_read_samples_checks_hash_and_count(tmp_path):
         check_sha256(str(path), data + b"\0", digest)
     with pytest.raises(BadShard, match="cannot read shard .*missing.tar"):
         read_samples(str(tmp_path / "missing.tar"))
+
+
+def test_a_shard_index_is_reused_until_the_file_changes(tmp_path):
+    path = tmp_path / "s.tar"
+    path.write_bytes(make_tar([("a.jpg", b"1"), ("a.cls", b"0"), ("b.jpg", b"2")]))
+    first = read_samples(str(path))
+    again = read_samples(str(path))
+    assert [(s.key, {k: bytes(v) for k, v in s.members.items()}) for s in again] == [
+        ("a", {"jpg": b"1", "cls": b"0"}),
+        ("b", {"jpg": b"2"}),
+    ]
+    assert [s.key for s in first] == [s.key for s in again]
+    # Rewritten in place (a new size and time): parsed afresh, never read through the old offsets.
+    path.write_bytes(make_tar([("c.jpg", b"33"), ("d.jpg", b"4"), ("d.cls", b"1"), ("e.jpg", b"5")]))
+    os.utime(path, ns=(1, 1))
+    assert [(s.key, sorted(s.members)) for s in read_samples(str(path))] == [
+        ("c", ["jpg"]),
+        ("d", ["cls", "jpg"]),
+        ("e", ["jpg"]),
+    ]
