@@ -9,8 +9,10 @@ reads (a 120 MB raw shard read whole took a quarter of a short epoch), and the p
 shared by all workers. A URL is read whole. The bytes are checked against the manifest's sha256
 once per file version, for all workers of a loader (`ShardChecks`), and indexed by a tar header
 parser that hands out zero-copy views of the members: Python's `tarfile` costs ~15 µs per member,
-this parser ~1 µs. Nothing is ever extracted: member names are only split into key and extension,
-so absolute or `..` paths cannot touch the filesystem.
+this parser ~1 µs, and each process keeps the index it found per file version (`ShardIndex`), so
+a worker that reads its shards every epoch parses their headers once. Nothing is ever extracted:
+member names are only split into key and extension, so absolute or `..` paths cannot touch the
+filesystem.
 """
 
 from __future__ import annotations
