@@ -7,9 +7,10 @@ What "training-ready" means and what each pipeline delivers: `bench/pipelines.py
 driven: `bench/peers/`. Every pipeline first runs one warm-up epoch (worker start, page cache,
 checksums, compilation); its first batch is checked. Then the pipelines take turns, one epoch each
 per round, so that a change in the machine's load hits all of them alike rather than whichever ran
-last, each turn starting once the process tree is idle (`settle`); the median round is reported. Each pipeline's CPU time per image (this process, its threads
-and its worker processes) is reported too: on a machine other processes keep busy, images/s
-measures the share of the CPU a pipeline won as much as its efficiency, CPU time the work itself.
+last, each turn starting once the process tree is idle (`settle`); the median round is reported.
+Each pipeline's CPU time per image (this process, its threads and its worker processes) is reported
+too: on a machine other processes keep busy, images/s measures the share of the CPU a pipeline won
+as much as its efficiency, CPU time the work itself.
 """
 
 from __future__ import annotations

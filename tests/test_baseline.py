@@ -15,7 +15,7 @@ from bench.baseline import (
     folder_train_transform,
 )
 from cocoshard.errors import UserError
-from cocoshard.loading.augment import IMAGENET_MEAN, IMAGENET_STD
+from cocoshard.loading.resample import IMAGENET_MEAN, IMAGENET_STD
 
 
 def test_one_sample_per_label_file_with_its_labels(coco_sample):

@@ -88,7 +88,7 @@ def test_the_counter_catches_what_it_is_for(sample_shards_jpeg, tmp_path):
     train_step(tr, batch, meter)
     with host_syncs() as found:
         meter.mean_loss()  # reads the loss: a sync, on purpose, at the logging cadence only
-        cocoshard.loading.augment._constants.clear()
+        cocoshard.loading.resample._constants.clear()
         TrainTransform(out_size=32, method="grid").apply(
             batch.images if batch.images is not None else torch.zeros((2, 64, 64, 3), dtype=torch.uint8),
             torch.full((2, 2), 64),
@@ -96,7 +96,7 @@ def test_the_counter_catches_what_it_is_for(sample_shards_jpeg, tmp_path):
         )
     tr.train_loader.close()
     assert any(key.endswith(" item") and key.startswith("loop.py") for key in found), found
-    assert any(key.startswith("augment.py") and key.endswith(" tensor") for key in found), found
+    assert any(key.startswith("resample.py") and key.endswith(" tensor") for key in found), found
 
 
 @pytest.mark.parametrize("ema", [True, False])
