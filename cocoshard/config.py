@@ -449,7 +449,7 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     """Read a TOML or JSON file of overrides (keys may use - or _)."""
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"config file {p} does not exist")
+        raise ConfigError(f"config file {p} {'is not a regular file' if p.exists() else 'does not exist'}")
     try:
         if p.suffix == ".json":
             data = json.loads(p.read_text())

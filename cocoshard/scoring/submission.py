@@ -36,6 +36,10 @@ from cocoshard import NUM_CLASSES
 from cocoshard.atomic import atomic_write_text
 from cocoshard.errors import UserError
 from cocoshard.prepare.format import key_problem
+from cocoshard.prepare.sources import InputError, read_input
+
+# The challenge's submission (~5,000 images) is ~150 KB; a file far larger is not one.
+SUBMISSION_LIMIT = 64 * 1024 * 1024
 
 MAX_REPORTED = 10  # problems listed in one error message; the rest are counted
 
@@ -129,12 +133,20 @@ def parse_submission_text(text: str, source: str = "predictions") -> Any:
 
 
 def read_submission_json(path: str | os.PathLike) -> Any:
-    """Read and strictly parse a submission file (not yet checked: see `validate_submission`)."""
+    """Read and strictly parse a submission file (not yet checked: see `validate_submission`).
+
+    Only a regular file of at most SUBMISSION_LIMIT bytes is read (a pipe would block, a device
+    or a huge file would fill memory).
+    """
     file = Path(path)
-    if not file.is_file():
+    if not file.exists():
         raise UserError(f"{file}: no such file")
     try:
-        text = file.read_bytes().decode("utf-8")
+        data = read_input(file, SUBMISSION_LIMIT)
+    except InputError as exc:
+        raise UserError(f"{file}: {exc}") from None
+    try:
+        text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise UserError(f"{file}: not UTF-8 text ({exc})") from exc
     return parse_submission_text(text, str(file))

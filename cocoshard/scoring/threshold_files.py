@@ -19,6 +19,9 @@ import numpy as np
 from cocoshard import NUM_CLASSES
 from cocoshard.atomic import atomic_write_text
 from cocoshard.errors import UserError
+from cocoshard.prepare.sources import InputError, read_input
+
+THRESHOLDS_LIMIT = 1024 * 1024  # bytes: 80 numbers and a few lines about them need ~3 KB
 
 
 def check_thresholds(values: Any, source: str) -> np.ndarray:
@@ -39,8 +42,8 @@ def read_thresholds_file(path: str | os.PathLike) -> np.ndarray:
     """The 80 thresholds of a thresholds file, checked."""
     file = Path(path)
     try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        data = json.loads(read_input(file, THRESHOLDS_LIMIT).decode("utf-8"))
+    except (InputError, ValueError, UnicodeDecodeError) as exc:
         raise UserError(f"--thresholds {file}: cannot be read as a thresholds JSON file ({exc})") from None
     if not isinstance(data, dict) or "thresholds" not in data:
         raise UserError(f"--thresholds {file}: not a thresholds file (no 'thresholds' list)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -148,6 +149,19 @@ def test_non_utf8_and_missing_files_are_user_errors(tmp_path: Path) -> None:
         sub.read_submission_json(path)
     with pytest.raises(UserError, match="no such file"):
         sub.read_submission_json(tmp_path / "absent.json")
+
+
+def test_only_a_regular_file_of_bounded_size_is_read(tmp_path: Path) -> None:
+    fifo = tmp_path / "pipe.json"
+    os.mkfifo(fifo)  # never written: reading it would block forever
+    for path in (Path("/dev/zero"), fifo, tmp_path):
+        with pytest.raises(UserError, match=f"{path}: not a regular file"):
+            sub.read_submission_json(path)
+    huge = tmp_path / "huge.json"
+    with open(huge, "wb") as handle:
+        handle.truncate(sub.SUBMISSION_LIMIT + 1)  # sparse: no disk used
+    with pytest.raises(UserError, match="huge.json: .* bytes, more than the"):
+        sub.read_submission_json(huge)
 
 
 def test_many_problems_are_counted_after_the_first_few() -> None:

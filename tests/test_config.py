@@ -1,0 +1,72 @@
+"""Settings: defaults, then a --config file (TOML or JSON), then flags; every value checked once."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cocoshard import config
+from cocoshard.errors import ConfigError
+
+
+def test_a_file_sets_what_flags_do_not(tmp_path: Path) -> None:
+    toml = tmp_path / "train.toml"
+    toml.write_text('model = "resnet18"\nepochs = 5\nbatch-size = 32\nlr = 1\n')
+    cfg = config.resolve(config.TrainConfig, {"epochs": 3}, str(toml))
+    assert (cfg.model, cfg.epochs, cfg.batch_size, cfg.lr) == ("resnet18", 3, 32, 1.0)
+    assert isinstance(cfg.lr, float)
+    as_json = tmp_path / "train.json"
+    as_json.write_text(json.dumps({"model": "resnet18", "epochs": 5}))
+    assert config.resolve(config.TrainConfig, {}, str(as_json)).epochs == 5
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("epoch = 5\n", "unknown setting 'epoch' in config file for TrainConfig"),
+        ('epochs = "5"\n', "epochs: expected int, got '5'"),
+        ("epochs = true\n", "epochs: expected int, got True"),
+        ('loss = "focal"\n', "loss: 'focal' is not one of"),
+        ("amp = 1\n", "amp: expected true or false, got 1"),
+        ("epochs = \n", "cannot be parsed"),
+    ],
+)
+def test_bad_settings_in_a_file_are_named(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "train.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        config.resolve(config.TrainConfig, {}, str(path))
+
+
+def test_a_file_that_is_not_a_settings_file_is_named(tmp_path: Path) -> None:
+    fifo = tmp_path / "pipe.toml"
+    os.mkfifo(fifo)  # never written: reading it would block forever
+    (tmp_path / "list.json").write_text("[1, 2]")
+    cases = {
+        tmp_path / "absent.toml": "does not exist",
+        tmp_path: "is not a regular file",
+        fifo: "is not a regular file",
+        tmp_path / "list.json": "must hold a table/object of settings",
+    }
+    for path, message in cases.items():
+        with pytest.raises(ConfigError, match=f"config file {path} {message}"):
+            config.read_config_file(path)
+
+
+def test_the_cli_reports_a_bad_config_file_in_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "synth.toml"
+    path.write_text("train = -3\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "cocoshard", "synth", "--config", str(path), "--out", str(tmp_path / "s")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode != 0
+    assert "train" in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert not (tmp_path / "s").exists()
