@@ -1,4 +1,5 @@
-"""The loader: exact epochs on every rank, shuffling, both modes, real shards, corrupted shards."""
+"""The loaders: exact epochs on every rank, shuffling, both modes, real shards, corrupted shards (the plan
+behind the epochs: test_plan.py)."""
 
 from __future__ import annotations
 
@@ -19,12 +20,6 @@ from PIL import Image
 
 from cocoshard.errors import UserError
 from cocoshard.loading.loader import build_loader
-from cocoshard.loading.plan import (
-    plan_epoch,
-    rank_batches,
-    segments_between,
-    shard_order,
-)
 from cocoshard.loading.tario import BadSample, BadShard
 from cocoshard.machine import usable_cores
 from cocoshard.prepare.format import FORMAT_VERSION, encode_labels, encode_pixels, shard_name
@@ -122,82 +117,6 @@ def _loader(location, split="train", **overrides):
 
 
 UNEVEN = [37, 5, 61, 1, 27]
-
-
-# ------------------------------------------------------------------------------ planning
-
-
-@pytest.mark.parametrize("world_size", [1, 2, 3])
-@pytest.mark.parametrize("counts,workers", [(UNEVEN, 2), (UNEVEN, 4), ([50, 33], 3), ([130], 4)])
-def test_plan_gives_every_rank_the_same_full_batches_without_overlap(world_size, counts, workers):
-    batch, total = 8, sum(counts)
-    seen: list[tuple[int, int]] = []
-    per_rank = set()
-    for rank in range(world_size):
-        plans = plan_epoch(
-            counts,
-            batch_size=batch,
-            seed=3,
-            epoch=1,
-            rank=rank,
-            world_size=world_size,
-            workers=workers,
-            train=True,
-        )
-        sizes = [s for plan in plans for s in plan.batch_sizes]
-        assert set(sizes) <= {batch}
-        per_rank.add(len(sizes))
-        for plan in plans:
-            taken = sum(seg.take for seg in plan.segments)
-            assert taken == sum(plan.batch_sizes)
-            seen += [(seg.shard, seg.skip + i) for seg in plan.segments for i in range(seg.take)]
-    assert len(per_rank) == 1
-    assert per_rank.pop() == (total // world_size) // batch
-    assert len(seen) == len(set(seen))
-    assert len(seen) >= total - world_size * (batch - 1) - (world_size - 1)
-
-
-@pytest.mark.parametrize("world_size,workers", [(1, 1), (1, 3), (2, 2), (3, 4)])
-def test_eval_plan_covers_every_sample_once_in_manifest_order(world_size, workers):
-    counts, batch = UNEVEN, 8
-    positions = []
-    for rank in range(world_size):
-        plans = plan_epoch(
-            counts,
-            batch_size=batch,
-            seed=0,
-            epoch=5,
-            rank=rank,
-            world_size=world_size,
-            workers=workers,
-            train=False,
-        )
-        # The DataLoader collects batches round-robin over workers: rebuild that order.
-        streams = [[(seg.shard, seg.skip + i) for seg in p.segments for i in range(seg.take)] for p in plans]
-        cursors = [0] * workers
-        for b in range(max(len(p.batch_sizes) for p in plans)):
-            for w, plan in enumerate(plans):
-                if b < len(plan.batch_sizes):
-                    positions += streams[w][cursors[w] : cursors[w] + plan.batch_sizes[b]]
-                    cursors[w] += plan.batch_sizes[b]
-    assert positions == [(s, i) for s, n in enumerate(counts) for i in range(n)]
-
-
-def test_shard_order_is_seeded_and_changes_with_the_epoch():
-    assert shard_order(20, seed=1, epoch=0, train=True) == shard_order(20, seed=1, epoch=0, train=True)
-    assert shard_order(20, seed=1, epoch=0, train=True) != shard_order(20, seed=1, epoch=1, train=True)
-    assert shard_order(20, seed=1, epoch=0, train=True) != shard_order(20, seed=2, epoch=0, train=True)
-    assert shard_order(20, seed=1, epoch=7, train=False) == list(range(20))
-
-
-def test_segments_and_rank_ranges_cut_the_sequence_exactly():
-    assert [tuple(s.__dict__.values()) for s in segments_between([2, 0, 1], [4, 6, 3], 2, 9)] == [
-        (2, 2, 1),
-        (0, 0, 4),
-        (1, 0, 2),
-    ]
-    assert rank_batches(103, batch_size=10, rank=1, world_size=3, train=False) == (35, [10, 10, 10, 4])
-    assert rank_batches(103, batch_size=10, rank=2, world_size=3, train=True) == (68, [10, 10, 10])
 
 
 # -------------------------------------------------------------------------- stream epochs
