@@ -21,10 +21,12 @@ from pathlib import Path
 from typing import Any, Literal, Optional, TypeVar
 
 from cocoshard.errors import ConfigError
+from cocoshard.input_files import InputError, read_input
 
 C = TypeVar("C")
 WORKERS_HELP = "worker processes (unset: automatic; 0: in this process)"
 RESUME_LAST = "auto"  # `--resume` without a path: OUT/last.pt
+CONFIG_LIMIT = 2**20  # bytes of a --config file: a few dozen settings need ~1 KB
 
 
 def opt(default: Any, help: str, **extra: Any) -> Any:
@@ -448,17 +450,20 @@ def _coerce(name: str, value: Any, kind: Any, const: Any = None) -> Any:
 def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     """Read a TOML or JSON file of overrides (keys may use - or _)."""
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file {p} {'is not a regular file' if p.exists() else 'does not exist'}")
+    if not p.exists():
+        raise ConfigError(f"config file {p} does not exist")
     try:
+        text = read_input(p, CONFIG_LIMIT).decode("utf-8")
         if p.suffix == ".json":
-            data = json.loads(p.read_text())
+            data = json.loads(text)
         else:
             try:
                 import tomllib
             except ModuleNotFoundError:  # Python 3.10
                 import tomli as tomllib
-            data = tomllib.loads(p.read_text())
+            data = tomllib.loads(text)
+    except InputError as exc:
+        raise ConfigError(f"config file {p}: {exc}") from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise ConfigError(f"config file {p} cannot be parsed: {exc}") from exc
     if not isinstance(data, dict):

@@ -2,8 +2,8 @@
 
 Layers, lowest first (docs/architecture.md has the table):
 
-    foundation   cocoshard (the class tuple), errors, atomic, folder_lock, machine, seeds, console, config,
-                 commands
+    foundation   cocoshard (the class tuple), errors, atomic, input_files, folder_lock, machine, seeds,
+                 console, config, commands
     pure         prepare.labels, prepare.format, prepare.split, loading.plan, scoring.metrics
     prepare      the rest of cocoshard.prepare
     loading      the rest of cocoshard.loading
@@ -29,6 +29,7 @@ FOUNDATION = {
     "cocoshard",
     "cocoshard.errors",
     "cocoshard.atomic",
+    "cocoshard.input_files",
     "cocoshard.folder_lock",
     "cocoshard.machine",
     "cocoshard.seeds",

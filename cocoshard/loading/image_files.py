@@ -26,12 +26,8 @@ from cocoshard.errors import UserError
 from cocoshard.loading.decode import check_pixel_count, decode_image_to_canvas, decoder_message
 from cocoshard.loading.tario import BadSample
 from cocoshard.prepare.pool import map_in_workers
-from cocoshard.prepare.sources import (
-    MAX_IMAGE_BYTES,
-    InputError,
-    read_input,
-    shown_path,
-)
+from cocoshard.input_files import InputError, read_input, shown_path
+from cocoshard.prepare.sources import MAX_IMAGE_BYTES
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 

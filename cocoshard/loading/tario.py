@@ -201,7 +201,7 @@ class ShardIndex(NamedTuple):
     """Where each sample's members lie in a shard: what parsing its tar headers found, compactly.
 
     A loader worker reads each of its shards once per epoch; keeping the index (about 100 bytes
-    per sample) spares it the header parsing from the second epoch on (~13 ms per 800-sample shard,
+    per sample) spares it the header parsing from the second epoch on (~10 ms per 800-sample shard,
     which sits before the epoch's first batch).
     """
 

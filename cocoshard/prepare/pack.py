@@ -53,15 +53,14 @@ from cocoshard.prepare.format import (
 from cocoshard.prepare.labels import multi_hot
 from cocoshard.prepare.manifest import MANIFEST, list_shard_files
 from cocoshard.prepare.pool import map_in_workers
+from cocoshard.input_files import InputError, read_input
 from cocoshard.prepare.sources import (
     MAX_IMAGE_BYTES,
     MAX_IMAGE_PIXELS,
-    InputError,
     Inventory,
     Sources,
     dataset_class_names,
     find_sources,
-    read_input,
     take_inventory,
 )
 from cocoshard.prepare.split import SPLIT_METHOD, stratified_split

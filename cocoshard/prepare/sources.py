@@ -9,21 +9,19 @@ Every file in those folders is an input: an image is recognised by its content w
 cannot be paired or parsed is rejected here with its reason; images without a `.cls` are not
 training samples (as in the challenge's Dataset) and are only counted.
 
-Inputs are untrusted: `read_input` reads only regular files (a symlink to one is fine), opened
-without blocking so that a named pipe cannot stall the run, and never more than a size bound, so
-that a link to /dev/zero cannot fill the memory. Anything else is rejected with its reason.
+Inputs are untrusted: each is read through `cocoshard.input_files.read_input` (regular files only,
+never more than a size bound); anything else is rejected with its reason.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from cocoshard import CLASSES, NUM_CLASSES
 from cocoshard.errors import UserError
+from cocoshard.input_files import InputError, read_input, shown_path
 from cocoshard.prepare.format import key_problem
 from cocoshard.prepare.labels import LabelError, parse_cls
 
@@ -40,38 +38,6 @@ SYNTHETIC_MARKER = "synthetic.json"  # written by cocoshard.prepare.synth, with 
 MAX_IMAGE_BYTES = 64 * 2**20
 MAX_LABEL_BYTES = 64 * 2**10
 MAX_IMAGE_PIXELS = 64 * 2**20
-
-
-class InputError(ValueError):
-    """An input file that cannot be read; the message is the reason recorded for it."""
-
-
-def shown_path(path: str | os.PathLike) -> str:
-    """A path as text that survives printing and JSON: bytes that are not UTF-8 appear as \\xNN."""
-    return os.fspath(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-
-
-def read_input(path: Path, limit: int) -> bytes:
-    """The bytes of a regular input file of at most `limit` bytes; InputError says why not."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-    except OSError as exc:
-        raise InputError(f"cannot be read: {exc.strerror}") from None
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise InputError("not a regular file (a pipe, device or socket is never an input)")
-        if info.st_size > limit:
-            raise InputError(f"{info.st_size:,} bytes, more than the {limit:,} an input may have")
-        with os.fdopen(os.dup(fd), "rb") as handle:
-            data = handle.read(limit + 1)
-    except OSError as exc:
-        raise InputError(f"cannot be read: {exc.strerror or exc}") from None
-    finally:
-        os.close(fd)
-    if len(data) > limit:  # grew while being read
-        raise InputError(f"more than the {limit:,} bytes an input may have")
-    return data
 
 
 @dataclass

@@ -30,7 +30,8 @@ from cocoshard.prepare.manifest import (
     shard_urls,
     split_shards,
 )
-from cocoshard.prepare.sources import LABEL_SUFFIX, MAX_LABEL_BYTES, InputError, read_input
+from cocoshard.input_files import InputError, read_input
+from cocoshard.prepare.sources import LABEL_SUFFIX, MAX_LABEL_BYTES
 
 
 def is_shard_folder(location: str | os.PathLike) -> bool:

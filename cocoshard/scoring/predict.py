@@ -40,7 +40,7 @@ from cocoshard.loading.image_files import check_image_folder, folder_batches
 from cocoshard.loading.loader import build_loader
 from cocoshard.machine import usable_cores
 from cocoshard.prepare.manifest import read_manifest, shards_identity
-from cocoshard.prepare.sources import shown_path
+from cocoshard.input_files import shown_path
 from cocoshard.scoring.metrics import predictions_from_scores
 from cocoshard.scoring.scores import Scores, file_sha256, save_scores
 from cocoshard.scoring.submission import (

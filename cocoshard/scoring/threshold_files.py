@@ -19,7 +19,7 @@ import numpy as np
 from cocoshard import NUM_CLASSES
 from cocoshard.atomic import atomic_write_text
 from cocoshard.errors import UserError
-from cocoshard.prepare.sources import InputError, read_input
+from cocoshard.input_files import InputError, read_input
 
 THRESHOLDS_LIMIT = 1024 * 1024  # bytes: 80 numbers and a few lines about them need ~3 KB
 

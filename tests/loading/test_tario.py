@@ -9,6 +9,7 @@ import tarfile
 
 import pytest
 
+from cocoshard.loading import tario
 from cocoshard.loading.tario import (
     BadShard,
     check_sha256,
@@ -43,7 +44,16 @@ def test_parser_agrees_with_tarfile_on_long_and_unicode_names(fmt):
 
 
 def test_samples_group_consecutive_members_by_key():
-    data = make_tar([("a.jpg", b"1"), ("a.hw", b"2"), ("b.jpg", b"3"), ("dir/c.x.y", b"4"), ("noext", b"5")])
+    data = make_tar(
+        [
+            ("a.jpg", b"1"),
+            ("README", b"x"),  # no extension: belongs to no sample, and does not end this one
+            ("a.hw", b"2"),
+            ("b.jpg", b"3"),
+            ("dir/c.x.y", b"4"),
+            ("noext", b"5"),
+        ]
+    )
     samples = parse_samples(data, "x.tar")
     assert [(s.key, sorted(s.members)) for s in samples] == [
         ("a", ["hw", "jpg"]),
@@ -87,21 +97,30 @@ def test_read_samples_checks_hash_and_count(tmp_path):
         read_samples(str(tmp_path / "missing.tar"))
 
 
-def test_a_shard_index_is_reused_until_the_file_changes(tmp_path):
+def test_a_shard_index_is_reused_until_the_file_changes(tmp_path, monkeypatch):
+    parsed = []
+    real = tario.tar_spans
+    monkeypatch.setattr(tario, "tar_spans", lambda *args, **kw: parsed.append(1) or real(*args, **kw))
     path = tmp_path / "s.tar"
     path.write_bytes(make_tar([("a.jpg", b"1"), ("a.cls", b"0"), ("b.jpg", b"2")]))
     first = read_samples(str(path))
     again = read_samples(str(path))
+    assert len(parsed) == 1  # the second read used the kept index
     assert [(s.key, {k: bytes(v) for k, v in s.members.items()}) for s in again] == [
         ("a", {"jpg": b"1", "cls": b"0"}),
         ("b", {"jpg": b"2"}),
     ]
     assert [s.key for s in first] == [s.key for s in again]
-    # Rewritten in place (a new size and time): parsed afresh, never read through the old offsets.
-    path.write_bytes(make_tar([("c.jpg", b"33"), ("d.jpg", b"4"), ("d.cls", b"1"), ("e.jpg", b"5")]))
-    os.utime(path, ns=(1, 1))
+    # Rewritten in place, at another size: parsed afresh, never read through the old offsets.
+    path.write_bytes(make_tar([("c.jpg", b"3" * 20_000), ("d.jpg", b"4"), ("d.cls", b"1"), ("e.jpg", b"5")]))
     assert [(s.key, sorted(s.members)) for s in read_samples(str(path))] == [
         ("c", ["jpg"]),
         ("d", ["cls", "jpg"]),
         ("e", ["jpg"]),
     ]
+    assert len(parsed) == 2
+    # Rewritten at the same size: its modification time alone makes it a new version.
+    path.write_bytes(make_tar([("f.jpg", b"6" * 20_000), ("g.jpg", b"4"), ("g.cls", b"1"), ("h.jpg", b"5")]))
+    os.utime(path, ns=(1, 1))
+    assert [s.key for s in read_samples(str(path))] == ["f", "g", "h"]
+    assert len(parsed) == 3
