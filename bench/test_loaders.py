@@ -59,26 +59,29 @@ def build_pipelines(
     return built
 
 
-def settle(limit_s: float = 3.0, window_s: float = 0.1) -> None:
-    """Wait until this process tree is idle (at most one 10 ms clock tick in `window_s`), at most `limit_s`.
+def settle(limit_s: float = 3.0, window_s: float = 0.1) -> bool:
+    """Wait until this process tree is idle (at most one clock tick of CPU in `window_s`), at most
+    `limit_s`; False when it never was.
 
     Some pipelines keep working after their epoch ends (DALI prefetches its next batches: 0.2-0.6
-    CPU-seconds after each turn on the 2-core CPU); without this, that work would be charged to
-    whichever pipeline runs next.
+    CPU-seconds after each turn on the 2-core CPU). The bench waits for that after each turn and
+    charges its CPU time to the pipeline that did it, not to whichever runs next.
     """
     deadline = time.perf_counter() + limit_s
     while time.perf_counter() < deadline:
         before = process_tree_cpu_seconds()
         time.sleep(window_s)
         if process_tree_cpu_seconds() - before < 0.015:
-            return
+            return True
+    return False
 
 
 def interleaved_rates(
     pipelines: list[Pipeline], data: BenchData, rounds: int, size: int, batch: int, device: torch.device
 ) -> tuple[dict[str, list[float]], dict[str, float]]:
     """images/s per pipeline and round after a checked warm-up epoch each, pipelines alternating;
-    and each pipeline's CPU time per image over all its rounds."""
+    each pipeline's CPU time per image over all its rounds (what it did after its epochs included);
+    and how many of its turns left the process tree busy beyond `settle`'s limit."""
     for pipeline in pipelines:
         batches = pipeline.epoch(0)
         check_first_batch(pipeline, next(batches), data, size, batch)
@@ -87,17 +90,19 @@ def interleaved_rates(
     rates: dict[str, list[float]] = {p.name: [] for p in pipelines}
     cpu = {p.name: 0.0 for p in pipelines}
     images = {p.name: 0 for p in pipelines}
+    busy_after = {p.name: 0 for p in pipelines}
+    settle()  # after the warm-ups
     for epoch in range(1, rounds + 1):
         for pipeline in pipelines:
-            settle()
             start, cpu_start = time.perf_counter(), process_tree_cpu_seconds()
             count = sum(inputs.shape[0] for inputs, _, _ in pipeline.epoch(epoch))
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             rates[pipeline.name].append(count / (time.perf_counter() - start))
+            busy_after[pipeline.name] += not settle()  # its work after the epoch is its own
             cpu[pipeline.name] += process_tree_cpu_seconds() - cpu_start
             images[pipeline.name] += count
-    return rates, {name: cpu[name] / images[name] for name in cpu}
+    return rates, {name: cpu[name] / images[name] for name in cpu}, busy_after
 
 
 def test_pipeline_throughput(bench_data: BenchData, report: BenchReport, request: pytest.FixtureRequest):
@@ -116,7 +121,9 @@ def test_pipeline_throughput(bench_data: BenchData, report: BenchReport, request
     )
     pipelines = build_pipelines(bench_data, report, opts.peers, batch, workers, size, device)
     try:
-        rates, cpu_per_image = interleaved_rates(pipelines, bench_data, rounds, size, batch, device)
+        rates, cpu_per_image, busy_after = interleaved_rates(
+            pipelines, bench_data, rounds, size, batch, device
+        )
     finally:
         for pipeline in pipelines:
             pipeline.close()
@@ -125,6 +132,9 @@ def test_pipeline_throughput(bench_data: BenchData, report: BenchReport, request
             "images_per_s": round(statistics.median(rates[pipeline.name]), 1),
             "rounds": [round(r, 1) for r in rates[pipeline.name]],
             "cpu_us_per_image": round(cpu_per_image[pipeline.name] * 1e6, 1),
+            # turns after which the process tree was still busy 3 s later (its CPU time then counts
+            # only what it did in those 3 s)
+            "turns_not_idle_after": busy_after[pipeline.name],
             "output": pipeline.output,
             "version": pipeline.version,
             "peer": pipeline.peer,
