@@ -1,11 +1,12 @@
 """The whole job on a fresh machine with no data: synth, pack, train, predict, evaluate, report.
 
-    $ cocoshard demo                      # ~3.3 minutes on an idle 2-core x86 CPU
+    $ cocoshard demo                      # 3-4.5 minutes on a 2-core x86 CPU
     $ cocoshard demo --out demo --train 6000 --epochs 12
 
-Measured with the defaults (8,000 generated images, 14 epochs at 96 px), idle 2-core x86 CPU, no
-GPU: 194 s end to end (183 s of training); server F1 0.70 on validation (thresholds tuned there)
-and 0.64 for the test submission against the generated set's answers.
+Measured with the defaults (8,000 generated images, 14 epochs at 96 px) on a 2-core AMD EPYC x86
+CPU, no GPU: 193-260 s end to end (182-245 s of training; the machine's speed drifts from run to
+run); server F1 0.73 on validation (thresholds tuned there) and 0.68 for the test submission
+against the generated set's answers.
 
 Every stage is the real command, called in-process with its resolved configuration, so what the
 demo prints is what each command prints. A small ResNet (`cocoshard_tiny`) trains from scratch on
