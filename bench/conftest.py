@@ -285,6 +285,7 @@ class BenchData:
 
 def _pack(root: Path, out: Path, pixel_format: str, size: int) -> None:
     from cocoshard import config
+    from cocoshard.settings import resolve
     from cocoshard.prepare import pack
 
     settings = {
@@ -294,7 +295,7 @@ def _pack(root: Path, out: Path, pixel_format: str, size: int) -> None:
         "size": size,
         "val_fraction": 0.01,
     }
-    pack.pack_folder(config.resolve(config.PackConfig, settings), progress=False)
+    pack.pack_folder(resolve(config.PackConfig, settings), progress=False)
 
 
 def _build(root: Optional[str], bench_set: str, images: int, folder: Path, size: int) -> Path:

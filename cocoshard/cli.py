@@ -24,7 +24,7 @@ import sys
 import typing
 from typing import Any, Literal, Sequence
 
-from cocoshard import config
+from cocoshard.settings import fields_of, resolve
 from cocoshard.commands import COMMANDS, run_command
 from cocoshard.console import literal, stderr_console
 from cocoshard.errors import Interrupted, UserError
@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
         doc = (cls.__doc__ or "").strip()
         p = sub.add_parser(name, help=doc, description=doc, allow_abbrev=False)
         p.add_argument("--config", metavar="FILE", help="TOML or JSON file of settings; flags override it")
-        for f, kind in config.fields_of(cls):
+        for f, kind in fields_of(cls):
             _add_field(p, f, kind)
         parser.get_default("command_parsers")[name] = p
     return parser
@@ -110,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     previous = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)  # what schedulers and `timeout` send
     try:
-        return run_command(ns.command, config.resolve(cls, overrides, ns.config))
+        return run_command(ns.command, resolve(cls, overrides, ns.config))
     except UserError as exc:
         stderr_console().print(f"[bold red]error:[/] {literal(exc)}")
         return 2

@@ -1,10 +1,10 @@
 """One typed configuration per command: every knob declared once, with its type, default and help.
 
 The CLI builds its flags from these dataclasses; a `--config FILE` (TOML or JSON) overrides the
-defaults and command-line flags override the file (`resolve`). Every config validates itself when
-it is made (`__post_init__`), so a value that cannot work is refused before any work starts,
-wherever the config comes from. `to_dict` is what gets printed at start (`print_config`) and saved
-beside every checkpoint; `from_dict` reads it back.
+defaults and command-line flags override the file (`cocoshard.settings.resolve`). Every config
+validates itself when it is made, so a value that cannot work is refused before any work starts,
+wherever the config comes from. `settings.to_dict` is what gets printed at start
+(`settings.print_config`) and saved beside every checkpoint; `settings.from_dict` reads it back.
 
 `workers` means the same for every command: unset chooses automatically, 0 does the work in this
 process, N uses N worker processes.
@@ -13,58 +13,14 @@ process, N uses N worker processes.
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
-import typing
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal, Optional, TypeVar
+from typing import Any, Literal, Optional
 
 from cocoshard.errors import ConfigError
-from cocoshard.input_files import InputError, read_input
+from cocoshard.settings import Validated, flag, fraction, non_negative, opt, positive
 
-C = TypeVar("C")
 WORKERS_HELP = "worker processes (unset: automatic; 0: in this process)"
 RESUME_LAST = "auto"  # `--resume` without a path: OUT/last.pt
-CONFIG_LIMIT = 2**20  # bytes of a --config file: a few dozen settings need ~1 KB
-
-
-def opt(default: Any, help: str, **extra: Any) -> Any:
-    """A config field: its default and the one line of help the CLI shows."""
-    return field(default=default, metadata={"help": help, **extra})
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def _positive(cfg: Any, *names: str) -> None:
-    for name in names:
-        if getattr(cfg, name) <= 0:
-            raise ConfigError(f"{_flag(name)} must be > 0 (got {getattr(cfg, name)})")
-
-
-def _non_negative(cfg: Any, *names: str) -> None:
-    for name in names:
-        value = getattr(cfg, name)
-        if value is not None and value < 0:
-            raise ConfigError(f"{_flag(name)} must be >= 0 (got {value})")
-
-
-def _fraction(cfg: Any, name: str, low_open: bool = True) -> None:
-    value = getattr(cfg, name)
-    if not (0.0 < value <= 1.0 if low_open else 0.0 <= value <= 1.0):
-        raise ConfigError(f"{_flag(name)} must be in {'(0' if low_open else '[0'}, 1] (got {value})")
-
-
-class Validated:
-    """Validates on construction (and on `dataclasses.replace`): one place holds each rule."""
-
-    def __post_init__(self) -> None:
-        self.validate()
-
-    def validate(self) -> None:
-        """Raise ConfigError naming the flag when a value cannot work."""
 
 
 # ----------------------------------------------------------------------------------- commands
@@ -90,8 +46,8 @@ class SynthConfig(Validated):
     MAX_IMAGES = 999_999_999  # keys are 12 digits and test keys start at 1,000,000,000
 
     def validate(self) -> None:
-        _positive(self, "train")
-        _non_negative(self, "test", "workers", "clutter", "tail")
+        positive(self, "train")
+        non_negative(self, "test", "workers", "clutter", "tail")
         if self.size < 16:
             raise ConfigError(f"--size must be at least 16 pixels (got {self.size})")
         if not 1 <= self.quality <= 100:
@@ -132,8 +88,8 @@ class PackConfig(Validated):
     def validate(self) -> None:
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError(f"--val-fraction must be between 0 and 1 (got {self.val_fraction})")
-        _positive(self, "size", "shard_samples")
-        _non_negative(self, "workers")
+        positive(self, "size", "shard_samples")
+        non_negative(self, "workers")
 
 
 @dataclass
@@ -145,7 +101,7 @@ class InspectConfig(Validated):
     workers: Optional[int] = opt(None, WORKERS_HELP)
 
     def validate(self) -> None:
-        _non_negative(self, "workers")
+        non_negative(self, "workers")
 
 
 @dataclass
@@ -227,8 +183,8 @@ class TrainConfig(Validated):
     given: frozenset = field(default=frozenset(), repr=False, compare=False, metadata={"internal": True})
 
     def validate(self) -> None:
-        _positive(self, "epochs", "batch_size", "lr", "size", "log_every")
-        _non_negative(
+        positive(self, "epochs", "batch_size", "lr", "size", "log_every")
+        non_negative(
             self,
             "warmup_epochs",
             "max_steps",
@@ -246,7 +202,7 @@ class TrainConfig(Validated):
             )
         if self.backbone_lr_mult is not None and not 0.0 < self.backbone_lr_mult <= 10.0:
             raise ConfigError(f"--backbone-lr-mult must be in (0, 10] (got {self.backbone_lr_mult})")
-        _fraction(self, "crop_scale_min")
+        fraction(self, "crop_scale_min")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"--ema-decay must be in [0, 1) (got {self.ema_decay})")
         if self.size < 32:
@@ -307,8 +263,8 @@ class PredictConfig(Validated):
             raise ConfigError(f"--threshold must be a probability in [0, 1] (got {self.threshold})")
         if not 0 <= self.min_labels <= 80:
             raise ConfigError(f"--min-labels must be in 0-80: there are 80 classes (got {self.min_labels})")
-        _positive(self, "batch_size")
-        _non_negative(self, "workers")
+        positive(self, "batch_size")
+        non_negative(self, "workers")
 
 
 @dataclass
@@ -338,10 +294,10 @@ class EvaluateConfig(Validated):
         if self.labels is None:
             for name in ("scores", "report", "out"):
                 if getattr(self, name) is not None:
-                    raise ConfigError(f"{_flag(name)} needs --labels: there is nothing to score without them")
+                    raise ConfigError(f"{flag(name)} needs --labels: there is nothing to score without them")
             for name in ("per_class", "subset"):
                 if getattr(self, name):
-                    raise ConfigError(f"{_flag(name)} needs --labels: there is nothing to score without them")
+                    raise ConfigError(f"{flag(name)} needs --labels: there is nothing to score without them")
         if self.run is not None and self.report is None:
             raise ConfigError("--run gives the curves of --report DIR: give --report too")
 
@@ -361,8 +317,8 @@ class ThresholdsConfig(Validated):
     default: float = opt(0.5, "the threshold of classes too rare to tune")
 
     def validate(self) -> None:
-        _positive(self, "min_positives")
-        _fraction(self, "default", low_open=False)
+        positive(self, "min_positives")
+        fraction(self, "default", low_open=False)
 
 
 def inherit(source: type, name: str, default: Any) -> Any:
@@ -395,7 +351,7 @@ class DemoConfig(Validated):
     seed: int = inherit(TrainConfig, "seed", 0)
 
     def validate(self) -> None:
-        _positive(self, "train", "test", "image_size")
+        positive(self, "train", "test", "image_size")
         # the training settings are checked by TrainConfig itself, with the same rules
         TrainConfig(**self.train_settings())
 
@@ -411,123 +367,3 @@ class InfoConfig(Validated):
     """Versions, the PIL actually imported (pillow-simd or stock Pillow, probed) and the devices."""
 
     brief: bool = opt(False, "one line: the versions and the PIL in use (what --version prints)")
-
-
-# ----------------------------------------------------------------------------------- machinery
-
-
-def fields_of(cls: type) -> list[tuple[dataclasses.Field, Any]]:
-    """Each setting of a config class (internal fields aside) with its resolved type."""
-    hints = typing.get_type_hints(cls)
-    return [(f, hints[f.name]) for f in dataclasses.fields(cls) if not f.metadata.get("internal")]
-
-
-def _coerce(name: str, value: Any, kind: Any, const: Any = None) -> Any:
-    """Check a value read from a config file against the field's type."""
-    origin, args = typing.get_origin(kind), typing.get_args(kind)
-    if origin is typing.Union and type(None) in args:
-        if value is None:
-            return None
-        if const is not None and isinstance(value, bool):  # `resume = true` in a file
-            return const if value else None
-        kind = next(a for a in args if a is not type(None))
-        origin, args = typing.get_origin(kind), typing.get_args(kind)
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{name}: {value!r} is not one of {', '.join(map(str, args))}")
-        return value
-    if kind is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{name}: expected true or false, got {value!r}")
-        return value
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
-        raise ConfigError(f"{name}: expected {kind.__name__}, got {value!r}")
-    return value
-
-
-def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a TOML or JSON file of overrides (keys may use - or _)."""
-    p = Path(path)
-    if not p.exists():
-        raise ConfigError(f"config file {p} does not exist")
-    try:
-        text = read_input(p, CONFIG_LIMIT).decode("utf-8")
-        if p.suffix == ".json":
-            data = json.loads(text)
-        else:
-            try:
-                import tomllib
-            except ModuleNotFoundError:  # Python 3.10
-                import tomli as tomllib
-            data = tomllib.loads(text)
-    except InputError as exc:
-        raise ConfigError(f"config file {p}: {exc}") from None
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"config file {p} cannot be parsed: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {p} must hold a table/object of settings")
-    return {k.replace("-", "_"): v for k, v in data.items()}
-
-
-def resolve(cls: type[C], overrides: dict[str, Any] | None = None, file: str | None = None) -> C:
-    """Defaults, then the config file, then explicit overrides; validated once, when built."""
-    known = {f.name: (kind, f.metadata.get("const")) for f, kind in fields_of(cls)}
-    values: dict[str, Any] = {}
-    for source, data in (
-        ("config file", read_config_file(file) if file else {}),
-        ("override", overrides or {}),
-    ):
-        for key, value in data.items():
-            if key not in known:
-                raise ConfigError(
-                    f"unknown setting {key!r} in {source} for {cls.__name__}; known: {', '.join(known)}"
-                )
-            values[key] = _coerce(key, value, *known[key])
-    if any(f.name == "given" for f in dataclasses.fields(cls)):
-        values["given"] = frozenset(values)
-    return cls(**values)
-
-
-def to_dict(cfg: Any) -> dict[str, Any]:
-    """The settings of a config as plain JSON-able values (internal fields aside)."""
-    return {f.name: getattr(cfg, f.name) for f, _ in fields_of(type(cfg))}
-
-
-def from_dict(cls: type[C], data: dict[str, Any], source: str = "settings") -> C:
-    """Rebuild a config saved by `to_dict`, checking every value's type (keys this version does not
-    know, from another version, are ignored)."""
-    known = {f.name: (kind, f.metadata.get("const")) for f, kind in fields_of(cls)}
-    return cls(
-        **{
-            key: _coerce(f"{source}: {key}", value, *known[key])
-            for key, value in data.items()
-            if key in known
-        }
-    )
-
-
-def print_config(cfg: Any, console: Any = None, extra: dict[str, Any] | None = None) -> None:
-    """Print the resolved configuration once (and `extra`: what a run resolved at start), two per row."""
-    from rich.console import Console
-    from rich.table import Table
-    from rich.text import Text
-
-    items = [*to_dict(cfg).items(), *(extra or {}).items()]
-    table = Table(
-        title=type(cfg).__name__.removesuffix("Config").lower() + " settings",
-        title_justify="left",
-        show_header=False,
-        box=None,
-        pad_edge=False,
-    )
-    for _ in range(2):
-        table.add_column(style="cyan", no_wrap=True)
-        table.add_column(overflow="fold")
-    half = (len(items) + 1) // 2
-    for left, right in zip(items[:half], items[half:] + [("", "")]):
-        table.add_row(
-            Text(left[0]), Text(repr(left[1])), Text(right[0]), Text(repr(right[1]) if right[0] else "")
-        )
-    (console or Console(stderr=True)).print(table)

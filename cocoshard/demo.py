@@ -37,9 +37,10 @@ from rich.console import Console
 from rich.rule import Rule
 
 from cocoshard import config
+from cocoshard.settings import print_config, resolve, to_dict
 from cocoshard.atomic import atomic_write_text
 from cocoshard.commands import run_command
-from cocoshard.config import DemoConfig, print_config
+from cocoshard.config import DemoConfig
 from cocoshard.errors import UserError
 from cocoshard.folder_lock import LOCK_FILE, folder_lock
 
@@ -104,7 +105,7 @@ def _check(code: int, stage: str) -> None:
 
 
 def synth_config(cfg: DemoConfig, out: Path) -> config.SynthConfig:
-    return config.resolve(
+    return resolve(
         config.SynthConfig,
         {
             "out": str(out / DATA),
@@ -120,7 +121,7 @@ def synth_config(cfg: DemoConfig, out: Path) -> config.SynthConfig:
 
 def pack_config(cfg: DemoConfig, out: Path) -> config.PackConfig:
     # raw pixels: decoded once here, so training on a CPU spends nothing on JPEG decoding
-    return config.resolve(
+    return resolve(
         config.PackConfig,
         {
             "root": str(out / DATA),
@@ -134,7 +135,7 @@ def pack_config(cfg: DemoConfig, out: Path) -> config.PackConfig:
 
 
 def train_config(cfg: DemoConfig, out: Path) -> config.TrainConfig:
-    return config.resolve(
+    return resolve(
         config.TrainConfig,
         {
             "shards": str(out / SHARDS),
@@ -160,7 +161,7 @@ def train_config(cfg: DemoConfig, out: Path) -> config.TrainConfig:
 def predict_config(
     cfg: DemoConfig, out: Path, split: str, target: str, scores: Optional[str] = None
 ) -> config.PredictConfig:
-    return config.resolve(
+    return resolve(
         config.PredictConfig,
         {
             "checkpoint": str(out / RUN / "best.pt"),
@@ -186,7 +187,7 @@ def evaluate_config(
     }
     if report:
         settings.update(scores=str(out / VAL_SCORES), report=str(out / REPORT), run=str(out / RUN))
-    return config.resolve(config.EvaluateConfig, settings)
+    return resolve(config.EvaluateConfig, settings)
 
 
 # ----------------------------------------------------------------------------------- the run
@@ -264,7 +265,7 @@ def run(cfg: DemoConfig) -> int:
     refuse_foreign(out)  # before the lock: a folder refused is left as it was
     with folder_lock(out, "cocoshard demo"):  # a second demo into the same folder is refused at once
         prepare_folder(out)
-        atomic_write_text(out / MARKER, json.dumps({"status": "running", **config.to_dict(cfg)}, indent=1))
+        atomic_write_text(out / MARKER, json.dumps({"status": "running", **to_dict(cfg)}, indent=1))
         timings = Timings()
         val_f1, test_f1 = run_stages(cfg, out, console, timings)
         atomic_write_text(
@@ -272,7 +273,7 @@ def run(cfg: DemoConfig) -> int:
             json.dumps(
                 {
                     "status": "complete",
-                    **config.to_dict(cfg),
+                    **to_dict(cfg),
                     "val_server_f1": val_f1,
                     "test_server_f1": test_f1,
                     "seconds": timings.stages,

@@ -33,10 +33,11 @@ PackDir = Callable[..., Path]
 
 def _pack(root: str | os.PathLike, out: str | os.PathLike, **overrides: Any) -> Path:
     from cocoshard import config
+    from cocoshard.settings import resolve
     from cocoshard.prepare import pack
 
     settings = {"root": str(root), "out": str(out), "workers": 2, **overrides}
-    cfg = config.resolve(config.PackConfig, settings)
+    cfg = resolve(config.PackConfig, settings)
     pack.pack_folder(cfg, progress=False)
     return Path(out)
 

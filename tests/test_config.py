@@ -11,18 +11,19 @@ from pathlib import Path
 import pytest
 
 from cocoshard import config
+from cocoshard.settings import CONFIG_LIMIT, read_config_file, resolve
 from cocoshard.errors import ConfigError
 
 
 def test_a_file_sets_what_flags_do_not(tmp_path: Path) -> None:
     toml = tmp_path / "train.toml"
     toml.write_text('model = "resnet18"\nepochs = 5\nbatch-size = 32\nlr = 1\n')
-    cfg = config.resolve(config.TrainConfig, {"epochs": 3}, str(toml))
+    cfg = resolve(config.TrainConfig, {"epochs": 3}, str(toml))
     assert (cfg.model, cfg.epochs, cfg.batch_size, cfg.lr) == ("resnet18", 3, 32, 1.0)
     assert isinstance(cfg.lr, float)
     as_json = tmp_path / "train.json"
     as_json.write_text(json.dumps({"model": "resnet18", "epochs": 5}))
-    assert config.resolve(config.TrainConfig, {}, str(as_json)).epochs == 5
+    assert resolve(config.TrainConfig, {}, str(as_json)).epochs == 5
 
 
 @pytest.mark.parametrize(
@@ -40,7 +41,7 @@ def test_bad_settings_in_a_file_are_named(tmp_path: Path, text: str, message: st
     path = tmp_path / "train.toml"
     path.write_text(text)
     with pytest.raises(ConfigError, match=message):
-        config.resolve(config.TrainConfig, {}, str(path))
+        resolve(config.TrainConfig, {}, str(path))
 
 
 def test_a_file_that_is_not_a_settings_file_is_named(tmp_path: Path) -> None:
@@ -49,7 +50,7 @@ def test_a_file_that_is_not_a_settings_file_is_named(tmp_path: Path) -> None:
     (tmp_path / "list.json").write_text("[1, 2]")
     huge = tmp_path / "huge.toml"
     with open(huge, "wb") as handle:
-        handle.truncate(config.CONFIG_LIMIT + 1)  # sparse: no disk used
+        handle.truncate(CONFIG_LIMIT + 1)  # sparse: no disk used
     cases = {
         tmp_path / "absent.toml": "does not exist",
         tmp_path: ": not a regular file",
@@ -59,7 +60,7 @@ def test_a_file_that_is_not_a_settings_file_is_named(tmp_path: Path) -> None:
     }
     for path, message in cases.items():
         with pytest.raises(ConfigError, match=f"config file {path} ?{message}"):
-            config.read_config_file(path)
+            read_config_file(path)
 
 
 def test_the_cli_reports_a_bad_config_file_in_one_line(tmp_path: Path) -> None:

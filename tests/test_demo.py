@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from cocoshard import cli, config, demo
+from cocoshard.settings import resolve
 from cocoshard.errors import UserError
 from cocoshard.scoring.submission import load_submission
 
@@ -49,7 +50,7 @@ def test_demo_runs_every_stage_and_says_where_everything_is(
     assert f"{record['val_server_f1']:.4f}" in summary
 
     # a second run in the same folder starts over instead of tripping over the first one's run
-    assert demo.run(config.resolve(config.DemoConfig, {"out": str(out), **SMALL, "epochs": 1})) == 0
+    assert demo.run(resolve(config.DemoConfig, {"out": str(out), **SMALL, "epochs": 1})) == 0
     assert json.loads((out / demo.MARKER).read_text())["epochs"] == 1
 
 
@@ -73,7 +74,7 @@ def test_an_earlier_demo_is_cleared_but_its_data_folder_is_left_to_synth(tmp_pat
 
 
 def test_stage_configs_follow_the_demo_settings(tmp_path: Path) -> None:
-    cfg = config.resolve(config.DemoConfig, {"epochs": 3, "size": 80, "image_size": 112, "seed": 5})
+    cfg = resolve(config.DemoConfig, {"epochs": 3, "size": 80, "image_size": 112, "seed": 5})
     train = demo.train_config(cfg, tmp_path)
     assert (train.weights, train.model, train.epochs, train.size, train.seed) == (
         "none",
@@ -91,6 +92,6 @@ def test_stage_configs_follow_the_demo_settings(tmp_path: Path) -> None:
 
 def test_bad_settings_are_refused_before_any_work() -> None:
     with pytest.raises(config.ConfigError, match="crop-scale-min"):
-        config.resolve(config.DemoConfig, {"crop_scale_min": 0.0})
+        resolve(config.DemoConfig, {"crop_scale_min": 0.0})
     with pytest.raises(config.ConfigError, match="epochs"):
-        config.resolve(config.DemoConfig, {"epochs": 0})
+        resolve(config.DemoConfig, {"epochs": 0})

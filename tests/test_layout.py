@@ -3,7 +3,7 @@
 Layers, lowest first (docs/architecture.md has the table):
 
     foundation   cocoshard (the class tuple), errors, atomic, input_files, folder_lock, machine, seeds,
-                 console, config, commands
+                 console, settings, config, commands
     pure         prepare.labels, prepare.format, prepare.split, loading.plan, scoring.metrics
     prepare      the rest of cocoshard.prepare
     loading      the rest of cocoshard.loading
@@ -34,6 +34,7 @@ FOUNDATION = {
     "cocoshard.machine",
     "cocoshard.seeds",
     "cocoshard.console",
+    "cocoshard.settings",
     "cocoshard.config",
     "cocoshard.commands",
 }

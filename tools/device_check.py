@@ -280,6 +280,7 @@ def step_ceiling(check: Check, shards: Path, work: Path, model: str, compiled: b
     import torch
 
     from cocoshard import config
+    from cocoshard.settings import resolve
     from cocoshard.loading.batch import Batch
     from cocoshard.training.loop import OnlineMetrics, train_step
     from cocoshard.training.runlog import RunLog
@@ -288,7 +289,7 @@ def step_ceiling(check: Check, shards: Path, work: Path, model: str, compiled: b
 
     size = 64 if check.cpu else 224
     name = "cocoshard_tiny" if check.cpu else model
-    cfg = config.resolve(
+    cfg = resolve(
         config.TrainConfig,
         {
             "shards": str(shards),

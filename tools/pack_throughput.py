@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from cocoshard import config
+from cocoshard.settings import resolve
 from cocoshard.info import pil_build
 from cocoshard.machine import usable_cores
 from cocoshard.prepare.pack import pack_folder
@@ -45,7 +46,7 @@ def machine() -> str:
 def time_pack(
     root: Path, out: Path, pixel_format: str, repeats: int, workers: int, shard_samples: int
 ) -> list[float]:
-    cfg = config.resolve(
+    cfg = resolve(
         config.PackConfig,
         {
             "root": str(root),

@@ -25,7 +25,8 @@ from typing import Any, Optional
 
 from PIL import Image
 
-from cocoshard.config import InspectConfig, print_config
+from cocoshard.config import InspectConfig
+from cocoshard.settings import print_config
 from cocoshard.console import literal, stdout_console
 from cocoshard.errors import UserError
 from cocoshard.prepare.format import (

@@ -34,7 +34,8 @@ from PIL import Image, UnidentifiedImageError
 
 from cocoshard import NUM_CLASSES, __version__
 from cocoshard.atomic import atomic_open, atomic_write_text, remove_stale_temporaries
-from cocoshard.config import PackConfig, print_config
+from cocoshard.config import PackConfig
+from cocoshard.settings import print_config
 from cocoshard.console import literal, stderr_console
 from cocoshard.errors import UserError
 from cocoshard.folder_lock import folder_lock

@@ -38,7 +38,8 @@ from PIL import Image, ImageDraw
 
 from cocoshard import NUM_CLASSES
 from cocoshard.atomic import TMP_PREFIX, atomic_write_text, remove_stale_temporaries
-from cocoshard.config import SynthConfig, print_config
+from cocoshard.config import SynthConfig
+from cocoshard.settings import print_config
 from cocoshard.errors import UserError
 from cocoshard.folder_lock import LOCK_FILE, folder_lock
 from cocoshard.prepare.labels import format_cls

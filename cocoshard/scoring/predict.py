@@ -32,7 +32,8 @@ import torch
 from torch import nn
 
 from cocoshard import NUM_CLASSES
-from cocoshard.config import PredictConfig, print_config
+from cocoshard.config import PredictConfig
+from cocoshard.settings import print_config
 from cocoshard.console import literal, stderr_console
 from cocoshard.errors import UserError
 from cocoshard.loading.augment import EvalTransform, eval_transform

@@ -21,7 +21,8 @@ import numpy as np
 from rich.table import Table
 from rich.text import Text
 
-from cocoshard.config import ThresholdsConfig, print_config
+from cocoshard.config import ThresholdsConfig
+from cocoshard.settings import print_config
 from cocoshard.console import literal, stdout_console
 from cocoshard.errors import UserError
 from cocoshard.scoring import metrics

@@ -40,7 +40,8 @@ import torch
 
 from cocoshard import NUM_CLASSES
 from cocoshard.atomic import atomic_open, remove_stale_temporaries
-from cocoshard.config import RESUME_LAST, TrainConfig, from_dict, to_dict
+from cocoshard.config import RESUME_LAST, TrainConfig
+from cocoshard.settings import from_dict, to_dict
 from cocoshard.errors import ConfigError, UserError
 from cocoshard.training.runtime import rng_state, set_rng_state, unwrap
 

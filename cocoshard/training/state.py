@@ -24,7 +24,8 @@ from torch import nn
 
 from cocoshard import NUM_CLASSES
 from cocoshard.atomic import remove_stale_temporaries
-from cocoshard.config import TrainConfig, print_config, to_dict
+from cocoshard.config import TrainConfig
+from cocoshard.settings import print_config, to_dict
 from cocoshard.errors import ConfigError, UserError
 from cocoshard.loading.augment import EvalTransform, TrainTransform
 from cocoshard.loading.loader import build_loader

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from test_metrics import statement_validation_loop
 
 from cocoshard import cli, config
+from cocoshard.settings import resolve
 from cocoshard.errors import UserError
 from cocoshard.scoring import evaluate, metrics
 from cocoshard.scoring.ground_truth import (
@@ -51,7 +52,7 @@ def write(path: Path, submission: dict) -> Path:
 
 
 def evaluate_json(capsys: pytest.CaptureFixture, **settings) -> dict:
-    assert evaluate.run(config.resolve(config.EvaluateConfig, {"json": True, **settings})) == 0
+    assert evaluate.run(resolve(config.EvaluateConfig, {"json": True, **settings})) == 0
     return json.loads(capsys.readouterr().out)
 
 
@@ -117,9 +118,7 @@ def test_a_key_without_labels_is_rejected_by_name(tmp_path, coco_sample, sample_
     path = write(tmp_path / "p.json", submission)
     with pytest.raises(UserError, match="'000000999999': unknown image"):
         evaluate.run(
-            config.resolve(
-                config.EvaluateConfig, {"predictions": str(path), "labels": str(coco_sample / LABELS)}
-            )
+            resolve(config.EvaluateConfig, {"predictions": str(path), "labels": str(coco_sample / LABELS)})
         )
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from cocoshard import CLASSES, cli, config
+from cocoshard.settings import resolve, to_dict
 from cocoshard.errors import UserError
 from cocoshard.loading.augment import eval_transform
 from cocoshard.loading.image_files import folder_batches, list_images
@@ -37,8 +38,8 @@ def make_checkpoint(path: Path, *, ema_bias_class: int | None = None, seed: int 
     if ema_bias_class is not None:
         ema = {k: v.clone() for k, v in model.state_dict().items()}
         ema["fc.bias"][ema_bias_class] = 50.0
-    train_cfg = config.to_dict(
-        config.resolve(config.TrainConfig, {"model": "cocoshard_tiny", "size": SIZE, "weights": "none"})
+    train_cfg = to_dict(
+        resolve(config.TrainConfig, {"model": "cocoshard_tiny", "size": SIZE, "weights": "none"})
     )
     state = {
         "model": model.state_dict(),
@@ -60,7 +61,7 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def predict_cfg(**settings) -> config.PredictConfig:
-    return config.resolve(config.PredictConfig, {"workers": 2, "batch_size": 8, "device": "cpu", **settings})
+    return resolve(config.PredictConfig, {"workers": 2, "batch_size": 8, "device": "cpu", **settings})
 
 
 def test_folder_of_real_photos_gives_a_strictly_valid_file(tmp_path, coco_sample, checkpoint) -> None:

@@ -21,6 +21,7 @@ import torch
 
 import cocoshard
 from cocoshard import config
+from cocoshard.settings import resolve
 from cocoshard.loading.augment import EvalTransform, TrainTransform
 from cocoshard.loading.loader import build_loader
 from cocoshard.training.loop import OnlineMetrics, train_step
@@ -60,7 +61,7 @@ def host_syncs() -> Iterator[Counter]:
 
 
 def _trainer(shards: Path, out: Path, **settings):
-    cfg = config.resolve(
+    cfg = resolve(
         config.TrainConfig,
         {
             "shards": str(shards),

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from cocoshard import NUM_CLASSES, cli, config
+from cocoshard.settings import resolve
 from cocoshard.training.checkpoint import BEST, LAST, load_checkpoint
 from cocoshard.training.runlog import (
     CONFIG_FILE,
@@ -149,7 +150,7 @@ def test_bf16_autocast_and_channels_last_reach_the_model(
     from cocoshard.training.loop import OnlineMetrics, train_step
     from cocoshard.training.state import build_trainer, enter_phase
 
-    cfg = config.resolve(
+    cfg = resolve(
         config.TrainConfig,
         {
             "shards": str(sample_shards_jpeg),
