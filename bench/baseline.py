@@ -21,7 +21,7 @@ from torchvision import transforms
 from cocoshard import NUM_CLASSES
 from cocoshard.errors import UserError
 from cocoshard.loading.resample import IMAGENET_MEAN, IMAGENET_STD
-from cocoshard.prepare.labels import LabelError, parse_cls
+from cocoshard.pure.labels import LabelError, parse_cls
 from cocoshard.prepare.sources import find_sources
 
 

@@ -318,7 +318,7 @@ def _build(root: Optional[str], bench_set: str, images: int, folder: Path, size:
 
 def _truth(shards: Path, root: Path) -> tuple[list[str], dict[str, np.ndarray]]:
     from cocoshard.loading.tario import read_samples
-    from cocoshard.prepare.labels import multi_hot, parse_cls
+    from cocoshard.pure.labels import multi_hot, parse_cls
     from cocoshard.prepare.manifest import read_manifest, shard_urls, split_shards
     from cocoshard.prepare.sources import find_sources
 
@@ -332,7 +332,7 @@ def _truth(shards: Path, root: Path) -> tuple[list[str], dict[str, np.ndarray]]:
 @pytest.fixture(scope="session")
 def bench_data(request: pytest.FixtureRequest) -> BenchData:
     """The measured images: a challenge folder and its shards in both formats, built once and cached."""
-    from cocoshard.prepare.format import FORMAT_VERSION
+    from cocoshard.pure.format import FORMAT_VERSION
 
     opts = request.config.option
     size = 224

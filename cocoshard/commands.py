@@ -16,7 +16,7 @@ COMMANDS: dict[str, tuple[type, str]] = {
     "synth": (config.SynthConfig, "cocoshard.prepare.synth"),
     "pack": (config.PackConfig, "cocoshard.prepare.pack"),
     "inspect": (config.InspectConfig, "cocoshard.prepare.inspect"),
-    "train": (config.TrainConfig, "cocoshard.training.loop"),
+    "train": (config.TrainConfig, "cocoshard.training.train"),
     "predict": (config.PredictConfig, "cocoshard.scoring.predict"),
     "evaluate": (config.EvaluateConfig, "cocoshard.scoring.evaluate"),
     "thresholds": (config.ThresholdsConfig, "cocoshard.scoring.thresholds"),

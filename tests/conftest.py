@@ -12,7 +12,11 @@ or more images in both splits pulls the val share above 0.2.)
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -29,6 +33,60 @@ SAMPLE_SHARD_SAMPLES = 16
 SYNTH_SHARD_SAMPLES = 32
 
 PackDir = Callable[..., Path]
+
+# ----------------------------------------------------------------------------- running cocoshard
+# Shared by the tests that drive the CLI as a user does: `from conftest import TINY, cocoshard, ...`.
+
+# The smallest training a test needs: a tiny model at 64 px on the CPU, in this process.
+TINY = (
+    "--model", "cocoshard_tiny", "--device", "cpu", "--size", "64", "--batch-size", "16",
+    "--workers", "0", "--log-every", "2",
+)  # fmt: skip
+FROM_SCRATCH = ("--weights", "none")  # no download: the build machines are offline
+
+
+@dataclass
+class Done:
+    """What a command did: its exit status and its stdout + stderr, whitespace folded (rich wraps
+    long lines, even inside a path)."""
+
+    code: int
+    text: str
+
+
+def cocoshard(*args: object, timeout: float = 240, script: str | None = None, **env: str) -> Done:
+    """`python -m cocoshard ARGS` (or `python SCRIPT ARGS`) in a subprocess, as a user runs it; a
+    hang fails the test at `timeout` instead of stalling CI."""
+    command = [sys.executable, script] if script else [sys.executable, "-m", "cocoshard"]
+    done = subprocess.run(
+        [*command, *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+        env={**os.environ, "COLUMNS": "1000", **env},
+    )
+    return Done(done.returncode, " ".join((done.stdout + done.stderr).split()))
+
+
+def ok(done: Done) -> str:
+    """The text of a command that succeeded."""
+    assert done.code == 0, done.text[-3000:]
+    return done.text
+
+
+def refused(done: Done, *expected: str) -> None:
+    """A non-zero exit with a message holding every `expected` part, and no traceback."""
+    assert done.code != 0, done.text[-2000:]
+    assert "Traceback" not in done.text, done.text[-3000:]
+    for part in expected:
+        assert part in done.text, done.text[-2000:]
+
+
+def records(run: Path) -> list[dict[str, Any]]:
+    """A run's metrics.jsonl, one dict per epoch."""
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
 
 
 def _pack(root: str | os.PathLike, out: str | os.PathLike, **overrides: Any) -> Path:

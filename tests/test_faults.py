@@ -22,7 +22,6 @@ import sys
 import tarfile
 import textwrap
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -35,54 +34,10 @@ from cocoshard.folder_lock import LOCK_FILE
 from cocoshard.loading.tario import shard_keys
 from cocoshard.prepare.manifest import MANIFEST
 from cocoshard.training.checkpoint import BadCheckpoint, load_checkpoint
+from conftest import FROM_SCRATCH, TINY, Done, cocoshard, refused
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = [
-    "--model",
-    "cocoshard_tiny",
-    "--device",
-    "cpu",
-    "--size",
-    "64",
-    "--batch-size",
-    "16",
-    "--workers",
-    "0",
-    "--weights",
-    "none",
-    "--log-every",
-    "2",
-]
 pytestmark = pytest.mark.slow
-
-
-@dataclass
-class Done:
-    code: int
-    text: str  # stdout and stderr, whitespace folded: rich wraps long lines
-
-
-def cocoshard(*args: object, timeout: float = 240, script: str | None = None) -> Done:
-    """`python -m cocoshard ARGS` (or `python SCRIPT ARGS`), as a user runs it."""
-    command = [sys.executable, script] if script else [sys.executable, "-m", "cocoshard"]
-    done = subprocess.run(
-        [*command, *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=REPO,
-        env={**os.environ, "COLUMNS": "1000"},
-    )
-    text = " ".join((done.stdout + done.stderr).split())
-    return Done(done.returncode, text)
-
-
-def refused(done: Done, *expected: str) -> None:
-    """Exit status 1, a one-line message holding `expected`, no traceback."""
-    assert done.code != 0, done.text[-2000:]
-    assert "Traceback" not in done.text, done.text[-3000:]
-    for part in expected:
-        assert part in done.text, done.text[-2000:]
 
 
 def sample_copy(coco_sample: Path, dst: Path) -> dict[str, Path]:
@@ -121,7 +76,7 @@ def tiny_run(sample_shards_jpeg: Path, tmp_path_factory: pytest.TempPathFactory)
     """A finished two-step run on coco-sample: its best.pt feeds predict and the checkpoint faults."""
     run = tmp_path_factory.mktemp("tiny-run") / "run"
     done = cocoshard(
-        "train", "--shards", sample_shards_jpeg, "--out", run, "--epochs", "1", "--max-steps", "2", *TINY
+        "train", "--shards", sample_shards_jpeg, "--out", run, "--epochs", "1", "--max-steps", "2", *TINY, *FROM_SCRATCH
     )
     assert done.code == 0, done.text[-2000:]
     return run
@@ -158,7 +113,7 @@ def test_1_a_second_train_into_a_running_run_folder_is_refused(sample_shards_jpe
             str(run),
             "--epochs",
             "50",
-            *TINY,
+            *TINY, *FROM_SCRATCH,
         ],
         cwd=REPO,
         stdout=subprocess.DEVNULL,
@@ -170,7 +125,7 @@ def test_1_a_second_train_into_a_running_run_folder_is_refused(sample_shards_jpe
             assert first.poll() is None and time.monotonic() < deadline
             time.sleep(0.2)
         assert (
-            cocoshard("train", "--shards", sample_shards_jpeg, "--out", run, "--epochs", "1", *TINY).code != 0
+            cocoshard("train", "--shards", sample_shards_jpeg, "--out", run, "--epochs", "1", *TINY, *FROM_SCRATCH).code != 0
         )
         # --resume passes the check for an existing run: the lock is what stops it
         second = cocoshard("train", "--resume", run / "last.pt")
@@ -246,7 +201,7 @@ def test_2_resume_refuses_shards_repacked_since(coco_sample, tmp_path):
     shards, run = tmp_path / "shards", tmp_path / "run"
     assert cocoshard("pack", "--root", coco_sample, "--out", shards, "--shard-samples", "16").code == 0
     assert (
-        cocoshard("train", "--shards", shards, "--out", run, "--epochs", "2", "--max-steps", "3", *TINY).code
+        cocoshard("train", "--shards", shards, "--out", run, "--epochs", "2", "--max-steps", "3", *TINY, *FROM_SCRATCH).code
         == 0
     )
     assert (
@@ -357,7 +312,7 @@ def test_5_no_best_epoch_is_chosen_on_no_validation_images(sample_shards_jpeg, t
         "--max-steps",
         "2",
         "--skip-bad-samples",
-        *TINY,
+        *TINY, *FROM_SCRATCH,
     )
     refused(done, "validation", "no")
     assert not (run / "best.pt").exists()
@@ -374,7 +329,7 @@ def test_6_a_val_shard_listed_under_train_too_is_refused_before_any_work(sample_
     manifest["splits"]["train"]["shards"].append(val_entry)
     manifest["splits"]["train"]["samples"] += val_entry["samples"]
     (shards / MANIFEST).write_text(json.dumps(manifest))
-    refused(cocoshard("train", "--shards", shards, "--out", run, "--epochs", "1", *TINY), val_entry["name"])
+    refused(cocoshard("train", "--shards", shards, "--out", run, "--epochs", "1", *TINY, *FROM_SCRATCH), val_entry["name"])
     assert not (run / "last.pt").exists()
 
 
@@ -388,7 +343,7 @@ def test_6_train_and_val_shards_sharing_keys_are_refused(sample_shards_jpeg, tmp
     manifest["splits"]["val"]["samples"] += copy["samples"]
     (shards / MANIFEST).write_text(json.dumps(manifest))
     refused(
-        cocoshard("train", "--shards", shards, "--out", run, "--epochs", "1", *TINY),
+        cocoshard("train", "--shards", shards, "--out", run, "--epochs", "1", *TINY, *FROM_SCRATCH),
         "images are in both the train and the val split",
     )
     assert not (run / "last.pt").exists()
@@ -405,7 +360,7 @@ def test_7_a_run_folder_with_best_pt_but_no_last_pt_is_not_overwritten(
     shutil.copy(tiny_run / "best.pt", run / "best.pt")
     shutil.copy(tiny_run / "metrics.jsonl", run / "metrics.jsonl")
     before = (run / "best.pt").read_bytes(), (run / "metrics.jsonl").read_bytes()
-    refused(cocoshard("train", "--shards", sample_shards_jpeg, "--out", run, *TINY), "best.pt")
+    refused(cocoshard("train", "--shards", sample_shards_jpeg, "--out", run, *TINY, *FROM_SCRATCH), "best.pt")
     assert ((run / "best.pt").read_bytes(), (run / "metrics.jsonl").read_bytes()) == before
 
 
@@ -469,7 +424,7 @@ KILL_WORKERS = textwrap.dedent("""
                 "{shards}",
                 "--out",
                 "{tmp}/run",
-                *TINY[:-6],
+                *TINY[:8],
                 "--workers",
                 "2",
                 "--weights",
@@ -593,7 +548,7 @@ def test_11_a_full_disk_is_named_without_a_traceback(command, coco_sample, sampl
     else:  # the run's small files fit; the checkpoint does not
         inner = (
             f"{sys.executable} -m cocoshard train --shards {sample_shards_jpeg} --out {full}/run --epochs 1 "
-            f"--max-steps 2 {' '.join(TINY[:-6])} --workers 0 --weights none --model resnet18"
+            f"--max-steps 2 {' '.join(TINY[:8])} --workers 0 --weights none --model resnet18"
         )
     size = "300k" if command == "pack" else "2m"
     done = subprocess.run(
@@ -632,7 +587,7 @@ def test_12_a_manifest_with_a_bad_field_is_named(case, change, field, command, s
     args = (
         ["inspect", "--shards", shards]
         if command == "inspect"
-        else ["train", "--shards", shards, "--out", tmp_path / "run", *TINY]
+        else ["train", "--shards", shards, "--out", tmp_path / "run", *TINY, *FROM_SCRATCH]
     )
     refused(cocoshard(*args), str(shards / MANIFEST), field)
 

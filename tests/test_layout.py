@@ -4,7 +4,7 @@ Layers, lowest first (docs/architecture.md has the table):
 
     foundation   cocoshard (the class tuple), errors, atomic, input_files, folder_lock, machine, seeds,
                  console, settings, config, commands
-    pure         prepare.labels, prepare.format, prepare.split, loading.plan, scoring.metrics
+    pure         cocoshard.pure: labels, format, split, plan, metrics, threshold_tuning
     prepare      the rest of cocoshard.prepare
     loading      the rest of cocoshard.loading
     training     cocoshard.training
@@ -12,8 +12,9 @@ Layers, lowest first (docs/architecture.md has the table):
     top          demo, info, cli, __main__
 
 A module imports only from its own layer or lower ones; pure modules are the helpers every stage
-may use, and they import nothing but the foundation and each other. Imports inside functions count
-(they are still dependencies); imports under `if TYPE_CHECKING:` do not (annotations only).
+may use, and they import nothing but the foundation and each other. Every import counts: those
+inside functions and those under `if TYPE_CHECKING:` too (an annotation that needs a module from a
+higher layer, or one that closes a cycle, is a dependency all the same).
 """
 
 from __future__ import annotations
@@ -38,20 +39,13 @@ FOUNDATION = {
     "cocoshard.config",
     "cocoshard.commands",
 }
-PURE = {
-    "cocoshard.prepare.labels",
-    "cocoshard.prepare.format",
-    "cocoshard.prepare.split",
-    "cocoshard.loading.plan",
-    "cocoshard.scoring.metrics",
-}
 TOP = {"cocoshard.demo", "cocoshard.info", "cocoshard.cli", "cocoshard.__main__"}
 STAGES = ("prepare", "loading", "training", "scoring")
 COMMANDS = {
     "cocoshard.prepare.synth",
     "cocoshard.prepare.pack",
     "cocoshard.prepare.inspect",
-    "cocoshard.training.loop",
+    "cocoshard.training.train",
     "cocoshard.scoring.predict",
     "cocoshard.scoring.evaluate",
     "cocoshard.scoring.thresholds",
@@ -69,7 +63,7 @@ def layer(module: str) -> int:
     """0 foundation, 1 pure, 2-5 the stages in data-flow order, 6 the top."""
     if module in FOUNDATION:
         return 0
-    if module in PURE:
+    if module == "cocoshard.pure" or module.startswith("cocoshard.pure."):
         return 1
     if module in TOP:
         return 6
@@ -78,26 +72,15 @@ def layer(module: str) -> int:
     return 2 + STAGES.index(stage)
 
 
-def _type_checking_only(node: ast.AST, parents: dict[ast.AST, ast.AST]) -> bool:
-    while node in parents:
-        node = parents[node]
-        if isinstance(node, ast.If) and ast.unparse(node.test).endswith("TYPE_CHECKING"):
-            return True
-    return False
-
-
 def imports_of(path: Path, modules: set[str]) -> set[str]:
-    """The cocoshard modules a file imports (at the top or inside functions), TYPE_CHECKING aside."""
+    """The cocoshard modules a file imports: at the top, inside functions, under TYPE_CHECKING."""
     tree = ast.parse(path.read_text())
-    parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
     found: set[str] = set()
     for node in ast.walk(tree):
-        if _type_checking_only(node, parents):
-            continue
         if isinstance(node, ast.Import):
             found |= {alias.name for alias in node.names if alias.name.startswith("cocoshard")}
         elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("cocoshard"):
-            for alias in node.names:  # `from cocoshard.scoring import metrics` imports a module
+            for alias in node.names:  # `from cocoshard.pure import metrics` imports a module
                 candidate = f"{node.module}.{alias.name}"
                 found.add(candidate if candidate in modules else node.module)
     return found
@@ -153,17 +136,44 @@ def test_no_import_cycle(graph) -> None:
     assert not cycles
 
 
+# Libraries a pure module may use: computation only, nothing that reads files, talks to processes
+# or prints. (The foundation modules it may import are the class names and the seed scheme.)
+PURE_LIBRARIES = {"__future__", "dataclasses", "math", "numpy", "re", "struct", "typing"}
+PURE_FOUNDATION = {"cocoshard", "cocoshard.seeds"}
+
+
+def test_pure_modules_do_no_io() -> None:
+    impure = []
+    for path in sorted((PACKAGE / "pure").glob("*.py")):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            else:
+                continue
+            for name in names:
+                top = name.split(".")[0]
+                if name.startswith("cocoshard"):
+                    if not name.startswith("cocoshard.pure") and name not in PURE_FOUNDATION:
+                        impure.append(f"{path.name} imports {name}")
+                elif top not in PURE_LIBRARIES:
+                    impure.append(f"{path.name} imports {name}")
+    assert not impure
+
+
 def test_the_rules_would_catch_a_violation(graph) -> None:
     """The checks above are not vacuous: the graph is real, and a planted upward import is seen."""
-    assert "cocoshard.prepare.format" in graph["cocoshard.loading.tario"] | graph["cocoshard.loading.decode"]
+    assert "cocoshard.pure.format" in graph["cocoshard.loading.tario"] | graph["cocoshard.loading.decode"]
     assert (
         layer("cocoshard.prepare.pack")
-        < layer("cocoshard.training.loop")
+        < layer("cocoshard.training.train")
         < layer("cocoshard.scoring.predict")
     )
     planted = {
         **graph,
-        "cocoshard.prepare.labels": graph["cocoshard.prepare.labels"] | {"cocoshard.scoring.predict"},
+        "cocoshard.pure.labels": graph["cocoshard.pure.labels"] | {"cocoshard.scoring.predict"},
     }
     with pytest.raises(AssertionError):
         test_every_import_points_down_or_sideways_within_a_layer(planted)

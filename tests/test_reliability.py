@@ -34,8 +34,8 @@ from cocoshard import cli
 from cocoshard.atomic import TMP_PREFIX
 from cocoshard.errors import UserError
 from cocoshard.loading.loader import build_loader
-from cocoshard.prepare.format import FORMAT_VERSION, encode_labels, is_shard_file, npy_layout
-from cocoshard.prepare.labels import LabelError, parse_cls
+from cocoshard.pure.format import FORMAT_VERSION, encode_labels, is_shard_file, npy_layout
+from cocoshard.pure.labels import LabelError, parse_cls
 from cocoshard.prepare.manifest import MANIFEST
 from cocoshard.scoring.submission import parse_submission_text, validate_submission
 from cocoshard.training.checkpoint import BEST, LAST, load_checkpoint
@@ -278,7 +278,7 @@ def uninterrupted(sample_shards_jpeg: Path, tmp_path_factory: pytest.TempPathFac
 @pytest.mark.parametrize(
     "target, call, when, match, saved_epoch",
     [
-        ("cocoshard.training.loop.train_step", STEPS_PER_EPOCH + 2, "before", "", 1),  # mid-epoch 2
+        ("cocoshard.training.train.train_step", STEPS_PER_EPOCH + 2, "before", "", 1),  # mid-epoch 2
         (
             "torch.save",
             3,

@@ -22,56 +22,17 @@ import numpy as np
 import pytest
 
 from cocoshard.training.runlog import CONFIG_FILE, RUN_FILE
+from conftest import FROM_SCRATCH, TINY, cocoshard, ok, refused
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = [
-    "--model",
-    "cocoshard_tiny",
-    "--device",
-    "cpu",
-    "--size",
-    "64",
-    "--batch-size",
-    "16",
-    "--workers",
-    "0",
-    "--weights",
-    "none",
-    "--log-every",
-    "2",
-]
 pytestmark = pytest.mark.slow
-
-
-def cocoshard(*args: object, timeout: float = 240) -> subprocess.CompletedProcess:
-    done = subprocess.run(
-        [sys.executable, "-m", "cocoshard", *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=REPO,
-        env={**os.environ, "COLUMNS": "1000"},
-    )
-    done.text = " ".join((done.stdout + done.stderr).split())  # rich wraps long lines
-    return done
-
-
-def ok(done: subprocess.CompletedProcess) -> str:
-    assert done.returncode == 0, done.text[-3000:]
-    return done.text
-
-
-def refused(done: subprocess.CompletedProcess, *expected: str) -> None:
-    assert done.returncode != 0 and "Traceback" not in done.text, done.text[-3000:]
-    for part in expected:
-        assert part in done.text, done.text[-2000:]
 
 
 @pytest.fixture(scope="module")
 def run(sample_shards_jpeg: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     """A finished 2-epoch run on coco-sample, and what it printed."""
     out = tmp_path_factory.mktemp("journey") / "run"
-    text = ok(cocoshard("train", "--shards", sample_shards_jpeg, "--out", out, "--epochs", "2", *TINY))
+    text = ok(cocoshard("train", "--shards", sample_shards_jpeg, "--out", out, "--epochs", "2", *TINY, *FROM_SCRATCH))
     return out, text
 
 
@@ -157,7 +118,7 @@ def test_6_sigterm_says_which_epoch_is_kept_and_how_to_resume(sample_shards_jpeg
             str(out),
             "--epochs",
             "40",
-            *TINY,
+            *TINY, *FROM_SCRATCH,
         ],
         cwd=REPO,
         text=True,
@@ -184,11 +145,11 @@ def test_7_flag_habits(sample_shards_jpeg, coco_sample, tmp_path):
     unknown = cocoshard("train", "--shards", sample_shards_jpeg, "--no-such-flag")
     refused(unknown, "usage: cocoshard train", "--no-such-flag")
     refused(
-        cocoshard("train", "--shards", sample_shards_jpeg, "--out", tmp_path / "r", "--ep", "1", *TINY),
+        cocoshard("train", "--shards", sample_shards_jpeg, "--out", tmp_path / "r", "--ep", "1", *TINY, *FROM_SCRATCH),
         "--ep",
     )
     images = coco_sample / "images" / "train-resized" / "train-resized"
-    hint = cocoshard("train", "--shards", images, "--out", tmp_path / "r2", *TINY)
+    hint = cocoshard("train", "--shards", images, "--out", tmp_path / "r2", *TINY, *FROM_SCRATCH)
     refused(hint, "cocoshard pack")
     assert f"--out {images}" not in hint.text  # never suggests packing into the image folder
 

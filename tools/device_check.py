@@ -282,10 +282,10 @@ def step_ceiling(check: Check, shards: Path, work: Path, model: str, compiled: b
     from cocoshard import config
     from cocoshard.settings import resolve
     from cocoshard.loading.batch import Batch
-    from cocoshard.training.loop import OnlineMetrics, train_step
+    from cocoshard.training.train import OnlineMetrics, train_step
     from cocoshard.training.runlog import RunLog
     from cocoshard.training.runtime import setup
-    from cocoshard.training.state import build_trainer, enter_phase
+    from cocoshard.training.trainer import build_trainer, enter_phase
 
     size = 64 if check.cpu else 224
     name = "cocoshard_tiny" if check.cpu else model

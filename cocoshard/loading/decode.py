@@ -25,7 +25,7 @@ import torchvision.io as tvio  # imported here, before loader workers fork, not 
 from PIL import Image, UnidentifiedImageError
 
 from cocoshard.loading.tario import BadSample, Sample
-from cocoshard.prepare.format import (
+from cocoshard.pure.format import (
     EXT_JPEG,
     EXT_LABELS,
     EXT_PIXELS,

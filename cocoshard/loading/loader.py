@@ -12,7 +12,7 @@ Each batch is a `cocoshard.loading.batch.Batch`: uint8 canvases (N, S, S, 3), ea
 top-left (h, w) corner, the (h, w) sizes, float32 multi-hot labels (None for the test split) and
 the sample keys, all on the device.
 
-- Which samples each rank and worker reads: `cocoshard.loading.plan` (pure). Training epochs give
+- Which samples each rank and worker reads: `cocoshard.pure.plan` (pure). Training epochs give
   every rank the same number of full batches (DDP never waits on a rank that ran dry) and
   reshuffle with (seed, epoch); validation and test read every sample once, in the manifest's
   order, keeping the last partial batch.

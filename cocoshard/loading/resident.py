@@ -32,7 +32,7 @@ from cocoshard.errors import UserError
 from cocoshard.loading.batch import Batch
 from cocoshard.loading.buffers import BufferPool
 from cocoshard.loading.decode import fill_canvas, fill_labels
-from cocoshard.loading.plan import epoch_permutation, rank_batches
+from cocoshard.pure.plan import epoch_permutation, rank_batches
 from cocoshard.loading.pooled import PooledBatches
 from cocoshard.loading.tario import BadSample, BadShard, read_samples
 from cocoshard.loading.workers import START_METHOD, Slot, SlotShapes

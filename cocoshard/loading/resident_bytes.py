@@ -22,11 +22,11 @@ from cocoshard import NUM_CLASSES
 from cocoshard.loading.batch import Batch
 from cocoshard.loading.decode import check_pixel_count, fill_labels, image_member, image_size
 from cocoshard.loading.device_decode import KIND_JPEG, KIND_PNG, decode_on_device
-from cocoshard.loading.plan import epoch_permutation, rank_batches
+from cocoshard.pure.plan import epoch_permutation, rank_batches
 from cocoshard.loading.resident import choose_placement
 from cocoshard.loading.tario import BadSample, BadShard, read_samples
 from cocoshard.machine import usable_cores
-from cocoshard.prepare.format import EXT_JPEG, EXT_PNG
+from cocoshard.pure.format import EXT_JPEG, EXT_PNG
 from cocoshard.prepare.manifest import shard_urls, split_shards
 from cocoshard.seeds import Stream, torch_generator
 

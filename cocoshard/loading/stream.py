@@ -1,6 +1,6 @@
 """The stream loader: worker processes read their shard segments and fill batches in shared memory.
 
-Each worker reads only its `(shard, skip, take)` segments of the epoch (`cocoshard.loading.plan`),
+Each worker reads only its `(shard, skip, take)` segments of the epoch (`cocoshard.pure.plan`),
 shuffles them through a seeded buffer (training), decodes them and fills a batch slot
 (`cocoshard.loading.workers`); the main process takes the batches in a fixed order (round-robin
 over the workers, which is the manifest's order for evaluation).
@@ -37,7 +37,7 @@ from cocoshard.loading.decode import (
     image_size,
 )
 from cocoshard.loading.device_decode import KIND_JPEG, KIND_PNG
-from cocoshard.loading.plan import Segment, WorkerPlan, plan_epoch, rank_batches
+from cocoshard.pure.plan import Segment, WorkerPlan, plan_epoch, rank_batches
 from cocoshard.loading.pooled import PooledBatches
 from cocoshard.loading.tario import (
     BadSample,
@@ -49,7 +49,7 @@ from cocoshard.loading.tario import (
 )
 from cocoshard.loading.workers import Slot, SlotShapes
 from cocoshard.machine import usable_cores
-from cocoshard.prepare.format import EXT_JPEG, EXT_PNG
+from cocoshard.pure.format import EXT_JPEG, EXT_PNG
 from cocoshard.prepare.manifest import shard_urls, split_shards
 from cocoshard.seeds import Stream, numpy_rng, torch_generator
 

@@ -29,7 +29,7 @@ from cocoshard.config import InspectConfig
 from cocoshard.settings import print_config
 from cocoshard.console import literal, stdout_console
 from cocoshard.errors import UserError
-from cocoshard.prepare.format import (
+from cocoshard.pure.format import (
     EXT_JPEG,
     EXT_LABELS,
     EXT_PIXELS,

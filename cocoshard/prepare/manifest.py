@@ -3,7 +3,7 @@
 The manifest is written last by `cocoshard pack` and describes every shard (name, samples, bytes,
 sha256) of every split, the pixel format, the canvas size, the class names and the inputs left out.
 Reading it does I/O: a local file, or an HTTP(S) URL prefix (`--shards https://host/shards`).
-The format of the shards it describes: `cocoshard.prepare.format`.
+The format of the shards it describes: `cocoshard.pure.format`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 
 from cocoshard import CLASSES, NUM_CLASSES
 from cocoshard.errors import UserError
-from cocoshard.prepare.format import FORMAT_VERSION, is_shard_file
+from cocoshard.pure.format import FORMAT_VERSION, is_shard_file
 
 MANIFEST = "manifest.json"
 

@@ -39,7 +39,7 @@ from cocoshard.settings import print_config
 from cocoshard.console import literal, stderr_console
 from cocoshard.errors import UserError
 from cocoshard.folder_lock import folder_lock
-from cocoshard.prepare.format import (
+from cocoshard.pure.format import (
     EXT_JPEG,
     EXT_LABELS,
     EXT_PIXELS,
@@ -51,7 +51,7 @@ from cocoshard.prepare.format import (
     member_name,
     shard_name,
 )
-from cocoshard.prepare.labels import multi_hot
+from cocoshard.pure.labels import multi_hot
 from cocoshard.prepare.manifest import MANIFEST, list_shard_files
 from cocoshard.prepare.pool import map_in_workers
 from cocoshard.input_files import InputError, read_input
@@ -64,7 +64,7 @@ from cocoshard.prepare.sources import (
     find_sources,
     take_inventory,
 )
-from cocoshard.prepare.split import SPLIT_METHOD, stratified_split
+from cocoshard.pure.split import SPLIT_METHOD, stratified_split
 from cocoshard.prepare.summary import print_summary
 from cocoshard.seeds import Stream, numpy_rng
 

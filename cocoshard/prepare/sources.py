@@ -22,8 +22,8 @@ from pathlib import Path
 from cocoshard import CLASSES, NUM_CLASSES
 from cocoshard.errors import UserError
 from cocoshard.input_files import InputError, read_input, shown_path
-from cocoshard.prepare.format import key_problem
-from cocoshard.prepare.labels import LabelError, parse_cls
+from cocoshard.pure.format import key_problem
+from cocoshard.pure.labels import LabelError, parse_cls
 
 # Where each input lives under --root, in the order searched (the zip's layout, then the flat one).
 LAYOUTS = {

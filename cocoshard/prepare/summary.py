@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from cocoshard.console import literal
-from cocoshard.prepare.format import MEMBER_LAYOUT, SPLITS
+from cocoshard.pure.format import MEMBER_LAYOUT, SPLITS
 
 HEAD_TAIL = 5
 SHOWN_REJECTIONS = 10

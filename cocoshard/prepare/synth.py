@@ -42,7 +42,7 @@ from cocoshard.config import SynthConfig
 from cocoshard.settings import print_config
 from cocoshard.errors import UserError
 from cocoshard.folder_lock import LOCK_FILE, folder_lock
-from cocoshard.prepare.labels import format_cls
+from cocoshard.pure.labels import format_cls
 from cocoshard.prepare.pool import map_in_workers
 from cocoshard.prepare.sources import SYNTHETIC_MARKER
 from cocoshard.seeds import numpy_rng

@@ -34,7 +34,7 @@ from cocoshard.console import literal, stdout_console
 from cocoshard.errors import UserError
 from cocoshard.folder_lock import folder_lock
 from cocoshard.prepare.manifest import read_manifest, shards_identity
-from cocoshard.scoring import metrics
+from cocoshard.pure import metrics
 from cocoshard.scoring.ground_truth import (
     class_names_of,
     image_keys,

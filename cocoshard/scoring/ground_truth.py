@@ -21,8 +21,8 @@ from cocoshard import CLASSES
 from cocoshard.errors import UserError
 from cocoshard.loading.image_files import list_images
 from cocoshard.loading.tario import Sample, read_samples
-from cocoshard.prepare.format import EXT_LABELS, decode_labels
-from cocoshard.prepare.labels import LabelError, multi_hot, parse_cls
+from cocoshard.pure.format import EXT_LABELS, decode_labels
+from cocoshard.pure.labels import LabelError, multi_hot, parse_cls
 from cocoshard.prepare.manifest import (
     MANIFEST,
     manifest_class_names,

@@ -42,7 +42,7 @@ from cocoshard.loading.loader import build_loader
 from cocoshard.machine import usable_cores
 from cocoshard.prepare.manifest import read_manifest, shards_identity
 from cocoshard.input_files import shown_path
-from cocoshard.scoring.metrics import predictions_from_scores
+from cocoshard.pure.metrics import predictions_from_scores
 from cocoshard.scoring.scores import Scores, file_sha256, save_scores
 from cocoshard.scoring.submission import (
     build_submission,

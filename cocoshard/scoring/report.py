@@ -24,7 +24,7 @@ import numpy as np
 
 from cocoshard import CLASSES
 from cocoshard.atomic import atomic_write_bytes, atomic_write_text
-from cocoshard.scoring.metrics import ServerF1
+from cocoshard.pure.metrics import ServerF1
 from cocoshard.training.runlog import CONFIG_FILE, METRICS_LOG
 
 SUMMARY = "summary.md"

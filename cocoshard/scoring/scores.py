@@ -28,7 +28,7 @@ import numpy as np
 from cocoshard import CLASSES, NUM_CLASSES
 from cocoshard.atomic import atomic_write_bytes
 from cocoshard.errors import UserError
-from cocoshard.scoring.metrics import predictions_from_scores
+from cocoshard.pure.metrics import predictions_from_scores
 from cocoshard.scoring.submission import Submission, build_submission
 
 FIELDS = ("keys", "scores", "thresholds", "classes")

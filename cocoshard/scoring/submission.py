@@ -35,7 +35,7 @@ import numpy as np
 from cocoshard import NUM_CLASSES
 from cocoshard.atomic import atomic_write_text
 from cocoshard.errors import UserError
-from cocoshard.prepare.format import key_problem
+from cocoshard.pure.format import key_problem
 from cocoshard.input_files import InputError, read_input
 
 # The challenge's submission (~5,000 images) is ~150 KB; a file far larger is not one.

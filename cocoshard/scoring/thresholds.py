@@ -8,7 +8,7 @@
 
 Training already tunes thresholds on the validation split at every epoch; this re-tunes them from
 a scores file without touching the model: after `--tta` changed the scores, with another
-`--min-positives`, or on labels of your own. The tuning is `metrics.tune_thresholds` (coordinate
+`--min-positives`, or on labels of your own. The tuning is `threshold_tuning.tune_thresholds` (coordinate
 ascent on the server F1 itself); a class with fewer than `--min-positives` positive images keeps
 `--default` (tuning a threshold on a handful of images fits noise: with the challenge's long tail
 that is ~2 of the 80 classes at 10, more on a small validation split). What tuning buys is also
@@ -25,7 +25,7 @@ from cocoshard.config import ThresholdsConfig
 from cocoshard.settings import print_config
 from cocoshard.console import literal, stdout_console
 from cocoshard.errors import UserError
-from cocoshard.scoring import metrics
+from cocoshard.pure import metrics, threshold_tuning
 from cocoshard.scoring.ground_truth import class_names_of, load_labels
 from cocoshard.scoring.scores import read_scores
 from cocoshard.scoring.threshold_files import write_thresholds_file
@@ -43,7 +43,7 @@ def run(cfg: ThresholdsConfig) -> int:
             f"{unlabelled[0]!r}): tune on the scores of the split the labels describe (predict --split val)"
         )
     truth = np.stack([labels[key] for key in found.keys])
-    tuned = metrics.tune_thresholds(found.scores, truth, default=cfg.default, min_positives=cfg.min_positives)
+    tuned = threshold_tuning.tune_thresholds(found.scores, truth, default=cfg.default, min_positives=cfg.min_positives)
     counts = truth.sum(axis=0)
     kept = [c for c in range(len(counts)) if counts[c] < cfg.min_positives]
     figures = {
@@ -57,7 +57,7 @@ def run(cfg: ThresholdsConfig) -> int:
             metrics.predictions_from_scores(found.scores, tuned), truth
         ).f1,
     }
-    holdout = metrics.holdout_threshold_gain(
+    holdout = threshold_tuning.holdout_threshold_gain(
         found.scores, truth, default=cfg.default, min_positives=cfg.min_positives
     )
     names = class_names_of(cfg.labels)

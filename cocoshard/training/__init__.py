@@ -1,10 +1,10 @@
 """training: `cocoshard train`, the model fitted on loader batches, with its checkpoints.
 
 Owns: models by name (`model`), losses (`loss`), optimiser, schedule and EMA (`optim`), device,
-DDP and mixed precision (`runtime`), what a checkpoint holds and resuming from one
-(`checkpoint`), the run's objects (`state`), the epochs (`loop`) and what a run writes and shows
-(`runlog`).
+DDP and mixed precision (`runtime`), what a checkpoint holds and how it is read (`checkpoint`),
+resuming a run (`resume`), the run's objects and how they are built (`trainer`), the command and
+its epochs (`train`) and what a run writes and shows (`runlog`).
 
-May import: the foundation modules, `prepare` and `loading`; never `scoring` (the loop's
-validation scores with `scoring.metrics`, which is pure and sits below: see the layer test).
+May import: the foundation modules, `cocoshard.pure`, `prepare` and `loading`; never `scoring`
+(validation scores with `cocoshard.pure.metrics`).
 """

@@ -10,7 +10,7 @@ from PIL import Image
 
 from cocoshard.loading.decode import decode_image_to_canvas, fill_canvas, fill_labels, image_size
 from cocoshard.loading.tario import BadSample, Sample
-from cocoshard.prepare.format import encode_labels, encode_npy, encode_pixels
+from cocoshard.pure.format import encode_labels, encode_npy, encode_pixels
 
 
 def encoded(mode: str, size: tuple[int, int], fmt: str = "JPEG") -> bytes:

@@ -22,7 +22,7 @@ from cocoshard.errors import UserError
 from cocoshard.loading.loader import build_loader
 from cocoshard.loading.tario import BadSample, BadShard
 from cocoshard.machine import usable_cores
-from cocoshard.prepare.format import FORMAT_VERSION, encode_labels, encode_pixels, shard_name
+from cocoshard.pure.format import FORMAT_VERSION, encode_labels, encode_pixels, shard_name
 from cocoshard.prepare.manifest import MANIFEST
 
 CANVAS = 32

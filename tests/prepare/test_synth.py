@@ -12,7 +12,7 @@ from cocoshard import NUM_CLASSES
 from cocoshard.cli import main
 from cocoshard.config import SynthConfig
 from cocoshard.errors import UserError
-from cocoshard.prepare.labels import parse_cls
+from cocoshard.pure.labels import parse_cls
 from cocoshard.prepare.synth import (
     COLOURS,
     MARKER,
@@ -202,7 +202,7 @@ def test_rotation_zero_keeps_shapes_upright():
 def test_colour_statistics_alone_do_not_name_the_classes(synth_root):
     # score each class by how many pixels of its colour the image holds: the best a model that
     # sees colour but not shape can do. It must stay far below a model that binds shape to colour.
-    from cocoshard.scoring.metrics import mean_average_precision
+    from cocoshard.pure.metrics import mean_average_precision
 
     palette = np.array(list(COLOURS.values()))
     colour_of = [list(COLOURS).index(class_shape_colour(c)[1]) for c in range(NUM_CLASSES)]

@@ -16,7 +16,8 @@ from test_metrics import statement_validation_loop
 from cocoshard import cli, config
 from cocoshard.settings import resolve
 from cocoshard.errors import UserError
-from cocoshard.scoring import evaluate, metrics
+from cocoshard.pure import metrics
+from cocoshard.scoring import evaluate
 from cocoshard.scoring.ground_truth import (
     class_names_of,
     load_labels,

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cocoshard.scoring import metrics, report
+from cocoshard.pure import metrics
+from cocoshard.scoring import report
 
 
 @pytest.fixture(scope="module")

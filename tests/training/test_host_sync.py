@@ -24,11 +24,11 @@ from cocoshard import config
 from cocoshard.settings import resolve
 from cocoshard.loading.augment import EvalTransform, TrainTransform
 from cocoshard.loading.loader import build_loader
-from cocoshard.training.loop import OnlineMetrics, train_step
+from cocoshard.training.train import OnlineMetrics, train_step
 from cocoshard.training.optim import lerp_all
 from cocoshard.training.runlog import RunLog
 from cocoshard.training.runtime import setup
-from cocoshard.training.state import build_trainer, enter_phase
+from cocoshard.training.trainer import build_trainer, enter_phase
 
 PACKAGE = str(Path(cocoshard.__file__).parent)
 TENSOR_READS = ("item", "tolist", "cpu", "numpy", "nonzero", "__bool__", "__int__", "__float__")
@@ -96,7 +96,7 @@ def test_the_counter_catches_what_it_is_for(sample_shards_jpeg, tmp_path):
             generator=torch.Generator(),
         )
     tr.train_loader.close()
-    assert any(key.endswith(" item") and key.startswith("loop.py") for key in found), found
+    assert any(key.endswith(" item") and key.startswith("train.py") for key in found), found
     assert any(key.startswith("resample.py") and key.endswith(" tensor") for key in found), found
 
 

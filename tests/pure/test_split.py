@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from cocoshard.prepare.labels import multi_hot
-from cocoshard.prepare.split import stratified_split
+from cocoshard.pure.labels import multi_hot
+from cocoshard.pure.split import stratified_split
 
 
 def coco_like_labels(rng: np.random.Generator, images: int = 65_000) -> np.ndarray:

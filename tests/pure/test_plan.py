@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cocoshard.loading.plan import (
+from cocoshard.pure.plan import (
     epoch_permutation,
     plan_epoch,
     rank_batches,

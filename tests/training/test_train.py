@@ -6,10 +6,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +19,12 @@ from cocoshard.settings import resolve
 from cocoshard.training.checkpoint import BEST, LAST, load_checkpoint
 from cocoshard.training.runlog import (
     CONFIG_FILE,
-    METRICS_LOG,
     TENSORBOARD_DIR,
     THRESHOLDS_FILE,
     RunLog,
 )
 from cocoshard.training.runtime import setup
+from conftest import TINY, records
 
 CHECKPOINT_KEYS = {
     "model",
@@ -43,22 +41,6 @@ CHECKPOINT_KEYS = {
     "metrics",
     "versions",
 }
-TINY = [
-    "--model",
-    "cocoshard_tiny",
-    "--device",
-    "cpu",
-    "--size",
-    "64",
-    "--batch-size",
-    "16",
-    "--workers",
-    "0",
-    "--log-every",
-    "2",
-]
-
-
 def train(*args: str) -> int:
     return cli.main(["train", *args])
 
@@ -72,10 +54,6 @@ def wide_console(monkeypatch: pytest.MonkeyPatch) -> None:
 def error_text(capsys: pytest.CaptureFixture) -> str:
     """What the CLI printed on stderr, on one line."""
     return " ".join(capsys.readouterr().err.split())
-
-
-def records(run: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (run / METRICS_LOG).read_text().splitlines()]
 
 
 # ----------------------------------------------------------------------------------- a few steps
@@ -147,8 +125,8 @@ def test_local_weights_file_with_an_imagenet_head(sample_shards_jpeg: Path, tmp_
 def test_bf16_autocast_and_channels_last_reach_the_model(
     sample_shards_jpeg: Path, tmp_path: Path, amp: bool, channels_last: bool
 ) -> None:
-    from cocoshard.training.loop import OnlineMetrics, train_step
-    from cocoshard.training.state import build_trainer, enter_phase
+    from cocoshard.training.train import OnlineMetrics, train_step
+    from cocoshard.training.trainer import build_trainer, enter_phase
 
     cfg = resolve(
         config.TrainConfig,
@@ -395,127 +373,6 @@ def test_a_short_synthetic_run_learns(learnable_shards: Path, tmp_path: Path) ->
     assert history[-1]["train"]["loss"] < history[0]["train"]["loss"]
     saved = json.loads((run / THRESHOLDS_FILE).read_text())
     assert saved["epoch"] == best["epoch"] and saved["server_f1_tuned"] == figures["server_f1_tuned"]
-
-
-# ----------------------------------------------------------------------------------- kill -9, resume
-
-
-RESUME_ARGS = [
-    "--model",
-    "cocoshard_tiny",
-    "--device",
-    "cpu",
-    "--size",
-    "64",
-    "--batch-size",
-    "32",
-    "--workers",
-    "0",
-    "--weights",
-    "none",
-    "--epochs",
-    "3",
-    "--log-every",
-    "1",
-    "--seed",
-    "3",
-]
-
-
-def _start(shards: Path, run: Path, *extra: str) -> subprocess.Popen:
-    env = {**os.environ, "COLUMNS": "200"}
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "cocoshard",
-            "train",
-            "--shards",
-            str(shards),
-            "--out",
-            str(run),
-            *RESUME_ARGS,
-            *extra,
-        ],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-
-
-def _wait_for(condition: Any, process: subprocess.Popen, timeout: float = 120.0, poll: float = 0.002) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if process.poll() is not None:
-            raise AssertionError(
-                f"training ended (rc {process.returncode}) before the moment to kill it: "
-                f"{process.stderr.read().decode()[-2000:]}"
-            )
-        if time.monotonic() > deadline:
-            process.kill()
-            raise AssertionError("timed out waiting for the moment to kill training")
-        time.sleep(poll)
-
-
-def _kill(process: subprocess.Popen) -> None:
-    process.send_signal(signal.SIGKILL)
-    process.wait(timeout=30)
-    process.stderr.close()
-
-
-def _epochs_logged(run: Path) -> int:
-    """Complete lines in metrics.jsonl (a line being written does not count yet)."""
-    path = run / METRICS_LOG
-    return path.read_bytes().count(b"\n") if path.is_file() else 0
-
-
-def _final_figures(run: Path) -> dict[str, Any]:
-    last = records(run)[-1]
-    return {"epoch": last["epoch"], "step": last["step"], "train": last["train"], "val": last["val"]}
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(synth_shards_raw: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """The final figures of a run that nothing interrupted (the reference for resumed runs)."""
-    run = tmp_path_factory.mktemp("uninterrupted") / "run"
-    assert train("--shards", str(synth_shards_raw), "--out", str(run), *RESUME_ARGS) == 0
-    return _final_figures(run)
-
-
-@pytest.mark.slow
-def test_kill_mid_epoch_then_resume_ends_like_an_uninterrupted_run(
-    synth_shards_raw: Path, tmp_path: Path, uninterrupted: dict[str, Any]
-) -> None:
-    run = tmp_path / "run"
-    process = _start(synth_shards_raw, run)
-    _wait_for(lambda: (run / LAST).is_file(), process)  # epoch 1 is saved; epoch 2 is under way
-    time.sleep(0.3)
-    _kill(process)
-    assert load_checkpoint(run / LAST)["epoch"] in (1, 2)
-    assert train("--shards", str(synth_shards_raw), "--out", str(run), *RESUME_ARGS, "--resume") == 0
-    assert [r["epoch"] for r in records(run)] == [1, 2, 3]
-    assert _final_figures(run) == uninterrupted
-
-
-@pytest.mark.slow
-def test_kill_during_a_checkpoint_write_leaves_a_loadable_last_pt(
-    synth_shards_raw: Path, tmp_path: Path, uninterrupted: dict[str, Any]
-) -> None:
-    from cocoshard.atomic import TMP_PREFIX
-
-    run = tmp_path / "run"
-    process = _start(synth_shards_raw, run)
-    _wait_for(lambda: _epochs_logged(run) >= 2, process)
-    # epoch 2 is logged and its last.pt is being written (or just was): kill on the temporary file
-    _wait_for(
-        lambda: any(run.glob(TMP_PREFIX + LAST + "*")) or load_checkpoint(run / LAST)["epoch"] == 2, process
-    )
-    _kill(process)
-    assert load_checkpoint(run / LAST)["epoch"] in (1, 2)
-    assert train("--shards", str(synth_shards_raw), "--out", str(run), *RESUME_ARGS, "--resume") == 0
-    assert not list(run.glob(TMP_PREFIX + "*"))
-    assert [r["epoch"] for r in records(run)] == [1, 2, 3]
-    assert _final_figures(run) == uninterrupted
 
 
 # ----------------------------------------------------------------------------------- torchrun

@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cocoshard.prepare.format import (
+from cocoshard.pure.format import (
     decode_labels,
     decode_pixels,
     encode_labels,
@@ -22,7 +22,7 @@ from cocoshard.prepare.format import (
     shard_name,
     split_member_name,
 )
-from cocoshard.prepare.labels import multi_hot, parse_cls
+from cocoshard.pure.labels import multi_hot, parse_cls
 from cocoshard.prepare.manifest import list_shard_files
 
 

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cocoshard.prepare.labels import (
+from cocoshard.pure.labels import (
     LabelError,
     class_ids,
     format_cls,

@@ -1,8 +1,7 @@
-"""A run's state between steps (`Trainer`) and how it is built: every check first, then the objects.
+"""The trainer: a run's state between steps (`Trainer`) and how it is built, every check first.
 
-`settle_settings` decides what the run uses before anything starts: a new run's own settings, or
-with `--resume` the resumed run's (`checkpoint.resume_settings`). `build_trainer` then does every
-check that can fail before any work (unknown model, missing shards, images shared by train and
+`build_trainer` takes the settings the run uses (`cocoshard.training.resume.settings_to_run` decided
+them: a new run's own, or a resumed run's) and does every check that can fail before any work (unknown model, missing shards, images shared by train and
 val, a batch larger than the split, a run folder that already holds a run), resolves every
 automatic setting to what the run really uses (device, AMP dtype, loader workers, CPU threads),
 prints and saves it, and only then builds the model, loaders, optimiser, schedule and EMA,
@@ -25,7 +24,6 @@ from torch import nn
 from cocoshard import NUM_CLASSES
 from cocoshard.atomic import remove_stale_temporaries
 from cocoshard.config import TrainConfig
-from cocoshard.settings import print_config, to_dict
 from cocoshard.errors import ConfigError, UserError
 from cocoshard.loading.augment import EvalTransform, TrainTransform
 from cocoshard.loading.loader import build_loader
@@ -38,16 +36,8 @@ from cocoshard.prepare.manifest import (
     shard_urls,
     shards_identity,
 )
-from cocoshard.training.checkpoint import (
-    BEST,
-    LAST,
-    check_same_shards,
-    load_checkpoint,
-    restore,
-    resume_path,
-    resume_settings,
-    versions,
-)
+from cocoshard.settings import print_config, to_dict
+from cocoshard.training.checkpoint import BEST, LAST, versions
 from cocoshard.training.loss import build_loss
 from cocoshard.training.model import (
     build_model,
@@ -57,7 +47,8 @@ from cocoshard.training.model import (
 )
 from cocoshard.training.optim import ModelEma, build_optimizer, build_scheduler
 from cocoshard.training.runlog import RunLog
-from cocoshard.training.runtime import Runtime, seed_everything, wrap_ddp
+from cocoshard.training.resume import check_same_shards, restore
+from cocoshard.training.runtime import Runtime, rng_state, seed_everything, set_rng_state, unwrap, wrap_ddp
 
 
 @dataclass
@@ -93,6 +84,41 @@ class Trainer:
         """The run folder."""
         return Path(self.cfg.out)
 
+    def state_dict(self, keep_ema: bool = True) -> dict[str, Any]:
+        """What resuming needs of this trainer, as tensors, numbers, strings and containers only
+        (a checkpoint loads with weights_only=True). `keep_ema=False` leaves the EMA out, so that a
+        reader preferring the EMA uses the raw weights an epoch selected."""
+        return {
+            "model": unwrap(self.model).state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None and keep_ema else None,
+            "ema_updates": self.ema.updates if self.ema is not None else 0,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "step": self.step,
+            "rng": rng_state(),
+            "config": to_dict(self.cfg),
+            "shards": self.shards_identity,
+            "class_counts": list(self.class_counts),
+            "classes": list(self.classes),
+            "best": {"epoch": self.best_epoch, "server_f1_tuned": self.best_score},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a checked checkpoint: weights, EMA, optimiser, schedule, scaler, counters, RNG."""
+        self.model.load_state_dict(state["model"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"] or state["model"], int(state.get("ema_updates", 0)))
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.epoch, self.step = int(state["epoch"]), int(state["step"])
+        best = state.get("best") or {}
+        self.best_score, self.best_epoch = float(best.get("server_f1_tuned", -1.0)), int(best.get("epoch", 0))
+        set_rng_state(state["rng"])
+        self.log.keep_epochs_up_to(self.epoch)
+
     def skipped_samples(self) -> int:
         """Samples this rank's loaders skipped as undecodable (with --skip-bad-samples)."""
         return sum(
@@ -101,17 +127,6 @@ class Trainer:
 
 
 # ----------------------------------------------------------------------------------- settings
-
-
-def settle_settings(cfg: TrainConfig) -> tuple[TrainConfig, Optional[dict[str, Any]], Optional[Path]]:
-    """(the settings the run uses, the checkpoint it resumes or None, its path): before anything starts."""
-    if not cfg.resume:
-        return cfg.resolved(), None, None
-    path = resume_path(cfg)
-    if not path.is_file():
-        raise ConfigError(f"--resume: there is no {path} to continue; drop --resume to start a new run")
-    state = load_checkpoint(path)
-    return resume_settings(cfg, state, path).resolved(), state, path
 
 
 def loader_workers(cfg: TrainConfig, runtime: Runtime) -> int:
@@ -348,8 +363,9 @@ def build_trainer(
         shards_identity=identity,
         class_counts=manifest["splits"]["train"]["class_counts"],
     )
-    if resumed is not None:
-        restore(tr, resumed, resumed_from)
+    if resumed is not None and resumed_from is not None:
+        restore(tr, resumed, resumed_from, is_main=runtime.is_main)
+        log.note(f"resumed from {resumed_from}: {tr.epoch} epoch(s), {tr.step} steps done")
     else:
         log.keep_epochs_up_to(0)  # a run killed before its first checkpoint may have logged an epoch
         if runtime.is_main and out.is_dir():

@@ -5,11 +5,12 @@
     $ torchrun --nproc_per_node=4 -m cocoshard train --shards shards --out runs/ddp
     $ cocoshard train --shards demo/shards --model cocoshard_tiny --weights none --size 96 --device cpu
 
-The shape of torchvision's classification reference: `run` resolves the configuration and builds
-the state (`trainer.build_trainer`), then each epoch is `train_one_epoch` followed by `evaluate` of
-the raw weights and of their EMA, threshold tuning on the validation split for the server F1, one
-line in metrics.jsonl and atomic `last.pt` / `best.pt`. Batches arrive from the loader as uint8 on
-the device; augmentation and normalisation happen there. The step never waits for the device
+The shape of torchvision's classification reference: `run` decides the settings
+(`resume.settings_to_run`) and builds the trainer (`trainer.build_trainer`), then each epoch is
+`train_one_epoch` followed by `validate` of the raw weights and of their EMA, threshold tuning on
+the validation split for the server F1, one line in metrics.jsonl and atomic `last.pt` /
+`best.pt`. Batches arrive training-ready from the loader (`batch.inputs`: cropped, resized and
+normalised where that was cheapest, see `cocoshard.loading`). The step never waits for the device
 except every `--log-every` steps, to show progress.
 """
 
@@ -27,7 +28,7 @@ from cocoshard.config import TrainConfig
 from cocoshard.errors import UserError
 from cocoshard.folder_lock import folder_lock
 from cocoshard.loading.batch import Batch
-from cocoshard.scoring import metrics
+from cocoshard.pure import metrics, threshold_tuning
 from cocoshard.seeds import Stream, derive_seed
 from cocoshard.training.checkpoint import (
     BEST,
@@ -48,12 +49,8 @@ from cocoshard.training.runtime import (
     gather_rows,
     setup,
 )
-from cocoshard.training.state import (
-    Trainer,
-    build_trainer,
-    enter_phase,
-    settle_settings,
-)
+from cocoshard.training.resume import settings_to_run
+from cocoshard.training.trainer import Trainer, build_trainer, enter_phase
 
 # ----------------------------------------------------------------------------------- training
 
@@ -234,9 +231,9 @@ def score_validation(
 ) -> tuple[dict[str, float], np.ndarray]:
     """Headline metrics at 0.5 and at thresholds tuned for the server F1, and those thresholds."""
     at_half = metrics.metrics_from_scores(scores, labels)
-    thresholds = metrics.tune_thresholds(scores, labels)
+    thresholds = threshold_tuning.tune_thresholds(scores, labels)
     tuned = metrics.metrics_from_scores(scores, labels, thresholds)
-    holdout = metrics.holdout_threshold_gain(scores, labels, seed=seed)
+    holdout = threshold_tuning.holdout_threshold_gain(scores, labels, seed=seed)
     figures = {
         "loss": loss,
         "server_f1": at_half["server_f1"],
@@ -292,11 +289,10 @@ def finish_epoch(tr: Trainer, epoch: int, train: dict[str, Any], figures: dict, 
     }
     tr.log.record_epoch(record, list(figures))
     if improved:
+        state = tr.state_dict(keep_ema=selected == EMA)
         save_checkpoint(
             tr.out / BEST,
-            checkpoint_state(
-                tr, epoch + 1, thresholds[selected], figures[selected], keep_ema=selected == EMA
-            ),
+            checkpoint_state(state, epoch=epoch + 1, thresholds=thresholds[selected], figures=figures[selected]),
         )
         tr.log.save_thresholds(
             {
@@ -313,8 +309,9 @@ def finish_epoch(tr: Trainer, epoch: int, train: dict[str, Any], figures: dict, 
     # between must leave the best files already written, never named by the log but missing.
     # predict uses the EMA whenever a checkpoint has one: last.pt carries the EMA's thresholds.
     kept = EMA if EMA in figures else RAW
+    state = tr.state_dict(keep_ema=True)
     save_checkpoint(
-        tr.out / LAST, checkpoint_state(tr, epoch + 1, thresholds[kept], figures[kept], keep_ema=True)
+        tr.out / LAST, checkpoint_state(state, epoch=epoch + 1, thresholds=thresholds[kept], figures=figures[kept])
     )
 
 
@@ -379,7 +376,7 @@ def interrupted_lines(tr: Trainer) -> list[str]:
 
 def run(cfg: TrainConfig) -> int:
     """Entry point of `cocoshard train` (and of each torchrun process)."""
-    cfg, resumed, resumed_from = settle_settings(cfg)
+    cfg, resumed, resumed_from = settings_to_run(cfg)
     runtime = setup(cfg.device, cfg.amp, cfg.amp_dtype)
     log = RunLog(cfg.out, enabled=runtime.is_main)
     tr = None

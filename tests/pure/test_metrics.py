@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 import torch
@@ -11,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from cocoshard.scoring import metrics
+from cocoshard.pure import metrics
 
 # ----------------------------------------------------------------------------------- reference
 
@@ -216,51 +214,3 @@ def test_threshold_comparison_is_strict_and_float64() -> None:
         np.array([[0.5, score]], dtype=np.float32), np.array([0.5, just_below])
     )
     assert pred.tolist() == [[False, True]]
-
-
-# ----------------------------------------------------------------------------------- thresholds
-
-
-def test_tuning_never_lowers_the_server_f1_on_its_own_data() -> None:
-    scores, labels = random_problem(6, images=400)
-    tuned = metrics.tune_thresholds(scores, labels, min_positives=1)
-    before = metrics.server_f1(scores > 0.5, labels).f1
-    after = metrics.server_f1(metrics.predictions_from_scores(scores, tuned), labels).f1
-    assert after > before + 0.01
-
-
-def test_tuning_one_class_finds_the_exact_optimum() -> None:
-    rng = np.random.default_rng(7)
-    labels = rng.random((300, 1)) < 0.2
-    scores = np.clip(rng.normal(0.4, 0.2, (300, 1)) + 0.25 * labels, 0, 1)
-    tuned = metrics.tune_thresholds(scores, labels, min_positives=1)
-    best = max(metrics.server_f1(scores >= t, labels).f1 for t in np.unique(scores))
-    assert metrics.server_f1(metrics.predictions_from_scores(scores, tuned), labels).f1 == pytest.approx(best)
-    assert tuned[0] not in set(scores[:, 0].tolist())  # a midpoint, not a seen score
-
-
-def test_rare_classes_keep_the_default_and_shrink_pulls_towards_it() -> None:
-    scores, labels = random_problem(8, images=300, classes=10)
-    labels[:, 9] = False
-    labels[:4, 9] = True
-    tuned = metrics.tune_thresholds(scores, labels, min_positives=5, default=0.4)
-    assert tuned[9] == 0.4
-    shrunk = metrics.tune_thresholds(scores, labels, min_positives=5, default=0.4, shrink=1e6)
-    np.testing.assert_allclose(shrunk, 0.4, atol=1e-3)
-
-
-def test_tuning_is_fast_enough_for_a_real_validation_set() -> None:
-    scores, labels = random_problem(9, images=10_000, classes=80)
-    start = time.perf_counter()
-    tuned = metrics.tune_thresholds(scores, labels)
-    assert time.perf_counter() - start < 5.0
-    assert tuned.shape == (80,) and np.isfinite(tuned).all()
-
-
-def test_holdout_gain_is_measured_on_unseen_images() -> None:
-    scores, labels = random_problem(10, images=2000)
-    result = metrics.holdout_threshold_gain(scores, labels, seed=3)
-    assert set(result) == {"server_f1_default", "server_f1_tuned", "gain"}
-    assert result["gain"] == pytest.approx(result["server_f1_tuned"] - result["server_f1_default"])
-    assert result == metrics.holdout_threshold_gain(scores, labels, seed=3)
-    assert result["gain"] > 0.0  # the scores are miscalibrated for 0.5: tuning must help
