@@ -11,8 +11,8 @@ workers (RandomResizedCrop, horizontal flip, ToTensor, Normalize), float32 batch
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 from PIL import Image
@@ -21,8 +21,8 @@ from torchvision import transforms
 from cocoshard import NUM_CLASSES
 from cocoshard.errors import UserError
 from cocoshard.loading.resample import IMAGENET_MEAN, IMAGENET_STD
-from cocoshard.pure.labels import LabelError, parse_cls
 from cocoshard.prepare.sources import find_sources
+from cocoshard.pure.labels import LabelError, parse_cls
 
 
 def find_train_folders(root: str | os.PathLike) -> tuple[Path, Path]:
@@ -50,9 +50,9 @@ class FolderDataset(torch.utils.data.Dataset):
         self,
         image_dir: str | os.PathLike,
         label_dir: str | os.PathLike,
-        transform: Optional[Callable] = None,
-        max_images: Optional[int] = None,
-        keys: Optional[Iterable[str]] = None,
+        transform: Callable | None = None,
+        max_images: int | None = None,
+        keys: Iterable[str] | None = None,
         with_keys: bool = False,
     ) -> None:
         self.image_dir, self.label_dir = Path(image_dir), Path(label_dir)
@@ -101,8 +101,8 @@ def build_folder_loader(
     size: int = 224,
     scale: Sequence[float] = (0.35, 1.0),
     seed: int = 0,
-    max_images: Optional[int] = None,
-    keys: Optional[Iterable[str]] = None,
+    max_images: int | None = None,
+    keys: Iterable[str] | None = None,
     with_keys: bool = False,
 ) -> torch.utils.data.DataLoader:
     """The statement's training DataLoader over a challenge folder: shuffled, `workers` processes."""

@@ -22,7 +22,7 @@ import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import pytest
@@ -226,7 +226,7 @@ def device_name() -> str:
 
 
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
-    found: Optional[BenchReport] = config.stash.get(_REPORT_KEY, None)
+    found: BenchReport | None = config.stash.get(_REPORT_KEY, None)
     if found is None or not (found.pipelines or found.train_step):
         return
     found.note_load("end")
@@ -285,8 +285,8 @@ class BenchData:
 
 def _pack(root: Path, out: Path, pixel_format: str, size: int) -> None:
     from cocoshard import config
-    from cocoshard.settings import resolve
     from cocoshard.prepare import pack
+    from cocoshard.settings import resolve
 
     settings = {
         "root": str(root),
@@ -298,7 +298,7 @@ def _pack(root: Path, out: Path, pixel_format: str, size: int) -> None:
     pack.pack_folder(resolve(config.PackConfig, settings), progress=False)
 
 
-def _build(root: Optional[str], bench_set: str, images: int, folder: Path, size: int) -> Path:
+def _build(root: str | None, bench_set: str, images: int, folder: Path, size: int) -> Path:
     if root is not None:
         source = Path(root)
     elif bench_set == "photos":
@@ -318,9 +318,9 @@ def _build(root: Optional[str], bench_set: str, images: int, folder: Path, size:
 
 def _truth(shards: Path, root: Path) -> tuple[list[str], dict[str, np.ndarray]]:
     from cocoshard.loading.tario import read_samples
-    from cocoshard.pure.labels import multi_hot, parse_cls
     from cocoshard.prepare.manifest import read_manifest, shard_urls, split_shards
     from cocoshard.prepare.sources import find_sources
+    from cocoshard.pure.labels import multi_hot, parse_cls
 
     manifest = read_manifest(shards)
     urls, entries = shard_urls(shards, manifest, "train"), split_shards(manifest, "train")

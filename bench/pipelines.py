@@ -13,13 +13,13 @@ shape, dtype, memory format, value range, and labels equal to the `.cls` files o
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
 
-Batches = Iterator[tuple[torch.Tensor, Optional[torch.Tensor], list[str]]]
+Batches = Iterator[tuple[torch.Tensor, torch.Tensor | None, list[str]]]
 SCALE, RATIO = (0.35, 1.0), (3 / 4, 4 / 3)
 
 

@@ -20,6 +20,14 @@ import time
 
 import pytest
 import torch
+from pipelines import (
+    PeerUnavailable,
+    Pipeline,
+    check_first_batch,
+    folder_pipeline,
+    shard_pipeline,
+)
+
 from conftest import (
     OURS,
     BenchData,
@@ -27,13 +35,6 @@ from conftest import (
     bench_device,
     cores,
     process_tree_cpu_seconds,
-)
-from pipelines import (
-    PeerUnavailable,
-    Pipeline,
-    check_first_batch,
-    folder_pipeline,
-    shard_pipeline,
 )
 
 

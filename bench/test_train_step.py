@@ -13,8 +13,9 @@ import time
 
 import torch
 import torchvision
-from conftest import BenchReport, bench_device
 from pipelines import training_dtype
+
+from conftest import BenchReport, bench_device
 
 CPU_BATCH, CPU_STEPS, GPU_STEPS, WARMUP_STEPS = 16, 6, 30, 3
 

@@ -22,12 +22,13 @@ import argparse
 import signal
 import sys
 import typing
-from typing import Any, Literal, Sequence
+from collections.abc import Sequence
+from typing import Any, Literal
 
-from cocoshard.settings import fields_of, resolve
 from cocoshard.commands import COMMANDS, run_command
 from cocoshard.console import literal, stderr_console
 from cocoshard.errors import Interrupted, UserError
+from cocoshard.settings import fields_of, optional_of, resolve
 
 
 def _add_field(parser: argparse.ArgumentParser, f: Any, kind: Any) -> None:
@@ -36,10 +37,8 @@ def _add_field(parser: argparse.ArgumentParser, f: Any, kind: Any) -> None:
     if "default" not in help_text and "unset" not in help_text:  # some helps explain a computed default
         help_text += f" (default: {f.default})"
     help_text = help_text.replace("%", "%%")
+    kind = optional_of(kind) or kind
     args = typing.get_args(kind)
-    if typing.get_origin(kind) is typing.Union:  # Optional[X]
-        kind = next(a for a in args if a is not type(None))
-        args = typing.get_args(kind)
     if f.metadata.get("const") is not None:  # a flag that may stand alone: --resume [PATH]
         parser.add_argument(
             flag,

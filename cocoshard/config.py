@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 from cocoshard.errors import ConfigError
 from cocoshard.settings import Validated, flag, fraction, non_negative, opt, positive
@@ -36,7 +36,7 @@ class SynthConfig(Validated):
     seed: int = opt(0, "random seed: the same seed gives the same files")
     size: int = opt(224, "long side of every image in pixels")
     quality: int = opt(90, "JPEG quality")
-    workers: Optional[int] = opt(None, WORKERS_HELP)
+    workers: int | None = opt(None, WORKERS_HELP)
     min_scale: float = opt(0.125, "smallest object as a fraction of the long side")
     max_scale: float = opt(1 / 3, "largest object as a fraction of the long side")
     clutter: float = opt(1.0, "background noise and distractor strokes (0: clean gradient)")
@@ -70,9 +70,9 @@ class PackConfig(Validated):
         "ms-coco", "challenge folder (either layout: images/train-resized/train-resized or images/train)"
     )
     out: str = opt("shards", "output folder for {train,val,test}-NNNNNN.tar and manifest.json")
-    train_images: Optional[str] = opt(None, "folder of train JPEGs (overrides the one found under --root)")
-    train_labels: Optional[str] = opt(None, "folder of train .cls files (overrides --root)")
-    test_images: Optional[str] = opt(None, "folder of test JPEGs (overrides --root)")
+    train_images: str | None = opt(None, "folder of train JPEGs (overrides the one found under --root)")
+    train_labels: str | None = opt(None, "folder of train .cls files (overrides --root)")
+    test_images: str | None = opt(None, "folder of test JPEGs (overrides --root)")
     val_fraction: float = opt(0.2, "share of labelled images held out for validation (stratified)")
     seed: int = opt(0, "seed of the train/val split")
     format: Literal["jpeg", "raw"] = opt(
@@ -82,7 +82,7 @@ class PackConfig(Validated):
         224, "largest side stored: larger images are shrunk to it (and it is the loaders' canvas)"
     )
     shard_samples: int = opt(800, "samples per shard (65k train images give >= 64 shards)")
-    workers: Optional[int] = opt(None, WORKERS_HELP)
+    workers: int | None = opt(None, WORKERS_HELP)
     strict: bool = opt(False, "exit non-zero when any input is rejected")
 
     def validate(self) -> None:
@@ -98,7 +98,7 @@ class InspectConfig(Validated):
 
     shards: str = opt("shards", "folder holding manifest.json and the shards")
     verify: bool = opt(False, "re-hash every shard against the manifest and decode every sample")
-    workers: Optional[int] = opt(None, WORKERS_HELP)
+    workers: int | None = opt(None, WORKERS_HELP)
 
     def validate(self) -> None:
         non_negative(self, "workers")
@@ -119,12 +119,12 @@ class TrainConfig(Validated):
     epochs: int = opt(12, "epochs in total, head-only warm-up included")
     batch_size: int = opt(128, "images per step on each process")
     lr: float = opt(1e-3, "peak learning rate of the head; the backbone gets lr * --backbone-lr-mult")
-    backbone_lr_mult: Optional[float] = opt(
+    backbone_lr_mult: float | None = opt(
         None,
         "backbone learning rate as a fraction of --lr (default: 0.1 with pretrained weights, 1 from scratch)",
     )
     weight_decay: float = opt(0.05, "AdamW weight decay (never on norms and biases)")
-    freeze_epochs: Optional[int] = opt(
+    freeze_epochs: int | None = opt(
         None,
         "epochs with the backbone frozen, head-only warm-up (default: 1 with pretrained weights, 0 from "
         "scratch)",
@@ -157,19 +157,19 @@ class TrainConfig(Validated):
         "JPEG shards: decode in the loader (host) or send the bytes and decode each batch on the device "
         "(nvJPEG on a GPU)",
     )
-    workers: Optional[int] = opt(
+    workers: int | None = opt(
         None,
         "loader processes per rank (unset: automatic, cores / ranks on a GPU, 0 on a CPU; 0: in the training "
         "process)",
     )
-    threads: Optional[int] = opt(
+    threads: int | None = opt(
         None,
         "CPU threads of the training process (unset: automatic, from the cores this process may use and its "
         "loader workers)",
     )
     device: Literal["auto", "cpu", "cuda"] = opt("auto", "where to train")
     seed: int = opt(0, "seed of initialisation, shuffling and augmentation")
-    resume: Optional[str] = opt(
+    resume: str | None = opt(
         None,
         "continue a run: --resume alone continues OUT/last.pt, --resume PATH/last.pt that one; the run's own "
         "settings are used",
@@ -213,7 +213,7 @@ class TrainConfig(Validated):
         """True when the backbone starts from trained weights (ImageNet or a local file)."""
         return self.weights != "none"
 
-    def resolved(self) -> "TrainConfig":
+    def resolved(self) -> TrainConfig:
         """A copy with the automatic settings that depend only on other settings filled in."""
         return dataclasses.replace(
             self,
@@ -231,14 +231,14 @@ class PredictConfig(Validated):
     """Predict classes for every test image and write the strict submission JSON."""
 
     checkpoint: str = opt("runs/train/best.pt", "checkpoint written by `cocoshard train`")
-    shards: Optional[str] = opt(None, "read the images from these shards (with --split)")
+    shards: str | None = opt(None, "read the images from these shards (with --split)")
     split: Literal["test", "val", "train"] = opt("test", "which split of --shards")
-    images: Optional[str] = opt(None, "read a folder of JPEGs instead (e.g. the zip's test folder)")
+    images: str | None = opt(None, "read a folder of JPEGs instead (e.g. the zip's test folder)")
     out: str = opt("predictions.json", "submission JSON to write")
-    threshold: Optional[float] = opt(
+    threshold: float | None = opt(
         None, "one threshold for every class instead of the checkpoint's tuned ones"
     )
-    thresholds: Optional[str] = opt(
+    thresholds: str | None = opt(
         None, "per-class thresholds from this file (`cocoshard thresholds --out`) instead of the checkpoint's"
     )
     min_labels: int = opt(1, "keep the top classes of an image until it has at least this many")
@@ -248,9 +248,9 @@ class PredictConfig(Validated):
         "(said on screen and in the scores file)",
     )
     tta: bool = opt(False, "average with the horizontally flipped image")
-    scores: Optional[str] = opt(None, "also save raw probabilities with keys (.npz) for re-thresholding")
+    scores: str | None = opt(None, "also save raw probabilities with keys (.npz) for re-thresholding")
     batch_size: int = opt(256, "images per forward pass")
-    workers: Optional[int] = opt(None, WORKERS_HELP)
+    workers: int | None = opt(None, WORKERS_HELP)
     amp: bool = opt(True, "mixed precision on the device")
     device: Literal["auto", "cpu", "cuda"] = opt("auto", "where to run")
 
@@ -272,21 +272,21 @@ class EvaluateConfig(Validated):
     """Score a submission JSON against .cls labels: the leaderboard's F1 and friends."""
 
     predictions: str = opt("predictions.json", "submission JSON to check and score")
-    labels: Optional[str] = opt(
+    labels: str | None = opt(
         None, "folder of .cls files, or shards folder (its val split); omit to only check the format"
     )
-    images: Optional[str] = opt(
+    images: str | None = opt(
         None, "folder of images (or shards folder: its test split) the file must cover exactly, each once"
     )
     subset: bool = opt(
         False, "score the images the file predicts even when it leaves out some of the labelled ones"
     )
-    scores: Optional[str] = opt(None, "raw probabilities (.npz from predict --scores) for mAP")
+    scores: str | None = opt(None, "raw probabilities (.npz from predict --scores) for mAP")
     per_class: bool = opt(False, "print a per-class table")
-    report: Optional[str] = opt(None, "write PNG figures and a markdown summary to this folder")
-    run: Optional[str] = opt(None, "run folder whose metrics.jsonl gives loss and F1 curves for --report")
+    report: str | None = opt(None, "write PNG figures and a markdown summary to this folder")
+    run: str | None = opt(None, "run folder whose metrics.jsonl gives loss and F1 curves for --report")
     json: bool = opt(False, "print the metrics as one JSON object on stdout")
-    out: Optional[str] = opt(
+    out: str | None = opt(
         None, "also write the metrics (and, with --per-class, the per-class rows) to this JSON file"
     )
 
@@ -346,8 +346,8 @@ class DemoConfig(Validated):
     loss: Literal["asl", "bce"] = inherit(TrainConfig, "loss", "bce")
     amp: bool = inherit(TrainConfig, "amp", False)
     device: Literal["auto", "cpu", "cuda"] = inherit(TrainConfig, "device", "auto")
-    workers: Optional[int] = inherit(TrainConfig, "workers", None)
-    threads: Optional[int] = inherit(TrainConfig, "threads", None)
+    workers: int | None = inherit(TrainConfig, "workers", None)
+    threads: int | None = inherit(TrainConfig, "threads", None)
     seed: int = inherit(TrainConfig, "seed", 0)
 
     def validate(self) -> None:

@@ -29,20 +29,21 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 from rich.console import Console
 from rich.rule import Rule
 
 from cocoshard import config
-from cocoshard.settings import print_config, resolve, to_dict
 from cocoshard.atomic import atomic_write_text
 from cocoshard.commands import run_command
 from cocoshard.config import DemoConfig
 from cocoshard.errors import UserError
 from cocoshard.folder_lock import LOCK_FILE, folder_lock
+from cocoshard.settings import print_config, resolve, to_dict
 
 MARKER = "demo.json"
 DATA, SHARDS, RUN, REPORT = "data", "shards", "run", "report"
@@ -159,7 +160,7 @@ def train_config(cfg: DemoConfig, out: Path) -> config.TrainConfig:
 
 
 def predict_config(
-    cfg: DemoConfig, out: Path, split: str, target: str, scores: Optional[str] = None
+    cfg: DemoConfig, out: Path, split: str, target: str, scores: str | None = None
 ) -> config.PredictConfig:
     return resolve(
         config.PredictConfig,
@@ -193,9 +194,7 @@ def evaluate_config(
 # ----------------------------------------------------------------------------------- the run
 
 
-def run_stages(
-    cfg: DemoConfig, out: Path, console: Console, timings: Timings
-) -> tuple[float, Optional[float]]:
+def run_stages(cfg: DemoConfig, out: Path, console: Console, timings: Timings) -> tuple[float, float | None]:
     """Every stage in order; returns the server F1 on validation and on the generated test answers."""
     stages = [
         ("synth", "a generated data set in the challenge layout", "synth", synth_config(cfg, out)),
@@ -210,9 +209,14 @@ def run_stages(
         ),
     ]
     for name, title, command, stage_cfg in stages:
-        timings.run(console, name, title, lambda: _check(run_command(command, stage_cfg), command))
+        timings.run(
+            console,
+            name,
+            title,
+            lambda command=command, stage_cfg=stage_cfg: _check(run_command(command, stage_cfg), command),
+        )
 
-    def score() -> tuple[float, Optional[float]]:
+    def score() -> tuple[float, float | None]:
         _check(
             run_command("evaluate", evaluate_config(out, VAL_JSON, out / SHARDS, VAL_METRICS, report=True)),
             "evaluate",
@@ -230,7 +234,7 @@ def run_stages(
     return timings.run(console, "evaluate", "validation split, report, and the generated test answers", score)
 
 
-def _summary(out: Path, val_f1: float, test_f1: Optional[float], timings: Timings) -> list[str]:
+def _summary(out: Path, val_f1: float, test_f1: float | None, timings: Timings) -> list[str]:
     """The closing lines: the scores reached and where each output is (paths never wrapped)."""
     verdict = "[green]reached[/]" if val_f1 >= TARGET_F1 else "[yellow]below[/]"
     lines = [

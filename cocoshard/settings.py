@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import types
 import typing
 from dataclasses import field
 from pathlib import Path
@@ -70,16 +71,23 @@ def fields_of(cls: type) -> list[tuple[dataclasses.Field, Any]]:
     return [(f, hints[f.name]) for f in dataclasses.fields(cls) if not f.metadata.get("internal")]
 
 
+def optional_of(kind: Any) -> Any:
+    """X for an `X | None` (or `Optional[X]`) field type, None for any other type."""
+    if typing.get_origin(kind) in (typing.Union, types.UnionType) and type(None) in typing.get_args(kind):
+        return next(a for a in typing.get_args(kind) if a is not type(None))
+    return None
+
+
 def _coerce(name: str, value: Any, kind: Any, const: Any = None) -> Any:
     """Check a value read from a config file against the field's type."""
-    origin, args = typing.get_origin(kind), typing.get_args(kind)
-    if origin is typing.Union and type(None) in args:
+    inner = optional_of(kind)
+    if inner is not None:
         if value is None:
             return None
         if const is not None and isinstance(value, bool):  # `resume = true` in a file
             return const if value else None
-        kind = next(a for a in args if a is not type(None))
-        origin, args = typing.get_origin(kind), typing.get_args(kind)
+        kind = inner
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"{name}: {value!r} is not one of {', '.join(map(str, args))}")
@@ -174,7 +182,7 @@ def print_config(cfg: Any, console: Any = None, extra: dict[str, Any] | None = N
         table.add_column(style="cyan", no_wrap=True)
         table.add_column(overflow="fold")
     half = (len(items) + 1) // 2
-    for left, right in zip(items[:half], items[half:] + [("", "")]):
+    for left, right in zip(items[:half], items[half:] + [("", "")], strict=False):
         table.add_row(
             Text(left[0]), Text(repr(left[1])), Text(right[0]), Text(repr(right[1]) if right[0] else "")
         )

@@ -16,9 +16,10 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
@@ -88,11 +89,10 @@ def records(run: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-
 def _pack(root: str | os.PathLike, out: str | os.PathLike, **overrides: Any) -> Path:
     from cocoshard import config
-    from cocoshard.settings import resolve
     from cocoshard.prepare import pack
+    from cocoshard.settings import resolve
 
     settings = {"root": str(root), "out": str(out), "workers": 2, **overrides}
     cfg = resolve(config.PackConfig, settings)

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from cocoshard import config
-from cocoshard.settings import CONFIG_LIMIT, read_config_file, resolve
 from cocoshard.errors import ConfigError
+from cocoshard.settings import CONFIG_LIMIT, read_config_file, resolve
 
 
 def test_a_file_sets_what_flags_do_not(tmp_path: Path) -> None:

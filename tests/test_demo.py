@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from cocoshard import cli, config, demo
-from cocoshard.settings import resolve
 from cocoshard.errors import UserError
 from cocoshard.scoring.submission import load_submission
+from cocoshard.settings import resolve
 
 SMALL = {
     "train": 240,

@@ -76,7 +76,17 @@ def tiny_run(sample_shards_jpeg: Path, tmp_path_factory: pytest.TempPathFactory)
     """A finished two-step run on coco-sample: its best.pt feeds predict and the checkpoint faults."""
     run = tmp_path_factory.mktemp("tiny-run") / "run"
     done = cocoshard(
-        "train", "--shards", sample_shards_jpeg, "--out", run, "--epochs", "1", "--max-steps", "2", *TINY, *FROM_SCRATCH
+        "train",
+        "--shards",
+        sample_shards_jpeg,
+        "--out",
+        run,
+        "--epochs",
+        "1",
+        "--max-steps",
+        "2",
+        *TINY,
+        *FROM_SCRATCH,
     )
     assert done.code == 0, done.text[-2000:]
     return run
@@ -113,7 +123,8 @@ def test_1_a_second_train_into_a_running_run_folder_is_refused(sample_shards_jpe
             str(run),
             "--epochs",
             "50",
-            *TINY, *FROM_SCRATCH,
+            *TINY,
+            *FROM_SCRATCH,
         ],
         cwd=REPO,
         stdout=subprocess.DEVNULL,
@@ -125,7 +136,10 @@ def test_1_a_second_train_into_a_running_run_folder_is_refused(sample_shards_jpe
             assert first.poll() is None and time.monotonic() < deadline
             time.sleep(0.2)
         assert (
-            cocoshard("train", "--shards", sample_shards_jpeg, "--out", run, "--epochs", "1", *TINY, *FROM_SCRATCH).code != 0
+            cocoshard(
+                "train", "--shards", sample_shards_jpeg, "--out", run, "--epochs", "1", *TINY, *FROM_SCRATCH
+            ).code
+            != 0
         )
         # --resume passes the check for an existing run: the lock is what stops it
         second = cocoshard("train", "--resume", run / "last.pt")
@@ -201,7 +215,19 @@ def test_2_resume_refuses_shards_repacked_since(coco_sample, tmp_path):
     shards, run = tmp_path / "shards", tmp_path / "run"
     assert cocoshard("pack", "--root", coco_sample, "--out", shards, "--shard-samples", "16").code == 0
     assert (
-        cocoshard("train", "--shards", shards, "--out", run, "--epochs", "2", "--max-steps", "3", *TINY, *FROM_SCRATCH).code
+        cocoshard(
+            "train",
+            "--shards",
+            shards,
+            "--out",
+            run,
+            "--epochs",
+            "2",
+            "--max-steps",
+            "3",
+            *TINY,
+            *FROM_SCRATCH,
+        ).code
         == 0
     )
     assert (
@@ -312,7 +338,8 @@ def test_5_no_best_epoch_is_chosen_on_no_validation_images(sample_shards_jpeg, t
         "--max-steps",
         "2",
         "--skip-bad-samples",
-        *TINY, *FROM_SCRATCH,
+        *TINY,
+        *FROM_SCRATCH,
     )
     refused(done, "validation", "no")
     assert not (run / "best.pt").exists()
@@ -329,7 +356,10 @@ def test_6_a_val_shard_listed_under_train_too_is_refused_before_any_work(sample_
     manifest["splits"]["train"]["shards"].append(val_entry)
     manifest["splits"]["train"]["samples"] += val_entry["samples"]
     (shards / MANIFEST).write_text(json.dumps(manifest))
-    refused(cocoshard("train", "--shards", shards, "--out", run, "--epochs", "1", *TINY, *FROM_SCRATCH), val_entry["name"])
+    refused(
+        cocoshard("train", "--shards", shards, "--out", run, "--epochs", "1", *TINY, *FROM_SCRATCH),
+        val_entry["name"],
+    )
     assert not (run / "last.pt").exists()
 
 

@@ -34,9 +34,9 @@ from cocoshard import cli
 from cocoshard.atomic import TMP_PREFIX
 from cocoshard.errors import UserError
 from cocoshard.loading.loader import build_loader
+from cocoshard.prepare.manifest import MANIFEST
 from cocoshard.pure.format import FORMAT_VERSION, encode_labels, is_shard_file, npy_layout
 from cocoshard.pure.labels import LabelError, parse_cls
-from cocoshard.prepare.manifest import MANIFEST
 from cocoshard.scoring.submission import parse_submission_text, validate_submission
 from cocoshard.training.checkpoint import BEST, LAST, load_checkpoint
 from cocoshard.training.runlog import METRICS_LOG, THRESHOLDS_FILE

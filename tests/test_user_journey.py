@@ -32,7 +32,11 @@ pytestmark = pytest.mark.slow
 def run(sample_shards_jpeg: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     """A finished 2-epoch run on coco-sample, and what it printed."""
     out = tmp_path_factory.mktemp("journey") / "run"
-    text = ok(cocoshard("train", "--shards", sample_shards_jpeg, "--out", out, "--epochs", "2", *TINY, *FROM_SCRATCH))
+    text = ok(
+        cocoshard(
+            "train", "--shards", sample_shards_jpeg, "--out", out, "--epochs", "2", *TINY, *FROM_SCRATCH
+        )
+    )
     return out, text
 
 
@@ -118,7 +122,8 @@ def test_6_sigterm_says_which_epoch_is_kept_and_how_to_resume(sample_shards_jpeg
             str(out),
             "--epochs",
             "40",
-            *TINY, *FROM_SCRATCH,
+            *TINY,
+            *FROM_SCRATCH,
         ],
         cwd=REPO,
         text=True,
@@ -145,7 +150,17 @@ def test_7_flag_habits(sample_shards_jpeg, coco_sample, tmp_path):
     unknown = cocoshard("train", "--shards", sample_shards_jpeg, "--no-such-flag")
     refused(unknown, "usage: cocoshard train", "--no-such-flag")
     refused(
-        cocoshard("train", "--shards", sample_shards_jpeg, "--out", tmp_path / "r", "--ep", "1", *TINY, *FROM_SCRATCH),
+        cocoshard(
+            "train",
+            "--shards",
+            sample_shards_jpeg,
+            "--out",
+            tmp_path / "r",
+            "--ep",
+            "1",
+            *TINY,
+            *FROM_SCRATCH,
+        ),
         "--ep",
     )
     images = coco_sample / "images" / "train-resized" / "train-resized"

@@ -37,8 +37,9 @@ import tempfile
 import threading
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -58,7 +59,7 @@ EPOCH_MODEL = "resnet18"
 # ------------------------------------------------------------------------------------ settings
 
 
-def parse(argv: Optional[list[str]]) -> argparse.Namespace:
+def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="tools/device-check", description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--out",
@@ -125,9 +126,7 @@ class Check:
         found["seconds"] = round(time.perf_counter() - started, 1)
 
 
-def cocoshard(
-    *args: str, timeout: float, env: Optional[dict[str, str]] = None
-) -> subprocess.CompletedProcess:
+def cocoshard(*args: str, timeout: float, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """Run `python -m cocoshard ARGS`; raise with its last lines when it fails."""
     done = subprocess.run(
         [sys.executable, "-m", "cocoshard", *args],
@@ -178,7 +177,7 @@ class UtilisationSampler:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def _read(self) -> Optional[float]:
+    def _read(self) -> float | None:
         import torch
 
         with contextlib.suppress(Exception):
@@ -280,11 +279,11 @@ def step_ceiling(check: Check, shards: Path, work: Path, model: str, compiled: b
     import torch
 
     from cocoshard import config
-    from cocoshard.settings import resolve
     from cocoshard.loading.batch import Batch
-    from cocoshard.training.train import OnlineMetrics, train_step
+    from cocoshard.settings import resolve
     from cocoshard.training.runlog import RunLog
     from cocoshard.training.runtime import setup
+    from cocoshard.training.train import OnlineMetrics, train_step
     from cocoshard.training.trainer import build_trainer, enter_phase
 
     size = 64 if check.cpu else 224
@@ -346,7 +345,7 @@ def synchronize(device: Any) -> None:
         torch.cuda.synchronize(device)
 
 
-def count_host_syncs(step: Any, device: Any, steps: int) -> Optional[float]:
+def count_host_syncs(step: Any, device: Any, steps: int) -> float | None:
     """Host synchronisations per call of `step`, as CUDA's sync debug mode reports them (None on a CPU)."""
     import torch
 
@@ -569,7 +568,7 @@ def write(results: dict[str, Any], out: Path) -> None:
 # ------------------------------------------------------------------------------------ main
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     import torch
 

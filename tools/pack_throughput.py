@@ -20,13 +20,13 @@ import time
 from pathlib import Path
 
 from cocoshard import config
-from cocoshard.settings import resolve
+from cocoshard.config import SynthConfig
 from cocoshard.info import pil_build
 from cocoshard.machine import usable_cores
 from cocoshard.prepare.pack import pack_folder
 from cocoshard.prepare.sources import find_sources
-from cocoshard.config import SynthConfig
 from cocoshard.prepare.synth import write_synthetic
+from cocoshard.settings import resolve
 
 
 def machine() -> str:

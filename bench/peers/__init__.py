@@ -12,7 +12,7 @@ benchmark can check its labels.
 from __future__ import annotations
 
 import importlib
-from typing import Callable
+from collections.abc import Callable
 
 PEERS = ("webdataset", "ffcv-jpeg", "ffcv-raw", "dali", "litdata", "mosaic")
 _MODULES = {

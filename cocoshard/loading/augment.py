@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Optional, Sequence
 
 import torch
 
@@ -121,8 +121,8 @@ def train_augment(
     channels_last: bool = True,
     method: str = "auto",
     threads: int = DEFAULT_THREADS,
-    rows: Optional[torch.Tensor] = None,
-    out: Optional[torch.Tensor] = None,
+    rows: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Random resized crop inside each image + horizontal flip + normalisation, seeded by `generator`.
 
@@ -165,8 +165,8 @@ def eval_transform(
     method: str = "auto",
     flip: bool = False,
     threads: int = DEFAULT_THREADS,
-    rows: Optional[torch.Tensor] = None,
-    out: Optional[torch.Tensor] = None,
+    rows: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Each image's whole (h, w) region resized to out x out (no crop), normalised; `flip` mirrors
     all of them (test-time augmentation)."""
@@ -207,10 +207,10 @@ class TrainTransform:
         images: torch.Tensor,
         sizes: torch.Tensor,
         *,
-        generator: Optional[torch.Generator],
+        generator: torch.Generator | None,
         threads: int = DEFAULT_THREADS,
-        rows: Optional[torch.Tensor] = None,
-        out: Optional[torch.Tensor] = None,
+        rows: torch.Tensor | None = None,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         return train_augment(
             images,
@@ -245,10 +245,10 @@ class EvalTransform:
         images: torch.Tensor,
         sizes: torch.Tensor,
         *,
-        generator: Optional[torch.Generator] = None,
+        generator: torch.Generator | None = None,
         threads: int = DEFAULT_THREADS,
-        rows: Optional[torch.Tensor] = None,
-        out: Optional[torch.Tensor] = None,
+        rows: torch.Tensor | None = None,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         return eval_transform(
             images,

@@ -9,7 +9,6 @@ worker buffer it arrived in, so that the buffer can go back to its worker once n
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
 
@@ -19,13 +18,13 @@ class Batch:
     """uint8 images (N, S, S, 3), int64 sizes (N, 2) as (h, w), float32 labels (N, 80) or None, keys;
     with a transform, `inputs` (N, 3, out, out) is the training-ready batch (images and sizes may be None)."""
 
-    images: Optional[torch.Tensor]
-    sizes: Optional[torch.Tensor]
-    labels: Optional[torch.Tensor]
+    images: torch.Tensor | None
+    sizes: torch.Tensor | None
+    labels: torch.Tensor | None
     keys: list[str]
-    inputs: Optional[torch.Tensor] = None
+    inputs: torch.Tensor | None = None
     skipped: int = field(default=0, repr=False)  # bad samples met while assembling this batch
-    slot: Optional[tuple[int, int]] = field(default=None, repr=False)  # (worker, buffer) it came in
+    slot: tuple[int, int] | None = field(default=None, repr=False)  # (worker, buffer) it came in
 
     def __len__(self) -> int:
         return len(self.keys)

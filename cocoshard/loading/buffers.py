@@ -24,7 +24,8 @@ batches, the augmentation's output rows on a CPU); the stream loader lends its w
 from __future__ import annotations
 
 import threading
-from typing import Any, Hashable, Iterator, Optional
+from collections.abc import Hashable, Iterator
+from typing import Any
 
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
@@ -40,7 +41,7 @@ def alias(tensor: torch.Tensor) -> tuple[torch.Tensor, StorageWeakRef]:
     return own, StorageWeakRef(own.untyped_storage())
 
 
-def released(reference: Optional[StorageWeakRef]) -> bool:
+def released(reference: StorageWeakRef | None) -> bool:
     """True when no tensor made from the alias behind `reference` is left (or none was lent)."""
     return reference is None or reference.expired()
 
@@ -52,7 +53,7 @@ class Loans:
         self._out: dict[Hashable, list[Any]] = {}
         self._lock = threading.Lock()
 
-    def lend(self, key: Hashable, tensors: list[Optional[torch.Tensor]]) -> list[Optional[torch.Tensor]]:
+    def lend(self, key: Hashable, tensors: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
         """Aliases of `tensors` (None stays None), the buffer `key` out until every alias is gone."""
         lent, references = [], []
         for tensor in tensors:

@@ -25,6 +25,7 @@ import torchvision.io as tvio  # imported here, before loader workers fork, not 
 from PIL import Image, UnidentifiedImageError
 
 from cocoshard.loading.tario import BadSample, Sample
+from cocoshard.prepare.sources import MAX_IMAGE_PIXELS
 from cocoshard.pure.format import (
     EXT_JPEG,
     EXT_LABELS,
@@ -34,7 +35,6 @@ from cocoshard.pure.format import (
     decode_pixels,
     key_problem,
 )
-from cocoshard.prepare.sources import MAX_IMAGE_PIXELS
 
 # torchvision 0.29 marks its image decoders deprecated in favour of TorchCodec on every call; they
 # are the libjpeg-turbo / nvJPEG decoders this package relies on, and they work.

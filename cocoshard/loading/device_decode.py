@@ -17,7 +17,7 @@ the broken one (the batched decoder reports no partial results).
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torchvision.io as tvio
@@ -28,7 +28,7 @@ KIND_JPEG, KIND_PNG = 0, 1
 Where = Callable[[str], str]  # a key -> the shard that holds it, for messages only
 
 
-def _named(key: str, where: Optional[Where]) -> str:
+def _named(key: str, where: Where | None) -> str:
     return f"shard {where(key)}, sample {key}" if where is not None else f"sample {key}"
 
 
@@ -46,11 +46,11 @@ def _each_jpeg(
     keys: Sequence[str],
     device: torch.device,
     skip_bad: bool,
-    where: Optional[Where],
-) -> list[Optional[torch.Tensor]]:
+    where: Where | None,
+) -> list[torch.Tensor | None]:
     """One at a time, to find which JPEG broke the batch: None for each bad one when skipping."""
-    out: list[Optional[torch.Tensor]] = []
-    for data, key in zip(encoded, keys):
+    out: list[torch.Tensor | None] = []
+    for data, key in zip(encoded, keys, strict=True):
         try:
             out.append(_decode_jpegs([data], device)[0])
         except RuntimeError as exc:
@@ -71,7 +71,7 @@ def decode_on_device(
     canvas_size: int,
     device: torch.device,
     skip_bad: bool = False,
-    where: Optional[Where] = None,
+    where: Where | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """(uint8 canvases (M, S, S, 3) and sizes (M, 2) on `device`, the indices of the M images decoded).
 
@@ -80,14 +80,14 @@ def decode_on_device(
     BadSample naming the key (and its shard, `where(key)`), or with `skip_bad` are left out of the
     indices."""
     jpegs = [i for i, kind in enumerate(kinds) if kind == KIND_JPEG]
-    decoded: dict[int, Optional[torch.Tensor]] = {}
+    decoded: dict[int, torch.Tensor | None] = {}
     if jpegs:
         batch = [encoded[i] for i in jpegs]
         try:
-            pictures: list[Optional[torch.Tensor]] = list(_decode_jpegs(batch, device))
+            pictures: list[torch.Tensor | None] = list(_decode_jpegs(batch, device))
         except RuntimeError:
             pictures = _each_jpeg(batch, [keys[i] for i in jpegs], device, skip_bad, where)
-        decoded.update(zip(jpegs, pictures))
+        decoded.update(zip(jpegs, pictures, strict=True))
     for i, kind in enumerate(kinds):
         if kind == KIND_PNG:
             try:

@@ -15,18 +15,18 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, Optional
 
 import numpy as np
 import torch
 from PIL import Image
 
 from cocoshard.errors import UserError
+from cocoshard.input_files import InputError, read_input, shown_path
 from cocoshard.loading.decode import check_pixel_count, decode_image_to_canvas, decoder_message
 from cocoshard.loading.tario import BadSample
 from cocoshard.prepare.pool import map_in_workers
-from cocoshard.input_files import InputError, read_input, shown_path
 from cocoshard.prepare.sources import MAX_IMAGE_BYTES
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -48,7 +48,7 @@ def list_images(folder: str | os.PathLike) -> list[Path]:
     return files
 
 
-def image_problem(path: str) -> Optional[str]:
+def image_problem(path: str) -> str | None:
     """Why the image file at `path` cannot be predicted, or None when it can (a worker task)."""
     file = Path(path)
     try:
@@ -79,9 +79,7 @@ def image_problem(path: str) -> Optional[str]:
     return None
 
 
-def check_image_folder(
-    folder: str | os.PathLike, workers: Optional[int]
-) -> tuple[list[Path], dict[Path, str]]:
+def check_image_folder(folder: str | os.PathLike, workers: int | None) -> tuple[list[Path], dict[Path, str]]:
     """(every image file of the folder, {file: reason} for those that cannot be predicted)."""
     files = list_images(folder)
     problems = map_in_workers(
@@ -91,7 +89,7 @@ def check_image_folder(
         desc="check images",
         describe=lambda path: shown_path(Path(path).name),
     )
-    return files, {f: why for f, why in zip(files, problems) if why}
+    return files, {f: why for f, why in zip(files, problems, strict=True) if why}
 
 
 class FolderImages(torch.utils.data.Dataset):
@@ -129,7 +127,7 @@ def folder_batches(
     )
     by_key = {file.stem: file for file in files}
     for images, sizes, keys, errors in loader:
-        bad = [(key, error) for key, error in zip(keys, errors) if error]
+        bad = [(key, error) for key, error in zip(keys, errors, strict=True) if error]
         if bad:
             raise UserError(f"{by_key[bad[0][0]]} changed since it was checked: {bad[0][1]}")
         yield images.to(device, non_blocking=True), sizes.to(device, non_blocking=True), list(keys)

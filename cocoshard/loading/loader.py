@@ -29,7 +29,7 @@ the sample keys, all on the device.
 from __future__ import annotations
 
 import os
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -58,9 +58,9 @@ def build_loader(
     skip_bad_samples: bool = False,
     shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
     prefetch: int = DEFAULT_PREFETCH,
-    memory_limit: Optional[int] = None,
-    transform: Optional[Transform] = None,
-    threads: Optional[int] = None,
+    memory_limit: int | None = None,
+    transform: Transform | None = None,
+    threads: int | None = None,
     decode: str = "host",
 ) -> Any:
     """Device batches of one split of the shards at `location` (folder or URL prefix).

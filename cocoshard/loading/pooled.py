@@ -17,7 +17,8 @@ With `workers=0` the source runs in this process, in slots recycled the same way
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable, Iterator, Optional
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 
@@ -45,7 +46,7 @@ class _InProcess:
         self.source, self.shapes, self.loans = source, shapes, loans
         self.slots: list[list[Slot]] = [[]]
         self._free: list[int] = []
-        self._batches: Optional[Iterator[tuple]] = None
+        self._batches: Iterator[tuple] | None = None
 
     def _acquire(self) -> tuple[int, Slot]:
         self._free += [slot for _, slot in self.loans.returned()]
@@ -58,7 +59,7 @@ class _InProcess:
     def begin(self, epoch: int) -> None:
         self._batches = self.source.batches(epoch, 0, self._acquire)
 
-    def receive(self, worker: int) -> Optional[Ready]:
+    def receive(self, worker: int) -> Ready | None:
         found = next(self._batches, None) if self._batches is not None else None
         return None if found is None else Ready(*found)
 
@@ -82,13 +83,13 @@ class PooledBatches:
         prefetch: int,
         seed: int,
         rank: int,
-        device_transform: Optional[Transform],
-        output_transform: Optional[Transform],
+        device_transform: Transform | None,
+        output_transform: Transform | None,
         name: str,
         canvas_size: int = 0,
         skip_bad_samples: bool = False,
-        threads: Optional[int] = None,
-        where: Optional[Callable[[str], str]] = None,
+        threads: int | None = None,
+        where: Callable[[str], str] | None = None,
     ) -> None:
         self.device, self.workers, self.seed, self.rank = device, workers, seed, rank
         self.canvas_size, self.skip_bad_samples, self.threads = canvas_size, skip_bad_samples, threads
@@ -143,7 +144,7 @@ class PooledBatches:
         for worker, slot in self._loans.returned():
             self._producer.give_back(worker, slot)
 
-    def _decode(self, worker: int, ready: Ready, generator: Optional[torch.Generator]) -> Batch:
+    def _decode(self, worker: int, ready: Ready, generator: torch.Generator | None) -> Batch:
         """A slot of compressed images (`--decode device`): decoded where the batch goes, then made ready."""
         slot, n, key = self._producer.slots[worker][ready.slot], ready.size, (worker, ready.slot)
         spans, kinds = slot["spans"][:n].tolist(), slot["kinds"][:n].tolist()
@@ -186,7 +187,7 @@ class PooledBatches:
             images, sizes, labels, keys, inputs=inputs, skipped=ready.skipped + n - len(good), slot=key
         )
 
-    def _deliver(self, worker: int, ready: Ready, generator: Optional[torch.Generator]) -> Batch:
+    def _deliver(self, worker: int, ready: Ready, generator: torch.Generator | None) -> Batch:
         """The batch as the caller gets it: aliases of its slot (CPU), or its copy on the device."""
         slot, n, key = self._producer.slots[worker][ready.slot], ready.size, (worker, ready.slot)
         if "bytes" in slot:
@@ -194,10 +195,11 @@ class PooledBatches:
         names = [name for name in ("inputs", "images", "sizes", "labels") if name in slot]
         views = [slot[name][:n] for name in names]
         if self.device.type == "cpu":
-            parts = dict(zip(names, self._loans.lend(key, views)))
+            parts = dict(zip(names, self._loans.lend(key, views), strict=True))
         else:
             parts = {
-                name: view.to(self.device, non_blocking=self._pinned) for name, view in zip(names, views)
+                name: view.to(self.device, non_blocking=self._pinned)
+                for name, view in zip(names, views, strict=True)
             }
             event = torch.cuda.Event()
             event.record()

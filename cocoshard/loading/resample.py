@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -89,7 +88,7 @@ def _resize_normalise_each(
     images: torch.Tensor,
     boxes: torch.Tensor,
     flips: torch.Tensor,
-    rows: Optional[torch.Tensor],
+    rows: torch.Tensor | None,
     result: torch.Tensor,
     threads: int,
 ) -> None:
@@ -198,8 +197,8 @@ def crop_resize_normalise(
     channels_last: bool = True,
     method: str = "auto",
     threads: int = DEFAULT_THREADS,
-    rows: Optional[torch.Tensor] = None,
-    out: Optional[torch.Tensor] = None,
+    rows: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Crop each box, resize to out x out, mirror where `flips`, normalise: (N, 3, out, out) in `dtype`.
 

@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Iterator, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,12 +33,12 @@ from cocoshard.errors import UserError
 from cocoshard.loading.batch import Batch
 from cocoshard.loading.buffers import BufferPool
 from cocoshard.loading.decode import fill_canvas, fill_labels
-from cocoshard.pure.plan import epoch_permutation, rank_batches
 from cocoshard.loading.pooled import PooledBatches
 from cocoshard.loading.tario import BadSample, BadShard, read_samples
 from cocoshard.loading.workers import START_METHOD, Slot, SlotShapes
 from cocoshard.machine import host_available_bytes, usable_cores
 from cocoshard.prepare.manifest import shard_urls, split_shards
+from cocoshard.pure.plan import epoch_permutation, rank_batches
 from cocoshard.seeds import Stream, torch_generator
 
 # Share of free device memory the split may take: the model, activations and optimizer need the rest.
@@ -56,7 +57,7 @@ def _human(nbytes: float) -> str:
 
 
 def choose_placement(
-    needed: int, device: torch.device, memory_limit: Optional[int], what: str
+    needed: int, device: torch.device, memory_limit: int | None, what: str
 ) -> tuple[torch.device, bool]:
     """(where the split lives, whether that host memory is pinned); UserError naming `what` when
     nothing fits."""
@@ -86,7 +87,8 @@ def _allocate(shape: tuple[int, ...], placement: torch.device, pinned: bool) -> 
         except RuntimeError as exc:
             warnings.warn(
                 f"cannot pin {_human(math.prod(shape))} of host memory ({exc}); copies to the GPU will not "
-                "overlap"
+                "overlap",
+                stacklevel=2,
             )
     return torch.empty(shape, dtype=torch.uint8, device=placement)
 
@@ -94,7 +96,7 @@ def _allocate(shape: tuple[int, ...], placement: torch.device, pinned: bool) -> 
 class ResidentBatchSource:
     """What a worker of the resident loader does: transform its batches of the epoch into slots."""
 
-    def __init__(self, loader: "ResidentLoader", workers: int) -> None:
+    def __init__(self, loader: ResidentLoader, workers: int) -> None:
         self.loader, self.workers = loader, workers  # shared with the workers by fork, never pickled
 
     def slot_shapes(self) -> SlotShapes:
@@ -145,11 +147,11 @@ class ResidentLoader:
         rank: int,
         world_size: int,
         skip_bad_samples: bool,
-        memory_limit: Optional[int],
-        transform: Optional[Transform] = None,
+        memory_limit: int | None,
+        transform: Transform | None = None,
         workers: int = 0,
         prefetch: int = 2,
-        threads: Optional[int] = None,
+        threads: int | None = None,
     ) -> None:
         entries = split_shards(manifest, split)
         self.manifest, self.split, self.device, self.train = manifest, split, device, train
@@ -184,7 +186,7 @@ class ResidentLoader:
         self.augment_threads = threads or usable_cores()
         self._pool = BufferPool(max_per_key=_STAGING_SLOTS)
         self._in_flight: list[tuple[Any, torch.Tensor]] = []  # (CUDA event, pinned buffer being copied)
-        self._pooled: Optional[PooledBatches] = None
+        self._pooled: PooledBatches | None = None
         if workers > 0 and transform is not None and device.type == "cpu" and START_METHOD == "fork":
             source = ResidentBatchSource(self, workers)
             self._pooled = PooledBatches(
@@ -209,7 +211,7 @@ class ResidentLoader:
             for skipped in pool.map(lambda job: self._load_shard(*job, valid), jobs):
                 self._skipped += skipped
 
-    def _load_shard(self, url: str, sha256: Optional[str], count: int, offset: int, valid: np.ndarray) -> int:
+    def _load_shard(self, url: str, sha256: str | None, count: int, offset: int, valid: np.ndarray) -> int:
         try:
             samples = read_samples(url, sha256, count)
         except BadShard:
@@ -253,13 +255,13 @@ class ResidentLoader:
         if self._pooled is not None:
             self._pooled.close()
 
-    def __enter__(self) -> "ResidentLoader":
+    def __enter__(self) -> ResidentLoader:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def epoch_rows(self, epoch: Optional[int] = None) -> torch.Tensor:
+    def epoch_rows(self, epoch: int | None = None) -> torch.Tensor:
         """Rows of the resident tensor this rank reads in `epoch` (the current one), in order (CPU int64)."""
         epoch = self.epoch if epoch is None else epoch
         order = self.rows[
@@ -295,7 +297,7 @@ class ResidentLoader:
             yield self._batch(rows[start : start + size], generator)
             start += size
 
-    def _batch(self, rows: torch.Tensor, generator: Optional[torch.Generator]) -> Batch:
+    def _batch(self, rows: torch.Tensor, generator: torch.Generator | None) -> Batch:
         keys = [self.keys[i] for i in rows.tolist()]
         index = rows.to(self.placement, non_blocking=True)
         labels = None if self.labels is None else self.labels.index_select(0, index).float()

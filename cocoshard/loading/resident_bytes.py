@@ -13,7 +13,8 @@ rank, each rank taking its slice of whole batches.
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Optional
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,12 +23,12 @@ from cocoshard import NUM_CLASSES
 from cocoshard.loading.batch import Batch
 from cocoshard.loading.decode import check_pixel_count, fill_labels, image_member, image_size
 from cocoshard.loading.device_decode import KIND_JPEG, KIND_PNG, decode_on_device
-from cocoshard.pure.plan import epoch_permutation, rank_batches
 from cocoshard.loading.resident import choose_placement
 from cocoshard.loading.tario import BadSample, BadShard, read_samples
 from cocoshard.machine import usable_cores
-from cocoshard.pure.format import EXT_JPEG, EXT_PNG
 from cocoshard.prepare.manifest import shard_urls, split_shards
+from cocoshard.pure.format import EXT_JPEG, EXT_PNG
+from cocoshard.pure.plan import epoch_permutation, rank_batches
 from cocoshard.seeds import Stream, torch_generator
 
 Transform = Any  # cocoshard.loading.augment.TrainTransform or EvalTransform
@@ -49,9 +50,9 @@ class ResidentBytesLoader:
         rank: int,
         world_size: int,
         skip_bad_samples: bool,
-        memory_limit: Optional[int],
-        transform: Optional[Transform] = None,
-        threads: Optional[int] = None,
+        memory_limit: int | None,
+        transform: Transform | None = None,
+        threads: int | None = None,
         **unused: Any,
     ) -> None:
         entries = split_shards(manifest, split)
@@ -71,7 +72,7 @@ class ResidentBytesLoader:
         chunks, spans, kinds, labels, self.keys = [], [], [], [], []
         self._shard_of: dict[str, str] = {}  # for messages
         used = 0
-        for url, entry in zip(shard_urls(location, manifest, split), entries):
+        for url, entry in zip(shard_urls(location, manifest, split), entries, strict=True):
             try:
                 samples = read_samples(url, entry.get("sha256"), entry.get("samples"))
             except BadShard:
@@ -99,7 +100,7 @@ class ResidentBytesLoader:
                 used += len(data)
         self.encoded = torch.empty(used, dtype=torch.uint8, pin_memory=device.type == "cuda")
         flat = self.encoded.numpy()
-        for (start, length), data in zip(spans, chunks):
+        for (start, length), data in zip(spans, chunks, strict=True):
             flat[start : start + length] = np.frombuffer(data, dtype=np.uint8)
         self.spans, self.kinds = spans, kinds
         # labels stay on the host with the bytes: each batch's rows are picked there and sent along
@@ -157,7 +158,7 @@ class ResidentBytesLoader:
             yield batch
             start += size
 
-    def _batch(self, rows: list[int], generator: Optional[torch.Generator]) -> Batch:
+    def _batch(self, rows: list[int], generator: torch.Generator | None) -> Batch:
         encoded = [self.encoded[self.spans[r][0] : self.spans[r][0] + self.spans[r][1]] for r in rows]
         keys = [self.keys[r] for r in rows]
         images, sizes, good = decode_on_device(
@@ -186,7 +187,7 @@ class ResidentBytesLoader:
     def close(self) -> None:
         """Nothing runs in the background; the memory goes with the object."""
 
-    def __enter__(self) -> "ResidentBytesLoader":
+    def __enter__(self) -> ResidentBytesLoader:
         return self
 
     def __exit__(self, *exc: object) -> None:

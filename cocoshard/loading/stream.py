@@ -22,7 +22,8 @@ made in this process, in slots recycled the same way.
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Iterator, Optional
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -37,7 +38,6 @@ from cocoshard.loading.decode import (
     image_size,
 )
 from cocoshard.loading.device_decode import KIND_JPEG, KIND_PNG
-from cocoshard.pure.plan import Segment, WorkerPlan, plan_epoch, rank_batches
 from cocoshard.loading.pooled import PooledBatches
 from cocoshard.loading.tario import (
     BadSample,
@@ -49,8 +49,9 @@ from cocoshard.loading.tario import (
 )
 from cocoshard.loading.workers import Slot, SlotShapes
 from cocoshard.machine import usable_cores
-from cocoshard.pure.format import EXT_JPEG, EXT_PNG
 from cocoshard.prepare.manifest import shard_urls, split_shards
+from cocoshard.pure.format import EXT_JPEG, EXT_PNG
+from cocoshard.pure.plan import Segment, WorkerPlan, plan_epoch, rank_batches
 from cocoshard.seeds import Stream, numpy_rng, torch_generator
 
 Transform = Any  # cocoshard.loading.augment.TrainTransform or EvalTransform
@@ -83,7 +84,7 @@ class ShardBatchSource:
         self,
         urls: list[str],
         counts: list[int],
-        hashes: list[Optional[str]],
+        hashes: list[str | None],
         *,
         canvas_size: int,
         labelled: bool,
@@ -95,8 +96,8 @@ class ShardBatchSource:
         train: bool,
         shuffle_buffer: int,
         skip_bad_samples: bool,
-        transform: Optional[Transform],
-        threads: Optional[int] = None,
+        transform: Transform | None,
+        threads: int | None = None,
         send_bytes: bool = False,
     ) -> None:
         self.urls, self.counts, self.hashes = urls, counts, hashes
@@ -108,7 +109,7 @@ class ShardBatchSource:
         # One thread per worker process; every core when the batches are made in the main process.
         self.transform_threads = 1 if workers > 0 else threads or usable_cores()
         self.checks = ShardChecks(len(urls))
-        self._canvas: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # private buffers when transforming
+        self._canvas: tuple[torch.Tensor, torch.Tensor] | None = None  # private buffers when transforming
 
     def plans(self, epoch: int) -> list[WorkerPlan]:
         return plan_epoch(
@@ -151,7 +152,7 @@ class ShardBatchSource:
 
     def read_segments(
         self, segments: tuple[Segment, ...]
-    ) -> Iterator[tuple[str, Optional[Sample], Optional[BadSample]]]:
+    ) -> Iterator[tuple[str, Sample | None, BadSample | None]]:
         """(url, sample, None) for each planned sample; (url, None, error) for each lost to a bad shard."""
         cached: tuple[int, list[Sample]] | None = None
         for seg in segments:
@@ -200,14 +201,14 @@ class _BatchAssembler:
         source: ShardBatchSource,
         plan: WorkerPlan,
         rng: np.random.Generator,
-        generator: Optional[torch.Generator],
+        generator: torch.Generator | None,
         acquire: Callable[[], tuple[int, Slot]],
     ) -> None:
         self.source, self.plan, self.rng, self.generator, self.acquire = source, plan, rng, generator, acquire
         self.passes = 0
         self.good = 0
 
-    def _stream(self) -> Iterator[tuple[str, Optional[Sample], Optional[BadSample]]]:
+    def _stream(self) -> Iterator[tuple[str, Sample | None, BadSample | None]]:
         items = self.source.read_segments(self.plan.segments)
         if self.source.train:
             items = _shuffled(items, self.source.shuffle_buffer, self.rng)
@@ -333,8 +334,8 @@ class StreamLoader:
         skip_bad_samples: bool,
         shuffle_buffer: int,
         prefetch: int,
-        transform: Optional[Transform] = None,
-        threads: Optional[int] = None,
+        transform: Transform | None = None,
+        threads: int | None = None,
         decode: str = "host",
     ) -> None:
         entries = split_shards(manifest, split)
@@ -432,7 +433,7 @@ class StreamLoader:
         """
         self._pooled.close()
 
-    def __enter__(self) -> "StreamLoader":
+    def __enter__(self) -> StreamLoader:
         return self
 
     def __exit__(self, *exc: object) -> None:

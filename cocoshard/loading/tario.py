@@ -212,7 +212,7 @@ class ShardIndex(NamedTuple):
     def samples(self, data: bytes | mmap.mmap) -> list[Sample]:
         view, bounds, out = memoryview(data), self.bounds.tolist(), []
         row = 0
-        for key, exts in zip(self.keys, self.exts):
+        for key, exts in zip(self.keys, self.exts, strict=True):
             members = {}
             for ext in exts:
                 start, end = bounds[row]

@@ -30,8 +30,9 @@ import signal
 import sys
 import traceback
 from collections import deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Optional, Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.multiprocessing as mp
@@ -165,7 +166,7 @@ class WorkerPool:
         workers: int,
         slot_shapes: SlotShapes,
         slots_per_worker: int,
-        on_new_slot: Optional[Callable[[Slot], None]] = None,
+        on_new_slot: Callable[[Slot], None] | None = None,
         name: str = "loader",
     ) -> None:
         self.source, self.count, self.name = source, workers, name
@@ -220,7 +221,7 @@ class WorkerPool:
             self._at_worker[worker].add(slot)
             self._send(worker, ("free", slot))
 
-    def receive(self, worker: int) -> Optional[Ready]:
+    def receive(self, worker: int) -> Ready | None:
         """The next filled slot of `worker`, or None when its epoch is over; raises what the worker met."""
         if not self._at_worker[worker]:  # every slot is out: the worker could only wait for one
             self.slots[worker].append(self._new_slot())

@@ -21,14 +21,17 @@ import io
 import tarfile
 from collections import Counter
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from PIL import Image
 
 from cocoshard.config import InspectConfig
-from cocoshard.settings import print_config
 from cocoshard.console import literal, stdout_console
 from cocoshard.errors import UserError
+from cocoshard.prepare.manifest import is_url, list_shard_files, read_manifest
+from cocoshard.prepare.pool import map_in_workers
+from cocoshard.prepare.sources import MAX_IMAGE_PIXELS
+from cocoshard.prepare.summary import print_summary
 from cocoshard.pure.format import (
     EXT_JPEG,
     EXT_LABELS,
@@ -40,10 +43,7 @@ from cocoshard.pure.format import (
     key_problem,
     split_member_name,
 )
-from cocoshard.prepare.manifest import is_url, list_shard_files, read_manifest
-from cocoshard.prepare.pool import map_in_workers
-from cocoshard.prepare.sources import MAX_IMAGE_PIXELS
-from cocoshard.prepare.summary import print_summary
+from cocoshard.settings import print_config
 
 
 def check_sample(key: str, fields: dict[str, bytes], split: str, pixel_format: str, size: int) -> list[str]:
@@ -145,7 +145,7 @@ def verify_shard(task: tuple[str, str, dict[str, Any], str, int]) -> tuple[list[
 
 
 def verify_shards(
-    folder: str | Path, manifest: dict[str, Any], workers: Optional[int] = None, progress: bool = False
+    folder: str | Path, manifest: dict[str, Any], workers: int | None = None, progress: bool = False
 ) -> dict[str, list[str]]:
     """Problems by shard name (and by split for cross-shard checks); empty when everything is intact."""
     entries = [
@@ -165,9 +165,11 @@ def verify_shards(
         unit="sample",
         describe=lambda task: Path(task[0]).name,
     )
-    problems = {entry["name"]: found for (_, entry), (found, _) in zip(entries, results) if found}
+    problems = {
+        entry["name"]: found for (_, entry), (found, _) in zip(entries, results, strict=True) if found
+    }
     keys: dict[str, list[str]] = {split: [] for split in SPLITS}
-    for (split, _), (_, shard_keys) in zip(entries, results):
+    for (split, _), (_, shard_keys) in zip(entries, results, strict=True):
         keys[split] += shard_keys
     for group in (("train", "val"), ("test",)):
         seen = Counter(key for split in group for key in keys[split])

@@ -25,9 +25,10 @@ import hashlib
 import io
 import json
 import tarfile
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -35,10 +36,22 @@ from PIL import Image, UnidentifiedImageError
 from cocoshard import NUM_CLASSES, __version__
 from cocoshard.atomic import atomic_open, atomic_write_text, remove_stale_temporaries
 from cocoshard.config import PackConfig
-from cocoshard.settings import print_config
 from cocoshard.console import literal, stderr_console
 from cocoshard.errors import UserError
 from cocoshard.folder_lock import folder_lock
+from cocoshard.input_files import InputError, read_input
+from cocoshard.prepare.manifest import MANIFEST, list_shard_files
+from cocoshard.prepare.pool import map_in_workers
+from cocoshard.prepare.sources import (
+    MAX_IMAGE_BYTES,
+    MAX_IMAGE_PIXELS,
+    Inventory,
+    Sources,
+    dataset_class_names,
+    find_sources,
+    take_inventory,
+)
+from cocoshard.prepare.summary import print_summary
 from cocoshard.pure.format import (
     EXT_JPEG,
     EXT_LABELS,
@@ -52,21 +65,9 @@ from cocoshard.pure.format import (
     shard_name,
 )
 from cocoshard.pure.labels import multi_hot
-from cocoshard.prepare.manifest import MANIFEST, list_shard_files
-from cocoshard.prepare.pool import map_in_workers
-from cocoshard.input_files import InputError, read_input
-from cocoshard.prepare.sources import (
-    MAX_IMAGE_BYTES,
-    MAX_IMAGE_PIXELS,
-    Inventory,
-    Sources,
-    dataset_class_names,
-    find_sources,
-    take_inventory,
-)
 from cocoshard.pure.split import SPLIT_METHOD, stratified_split
-from cocoshard.prepare.summary import print_summary
 from cocoshard.seeds import Stream, numpy_rng
+from cocoshard.settings import print_config
 
 # Formats accepted by content (whatever the file is called). Naming them also keeps PIL from
 # handing an untrusted file to a plugin such as EPS, which would run Ghostscript.
@@ -260,7 +261,8 @@ def plan_splits(inventory: Inventory, val_fraction: float, seed: int) -> dict[st
     )
     is_val = stratified_split(matrix, val_fraction, seed)
     samples = [
-        (key, str(image), str(cls), row.tobytes()) for (key, image, cls, _), row in zip(labelled, matrix)
+        (key, str(image), str(cls), row.tobytes())
+        for (key, image, cls, _), row in zip(labelled, matrix, strict=True)
     ]
     train = [samples[i] for i in np.flatnonzero(~is_val)]
     order = numpy_rng(seed, Stream.PACK_TRAIN_ORDER).permutation(

@@ -19,9 +19,10 @@ from __future__ import annotations
 import multiprocessing
 import signal
 import sys
+from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
-from typing import Any, Callable, Optional, Sequence, TypeVar
+from typing import Any, TypeVar
 
 from cocoshard.errors import UserError
 from cocoshard.machine import usable_cores
@@ -58,7 +59,7 @@ def _stop_now(pool: ProcessPoolExecutor) -> None:
         process.terminate()
 
 
-def worker_count(requested: Optional[int], tasks: int) -> int:
+def worker_count(requested: int | None, tasks: int) -> int:
     """Processes to start: one per usable core when unset, `requested` otherwise, never more than tasks."""
     wanted = usable_cores() if requested is None else requested
     return max(0, min(wanted, tasks))
@@ -68,7 +69,7 @@ def map_in_workers(
     function: Callable[[T], R],
     tasks: Sequence[T],
     *,
-    workers: Optional[int] = None,
+    workers: int | None = None,
     sizes: Sequence[int] | None = None,
     progress: bool = False,
     desc: str = "",

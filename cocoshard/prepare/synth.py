@@ -29,9 +29,10 @@ import io
 import json
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -39,13 +40,13 @@ from PIL import Image, ImageDraw
 from cocoshard import NUM_CLASSES
 from cocoshard.atomic import TMP_PREFIX, atomic_write_text, remove_stale_temporaries
 from cocoshard.config import SynthConfig
-from cocoshard.settings import print_config
 from cocoshard.errors import UserError
 from cocoshard.folder_lock import LOCK_FILE, folder_lock
-from cocoshard.pure.labels import format_cls
 from cocoshard.prepare.pool import map_in_workers
 from cocoshard.prepare.sources import SYNTHETIC_MARKER
+from cocoshard.pure.labels import format_cls
 from cocoshard.seeds import numpy_rng
+from cocoshard.settings import print_config
 
 SHAPES = ("disc", "square", "triangle", "star", "plus", "crescent", "half-disc", "heart", "ell", "arrow")
 COLOURS = {
@@ -408,7 +409,7 @@ def _write_all(root: Path, cfg: SynthConfig, progress: bool) -> dict[str, Any]:
         desc="synth",
     )
     labels = {"train": [], "test": []}
-    for task, chunk in zip(tasks, chunks):
+    for task, chunk in zip(tasks, chunks, strict=True):
         labels[task[1]].extend(chunk)
     metadata = {
         "status": "complete",

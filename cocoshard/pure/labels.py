@@ -9,7 +9,8 @@ an empty file), reporting the lenient cases so that the caller can count them.
 from __future__ import annotations
 
 import re
-from typing import Iterable, NamedTuple
+from collections.abc import Iterable
+from typing import NamedTuple
 
 import numpy as np
 

@@ -25,14 +25,12 @@ why `threshold_tuning.holdout_threshold_gain` measures the gain on images the tu
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Union
 
 import numpy as np
 
-
 DEFAULT_THRESHOLD = 0.5
 
-Thresholds = Union[float, np.ndarray]
+Thresholds = float | np.ndarray
 
 
 # ----------------------------------------------------------------------------------- inputs

@@ -140,7 +140,7 @@ def _cheapest_move(
     if not movable:
         return None
     cost = [(int((total[rows[i]] < 2).sum()), len(rows[i])) for i in movable]
-    best = [i for i, c in zip(movable, cost) if c == min(cost)]
+    best = [i for i, c in zip(movable, cost, strict=True) if c == min(cost)]
     return best[int(rng.integers(len(best)))]
 
 

@@ -19,9 +19,9 @@ from cocoshard.pure.metrics import (
     DEFAULT_THRESHOLD,
     check_pair,
     cumulative_counts,
-    safe_ratio,
     harmonic_mean,
     predictions_from_scores,
+    safe_ratio,
     server_f1,
 )
 from cocoshard.seeds import numpy_rng

@@ -20,7 +20,7 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 from rich.table import Table
@@ -29,7 +29,6 @@ from rich.text import Text
 from cocoshard import CLASSES, NUM_CLASSES
 from cocoshard.atomic import atomic_write_text
 from cocoshard.config import EvaluateConfig
-from cocoshard.settings import print_config
 from cocoshard.console import literal, stdout_console
 from cocoshard.errors import UserError
 from cocoshard.folder_lock import folder_lock
@@ -49,6 +48,7 @@ from cocoshard.scoring.submission import (
     unsorted_entries,
     validate_submission,
 )
+from cocoshard.settings import print_config
 from cocoshard.training.runlog import METRICS_LOG
 
 
@@ -59,17 +59,15 @@ class Evaluation:
     keys: list[str]
     metrics: dict[str, float]
     server: metrics.ServerF1
-    average_precision: Optional[np.ndarray]  # (C,) per-class AP, NaN without positives; None without scores
+    average_precision: np.ndarray | None  # (C,) per-class AP, NaN without positives; None without scores
     names: tuple[str, ...] = CLASSES  # the class names to report with
-    thresholds: Optional[np.ndarray] = (
-        None  # (C,) the thresholds the submission was made with (from --scores)
-    )
+    thresholds: np.ndarray | None = None  # (C,) the thresholds the submission was made with (from --scores)
 
 
 def score_submission(
     submission: Submission,
     labels: dict[str, np.ndarray],
-    scores: Optional[np.ndarray] = None,
+    scores: np.ndarray | None = None,
     names: tuple[str, ...] = CLASSES,
 ) -> Evaluation:
     """Metrics of the predicted images (in sorted key order; `scores` rows follow that order)."""
@@ -158,7 +156,7 @@ def _per_class_table(rows: list[dict[str, Any]]) -> Table:
     return table
 
 
-def check_file(cfg: EvaluateConfig, labels: Optional[dict[str, np.ndarray]]) -> tuple[Submission, list[str]]:
+def check_file(cfg: EvaluateConfig, labels: dict[str, np.ndarray] | None) -> tuple[Submission, list[str]]:
     """Parse and check `cfg.predictions`; returns the submission and the keys of unsorted lists.
 
     With labels, the file must cover every labelled image (or, with --subset, some of them)."""
@@ -185,7 +183,7 @@ class Assessment:
 
     submission: Submission
     notes: list[str]
-    evaluation: Optional[Evaluation]
+    evaluation: Evaluation | None
     report: list[Path]
 
 

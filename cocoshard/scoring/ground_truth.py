@@ -13,16 +13,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 
 from cocoshard import CLASSES
 from cocoshard.errors import UserError
+from cocoshard.input_files import InputError, read_input
 from cocoshard.loading.image_files import list_images
 from cocoshard.loading.tario import Sample, read_samples
-from cocoshard.pure.format import EXT_LABELS, decode_labels
-from cocoshard.pure.labels import LabelError, multi_hot, parse_cls
 from cocoshard.prepare.manifest import (
     MANIFEST,
     manifest_class_names,
@@ -30,8 +28,9 @@ from cocoshard.prepare.manifest import (
     shard_urls,
     split_shards,
 )
-from cocoshard.input_files import InputError, read_input
 from cocoshard.prepare.sources import LABEL_SUFFIX, MAX_LABEL_BYTES
+from cocoshard.pure.format import EXT_LABELS, decode_labels
+from cocoshard.pure.labels import LabelError, multi_hot, parse_cls
 
 
 def is_shard_folder(location: str | os.PathLike) -> bool:
@@ -59,7 +58,7 @@ def split_samples(location: str | os.PathLike, split: str) -> list[Sample]:
     manifest = read_manifest(location)
     entries = split_shards(manifest, split)
     samples: list[Sample] = []
-    for url, entry in zip(shard_urls(location, manifest, split), entries):
+    for url, entry in zip(shard_urls(location, manifest, split), entries, strict=True):
         samples += read_samples(url, entry.get("sha256"), entry.get("samples"))
     return samples
 
@@ -77,7 +76,7 @@ def read_shard_labels(location: str | os.PathLike, split: str = "val") -> dict[s
     return labels
 
 
-def class_names_of(location: Optional[str | os.PathLike]) -> tuple[str, ...]:
+def class_names_of(location: str | os.PathLike | None) -> tuple[str, ...]:
     """The class names to report with: a shards folder's own (a generated set has its own), else
     the challenge's."""
     if location is not None and is_shard_folder(location):

@@ -23,9 +23,10 @@ from __future__ import annotations
 import os
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,15 +34,14 @@ from torch import nn
 
 from cocoshard import NUM_CLASSES
 from cocoshard.config import PredictConfig
-from cocoshard.settings import print_config
 from cocoshard.console import literal, stderr_console
 from cocoshard.errors import UserError
+from cocoshard.input_files import shown_path
 from cocoshard.loading.augment import EvalTransform, eval_transform
 from cocoshard.loading.image_files import check_image_folder, folder_batches
 from cocoshard.loading.loader import build_loader
 from cocoshard.machine import usable_cores
 from cocoshard.prepare.manifest import read_manifest, shards_identity
-from cocoshard.input_files import shown_path
 from cocoshard.pure.metrics import predictions_from_scores
 from cocoshard.scoring.scores import Scores, file_sha256, save_scores
 from cocoshard.scoring.submission import (
@@ -50,6 +50,7 @@ from cocoshard.scoring.submission import (
     write_submission,
 )
 from cocoshard.scoring.threshold_files import read_thresholds_file
+from cocoshard.settings import print_config
 from cocoshard.training.checkpoint import checkpoint_config, load_checkpoint
 from cocoshard.training.model import build_model, strip_wrapper_prefixes
 from cocoshard.training.runtime import resolve_amp_dtype, resolve_device
@@ -175,7 +176,7 @@ def predict_scores(
     batches: Batches,
     *,
     total: int,
-    amp_dtype: Optional[torch.dtype],
+    amp_dtype: torch.dtype | None,
     tta: bool = False,
     progress: bool = True,
 ) -> tuple[list[str], np.ndarray]:

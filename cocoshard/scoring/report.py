@@ -17,8 +17,9 @@ from __future__ import annotations
 import io
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -77,7 +78,7 @@ def plot_class_f1(
     server: ServerF1,
     path: Path,
     title: str,
-    average_precision: Optional[np.ndarray] = None,
+    average_precision: np.ndarray | None = None,
     names: Sequence[str] = CLASSES,
 ) -> Path:
     """Horizontal F1 bars, classes sorted by frequency; the heaviest classes say their weight in the
@@ -252,7 +253,7 @@ def _score_limits(series: dict) -> tuple[float, float]:
     return max(0.0, low - margin), min(1.0, high + margin) if high <= 1 else high + margin
 
 
-def plot_curves(records: list[dict[str, float]], path: Path, title: str) -> Optional[Path]:
+def plot_curves(records: list[dict[str, float]], path: Path, title: str) -> Path | None:
     """Loss and scores per epoch in two panels, the best epoch marked; None when the log has neither."""
     losses, scores = curve_series(records)
     if not losses and not scores:
@@ -349,7 +350,7 @@ def _summary_text(
     return "\n".join(lines) + "\n"
 
 
-def run_description(run_dir: Optional[str | os.PathLike]) -> dict[str, Any]:
+def run_description(run_dir: str | os.PathLike | None) -> dict[str, Any]:
     """What a summary says of the run behind the predictions: model, its best epoch, key settings."""
     if run_dir is None:
         return {}
@@ -386,11 +387,11 @@ def write_report(
     metrics: dict[str, float],
     server: ServerF1,
     *,
-    average_precision: Optional[np.ndarray] = None,
-    run_dir: Optional[str | os.PathLike] = None,
+    average_precision: np.ndarray | None = None,
+    run_dir: str | os.PathLike | None = None,
     title: str = "Evaluation",
     names: Sequence[str] = CLASSES,
-    about: Optional[dict[str, Any]] = None,
+    about: dict[str, Any] | None = None,
 ) -> list[Path]:
     """Write the figures and `summary.md` into `folder`; returns their paths, the summary first.
     `names`: the class names to show (the challenge's by default); `about`: what was evaluated

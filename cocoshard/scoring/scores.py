@@ -21,7 +21,7 @@ import hashlib
 import io
 import os
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 
@@ -116,7 +116,7 @@ def read_scores(path: str | os.PathLike) -> Scores:
 
 
 def check_scores_match(
-    found: Scores, path: str, submission: Submission, source: str, labels_identity: Optional[str] = None
+    found: Scores, path: str, submission: Submission, source: str, labels_identity: str | None = None
 ) -> None:
     """Refuse scores that did not make `submission`: other images, other thresholds or model,
     another split."""

@@ -27,16 +27,17 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any
 
 import numpy as np
 
 from cocoshard import NUM_CLASSES
 from cocoshard.atomic import atomic_write_text
 from cocoshard.errors import UserError
-from cocoshard.pure.format import key_problem
 from cocoshard.input_files import InputError, read_input
+from cocoshard.pure.format import key_problem
 
 # The challenge's submission (~5,000 images) is ~150 KB; a file far larger is not one.
 SUBMISSION_LIMIT = 64 * 1024 * 1024
@@ -52,7 +53,7 @@ Submission = dict[str, list[int]]
 def build_submission(
     keys: Sequence[str],
     predictions: np.ndarray,
-    scores: Optional[np.ndarray] = None,
+    scores: np.ndarray | None = None,
     min_labels: int = 0,
 ) -> Submission:
     """Map each key to the sorted ids of its predicted classes.
@@ -71,7 +72,7 @@ def build_submission(
         if scores is None:
             raise ValueError("min_labels needs the scores to rank the classes")
         predictions = ensure_min_labels(predictions, np.asarray(scores), min_labels)
-    return {str(key): np.flatnonzero(row).tolist() for key, row in zip(keys, predictions)}
+    return {str(key): np.flatnonzero(row).tolist() for key, row in zip(keys, predictions, strict=True)}
 
 
 def ensure_min_labels(predictions: np.ndarray, scores: np.ndarray, min_labels: int) -> np.ndarray:
@@ -152,7 +153,7 @@ def read_submission_json(path: str | os.PathLike) -> Any:
     return parse_submission_text(text, str(file))
 
 
-def _id_problem(value: Any, num_classes: int) -> Optional[str]:
+def _id_problem(value: Any, num_classes: int) -> str | None:
     """Why `value` is not a class id, or None when it is one."""
     if isinstance(value, bool):
         return f"{json.dumps(value)} is a boolean, not a class id"
@@ -181,7 +182,7 @@ def _entry_problems(key: str, value: Any, num_classes: int) -> list[str]:
 
 
 def _key_problems(
-    keys: Iterable[str], expected: Optional[Iterable[str]], allowed: Optional[Iterable[str]]
+    keys: Iterable[str], expected: Iterable[str] | None, allowed: Iterable[str] | None
 ) -> list[str]:
     present = set(keys)
     problems = []
@@ -210,8 +211,8 @@ def _key_problems(
 def validate_submission(
     data: Any,
     *,
-    expected: Optional[Iterable[str]] = None,
-    allowed: Optional[Iterable[str]] = None,
+    expected: Iterable[str] | None = None,
+    allowed: Iterable[str] | None = None,
     num_classes: int = NUM_CLASSES,
     source: str = "predictions",
 ) -> Submission:
@@ -250,8 +251,8 @@ def unsorted_entries(data: dict[str, list[int]]) -> list[str]:
 def load_submission(
     path: str | os.PathLike,
     *,
-    expected: Optional[Iterable[str]] = None,
-    allowed: Optional[Iterable[str]] = None,
+    expected: Iterable[str] | None = None,
+    allowed: Iterable[str] | None = None,
     num_classes: int = NUM_CLASSES,
 ) -> Submission:
     """Read, parse and check a submission file in one call."""

@@ -22,13 +22,13 @@ from rich.table import Table
 from rich.text import Text
 
 from cocoshard.config import ThresholdsConfig
-from cocoshard.settings import print_config
 from cocoshard.console import literal, stdout_console
 from cocoshard.errors import UserError
 from cocoshard.pure import metrics, threshold_tuning
 from cocoshard.scoring.ground_truth import class_names_of, load_labels
 from cocoshard.scoring.scores import read_scores
 from cocoshard.scoring.threshold_files import write_thresholds_file
+from cocoshard.settings import print_config
 
 
 def run(cfg: ThresholdsConfig) -> int:
@@ -43,7 +43,9 @@ def run(cfg: ThresholdsConfig) -> int:
             f"{unlabelled[0]!r}): tune on the scores of the split the labels describe (predict --split val)"
         )
     truth = np.stack([labels[key] for key in found.keys])
-    tuned = threshold_tuning.tune_thresholds(found.scores, truth, default=cfg.default, min_positives=cfg.min_positives)
+    tuned = threshold_tuning.tune_thresholds(
+        found.scores, truth, default=cfg.default, min_positives=cfg.min_positives
+    )
     counts = truth.sum(axis=0)
     kept = [c for c in range(len(counts)) if counts[c] < cfg.min_positives]
     figures = {

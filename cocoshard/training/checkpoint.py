@@ -33,16 +33,17 @@ import pickle
 import platform
 import re
 import warnings
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import torch
 
 from cocoshard import NUM_CLASSES
 from cocoshard.atomic import atomic_open
 from cocoshard.config import TrainConfig
-from cocoshard.settings import from_dict
 from cocoshard.errors import ConfigError, UserError
+from cocoshard.settings import from_dict
 
 LAST = "last.pt"
 BEST = "best.pt"

@@ -15,8 +15,8 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence
 from urllib.parse import urlparse
 
 import torch
@@ -158,7 +158,7 @@ def prior_logits(class_prior: torch.Tensor | Sequence[float], floor: float = 1e-
 
 
 def replace_head(
-    model: nn.Module, num_classes: int = NUM_CLASSES, class_prior: Optional[Sequence[float]] = None
+    model: nn.Module, num_classes: int = NUM_CLASSES, class_prior: Sequence[float] | None = None
 ) -> nn.Module:
     """Swap the last linear layer for a `num_classes` one; its bias starts at the prior's log-odds."""
     name = head_layer_name(model)
@@ -288,7 +288,7 @@ def imagenet_state_dict(name: str) -> dict[str, torch.Tensor]:
 def build_model(
     name: str,
     weights: str = WEIGHTS_NONE,
-    class_prior: Optional[Sequence[float]] = None,
+    class_prior: Sequence[float] | None = None,
     num_classes: int = NUM_CLASSES,
 ) -> nn.Module:
     """A classifier with a `num_classes` head.

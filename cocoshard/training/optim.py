@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -113,7 +114,7 @@ def lerp_all(starts: list[torch.Tensor], ends: list[torch.Tensor], weight: float
     if fused is not None:
         fused(starts, ends, weight)
         return
-    for start, end in zip(starts, ends):
+    for start, end in zip(starts, ends, strict=True):
         start.lerp_(end, weight)
 
 
@@ -150,7 +151,7 @@ class ModelEma:
         weight = 1.0 - self.current_decay()
         self.updates += 1
         lerp_all(*self._float, weight)
-        for mine, theirs in zip(*self._other):
+        for mine, theirs in zip(*self._other, strict=True):
             mine.copy_(theirs)
 
     def state_dict(self) -> dict[str, torch.Tensor]:

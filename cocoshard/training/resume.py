@@ -15,7 +15,7 @@ so that the resumed run ends as the uninterrupted one would have.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional, Protocol
+from typing import Any, Protocol
 
 from cocoshard.atomic import remove_stale_temporaries
 from cocoshard.config import RESUME_LAST, TrainConfig
@@ -81,7 +81,7 @@ def resume_settings(cfg: TrainConfig, state: dict[str, Any], path: Path) -> Trai
     return TrainConfig(**values, given=cfg.given)
 
 
-def settings_to_run(cfg: TrainConfig) -> tuple[TrainConfig, Optional[dict[str, Any]], Optional[Path]]:
+def settings_to_run(cfg: TrainConfig) -> tuple[TrainConfig, dict[str, Any] | None, Path | None]:
     """(the settings the run uses, the checkpoint it resumes or None, its path): decided before
     anything starts, so that a refused resume leaves the run folder as it was."""
     if not cfg.resume:

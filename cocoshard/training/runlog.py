@@ -17,8 +17,9 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 from rich.console import Console
 from rich.progress import (
@@ -77,7 +78,7 @@ class EpochProgress:
 
     def __init__(
         self,
-        console: Optional[Console],
+        console: Console | None,
         description: str,
         steps: int,
         batch_images: int,
@@ -86,7 +87,7 @@ class EpochProgress:
         self.batch_images, self.steps = batch_images, steps
         self.run_left = run_left or (lambda per_step: 0.0)
         self.started = time.perf_counter()
-        self.progress: Optional[Progress] = None
+        self.progress: Progress | None = None
         if console is not None:
             self.progress = Progress(
                 TextColumn("[bold]{task.description}"),
@@ -128,7 +129,7 @@ class EpochProgress:
 class RunLog:
     """Files and screen output of a run; every method is a no-op when `enabled` is False."""
 
-    def __init__(self, out: str | os.PathLike, enabled: bool, console: Optional[Console] = None) -> None:
+    def __init__(self, out: str | os.PathLike, enabled: bool, console: Console | None = None) -> None:
         self.out = Path(out)
         self.enabled = enabled
         self.console = (console or Console(stderr=True)) if enabled else None

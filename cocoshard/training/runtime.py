@@ -16,7 +16,7 @@ import contextlib
 import os
 import random
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -37,7 +37,7 @@ class Runtime:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
-    amp_dtype: Optional[torch.dtype] = None
+    amp_dtype: torch.dtype | None = None
 
     @property
     def distributed(self) -> bool:
@@ -74,7 +74,7 @@ def resolve_device(choice: str) -> torch.device:
     return torch.device(choice)
 
 
-def resolve_amp_dtype(amp: bool, choice: str, device: torch.device) -> Optional[torch.dtype]:
+def resolve_amp_dtype(amp: bool, choice: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for `--amp/--amp-dtype` on `device`, or None for full precision."""
     if not amp:
         return None
@@ -177,7 +177,7 @@ def gather_rows(tensor: torch.Tensor) -> torch.Tensor:
     padded[: tensor.shape[0]] = tensor
     parts = [torch.empty_like(padded) for _ in range(world)]
     dist.all_gather(parts, padded.contiguous())
-    return torch.cat([part[:size] for part, size in zip(parts, sizes)])
+    return torch.cat([part[:size] for part, size in zip(parts, sizes, strict=True)])
 
 
 def gather_objects(obj: Any) -> list[Any]:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -40,6 +40,7 @@ from cocoshard.training.checkpoint import (
 )
 from cocoshard.training.model import set_train_mode
 from cocoshard.training.optim import BACKBONE, HEAD
+from cocoshard.training.resume import settings_to_run
 from cocoshard.training.runlog import CONFIG_FILE, METRICS_LOG, THRESHOLDS_FILE, RunLog
 from cocoshard.training.runtime import (
     all_reduce_sum,
@@ -49,7 +50,6 @@ from cocoshard.training.runtime import (
     gather_rows,
     setup,
 )
-from cocoshard.training.resume import settings_to_run
 from cocoshard.training.trainer import Trainer, build_trainer, enter_phase
 
 # ----------------------------------------------------------------------------------- training
@@ -185,7 +185,7 @@ class NothingToValidate(UserError):
 @torch.no_grad()
 def validation_scores(
     tr: Trainer, model: torch.nn.Module
-) -> tuple[Optional[np.ndarray], Optional[np.ndarray], float]:
+) -> tuple[np.ndarray | None, np.ndarray | None, float]:
     """Scores and labels of the whole validation split (gathered on rank 0) and its mean loss.
 
     Raises NothingToValidate on every rank when no rank read a single validation image."""
@@ -292,7 +292,9 @@ def finish_epoch(tr: Trainer, epoch: int, train: dict[str, Any], figures: dict, 
         state = tr.state_dict(keep_ema=selected == EMA)
         save_checkpoint(
             tr.out / BEST,
-            checkpoint_state(state, epoch=epoch + 1, thresholds=thresholds[selected], figures=figures[selected]),
+            checkpoint_state(
+                state, epoch=epoch + 1, thresholds=thresholds[selected], figures=figures[selected]
+            ),
         )
         tr.log.save_thresholds(
             {
@@ -311,7 +313,8 @@ def finish_epoch(tr: Trainer, epoch: int, train: dict[str, Any], figures: dict, 
     kept = EMA if EMA in figures else RAW
     state = tr.state_dict(keep_ema=True)
     save_checkpoint(
-        tr.out / LAST, checkpoint_state(state, epoch=epoch + 1, thresholds=thresholds[kept], figures=figures[kept])
+        tr.out / LAST,
+        checkpoint_state(state, epoch=epoch + 1, thresholds=thresholds[kept], figures=figures[kept]),
     )
 
 

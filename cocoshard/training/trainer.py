@@ -1,12 +1,12 @@
 """The trainer: a run's state between steps (`Trainer`) and how it is built, every check first.
 
 `build_trainer` takes the settings the run uses (`cocoshard.training.resume.settings_to_run` decided
-them: a new run's own, or a resumed run's) and does every check that can fail before any work (unknown model, missing shards, images shared by train and
-val, a batch larger than the split, a run folder that already holds a run), resolves every
-automatic setting to what the run really uses (device, AMP dtype, loader workers, CPU threads),
-prints and saves it, and only then builds the model, loaders, optimiser, schedule and EMA,
-restored from the checkpoint when resuming. `enter_phase` freezes or releases the backbone per
-epoch.
+them: a new run's own, or a resumed run's) and does every check that can fail before any work
+(unknown model, missing shards, images shared by train and val, a batch larger than the split, a
+run folder that already holds a run), resolves every automatic setting to what the run really
+uses (device, AMP dtype, loader workers, CPU threads), prints and saves it, and only then builds
+the model, loaders, optimiser, schedule and EMA, restored from the checkpoint when resuming.
+`enter_phase` freezes or releases the backbone per epoch.
 """
 
 from __future__ import annotations
@@ -14,9 +14,10 @@ from __future__ import annotations
 import dataclasses
 import platform
 import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -46,8 +47,8 @@ from cocoshard.training.model import (
     set_backbone_trainable,
 )
 from cocoshard.training.optim import ModelEma, build_optimizer, build_scheduler
-from cocoshard.training.runlog import RunLog
 from cocoshard.training.resume import check_same_shards, restore
+from cocoshard.training.runlog import RunLog
 from cocoshard.training.runtime import Runtime, rng_state, seed_everything, set_rng_state, unwrap, wrap_ddp
 
 
@@ -59,7 +60,7 @@ class Trainer:
     runtime: Runtime
     log: RunLog
     model: nn.Module
-    ema: Optional[ModelEma]
+    ema: ModelEma | None
     optimizer: torch.optim.Optimizer
     scheduler: Any
     scaler: torch.amp.GradScaler
@@ -72,8 +73,8 @@ class Trainer:
     shards_identity: str = ""  # which train/val shards the run trains on (`manifest.shards_identity`)
     class_counts: Sequence[int] = ()  # train images holding each class
     num_classes: int = NUM_CLASSES
-    net: Optional[nn.Module] = None
-    frozen: Optional[bool] = None
+    net: nn.Module | None = None
+    frozen: bool | None = None
     epoch: int = 0  # epochs completed
     step: int = 0  # optimizer steps taken
     best_score: float = -1.0
@@ -245,7 +246,7 @@ def check_run_folder(out: Path) -> None:
         )
 
 
-def class_prior(manifest: dict[str, Any]) -> Optional[list[float]]:
+def class_prior(manifest: dict[str, Any]) -> list[float] | None:
     """Each class's share of the train images, from the manifest's counts."""
     train = manifest["splits"]["train"]
     return [count / train["samples"] for count in train["class_counts"]]
@@ -302,9 +303,9 @@ def build_trainer(
     cfg: TrainConfig,
     runtime: Runtime,
     log: RunLog,
-    resumed: Optional[dict[str, Any]] = None,
-    resumed_from: Optional[Path] = None,
-    lock: Optional[Callable[[], Any]] = None,
+    resumed: dict[str, Any] | None = None,
+    resumed_from: Path | None = None,
+    lock: Callable[[], Any] | None = None,
 ) -> Trainer:
     """Check everything that can be checked, then build the state (restored from `resumed`).
 

@@ -22,8 +22,8 @@ from cocoshard.errors import UserError
 from cocoshard.loading.loader import build_loader
 from cocoshard.loading.tario import BadSample, BadShard
 from cocoshard.machine import usable_cores
-from cocoshard.pure.format import FORMAT_VERSION, encode_labels, encode_pixels, shard_name
 from cocoshard.prepare.manifest import MANIFEST
+from cocoshard.pure.format import FORMAT_VERSION, encode_labels, encode_pixels, shard_name
 
 CANVAS = 32
 # Tests start more loader workers than this machine has cores on purpose.

@@ -14,10 +14,10 @@ import pytest
 from PIL import Image
 
 from cocoshard.cli import main
-from cocoshard.pure.format import encode_labels, encode_npy, encode_pixels
 from cocoshard.prepare.inspect import check_sample
 from cocoshard.prepare.pack import add_member
 from cocoshard.prepare.summary import class_frequency_lines
+from cocoshard.pure.format import encode_labels, encode_npy, encode_pixels
 
 
 @pytest.fixture

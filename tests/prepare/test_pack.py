@@ -21,7 +21,6 @@ from PIL import Image
 from cocoshard.cli import main
 from cocoshard.prepare import pack
 
-
 # ----------------------------------------------------------------------------------- reading back
 
 

@@ -12,7 +12,6 @@ from cocoshard import NUM_CLASSES
 from cocoshard.cli import main
 from cocoshard.config import SynthConfig
 from cocoshard.errors import UserError
-from cocoshard.pure.labels import parse_cls
 from cocoshard.prepare.synth import (
     COLOURS,
     MARKER,
@@ -29,6 +28,7 @@ from cocoshard.prepare.synth import (
     generated_class_names,
     write_synthetic,
 )
+from cocoshard.pure.labels import parse_cls
 
 
 def _files(root, folder, suffix):

@@ -10,6 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from cocoshard.prepare.manifest import list_shard_files
 from cocoshard.pure.format import (
     decode_labels,
     decode_pixels,
@@ -23,7 +24,6 @@ from cocoshard.pure.format import (
     split_member_name,
 )
 from cocoshard.pure.labels import multi_hot, parse_cls
-from cocoshard.prepare.manifest import list_shard_files
 
 
 def test_shard_names_and_the_files_pack_owns(tmp_path):

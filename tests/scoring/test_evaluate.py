@@ -14,7 +14,6 @@ from hypothesis import strategies as st
 from test_metrics import statement_validation_loop
 
 from cocoshard import cli, config
-from cocoshard.settings import resolve
 from cocoshard.errors import UserError
 from cocoshard.pure import metrics
 from cocoshard.scoring import evaluate
@@ -25,6 +24,7 @@ from cocoshard.scoring.ground_truth import (
 )
 from cocoshard.scoring.scores import Scores, save_scores
 from cocoshard.scoring.submission import serialise
+from cocoshard.settings import resolve
 
 LABELS = Path("labels/train/train")
 TEST_IMAGES = Path("images/test-resized/test-resized")

@@ -11,13 +11,13 @@ import pytest
 import torch
 
 from cocoshard import CLASSES, cli, config
-from cocoshard.settings import resolve, to_dict
 from cocoshard.errors import UserError
 from cocoshard.loading.augment import eval_transform
 from cocoshard.loading.image_files import folder_batches, list_images
 from cocoshard.scoring import predict
 from cocoshard.scoring.scores import read_scores
 from cocoshard.scoring.submission import load_submission
+from cocoshard.settings import resolve, to_dict
 from cocoshard.training.checkpoint import save_checkpoint
 from cocoshard.training.model import build_model
 

@@ -13,21 +13,21 @@ from __future__ import annotations
 import contextlib
 import sys
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import torch
 
 import cocoshard
 from cocoshard import config
-from cocoshard.settings import resolve
 from cocoshard.loading.augment import EvalTransform, TrainTransform
 from cocoshard.loading.loader import build_loader
-from cocoshard.training.train import OnlineMetrics, train_step
+from cocoshard.settings import resolve
 from cocoshard.training.optim import lerp_all
 from cocoshard.training.runlog import RunLog
 from cocoshard.training.runtime import setup
+from cocoshard.training.train import OnlineMetrics, train_step
 from cocoshard.training.trainer import build_trainer, enter_phase
 
 PACKAGE = str(Path(cocoshard.__file__).parent)

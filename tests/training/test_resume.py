@@ -40,7 +40,9 @@ def _saved_run(tmp_path: Path, **settings: Any) -> tuple[dict[str, Any], Path]:
     """A checkpoint's state as resume reads it (only its config matters here) and its path."""
     run = tmp_path / "run"
     run.mkdir()
-    cfg = TrainConfig(shards="shards", out=str(run), model="resnet18", lr=3e-3, workers=4, threads=2, **settings)
+    cfg = TrainConfig(
+        shards="shards", out=str(run), model="resnet18", lr=3e-3, workers=4, threads=2, **settings
+    )
     return {"config": to_dict(cfg.resolved())}, run / LAST
 
 
@@ -61,7 +63,9 @@ def test_a_resumed_run_keeps_its_own_settings_and_chooses_the_machine_ones_again
 
 
 @pytest.mark.parametrize("name, value", [("lr", 0.5), ("model", "resnet50"), ("batch_size", 8), ("seed", 1)])
-def test_a_setting_that_changes_what_is_trained_is_refused_by_name(tmp_path: Path, name: str, value: Any) -> None:
+def test_a_setting_that_changes_what_is_trained_is_refused_by_name(
+    tmp_path: Path, name: str, value: Any
+) -> None:
     assert name not in RESUMABLE
     state, path = _saved_run(tmp_path)
     given = resolve(TrainConfig, {"resume": str(path), name: value})

@@ -41,6 +41,8 @@ CHECKPOINT_KEYS = {
     "metrics",
     "versions",
 }
+
+
 def train(*args: str) -> int:
     return cli.main(["train", *args])
 
