@@ -21,7 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 # Real COCO photos kept in the repository (tests/data/coco-sample/README.md: source and licence);
@@ -150,3 +152,57 @@ def synth_shards_raw(synth_root: Path, tmp_path_factory: pytest.TempPathFactory)
     """The generated set packed as raw 224 x 224 canvases, 32 samples per shard."""
     out = tmp_path_factory.mktemp("synth-raw")
     return _pack(synth_root, out, format="raw", shard_samples=SYNTH_SHARD_SAMPLES)
+
+
+# ----------------------------------------------------------------------------- the statement's metric
+
+
+def statement_validation_loop(
+    outputs: np.ndarray, labels: np.ndarray, threshold: float = 0.5, batch: int = 7
+) -> dict:
+    """The statement's `validation_loop(multi_task=True, one_hot=True, class_metrics=True)`,
+    re-implemented on precomputed outputs: same batching, same accumulation, same zero conventions."""
+    num_classes = outputs.shape[1]
+    class_total = {c: 0 for c in range(num_classes)}
+    class_tp = {c: 0 for c in range(num_classes)}
+    class_fp = {c: 0 for c in range(num_classes)}
+    for start in range(0, len(outputs), batch):
+        out = torch.tensor(outputs[start : start + batch], dtype=torch.float64)
+        lab = torch.tensor(labels[start : start + batch], dtype=torch.float64)
+        predictions = torch.where(out > threshold, 1.0, 0.0).double()
+        tps = predictions * lab
+        fps = predictions - tps
+        tps, fps, lbls = tps.sum(dim=0), fps.sum(dim=0), lab.sum(dim=0)
+        for c in range(num_classes):
+            class_tp[c] += tps[c]
+            class_fp[c] += fps[c]
+            class_total[c] += lbls[c]
+    class_prec, class_recall, freqs = [], [], []
+    for c in range(num_classes):
+        class_prec.append(0 if class_tp[c] == 0 else class_tp[c] / (class_tp[c] + class_fp[c]))
+        class_recall.append(0 if class_tp[c] == 0 else class_tp[c] / class_total[c])
+        freqs.append(class_total[c])
+    freqs = torch.tensor(freqs, dtype=torch.float64)
+    weights = 1.0 / freqs
+    weights /= weights.sum()
+    prec = (torch.tensor(class_prec, dtype=torch.float64) * weights).sum()
+    recall = (torch.tensor(class_recall, dtype=torch.float64) * weights).sum()
+    with np.errstate(divide="ignore"):
+        f1 = 2.0 / (1 / prec + 1 / recall)
+    class_f1 = [0 if p == r == 0 else 2.0 / (1 / p + 1 / r) for p, r in zip(class_prec, class_recall)]
+    return {
+        "f1": float(f1),
+        "precision": float(prec),
+        "recall": float(recall),
+        "class_f1": np.array(class_f1, float),
+    }
+
+
+def random_problem(seed: int, images: int = 200, classes: int = 80) -> tuple[np.ndarray, np.ndarray]:
+    """Scores and long-tailed labels for `images` x `classes`: informative, miscalibrated for 0.5."""
+    rng = np.random.default_rng(seed)
+    frequency = np.geomspace(0.5, 5.0 / images, classes)
+    labels = rng.random((images, classes)) < frequency
+    labels[np.arange(images), rng.integers(0, classes, images)] = True  # every image has a label
+    logits = rng.normal(size=(images, classes)) + 2.5 * labels - 1.5
+    return 1.0 / (1.0 + np.exp(-logits)), labels

@@ -29,13 +29,14 @@ the sample keys, all on the device.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from cocoshard.errors import UserError
 from cocoshard.loading.augment import EvalTransform, TrainTransform
-from cocoshard.prepare.manifest import read_manifest
+from cocoshard.prepare.manifest import read_manifest, split_shards
 
 MODES = ("stream", "resident")
 DEFAULT_SHUFFLE_BUFFER = 1000
@@ -45,7 +46,7 @@ Transform = TrainTransform | EvalTransform
 
 def build_loader(
     location: str | os.PathLike,
-    split: str,
+    split: str | Sequence[str],
     *,
     batch_size: int,
     device: torch.device | str,
@@ -87,8 +88,7 @@ def build_loader(
             f"workers={workers}"
         )
     manifest = read_manifest(location)
-    entry = manifest["splits"].get(split)
-    if entry is not None and not entry["samples"]:
+    if not sum(int(entry["samples"]) for entry in split_shards(manifest, split)):
         raise UserError(f"{location} holds no {split!r} samples: the split is empty")
     if decode not in ("host", "device"):
         raise UserError(f"unknown decode {decode!r}: choose host or device")

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -137,7 +137,7 @@ class ResidentLoader:
     def __init__(
         self,
         location: str,
-        split: str,
+        split: str | Sequence[str],
         manifest: dict[str, Any],
         *,
         batch_size: int,

@@ -13,7 +13,7 @@ rank, each rank taking its slice of whole batches.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -40,7 +40,7 @@ class ResidentBytesLoader:
     def __init__(
         self,
         location: str,
-        split: str,
+        split: str | Sequence[str],
         manifest: dict[str, Any],
         *,
         batch_size: int,

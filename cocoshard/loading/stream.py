@@ -22,7 +22,7 @@ made in this process, in slots recycled the same way.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -321,7 +321,7 @@ class StreamLoader:
     def __init__(
         self,
         location: str,
-        split: str,
+        split: str | Sequence[str],
         manifest: dict[str, Any],
         *,
         batch_size: int,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -179,15 +180,26 @@ def shards_identity(manifest: dict[str, Any], splits: tuple[str, ...] = ("train"
     return hashlib.sha256(json.dumps(listing, sort_keys=True).encode()).hexdigest()
 
 
-def split_shards(manifest: dict[str, Any], split: str) -> list[dict[str, Any]]:
-    """The shard entries (name, samples, bytes, sha256) of one split, in order."""
-    if split not in manifest["splits"]:
-        raise UserError(f"the shards hold no {split!r} split (they have: {', '.join(manifest['splits'])})")
-    return list(manifest["splits"][split]["shards"])
+def split_names(split: str | Sequence[str]) -> tuple[str, ...]:
+    """One split's name, or several read as one (folds of a K-fold pack), as a tuple."""
+    return (split,) if isinstance(split, str) else tuple(split)
 
 
-def shard_urls(location: str | os.PathLike, manifest: dict[str, Any], split: str) -> list[str]:
-    """Full paths or URLs of one split's shards."""
+def split_shards(manifest: dict[str, Any], split: str | Sequence[str]) -> list[dict[str, Any]]:
+    """The shard entries (name, samples, bytes, sha256) of one split, or of several in the order
+    given, in order."""
+    entries: list[dict[str, Any]] = []
+    for name in split_names(split):
+        if name not in manifest["splits"]:
+            raise UserError(f"the shards hold no {name!r} split (they have: {', '.join(manifest['splits'])})")
+        entries += manifest["splits"][name]["shards"]
+    return entries
+
+
+def shard_urls(
+    location: str | os.PathLike, manifest: dict[str, Any], split: str | Sequence[str]
+) -> list[str]:
+    """Full paths or URLs of one split's shards (or several splits', in the order given)."""
     loc = str(location)
     sep = "/" if is_url(loc) else os.sep
     return [loc.rstrip("/") + sep + entry["name"] for entry in split_shards(manifest, split)]

@@ -381,3 +381,15 @@ def test_an_undecodable_sample_names_shard_and_key_or_is_counted(sample_shards_j
     assert loader.skipped_samples == 1
     resident = _loader(shards, "val", mode="resident", skip_bad_samples=True)
     assert epoch_keys(resident) == [k for k in keys if k != victim] and resident.skipped_samples == 1
+
+
+def test_several_splits_read_as_one_in_the_order_given(sample_shards_raw: Path) -> None:
+    """A K-fold run trains on several folds at once: the loader reads a tuple of splits as one."""
+    keys = {
+        split: [k for b in _loader(sample_shards_raw, split, batch_size=16, train=False) for k in b.keys]
+        for split in ("train", "val")
+    }
+    both = [
+        k for b in _loader(sample_shards_raw, ("val", "train"), batch_size=16, train=False) for k in b.keys
+    ]
+    assert both == keys["val"] + keys["train"]

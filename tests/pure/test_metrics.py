@@ -4,70 +4,20 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from cocoshard.pure import metrics
+from conftest import random_problem, statement_validation_loop
 
 # ----------------------------------------------------------------------------------- reference
-
-
-def statement_validation_loop(
-    outputs: np.ndarray, labels: np.ndarray, threshold: float = 0.5, batch: int = 7
-) -> dict:
-    """The statement's `validation_loop(multi_task=True, one_hot=True, class_metrics=True)`,
-    re-implemented on precomputed outputs: same batching, same accumulation, same zero conventions."""
-    num_classes = outputs.shape[1]
-    class_total = {c: 0 for c in range(num_classes)}
-    class_tp = {c: 0 for c in range(num_classes)}
-    class_fp = {c: 0 for c in range(num_classes)}
-    for start in range(0, len(outputs), batch):
-        out = torch.tensor(outputs[start : start + batch], dtype=torch.float64)
-        lab = torch.tensor(labels[start : start + batch], dtype=torch.float64)
-        predictions = torch.where(out > threshold, 1.0, 0.0).double()
-        tps = predictions * lab
-        fps = predictions - tps
-        tps, fps, lbls = tps.sum(dim=0), fps.sum(dim=0), lab.sum(dim=0)
-        for c in range(num_classes):
-            class_tp[c] += tps[c]
-            class_fp[c] += fps[c]
-            class_total[c] += lbls[c]
-    class_prec, class_recall, freqs = [], [], []
-    for c in range(num_classes):
-        class_prec.append(0 if class_tp[c] == 0 else class_tp[c] / (class_tp[c] + class_fp[c]))
-        class_recall.append(0 if class_tp[c] == 0 else class_tp[c] / class_total[c])
-        freqs.append(class_total[c])
-    freqs = torch.tensor(freqs, dtype=torch.float64)
-    weights = 1.0 / freqs
-    weights /= weights.sum()
-    prec = (torch.tensor(class_prec, dtype=torch.float64) * weights).sum()
-    recall = (torch.tensor(class_recall, dtype=torch.float64) * weights).sum()
-    with np.errstate(divide="ignore"):
-        f1 = 2.0 / (1 / prec + 1 / recall)
-    class_f1 = [0 if p == r == 0 else 2.0 / (1 / p + 1 / r) for p, r in zip(class_prec, class_recall)]
-    return {
-        "f1": float(f1),
-        "precision": float(prec),
-        "recall": float(recall),
-        "class_f1": np.array(class_f1, float),
-    }
 
 
 def reference_on_present_classes(outputs: np.ndarray, labels: np.ndarray, threshold: float = 0.5) -> dict:
     """The reference restricted to the classes present in the labels (where it does not divide by 0)."""
     present = labels.sum(axis=0) > 0
     return statement_validation_loop(outputs[:, present], labels[:, present], threshold)
-
-
-def random_problem(seed: int, images: int = 200, classes: int = 80) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    frequency = np.geomspace(0.5, 5.0 / images, classes)
-    labels = rng.random((images, classes)) < frequency
-    labels[np.arange(images), rng.integers(0, classes, images)] = True  # every image has a label
-    logits = rng.normal(size=(images, classes)) + 2.5 * labels - 1.5
-    return 1.0 / (1.0 + np.exp(-logits)), labels
 
 
 def brute_force_ap(column: np.ndarray, truth: np.ndarray) -> float:

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_metrics import random_problem
 
 from cocoshard.pure import metrics, threshold_tuning
+from conftest import random_problem
 
 
 def test_tuning_never_lowers_the_server_f1_on_its_own_data() -> None:

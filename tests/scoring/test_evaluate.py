@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_metrics import statement_validation_loop
 
 from cocoshard import cli, config
 from cocoshard.errors import UserError
@@ -25,6 +24,7 @@ from cocoshard.scoring.ground_truth import (
 from cocoshard.scoring.scores import Scores, save_scores
 from cocoshard.scoring.submission import serialise
 from cocoshard.settings import resolve
+from conftest import statement_validation_loop
 
 LABELS = Path("labels/train/train")
 TEST_IMAGES = Path("images/test-resized/test-resized")
