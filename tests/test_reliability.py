@@ -226,6 +226,10 @@ TRAIN = [
     "--seed",
     "3",
     "--no-amp",
+    # one thread whatever else the machine runs: a thread count chosen from a busy machine would
+    # change the order of float sums, and the resumed run must equal the uninterrupted one exactly
+    "--threads",
+    "1",
 ]
 STEPS_PER_EPOCH = 5  # 88 train images of coco-sample in batches of 16
 TIMING = {"time_s", "images_per_s", "val_time_s", "data_wait_s"}
