@@ -73,23 +73,28 @@ def shard_pipeline(name: str, data, batch: int, workers: int, size: int, device:
     decoded where the batch is used; on a CPU, by this process)."""
     from cocoshard.loading.augment import TrainTransform
     from cocoshard.loading.loader import build_loader
+    from cocoshard.loading.spec import LoaderSpec
+    from cocoshard.machine import thread_plan
 
     mode = "resident" if name.startswith("resident") else "stream"
     decode = "device" if name.endswith("-device") else "host"
     pixel_format = "jpeg" if name.startswith("stream-jpeg") or decode == "device" else "raw"
     dtype = training_dtype(device)
-    loader = build_loader(
-        data.shards[pixel_format],
-        "train",
+    # the workers and threads a training run with these workers would use (cocoshard.machine.thread_plan)
+    threads = thread_plan(
+        "train", device_type=device.type, workers=workers, threads=None, measure_busy=False
+    ).loader
+    spec = LoaderSpec(
         batch_size=batch,
         device=device,
         mode=mode,
         train=True,
-        seed=0,
         workers=workers,
+        threads=threads,
         transform=TrainTransform(out_size=size, scale=SCALE, ratio=RATIO, dtype=dtype),
         decode=decode,
     )
+    loader = build_loader(data.shards[pixel_format], "train", spec)
 
     def epoch(number: int) -> Batches:
         loader.set_epoch(number)

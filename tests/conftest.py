@@ -12,10 +12,14 @@ or more images in both splits pulls the val share above 0.2.)
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,11 +29,15 @@ import numpy as np
 import pytest
 import torch
 
+from cocoshard.prepare.manifest import MANIFEST
+from cocoshard.pure.format import FORMAT_VERSION, encode_labels, encode_pixels, shard_name
+
 REPO = Path(__file__).resolve().parents[1]
 # Real COCO photos kept in the repository (tests/data/coco-sample/README.md: source and licence);
 # COCOSHARD_SAMPLE=PATH points the suite at another folder of the same layout.
 COCO_SAMPLE = Path(os.environ.get("COCOSHARD_SAMPLE", REPO / "tests" / "data" / "coco-sample"))
 
+CANVAS = 32  # the side of generated shards' canvases (`write_shards`)
 SYNTH_TRAIN = 300
 SYNTH_TEST = 40
 SAMPLE_SHARD_SAMPLES = 16
@@ -100,6 +108,16 @@ def _pack(root: str | os.PathLike, out: str | os.PathLike, **overrides: Any) -> 
     cfg = resolve(config.PackConfig, settings)
     pack.pack_folder(cfg, progress=False)
     return Path(out)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The cuda tier runs where CUDA is; elsewhere its tests are skipped, saying why."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device: none is visible here (the GPU tier: pytest -m cuda)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")
@@ -206,3 +224,96 @@ def random_problem(seed: int, images: int = 200, classes: int = 80) -> tuple[np.
     labels[np.arange(images), rng.integers(0, classes, images)] = True  # every image has a label
     logits = rng.normal(size=(images, classes)) + 2.5 * labels - 1.5
     return 1.0 / (1.0 + np.exp(-logits)), labels
+
+
+# ----------------------------------------------------------------------------- generated shards
+
+
+def tar_member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
+    """Add a member to a tar being written."""
+    info = tarfile.TarInfo(name)
+    info.size = len(payload)
+    tar.addfile(info, io.BytesIO(payload))
+
+
+def labels_of(index: int) -> bytes:
+    """The 80 label bytes of generated sample `index`: two classes on."""
+    row = np.zeros(80, np.uint8)
+    row[[index % 80, (index * 7) % 80]] = 1
+    return row.tobytes()
+
+
+def hw(index: int, size: int = CANVAS) -> tuple[int, int]:
+    """The (h, w) of generated sample `index`."""
+    return size - index % 5, size - index % 3
+
+
+def write_shards(folder: Path, counts: dict[str, list[int]], size: int = CANVAS) -> Path:
+    """Raw shards with the given samples per shard; sample i is (size - i % 5) x (size - i % 3)
+    pixels, all equal to i % 251."""
+    folder.mkdir(parents=True, exist_ok=True)
+    splits, index = {}, 0
+    for split, per_shard in counts.items():
+        entries = []
+        for number, count in enumerate(per_shard):
+            buffer = io.BytesIO()
+            with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
+                for _ in range(count):
+                    key = f"k{index:06d}"
+                    pixels = np.full((*hw(index, size), 3), index % 251, np.uint8)
+                    tar_member(tar, f"{key}.pixels.npy", encode_pixels(pixels))
+                    if split != "test":
+                        tar_member(
+                            tar, f"{key}.labels.npy", encode_labels(np.frombuffer(labels_of(index), np.uint8))
+                        )
+                    index += 1
+            data = buffer.getvalue()
+            (folder / shard_name(split, number)).write_bytes(data)
+            entries.append(
+                {
+                    "name": shard_name(split, number),
+                    "samples": count,
+                    "bytes": len(data),
+                    "sha256": hashlib.sha256(data).hexdigest(),
+                }
+            )
+        splits[split] = {"samples": sum(per_shard), "shards": entries, "class_counts": [0] * 80}
+    for split in ("train", "val", "test"):
+        splits.setdefault(split, {"samples": 0, "shards": [], "class_counts": [0] * 80})
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "pixel_format": "raw",
+        "size": size,
+        "splits": splits,
+        "classes": [f"class {i}" for i in range(80)],
+        "rejected": [],
+    }
+    (folder / MANIFEST).write_text(json.dumps(manifest))
+    return folder
+
+
+def epoch_keys(loader: Any, epoch: int = 0) -> list[str]:
+    """The keys a loader yields in `epoch`, in order."""
+    loader.set_epoch(epoch)
+    return [key for batch in loader for key in batch.keys]
+
+
+def rewrite_with_bad_jpeg(src: Path, dst: Path, victim: str, split: str = "val") -> None:
+    """Copy a jpeg shard folder, truncating one sample's JPEG and re-hashing so only decoding fails."""
+    shutil.copytree(src, dst)
+    manifest = json.loads((dst / MANIFEST).read_text())
+    for entry in manifest["splits"][split]["shards"]:
+        path = dst / entry["name"]
+        out = io.BytesIO()
+        with (
+            tarfile.open(path) as tar_in,
+            tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar_out,
+        ):
+            for member in tar_in:
+                payload = tar_in.extractfile(member).read()
+                if member.name == f"{victim}.jpg":
+                    payload = payload[: len(payload) // 3]
+                tar_member(tar_out, member.name, payload)
+        path.write_bytes(out.getvalue())
+        entry["sha256"], entry["bytes"] = hashlib.sha256(out.getvalue()).hexdigest(), len(out.getvalue())
+    (dst / MANIFEST).write_text(json.dumps(manifest))

@@ -30,6 +30,7 @@ import pytest
 from cocoshard.config import SynthConfig
 from cocoshard.errors import UserError
 from cocoshard.loading.loader import build_loader
+from cocoshard.loading.spec import LoaderSpec
 from cocoshard.prepare.synth import (
     TEST_IMAGES,
     TRAIN_IMAGES,
@@ -52,9 +53,9 @@ PAGE = os.sysconf("SC_PAGE_SIZE")
 EPOCH_SCRIPT = """
 import json, sys, time
 from cocoshard.loading.loader import build_loader
+from cocoshard.loading.spec import LoaderSpec
 started = time.perf_counter()
-loader = build_loader(sys.argv[1], "train", batch_size=256, device="cpu", mode="stream", train=True, seed=0,
-                      workers=2)
+loader = build_loader(sys.argv[1], "train", LoaderSpec(batch_size=256, device="cpu", train=True, workers=2))
 keys = [key for batch in loader for key in batch.keys]
 loader.close()
 seconds = time.perf_counter() - started
@@ -242,15 +243,9 @@ def test_resident_mode_refuses_a_split_beyond_its_memory_limit_before_allocating
         match=r"resident mode needs 7\.\d GiB for the 5\d,?\d{3} images of split 'train' .* "
         r"the memory limit is 4\.0 GiB: use the stream loader",
     ):
-        build_loader(
-            shards,
-            "train",
-            batch_size=256,
-            device="cpu",
-            mode="resident",
-            train=True,
-            seed=0,
-            memory_limit=RESIDENT_LIMIT,
+        spec = LoaderSpec(
+            batch_size=256, device="cpu", mode="resident", train=True, memory_limit=RESIDENT_LIMIT
         )
+        build_loader(shards, "train", spec)
     assert time.perf_counter() - started < 10
     assert own_rss() - before < 256 * MiB

@@ -34,6 +34,7 @@ from cocoshard import cli
 from cocoshard.atomic import TMP_PREFIX
 from cocoshard.errors import UserError
 from cocoshard.loading.loader import build_loader
+from cocoshard.loading.spec import LoaderSpec
 from cocoshard.prepare.manifest import MANIFEST
 from cocoshard.pure.format import FORMAT_VERSION, encode_labels, is_shard_file, npy_layout
 from cocoshard.pure.labels import LabelError, parse_cls
@@ -416,17 +417,15 @@ def test_skipping_never_yields_a_wrong_label(split, mode, tmp_path, sample_shard
     lost = shard_keys(sample_shards_jpeg, split, victim)
     shards = Path(shutil.copytree(sample_shards_jpeg, tmp_path / "shards"))
     damage(shards, "labels-byte", victim)
-    loader = build_loader(
-        shards,
-        split,
+    spec = LoaderSpec(
         batch_size=8,
         device="cpu",
         mode=mode,
         train=split == "train",
-        seed=0,
         workers=2 if mode == "stream" else 0,
         skip_bad_samples=True,
     )
+    loader = build_loader(shards, split, spec)
     try:
         seen = [
             (key, row)
@@ -565,8 +564,8 @@ def test_hostile_members_are_refused_or_skipped_by_the_loader(kind, mode, tmp_pa
     shards = hostile_shards(tmp_path / "shards", kind, outside)
     settings = dict(batch_size=4, device="cpu", mode=mode, train=False, seed=0)
     with pytest.raises(UserError, match="val-000000.tar"):
-        list(build_loader(shards, "val", **settings))
-    loader = build_loader(shards, "val", skip_bad_samples=True, **settings)
+        list(build_loader(shards, "val", LoaderSpec(**settings)))
+    loader = build_loader(shards, "val", LoaderSpec(skip_bad_samples=True, **settings))
     assert [key for batch in loader for key in batch.keys] == ["000000000001", "000000000002"]
     assert loader.skipped_samples == 1
     assert not outside.exists() and not list(tmp_path.rglob("*escaped*"))

@@ -11,8 +11,8 @@ ratio, ten tries, then the largest centred crop of an allowed ratio); evaluation
 the image's region to out x out (the whole image, never a centre crop). The boxes then go to
 `cocoshard.loading.resample` (the "resize" path on a CPU, "grid" on CUDA), which gives
 ImageNet-normalised (N, 3, out, out) in `dtype`, channels_last. `TrainTransform` and
-`EvalTransform` carry these settings, so that a loader can apply them where the batch is: in its
-worker processes on a CPU, on the device after the copy on CUDA.
+`EvalTransform` (`Transform`) carry these settings, so that a loader can apply them where the batch
+is: in its worker processes on a CPU, on the device after the copy on CUDA.
 
 No step on CUDA waits for the device: the crop boxes and flips are drawn there.
 """
@@ -38,7 +38,7 @@ RRC_RATIO = (3.0 / 4.0, 4.0 / 3.0)  # aspect ratios of the random resized crop (
 def sample_crops(
     sizes: torch.Tensor,
     *,
-    generator: torch.Generator,
+    generator: torch.Generator | None,
     scale: Sequence[float] = (0.35, 1.0),
     ratio: Sequence[float] = RRC_RATIO,
     attempts: int = CROP_ATTEMPTS,
@@ -113,7 +113,7 @@ def train_augment(
     sizes: torch.Tensor,
     *,
     out_size: int,
-    generator: torch.Generator,
+    generator: torch.Generator | None,
     scale: Sequence[float] = (0.35, 1.0),
     ratio: Sequence[float] = RRC_RATIO,
     flip: bool = True,
@@ -200,7 +200,7 @@ class TrainTransform:
     dtype: torch.dtype = torch.float32
     channels_last: bool = True
     method: str = "auto"  # resampler: "resize" on a CPU, "grid" on CUDA (see the module doc)
-    random = True  # draws from a generator: the loader seeds one per epoch, rank and worker
+    random = True  # draws from a generator: the loader seeds one per batch (seed, epoch, rank, batch)
 
     def apply(
         self,
@@ -262,3 +262,7 @@ class EvalTransform:
             rows=rows,
             out=out,
         )
+
+
+# The settings a loader carries to where the batch is made training-ready.
+Transform = TrainTransform | EvalTransform

@@ -1,6 +1,10 @@
 """Batch buffers, reused: lent to whoever takes a batch, and reused only once they are given back.
 
-The one mechanism every loader uses for its host buffers (`Loans`):
+Two kinds of host buffer, each with one owner of its free list:
+- *slots* (`Slot`: named tensors, one batch each) that a producer fills, worker process or this
+  process: `SlotPool` is the producer's free list;
+- scratch buffers kept by shape (`BufferPool`): the augmentation's output rows on a CPU.
+`Loans` is the record of what is out, and of what says it is back:
 
 - A buffer is *lent* as an alias: a tensor over the same memory with a storage of its own. A weak
   reference to that storage expires exactly when no tensor made from the alias is left (views,
@@ -16,19 +20,36 @@ the worker that filled it and the model. On CUDA, only the stream loader's page-
 through it (returned after their host-to-device copy); device memory is recycled by CUDA's
 caching allocator, and the resident loader on the GPU needs no host buffer at all.
 
-`BufferPool` is `Loans` over buffers kept by shape and dtype (the resident loader's pinned staging
-batches, the augmentation's output rows on a CPU); the stream loader lends its workers' slots
-(`cocoshard.loading.workers`).
+The device stage (`cocoshard.loading.to_device`) lends slots and returns them to their producer
+(`cocoshard.loading.worker_pool`); `BufferPool` lends its own buffers.
 """
 
 from __future__ import annotations
 
 import threading
+from collections import deque
 from collections.abc import Hashable, Iterator
-from typing import Any
+from typing import Generic, TypeVar
 
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
+
+SlotShapes = dict[str, tuple[tuple[int, ...], torch.dtype]]  # tensor name -> (shape, dtype)
+Slot = dict[str, torch.Tensor]
+
+
+def make_slot(shapes: SlotShapes, shared: bool) -> Slot:
+    """One slot's tensors, in shared memory when worker processes fill it."""
+    slot = {name: torch.empty(shape, dtype=dtype) for name, (shape, dtype) in shapes.items()}
+    return {name: tensor.share_memory_() for name, tensor in slot.items()} if shared else slot
+
+
+def slot_bytes(shapes: SlotShapes) -> int:
+    """The memory one slot of `shapes` takes."""
+    return sum(
+        torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+        for shape, dtype in shapes.values()
+    )
 
 
 def alias(tensor: torch.Tensor) -> tuple[torch.Tensor, StorageWeakRef]:
@@ -46,20 +67,24 @@ def released(reference: StorageWeakRef | None) -> bool:
     return reference is None or reference.expired()
 
 
-class Loans:
+Hold = StorageWeakRef | torch.cuda.Event  # what says a lent buffer is back
+
+
+Key = TypeVar("Key", bound=Hashable)
+
+
+class Loans(Generic[Key]):
     """Which buffers are out, and what says they are back: alias references or device-copy events."""
 
     def __init__(self) -> None:
-        self._out: dict[Hashable, list[Any]] = {}
+        self._out: dict[Key, list[Hold]] = {}
         self._lock = threading.Lock()
 
-    def lend(self, key: Hashable, tensors: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
-        """Aliases of `tensors` (None stays None), the buffer `key` out until every alias is gone."""
-        lent, references = [], []
+    def lend(self, key: Key, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Aliases of `tensors`, the buffer `key` out until every alias is gone."""
+        lent: list[torch.Tensor] = []
+        references: list[Hold] = []
         for tensor in tensors:
-            if tensor is None:
-                lent.append(None)
-                continue
             own, reference = alias(tensor)
             lent.append(own)
             references.append(reference)
@@ -67,17 +92,17 @@ class Loans:
             self._out[key] = references
         return lent
 
-    def lend_until(self, key: Hashable, event: Any) -> None:
+    def lend_until(self, key: Key, event: torch.cuda.Event) -> None:
         """The buffer `key` is out until `event` (a CUDA event recorded after its copy) has completed."""
         with self._lock:
             self._out[key] = [event]
 
-    def is_out(self, key: Hashable) -> bool:
+    def is_out(self, key: Key) -> bool:
         """True while buffer `key` is lent and not yet returned."""
         with self._lock:
             return key in self._out and not self._back(self._out[key])
 
-    def returned(self) -> Iterator[Hashable]:
+    def returned(self) -> Iterator[Key]:
         """The keys of buffers given back since the last call (each once)."""
         with self._lock:
             back = [key for key, holds in self._out.items() if self._back(holds)]
@@ -85,14 +110,47 @@ class Loans:
                 del self._out[key]
         return iter(back)
 
+    def wait(self) -> None:
+        """Wait until every buffer out until a device copy is back (the copies have finished)."""
+        with self._lock:
+            holds = [hold for out in self._out.values() for hold in out]
+        for hold in holds:
+            if not isinstance(hold, StorageWeakRef):
+                hold.synchronize()
+
     def forget(self) -> None:
         """Stop tracking every loan (the buffers are being dropped; what callers hold stays valid)."""
         with self._lock:
             self._out.clear()
 
     @staticmethod
-    def _back(holds: list[Any]) -> bool:
+    def _back(holds: list[Hold]) -> bool:
         return all(released(hold) if isinstance(hold, StorageWeakRef) else hold.query() for hold in holds)
+
+
+class SlotPool:
+    """A producer's slots and its free list: which it may fill now. Only the producer fills them;
+    the slot numbers travel to whoever takes the batch and come back through `put_back`."""
+
+    def __init__(self, slots: list[Slot] | None = None) -> None:
+        self.slots: list[Slot] = list(slots or [])
+        self._free: deque[int] = deque(range(len(self.slots)))
+
+    def add(self, slot: Slot) -> None:
+        """One more slot, free to fill."""
+        self.slots.append(slot)
+        self._free.append(len(self.slots) - 1)
+
+    def put_back(self, number: int) -> None:
+        """Slot `number` may be filled again."""
+        self._free.append(number)
+
+    def take(self) -> tuple[int, Slot] | None:
+        """A free slot (its number and tensors), or None when every slot is out."""
+        if not self._free:
+            return None
+        number = self._free.popleft()
+        return number, self.slots[number]
 
 
 class BufferPool:
@@ -104,7 +162,7 @@ class BufferPool:
 
     def __init__(self, max_per_key: int = 4, max_keys: int = 8) -> None:
         self._buffers: dict[tuple, list[torch.Tensor]] = {}  # key -> buffers, most recently used key last
-        self._loans = Loans()
+        self._loans: Loans[int] = Loans()
         self._max_per_key, self._max_keys = max_per_key, max_keys
         self._lock = threading.Lock()
 

@@ -113,16 +113,16 @@ def _resize_normalise_each(
     def work(lo: int, hi: int) -> None:
         slot = torch.empty((1, size, size, 3), dtype=work_dtype, device=device)
         resized, pixels = slot.permute(0, 3, 1, 2), slot.view(size, size * 3)
-        scratch = None if direct else torch.empty((size, size * 3), device=device)
+        scratch = torch.empty((size, size * 3), device=device) if not direct else None
         for i in range(lo, hi):
             top, left, height, width = box_rows[i]
             j = source_rows[i]
             crop = source[j : j + 1, :, top : top + height, left : left + width]
             resize_into(crop.flip(-1) if flip_rows[i] else crop, resized)
-            target = targets[i] if direct else scratch
+            target = targets[i] if scratch is None else scratch
             target.copy_(pixels)
             torch.addcmul(shift, target, scale, out=target)
-            if not direct:
+            if scratch is not None:
                 targets[i].copy_(target)
 
     if device.type != "cpu" or threads <= 1 or n < 2:

@@ -1,43 +1,45 @@
-"""Resident loader: the whole split held once as one uint8 tensor; an epoch is a permutation.
+"""The resident split: decoded once into one uint8 tensor, each epoch a permutation of its rows.
 
-Raw shards are copied in, JPEG shards decoded once (one thread per core; the decoders release the
-GIL). The tensor lives on the training device when it fits, else in pinned host memory (CUDA) or
-plain host memory (CPU); a split that fits neither the memory it is given nor what is free is
-refused before anything is allocated. Each epoch draws one permutation of (seed, epoch), identical
-on every rank, and each rank takes its slice of whole batches. No worker processes.
+    split = load_split(manifest, "train", spec, placement, pinned=False)   # ResidentSplit
+    loader = host_resident_loader(manifest, "train", spec, split)         # a Pipeline
 
-A batch is made where the split is:
-- on a CPU with a transform, the crops are read straight from the split's rows (no batch is
-  gathered first): by `workers` processes that share the split with this one (forked after it is
-  loaded, so it is never copied) and fill training-ready slots (`cocoshard.loading.pooled`), or,
-  with `workers=0`, by one thread per core of this process;
-- on the GPU, rows are gathered with `index_select` and transformed on the device;
-- in pinned host memory for a GPU, rows are gathered into a recycled pinned buffer (numpy's
-  single-threaded `take`) and copied without blocking; the buffer goes back to the pool once the
-  copy has finished.
+Raw shards are copied in, JPEG shards decoded once (`spec.threads` threads; the decoders release
+the GIL). Where the split lives is chosen before anything is allocated (`choose_placement`): on the
+training device when it fits (`cocoshard.loading.gpu_resident` then serves it), else in pinned host
+memory for a GPU, or in host memory on a CPU; a split that fits nothing is refused. Every epoch is
+one permutation of (seed, epoch), identical on every rank, each rank taking its slice of whole
+batches (`cocoshard.pure.plan`).
+
+On the host, batches are made by a `ResidentBatchSource` behind the usual pipeline: on a CPU the
+crops are read straight from the split's rows (no batch gathered first) and made training-ready,
+by worker processes that share the split with this one (forked after it is loaded, so it is
+never copied) or with no workers by this process's threads; for a GPU the rows are gathered into
+a page-locked slot and cross to the device, where they are transformed.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from cocoshard import NUM_CLASSES
 from cocoshard.errors import UserError
-from cocoshard.loading.batch import Batch
-from cocoshard.loading.buffers import BufferPool
+from cocoshard.loading.batch import IMAGES, INPUTS, LABELS, SIZES
+from cocoshard.loading.buffers import SlotShapes
 from cocoshard.loading.decode import fill_canvas, fill_labels
-from cocoshard.loading.pooled import PooledBatches
+from cocoshard.loading.pipeline import Pipeline
+from cocoshard.loading.spec import LoaderSpec
 from cocoshard.loading.tario import BadSample, BadShard, read_samples
-from cocoshard.loading.workers import START_METHOD, Slot, SlotShapes
-from cocoshard.machine import host_available_bytes, usable_cores
-from cocoshard.prepare.manifest import shard_urls, split_shards
+from cocoshard.loading.worker_pool import START_METHOD
+from cocoshard.loading.worker_side import Acquire, Filled
+from cocoshard.machine import host_available_bytes
+from cocoshard.prepare.manifest import Manifest, is_labelled
 from cocoshard.pure.plan import epoch_permutation, rank_batches
 from cocoshard.seeds import Stream, torch_generator
 
@@ -45,11 +47,11 @@ from cocoshard.seeds import Stream, torch_generator
 DEVICE_SHARE = 0.5
 # Share of available host memory the split may take by default.
 HOST_SHARE = 0.8
-_STAGING_SLOTS = 3
-Transform = Any  # cocoshard.loading.augment.TrainTransform or EvalTransform
+ROW_EXTRA = NUM_CLASSES + 16  # a row's labels and (h, w), beside its canvas
 
 
-def _human(nbytes: float) -> str:
+def human(nbytes: float) -> str:
+    """1.5 GiB, 300.0 MiB, 12 bytes."""
     for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if nbytes >= scale:
             return f"{nbytes / scale:.1f} {unit}"
@@ -69,11 +71,11 @@ def choose_placement(
     budget = available if memory_limit is None else memory_limit
     if needed > budget:
         if memory_limit is not None:
-            reason = f"the memory limit is {_human(memory_limit)}"
+            reason = f"the memory limit is {human(memory_limit)}"
         else:
-            reason = f"only {_human(available)} of host memory is free to use"
+            reason = f"only {human(available)} of host memory is free to use"
         raise UserError(
-            f"resident mode needs {_human(needed)} for {what} but {reason}: "
+            f"resident mode needs {human(needed)} for {what} but {reason}: "
             "use the stream loader (--loader stream)"
         )
     return torch.device("cpu"), device.type == "cuda"
@@ -86,262 +88,178 @@ def _allocate(shape: tuple[int, ...], placement: torch.device, pinned: bool) -> 
             return torch.empty(shape, dtype=torch.uint8, pin_memory=True)
         except RuntimeError as exc:
             warnings.warn(
-                f"cannot pin {_human(math.prod(shape))} of host memory ({exc}); copies to the GPU will not "
-                "overlap",
+                f"cannot pin {human(math.prod(shape))} of host memory ({exc}); "
+                "copies to the GPU will not overlap",
                 stacklevel=2,
             )
     return torch.empty(shape, dtype=torch.uint8, device=placement)
 
 
-class ResidentBatchSource:
-    """What a worker of the resident loader does: transform its batches of the epoch into slots."""
+@dataclass
+class ResidentSplit:
+    """A split held in memory: canvases, sizes and labels by row, the rows that loaded."""
 
-    def __init__(self, loader: ResidentLoader, workers: int) -> None:
-        self.loader, self.workers = loader, workers  # shared with the workers by fork, never pickled
+    images: torch.Tensor  # uint8 (total, S, S, 3), where the split lives
+    sizes: torch.Tensor  # int64 (total, 2), same place
+    labels: torch.Tensor | None  # uint8 (total, 80), same place; None for the test split
+    keys: list[str]
+    rows: torch.Tensor  # int64 rows that loaded (bad samples skipped), on the CPU
+    skipped: int
 
-    def slot_shapes(self) -> SlotShapes:
-        n, size = self.loader.batch_size, self.loader.transform.out_size
-        shapes: SlotShapes = {"inputs": ((n, size, size, 3), self.loader.transform.dtype)}
-        if self.loader.labels is not None:
-            shapes["labels"] = ((n, NUM_CLASSES), torch.uint8)
-        return shapes
-
-    def batches(self, epoch: int, worker: int, acquire: Callable[[], tuple[int, Slot]]) -> Iterator[tuple]:
-        loader, transform = self.loader, self.loader.transform
-        rows = loader.epoch_rows(epoch)
-        starts = np.concatenate([[0], np.cumsum(loader._batch_sizes)]).tolist()
-        generator = (
-            torch_generator(loader.seed, epoch, loader.rank, worker, Stream.AUGMENT)
-            if transform.random
-            else None
+    def epoch_rows(self, spec: LoaderSpec, epoch: int) -> torch.Tensor:
+        """The rows this rank reads in `epoch`, in order (CPU int64)."""
+        total = len(self.rows)
+        order = self.rows[
+            torch.from_numpy(epoch_permutation(total, seed=spec.seed, epoch=epoch, train=spec.train))
+        ]
+        start, sizes = rank_batches(
+            total, batch_size=spec.batch_size, rank=spec.rank, world_size=spec.world_size, train=spec.train
         )
-        for b in range(worker, len(loader._batch_sizes), self.workers):
-            mine = rows[starts[b] : starts[b + 1]]
-            slot, tensors = acquire()
-            transform.apply(
-                loader.images,
-                loader.sizes.index_select(0, mine),
-                generator=generator,
-                threads=1,
-                rows=mine,
-                out=tensors["inputs"],
-            )
-            if loader.labels is not None:
-                tensors["labels"][: len(mine)].copy_(loader.labels.index_select(0, mine))
-            yield slot, len(mine), [loader.keys[i] for i in mine.tolist()], 0
+        return order[start : start + sum(sizes)]
 
 
-class ResidentLoader:
-    """The split in one tensor; exact epochs by seeded permutation (see module doc)."""
+def resident_bytes_needed(manifest: Manifest, split: str | Sequence[str]) -> int:
+    """The memory a resident split of canvases takes."""
+    return manifest.samples(split) * (manifest.size**2 * 3 + ROW_EXTRA)
 
-    def __init__(
-        self,
-        location: str,
-        split: str | Sequence[str],
-        manifest: dict[str, Any],
-        *,
-        batch_size: int,
-        device: torch.device,
-        train: bool,
-        seed: int,
-        rank: int,
-        world_size: int,
-        skip_bad_samples: bool,
-        memory_limit: int | None,
-        transform: Transform | None = None,
-        workers: int = 0,
-        prefetch: int = 2,
-        threads: int | None = None,
-    ) -> None:
-        entries = split_shards(manifest, split)
-        self.manifest, self.split, self.device, self.train = manifest, split, device, train
-        self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
-        self.canvas_size = size = int(manifest["size"])
-        self.labelled = split != "test"
-        self.skip_bad_samples = skip_bad_samples
-        self.transform = transform
-        self._skipped = 0
-        self.epoch = 0
-        counts = [int(e["samples"]) for e in entries]
-        total = sum(counts)
-        what = f"the {total} images of split {split!r} ({size}x{size} canvases)"
-        self.placement, pinned = choose_placement(
-            total * (size * size * 3 + NUM_CLASSES + 16), device, memory_limit, what
-        )
-        self.images = _allocate((total, size, size, 3), self.placement, pinned)
-        self.sizes = torch.zeros((total, 2), dtype=torch.int64)
-        self.labels = torch.zeros((total, NUM_CLASSES), dtype=torch.uint8) if self.labelled else None
-        self.keys: list[str] = [""] * total
-        valid = np.zeros(total, dtype=bool)
-        self._load(shard_urls(location, manifest, split), entries, counts, valid)
-        self.rows = torch.from_numpy(np.flatnonzero(valid))
-        self.split_samples = len(self.rows)
-        self.sizes = self.sizes.to(self.placement)
-        self.labels = None if self.labels is None else self.labels.to(self.placement)
-        _, sizes = rank_batches(
-            self.split_samples, batch_size=batch_size, rank=rank, world_size=world_size, train=train
-        )
-        self._batch_sizes, self.num_samples = sizes, sum(sizes)
-        # No loader processes here: CPU augmentation may use every core (or the threads it is given).
-        self.augment_threads = threads or usable_cores()
-        self._pool = BufferPool(max_per_key=_STAGING_SLOTS)
-        self._in_flight: list[tuple[Any, torch.Tensor]] = []  # (CUDA event, pinned buffer being copied)
-        self._pooled: PooledBatches | None = None
-        if workers > 0 and transform is not None and device.type == "cpu" and START_METHOD == "fork":
-            source = ResidentBatchSource(self, workers)
-            self._pooled = PooledBatches(
-                source,
-                source.slot_shapes(),
-                workers=workers,
-                device=device,
-                prefetch=prefetch,
-                seed=seed,
-                rank=rank,
-                device_transform=None,
-                output_transform=transform,
-                name=f"{split} resident loader",
-            )
 
-    # ------------------------------------------------------------------------------ loading
+def load_split(
+    manifest: Manifest, split: str | Sequence[str], spec: LoaderSpec, placement: torch.device, pinned: bool
+) -> ResidentSplit:
+    """Every sample of `split` decoded into one tensor at `placement`."""
+    entries, urls = manifest.shards(split), manifest.urls(split)
+    counts = [entry.samples for entry in entries]
+    total, size = sum(counts), manifest.size
+    images = _allocate((total, size, size, 3), placement, pinned)
+    sizes = torch.zeros((total, 2), dtype=torch.int64)
+    labels = torch.zeros((total, NUM_CLASSES), dtype=torch.uint8) if is_labelled(split) else None
+    keys = [""] * total
+    valid = np.zeros(total, dtype=bool)
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(int).tolist()
 
-    def _load(self, urls: list[str], entries: list[dict], counts: list[int], valid: np.ndarray) -> None:
-        offsets = np.concatenate([[0], np.cumsum(counts)]).astype(int).tolist()
-        jobs = [(urls[i], entries[i].get("sha256"), counts[i], offsets[i]) for i in range(len(urls))]
-        with ThreadPoolExecutor(max_workers=usable_cores()) as pool:
-            for skipped in pool.map(lambda job: self._load_shard(*job, valid), jobs):
-                self._skipped += skipped
-
-    def _load_shard(self, url: str, sha256: str | None, count: int, offset: int, valid: np.ndarray) -> int:
+    def load_shard(shard: int) -> int:
+        """Decode one shard into its rows; the count of bad samples skipped."""
+        count, offset, url = counts[shard], offsets[shard], urls[shard]
         try:
-            samples = read_samples(url, sha256, count)
+            samples = read_samples(url, entries[shard].sha256, count)
         except BadShard:
-            if not self.skip_bad_samples:
+            if not spec.skip_bad_samples:
                 raise
             return count
-        on_host = self.placement.type == "cpu"
-        size = self.canvas_size
+        on_host = placement.type == "cpu"
         rows = slice(offset, offset + count)
-        pixels = self.images[rows].numpy() if on_host else np.empty((count, size, size, 3), np.uint8)
-        hw = self.sizes[rows].numpy()
-        labels = None if self.labels is None else self.labels[rows].numpy()
+        pixels = images[rows].numpy() if on_host else np.empty((count, size, size, 3), np.uint8)
+        hw, label_rows = sizes[rows].numpy(), None if labels is None else labels[rows].numpy()
         skipped = 0
         for i, sample in enumerate(samples):
             try:
                 hw[i] = fill_canvas(sample, pixels[i])
-                if labels is not None:
-                    fill_labels(sample, labels[i])
+                if label_rows is not None:
+                    fill_labels(sample, label_rows[i])
             except BadSample as exc:
-                if not self.skip_bad_samples:
+                if not spec.skip_bad_samples:
                     raise BadSample(f"shard {url}, sample {sample.key}: {exc}") from exc
                 skipped += 1
                 continue
-            self.keys[offset + i] = sample.key
-            valid[offset + i] = True
+            keys[offset + i], valid[offset + i] = sample.key, True
         if not on_host:
-            self.images[rows].copy_(torch.from_numpy(pixels))
+            images[rows].copy_(torch.from_numpy(pixels))
         return skipped
 
-    # ---------------------------------------------------------------------------- iteration
+    with ThreadPoolExecutor(max_workers=spec.threads) as pool:
+        skipped = sum(pool.map(load_shard, range(len(urls))))
+    return ResidentSplit(
+        images,
+        sizes.to(placement),
+        None if labels is None else labels.to(placement),
+        keys,
+        torch.from_numpy(np.flatnonzero(valid)),
+        skipped,
+    )
 
-    def __len__(self) -> int:
-        return len(self._batch_sizes)
 
-    def set_epoch(self, epoch: int) -> None:
-        """Choose the epoch whose permutation the next iteration uses."""
-        self.epoch = epoch
+# ----------------------------------------------------------------------------- the host pipeline
 
-    def close(self) -> None:
-        """Stop the worker processes, if any (the split's memory goes with the object)."""
-        if self._pooled is not None:
-            self._pooled.close()
 
-    def __enter__(self) -> ResidentLoader:
-        return self
+class ResidentBatchSource:
+    """Batches of a host-resident split (in worker processes, shared by fork, or in this process)."""
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def epoch_rows(self, epoch: int | None = None) -> torch.Tensor:
-        """Rows of the resident tensor this rank reads in `epoch` (the current one), in order (CPU int64)."""
-        epoch = self.epoch if epoch is None else epoch
-        order = self.rows[
-            torch.from_numpy(
-                epoch_permutation(self.split_samples, seed=self.seed, epoch=epoch, train=self.train)
-            )
-        ]
-        start, _ = rank_batches(
-            self.split_samples,
-            batch_size=self.batch_size,
-            rank=self.rank,
-            world_size=self.world_size,
-            train=self.train,
-        )
-        return order[start : start + self.num_samples]
-
-    @property
-    def skipped_samples(self) -> int:
-        """Bad samples skipped when the split was loaded (with skip_bad_samples)."""
-        return self._skipped
-
-    def __iter__(self) -> Iterator[Batch]:
-        if self._pooled is not None:
-            workers = self._pooled.workers
-            yield from self._pooled.batches(self.epoch, [b % workers for b in range(len(self))], self.train)
-            return
-        rows = self.epoch_rows()
-        generator = None
-        if self.transform is not None and self.transform.random:
-            generator = torch_generator(self.seed, self.epoch, self.rank, Stream.AUGMENT, device=self.device)
-        start = 0
-        for size in self._batch_sizes:
-            yield self._batch(rows[start : start + size], generator)
-            start += size
-
-    def _batch(self, rows: torch.Tensor, generator: torch.Generator | None) -> Batch:
-        keys = [self.keys[i] for i in rows.tolist()]
-        index = rows.to(self.placement, non_blocking=True)
-        labels = None if self.labels is None else self.labels.index_select(0, index).float()
-        if self.placement.type == "cpu" and self.device.type == "cpu" and self.transform is not None:
-            # crops read straight from the split's rows, by every core: nothing gathered first
-            inputs = self.transform.apply(
-                self.images,
-                self.sizes.index_select(0, index),
-                generator=generator,
-                threads=self.augment_threads,
-                rows=rows,
-            )
-            return Batch(None, None, labels, keys, inputs=inputs)
-        images, sizes = self._gather(rows, index)
-        if self.device.type != self.placement.type:
-            sizes = sizes.to(self.device, non_blocking=True)
-            labels = None if labels is None else labels.to(self.device, non_blocking=True)
-        if self.transform is None:
-            return Batch(images, sizes, labels, keys)
-        return Batch(
-            None, None, labels, keys, inputs=self.transform.apply(images, sizes, generator=generator)
+    def __init__(self, split: ResidentSplit, spec: LoaderSpec, producers: int) -> None:
+        self.split, self.spec, self.producers = split, spec, max(1, producers)
+        self.threads = 1 if producers > 0 else spec.threads  # one per worker, the plan's count here
+        _, self.batch_sizes = rank_batches(
+            len(split.rows),
+            batch_size=spec.batch_size,
+            rank=spec.rank,
+            world_size=spec.world_size,
+            train=spec.train,
         )
 
-    def _gather(self, rows: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The rows' canvases and sizes on the device."""
-        n, size = len(rows), self.canvas_size
-        sizes = self.sizes.index_select(0, index)
-        flat = self.images.view(len(self.images), -1)
-        if self.placement.type == "cuda":
-            return flat.index_select(0, index).view(n, size, size, 3), sizes
-        images = self._pool.take(
-            (n, flat.shape[1]), torch.uint8, "cpu", pin_memory=self.device.type == "cuda"
-        )
-        # numpy's single-threaded row copy: torch's OpenMP index_select took 1 s instead of 3 ms for
-        # a 19 MB batch on a 2-core CPU that other processes kept busy. mode="clip" (the rows are
-        # valid): the default mode copies through a temporary buffer, 3x slower.
-        np.take(flat.numpy(), rows.numpy(), axis=0, out=images.numpy(), mode="clip")
-        if self.device.type == "cpu":
-            return images.view(n, size, size, 3), sizes
-        # Host-resident split, CUDA device: gathered into a pinned buffer, copied asynchronously;
-        # the buffer goes back to the pool when `staging` dies: keep it until the copy is done.
-        staging = images
-        on_device = staging.view(n, size, size, 3).to(self.device, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
-        self._in_flight = [(e, held) for e, held in self._in_flight if not e.query()] + [(event, staging)]
-        return on_device, sizes
+    def order(self, epoch: int) -> list[int]:
+        return [b % self.producers for b in range(len(self.batch_sizes))]
+
+    def slot_shapes(self) -> SlotShapes:
+        n, canvas = self.spec.batch_size, self.split.images.shape[1]
+        transform = self.spec.transform
+        shapes: SlotShapes
+        if self.spec.augment_on_host and transform is not None:
+            shapes = {INPUTS: ((n, transform.out_size, transform.out_size, 3), transform.dtype)}
+        else:
+            shapes = {IMAGES: ((n, canvas, canvas, 3), torch.uint8), SIZES: ((n, 2), torch.int64)}
+        if self.split.labels is not None:
+            shapes[LABELS] = ((n, NUM_CLASSES), torch.uint8)
+        return shapes
+
+    def batches(self, epoch: int, worker: int, acquire: Acquire, start: int = 0) -> Iterator[Filled]:
+        split, spec, transform = self.split, self.spec, self.spec.transform
+        rows = split.epoch_rows(spec, epoch)
+        starts = np.concatenate([[0], np.cumsum(self.batch_sizes)]).tolist()
+        # a resumed epoch skips this worker's first `start` batches: nothing to replay, every batch
+        # draws from its own seed
+        for b in range(worker, len(self.batch_sizes), self.producers)[start:]:
+            mine = rows[starts[b] : starts[b + 1]]
+            slot, tensors = acquire()
+            if spec.augment_on_host and transform is not None:
+                generator = (
+                    torch_generator(spec.seed, epoch, spec.rank, b, Stream.AUGMENT)
+                    if transform.random
+                    else None
+                )
+                sizes = split.sizes.index_select(0, mine)
+                transform.apply(
+                    split.images,
+                    sizes,
+                    generator=generator,
+                    threads=self.threads,
+                    rows=mine,
+                    out=tensors[INPUTS],
+                )
+            else:
+                # numpy's single-threaded row copy: torch's OpenMP index_select took 1 s instead of 3 ms
+                # for a 19 MB batch on a 2-core CPU that other processes kept busy. mode="clip" (the rows
+                # are valid): the default mode copies through a temporary buffer, 3x slower.
+                flat = split.images.view(len(split.images), -1).numpy()
+                out = tensors[IMAGES][: len(mine)].view(len(mine), -1).numpy()
+                np.take(flat, mine.numpy(), axis=0, out=out, mode="clip")
+                tensors[SIZES][: len(mine)].copy_(split.sizes.index_select(0, mine))
+            if split.labels is not None:
+                tensors[LABELS][: len(mine)].copy_(split.labels.index_select(0, mine))
+            yield Filled(slot, len(mine), [split.keys[i] for i in mine.tolist()], 0, b)
+
+
+def host_resident_loader(
+    manifest: Manifest, split: str | Sequence[str], spec: LoaderSpec, resident: ResidentSplit
+) -> Pipeline:
+    """The pipeline over a host-resident split: workers only on a CPU with a transform (where they
+    spread the crops) and where they can share the split by fork."""
+    workers = spec.workers if spec.augment_on_host and START_METHOD == "fork" else 0
+    return Pipeline(
+        manifest,
+        spec,
+        ResidentBatchSource(resident, spec, workers),
+        split_samples=len(resident.rows),
+        workers=workers,
+        name=f"{split} resident loader",
+        canvas_size=manifest.size,
+        skipped_on_load=resident.skipped,
+    )

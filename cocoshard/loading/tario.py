@@ -159,7 +159,7 @@ def _name(header: bytes) -> str:
     return name.decode("utf-8", "replace")
 
 
-def tar_spans(data: bytes, url: str, check_headers: bool = True) -> list[tuple[str, int, int]]:
+def tar_spans(data: bytes | mmap.mmap, url: str, check_headers: bool = True) -> list[tuple[str, int, int]]:
     """(name, start, end) of every regular file in a tar held in memory, in order.
 
     `check_headers=False` skips the per-header checksums: for data whose sha256 already matched.
@@ -284,9 +284,9 @@ def read_samples(
                 checks.confirm(index, stamp)
             else:
                 _confirmed_here[url] = stamp
-    known = _indexes.get(url)
-    if known is not None and known[0] == stamp:
-        shard_index = known[1]
+    kept = _indexes.get(url)
+    if kept is not None and kept[0] == stamp:
+        shard_index = kept[1]
     else:
         shard_index = index_samples(tar_spans(data, url, check_headers=not sha256), url)
         if not is_url(url):

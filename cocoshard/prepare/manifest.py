@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +85,70 @@ def read_manifest(location: str | os.PathLike) -> dict[str, Any]:
         raise BadManifest(f"{source} is not valid JSON: {exc}") from None
     check_manifest(manifest, source)
     return manifest
+
+
+# ----------------------------------------------------------------------------------- typed
+
+
+@dataclass(frozen=True)
+class ShardEntry:
+    """One shard as the manifest lists it."""
+
+    name: str
+    samples: int
+    bytes: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A checked manifest as the loaders read it: where the shards are, their pixels, their splits.
+
+    `data` keeps the whole document for what only summaries show (rejected inputs, the split seed)."""
+
+    location: str
+    pixel_format: str  # "jpeg" or "raw"
+    size: int  # the canvas: the largest side an image may have
+    classes: tuple[str, ...]
+    splits: Mapping[str, tuple[ShardEntry, ...]]
+    data: Mapping[str, object] = field(repr=False)
+
+    @classmethod
+    def from_data(cls, data: dict[str, Any], location: str | os.PathLike) -> Manifest:
+        """The typed view of a manifest that `check_manifest` accepted."""
+        splits = {
+            name: tuple(
+                ShardEntry(s["name"], int(s["samples"]), int(s["bytes"]), s["sha256"])
+                for s in entry["shards"]
+            )
+            for name, entry in data["splits"].items()
+        }
+        return cls(
+            str(location), data["pixel_format"], int(data["size"]), manifest_class_names(data), splits, data
+        )
+
+    def shards(self, split: str | Sequence[str]) -> tuple[ShardEntry, ...]:
+        """The shards of one split, or of several read as one, in the order given."""
+        entries: tuple[ShardEntry, ...] = ()
+        for name in split_names(split):
+            if name not in self.splits:
+                raise UserError(f"the shards hold no {name!r} split (they have: {', '.join(self.splits)})")
+            entries += self.splits[name]
+        return entries
+
+    def urls(self, split: str | Sequence[str]) -> list[str]:
+        """Full paths or URLs of the shards of `split`."""
+        sep = "/" if is_url(self.location) else os.sep
+        return [self.location.rstrip("/") + sep + entry.name for entry in self.shards(split)]
+
+    def samples(self, split: str | Sequence[str]) -> int:
+        """Samples in `split` (all of its shards)."""
+        return sum(entry.samples for entry in self.shards(split))
+
+
+def load_manifest(location: str | os.PathLike) -> Manifest:
+    """`read_manifest`, typed: what the loaders take."""
+    return Manifest.from_data(read_manifest(location), location)
 
 
 # ----------------------------------------------------------------------------------- schema
@@ -183,6 +248,11 @@ def shards_identity(manifest: dict[str, Any], splits: tuple[str, ...] = ("train"
 def split_names(split: str | Sequence[str]) -> tuple[str, ...]:
     """One split's name, or several read as one (folds of a K-fold pack), as a tuple."""
     return (split,) if isinstance(split, str) else tuple(split)
+
+
+def is_labelled(split: str | Sequence[str]) -> bool:
+    """Whether samples of `split` carry labels (every split but the test split)."""
+    return "test" not in split_names(split)
 
 
 def split_shards(manifest: dict[str, Any], split: str | Sequence[str]) -> list[dict[str, Any]]:

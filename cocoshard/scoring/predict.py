@@ -40,7 +40,8 @@ from cocoshard.input_files import shown_path
 from cocoshard.loading.augment import EvalTransform, eval_transform
 from cocoshard.loading.image_files import check_image_folder, folder_batches
 from cocoshard.loading.loader import build_loader
-from cocoshard.machine import usable_cores
+from cocoshard.loading.spec import LoaderSpec
+from cocoshard.machine import ThreadPlan, thread_plan
 from cocoshard.prepare.manifest import read_manifest, shards_identity
 from cocoshard.pure.metrics import predictions_from_scores
 from cocoshard.scoring.scores import Scores, file_sha256, save_scores
@@ -112,20 +113,18 @@ def load_predictor(path: str | os.PathLike, device: torch.device) -> Predictor:
 
 
 def shard_batches(
-    cfg: PredictConfig, predictor: Predictor, workers: int, device: torch.device, dtype: torch.dtype
+    cfg: PredictConfig, predictor: Predictor, plan: ThreadPlan, device: torch.device, dtype: torch.dtype
 ) -> tuple[int, Batches]:
     """(number of samples, model-ready batches with their keys) of one split of packed shards, in order."""
-    loader = build_loader(
-        cfg.shards,
-        cfg.split,
+    spec = LoaderSpec(
         batch_size=cfg.batch_size,
         device=device,
-        mode="stream",
         train=False,
-        seed=0,
-        workers=workers,
+        workers=plan.workers,
+        threads=plan.loader,
         transform=EvalTransform(predictor.size, dtype, predictor.channels_last),
     )
+    loader = build_loader(cfg.shards, cfg.split, spec)
 
     def batches() -> Batches:
         try:
@@ -250,7 +249,11 @@ def run(cfg: PredictConfig) -> int:
     dtype = amp_dtype or torch.float32
     predictor = load_predictor(cfg.checkpoint, device)
     thresholds, threshold_source = _thresholds(cfg, predictor)
-    workers = usable_cores() if cfg.workers is None else cfg.workers
+    plan = thread_plan(
+        "predict", device_type=device.type, workers=cfg.workers, threads=None, measure_busy=False
+    )
+    plan.apply()
+    workers = plan.workers
     unreadable: list[str] = []
     if cfg.images:
         files, bad = check_image_folder(cfg.images, workers)
@@ -263,7 +266,7 @@ def run(cfg: PredictConfig) -> int:
     else:
         source, split = f"{cfg.shards} ({cfg.split} split)", cfg.split
         origin = f"shards {shards_identity(read_manifest(cfg.shards))}"
-        total, batches = shard_batches(cfg, predictor, workers, device, dtype)
+        total, batches = shard_batches(cfg, predictor, plan, device, dtype)
     start = time.perf_counter()
     keys, scores = predict_scores(predictor, batches, total=total, amp_dtype=amp_dtype, tta=cfg.tta)
     elapsed = time.perf_counter() - start

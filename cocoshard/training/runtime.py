@@ -24,7 +24,6 @@ import torch.distributed as dist
 from torch import nn
 
 from cocoshard.errors import ConfigError
-from cocoshard.machine import cores_per_process
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -112,9 +111,6 @@ def setup(device: str = "auto", amp: bool = False, amp_dtype: str = "auto") -> R
         torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    elif world > 1:
-        # Processes on one machine share its cores; oversubscribed threads slow every rank down.
-        torch.set_num_threads(cores_per_process())
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, device_id=dev if dev.type == "cuda" else None)
@@ -145,8 +141,8 @@ def unwrap(model: nn.Module) -> nn.Module:
     while True:
         if isinstance(model, nn.parallel.DistributedDataParallel):
             model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod  # type: ignore[assignment]  # checked to be a Module just above
         else:
             return model
 
@@ -207,7 +203,9 @@ def seed_everything(seed: int) -> None:
 
 def rng_state() -> dict[str, Any]:
     """The global generators' states as tensors and lists (loadable with weights_only=True)."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    legacy = np.random.get_state()
+    assert isinstance(legacy, tuple)  # (kind, keys, pos, has_gauss, cached), the default form
+    kind, keys, pos, has_gauss, cached = legacy
     version, internal, gauss = random.getstate()
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),

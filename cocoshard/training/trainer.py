@@ -17,7 +17,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, cast
 
 import torch
 from torch import nn
@@ -28,8 +28,9 @@ from cocoshard.config import TrainConfig
 from cocoshard.errors import ConfigError, UserError
 from cocoshard.loading.augment import EvalTransform, TrainTransform
 from cocoshard.loading.loader import build_loader
+from cocoshard.loading.spec import Loader, LoaderSpec
 from cocoshard.loading.tario import BadShard, shard_keys
-from cocoshard.machine import busy_cores, cores_per_process
+from cocoshard.machine import ThreadPlan, cores_per_process, thread_plan
 from cocoshard.prepare.manifest import (
     is_url,
     manifest_class_names,
@@ -62,11 +63,11 @@ class Trainer:
     model: nn.Module
     ema: ModelEma | None
     optimizer: torch.optim.Optimizer
-    scheduler: Any
+    scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
     criterion: nn.Module
-    train_loader: Any
-    val_loader: Any
+    train_loader: Loader
+    val_loader: Loader
     steps_per_epoch: int
     classes: Sequence[str]
     input_dtype: torch.dtype
@@ -122,62 +123,34 @@ class Trainer:
 
     def skipped_samples(self) -> int:
         """Samples this rank's loaders skipped as undecodable (with --skip-bad-samples)."""
-        return sum(
-            int(getattr(loader, "skipped_samples", 0)) for loader in (self.train_loader, self.val_loader)
-        )
+        return sum(loader.skipped_samples for loader in (self.train_loader, self.val_loader))
 
 
 # ----------------------------------------------------------------------------------- settings
 
 
-def loader_workers(cfg: TrainConfig, runtime: Runtime) -> int:
-    """Loader processes: as given, else one per core of this process on a GPU and none on a CPU
-    (training on a CPU already uses every core; loader processes beside it stall the compute
-    threads, as each parallel region waits for its slowest thread)."""
-    if cfg.workers is not None:
-        return cfg.workers
-    return 0 if runtime.device.type == "cpu" else cores_per_process()
-
-
-def compute_threads(cfg: TrainConfig, workers: int, busy: float) -> int:
-    """CPU threads of the training process: as given, else this process's cores less its loader
-    workers (each takes a core when it augments on a CPU) and less the cores other processes kept
-    busy when the run started, at least one.
-
-    Measured (cocoshard_tiny, 96 px, 2-core x86 CPU): idle, 2 threads train at 494 img/s and 1 at
-    338; with one core busy elsewhere, 2 threads fall to 158 img/s while 1 keeps 336 (each
-    parallel region waits for its thread on the busy core)."""
-    if cfg.threads is not None:
-        return cfg.threads
-    return max(1, cores_per_process() - workers - int(round(busy)))
-
-
-def resolved_settings(cfg: TrainConfig, runtime: Runtime, workers: int, threads: int) -> TrainConfig:
+def resolved_settings(cfg: TrainConfig, runtime: Runtime, plan: ThreadPlan) -> TrainConfig:
     """The settings with every automatic one replaced by what the run really uses."""
-    amp = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(runtime.amp_dtype, cfg.amp_dtype)
+    amp: Literal["auto", "bf16", "fp16"] = cfg.amp_dtype
+    if runtime.amp_dtype is not None:
+        amp = "bf16" if runtime.amp_dtype == torch.bfloat16 else "fp16"
+    device: Literal["cpu", "cuda"] = "cuda" if runtime.device.type == "cuda" else "cpu"
     return dataclasses.replace(
-        cfg.resolved(), device=runtime.device.type, amp_dtype=amp, workers=workers, threads=threads
+        cfg.resolved(), device=device, amp_dtype=amp, workers=plan.workers, threads=plan.compute
     )
 
 
-def run_facts(cfg: TrainConfig, runtime: Runtime, identity: str, busy: float) -> dict[str, Any]:
+def run_facts(cfg: TrainConfig, runtime: Runtime, identity: str, plan: ThreadPlan) -> dict[str, Any]:
     """What else a run resolved at start: shown with the settings and saved as OUT/run.json."""
     if runtime.device.type == "cuda":
         name = torch.cuda.get_device_name(runtime.device)
     else:
         name = f"CPU, {torch.get_num_threads()} threads of {cores_per_process()} cores ({platform.machine()})"
-    how = (
-        "given"
-        if "threads" in cfg.given
-        else (
-            f"{cores_per_process()} cores, {cfg.workers} loader workers, {busy:.1f} busy elsewhere at start"
-        )
-    )
     return {
         "device_name": name,
         "world_size": runtime.world_size,
         "loader": cfg.loader,
-        "cpu_threads": f"{cfg.threads} ({how})",
+        "cpu_threads": f"{plan.compute} ({plan.why})",
         "amp": str(runtime.amp_dtype).removeprefix("torch.") if runtime.amp_dtype else "off",
         "shards_identity": identity[:16],
         "command": " ".join(sys.argv),
@@ -267,29 +240,30 @@ def validation_transform(cfg: TrainConfig, dtype: torch.dtype) -> EvalTransform:
     return EvalTransform(out_size=cfg.size, dtype=dtype, channels_last=cfg.channels_last)
 
 
-def build_loaders(cfg: TrainConfig, runtime: Runtime) -> tuple[Any, Any]:
+def build_loaders(cfg: TrainConfig, runtime: Runtime) -> tuple[Loader, Loader]:
     """The train loader (shuffled, equal steps on every rank) and the validation loader, both
-    delivering model-ready inputs."""
+    delivering model-ready inputs; `cfg` holds the workers and threads the thread plan chose."""
     dtype = runtime.amp_dtype or torch.float32
-    common = dict(
+    assert cfg.workers is not None and cfg.threads is not None, "resolved settings only"
+    common = LoaderSpec(
         batch_size=cfg.batch_size,
         device=runtime.device,
-        mode=cfg.loader,
+        train=True,
         seed=cfg.seed,
         rank=runtime.rank,
         world_size=runtime.world_size,
+        mode=cfg.loader,
         workers=cfg.workers,
         threads=cfg.threads,
         skip_bad_samples=cfg.skip_bad_samples,
         decode=cfg.decode,
+        transform=train_transform(cfg, dtype),
     )
-    return (
-        build_loader(cfg.shards, "train", train=True, transform=train_transform(cfg, dtype), **common),
-        build_loader(cfg.shards, "val", train=False, transform=validation_transform(cfg, dtype), **common),
-    )
+    validation = dataclasses.replace(common, train=False, transform=validation_transform(cfg, dtype))
+    return build_loader(cfg.shards, "train", common), build_loader(cfg.shards, "val", validation)
 
 
-def agreed_steps(loader: Any, runtime: Runtime) -> int:
+def agreed_steps(loader: Loader, runtime: Runtime) -> int:
     """Steps per epoch: the smallest share over ranks, so that no rank waits for a step that never comes."""
     steps = torch.tensor(len(loader), device=runtime.device)
     if runtime.distributed:
@@ -316,35 +290,41 @@ def build_trainer(
         check_run_folder(out)
     manifest = check_shards(cfg, runtime.world_size)
     identity = shards_identity(manifest)
-    if resumed is not None:
+    if resumed is not None and resumed_from is not None:
         check_same_shards(resumed, identity, cfg.shards, resumed_from)
     if lock is not None:
         lock()
         if resumed is None:
             check_run_folder(out)  # again, under the lock: another run may have started meanwhile
-    workers = loader_workers(cfg, runtime)
-    busy = busy_cores() if cfg.threads is None else 0.0
-    threads = compute_threads(cfg, workers, busy)
-    torch.set_num_threads(threads)
-    cfg = resolved_settings(cfg, runtime, workers, threads)
+    plan = thread_plan(
+        "train",
+        device_type=runtime.device.type,
+        workers=cfg.workers,
+        threads=cfg.threads,
+        loader_mode=cfg.loader,
+    )
+    plan.apply()
+    cfg = resolved_settings(cfg, runtime, plan)
     if runtime.is_main:
-        facts = run_facts(cfg, runtime, identity, busy)
+        facts = run_facts(cfg, runtime, identity, plan)
         print_config(cfg, log.console, extra={k: v for k, v in facts.items() if k != "versions"})
         log.save_config(to_dict(cfg), facts)
     seed_everything(cfg.seed)
     model = build_model(cfg.model, cfg.weights, class_prior=class_prior(manifest))
     check_input_size(model, cfg.size, cfg.model)
     fmt = torch.channels_last if cfg.channels_last else torch.preserve_format
-    model = model.to(runtime.device, memory_format=fmt)
+    model = model.to(runtime.device).to(memory_format=fmt)
     train_loader, val_loader = build_loaders(cfg, runtime)
     steps = agreed_steps(train_loader, runtime)
-    optimizer = build_optimizer(model, cfg.lr, cfg.backbone_lr_mult, cfg.weight_decay)
+    freeze_epochs, backbone_lr_mult = cfg.freeze_epochs, cfg.backbone_lr_mult
+    assert freeze_epochs is not None and backbone_lr_mult is not None, "resolved settings only"
+    optimizer = build_optimizer(model, cfg.lr, backbone_lr_mult, cfg.weight_decay)
     scheduler = build_scheduler(
         optimizer,
         cfg.schedule,
         total_steps=cfg.epochs * steps,
         warmup_steps=round(cfg.warmup_epochs * steps),
-        freeze_steps=cfg.freeze_epochs * steps,
+        freeze_steps=freeze_epochs * steps,
     )
     tr = Trainer(
         cfg=cfg,
@@ -379,13 +359,13 @@ def enter_phase(tr: Trainer, epoch: int) -> None:
 
     DDP only reduces gradients of parameters that required them when it was built, so a change
     of phase builds a new wrapper around the same module."""
-    frozen = epoch < tr.cfg.freeze_epochs
+    frozen = epoch < (tr.cfg.freeze_epochs or 0)
     if tr.net is not None and frozen == tr.frozen:
         return
     set_backbone_trainable(tr.model, not frozen)
     tr.net = None
     net = wrap_ddp(tr.model, tr.runtime)
-    tr.net = torch.compile(net) if tr.cfg.compile else net
+    tr.net = cast(nn.Module, torch.compile(net)) if tr.cfg.compile else net
     if tr.frozen is not None or frozen:
         tr.log.note(
             "backbone frozen: training the head only"

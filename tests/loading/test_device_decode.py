@@ -16,8 +16,9 @@ from cocoshard.errors import UserError
 from cocoshard.loading.augment import EvalTransform, TrainTransform
 from cocoshard.loading.device_decode import KIND_JPEG, KIND_PNG, decode_on_device
 from cocoshard.loading.loader import build_loader
+from cocoshard.loading.spec import LoaderSpec
 from cocoshard.loading.tario import BadSample
-from tests.loading.test_loader import _rewrite_with_bad_jpeg
+from conftest import rewrite_with_bad_jpeg
 
 DEVICE_MODES = [dict(mode="stream", workers=0), dict(mode="stream", workers=2), dict(mode="resident")]
 IDS = ["stream-in-process", "stream-2-workers", "resident"]
@@ -29,7 +30,7 @@ def loaders():
 
     def make(location, split, **settings):
         base = dict(batch_size=8, device="cpu", train=split == "train", seed=0)
-        loader = build_loader(location, split, **{**base, **settings})
+        loader = build_loader(location, split, LoaderSpec(**{**base, **settings}))
         made.append(loader)
         return loader
 
@@ -98,7 +99,7 @@ def test_a_broken_jpeg_is_named_with_its_shard_or_skipped(sample_shards_jpeg, tm
     keys = list(_pictures(loaders(sample_shards_jpeg, "val", mode="stream", workers=0)))
     victim = keys[len(keys) // 3]
     shards = tmp_path / "bad"
-    _rewrite_with_bad_jpeg(sample_shards_jpeg, shards, victim)
+    rewrite_with_bad_jpeg(sample_shards_jpeg, shards, victim)
     with pytest.raises(BadSample, match=rf"shard .*val-\d+\.tar, sample {victim}: cannot decode its JPEG"):
         _pictures(loaders(shards, "val", decode="device", **settings))
     loader = loaders(shards, "val", decode="device", skip_bad_samples=True, **settings)
@@ -109,7 +110,7 @@ def test_a_broken_jpeg_is_named_with_its_shard_or_skipped(sample_shards_jpeg, tm
 def test_device_decode_refuses_raw_shards(sample_shards_raw):
     with pytest.raises(UserError, match="--decode device reads jpeg shards"):
         build_loader(
-            sample_shards_raw, "val", batch_size=8, device="cpu", train=False, seed=0, decode="device"
+            sample_shards_raw, "val", LoaderSpec(batch_size=8, device="cpu", train=False, decode="device")
         )
 
 
@@ -141,3 +142,20 @@ def test_decode_on_device_canvases_sizes_and_the_png_path(coco_sample, tmp_path)
         encoded[:2], [KIND_JPEG] * 2, ["a", "b"], canvas_size=64, device=torch.device("cpu"), skip_bad=True
     )
     assert good == []
+
+
+@pytest.mark.parametrize("settings", DEVICE_MODES, ids=IDS)
+def test_training_batches_keep_their_size_when_an_image_fails_to_decode(
+    sample_shards_jpeg, tmp_path, loaders, settings
+):
+    """As host decoding refills its batches, device decoding repeats good images of the batch: a batch
+    of one image would break BatchNorm."""
+    keys = [k for b in loaders(sample_shards_jpeg, "train", mode="stream", workers=0) for k in b.keys]
+    shards = tmp_path / "bad"
+    rewrite_with_bad_jpeg(sample_shards_jpeg, shards, keys[5], split="train")
+    loader = loaders(shards, "train", decode="device", skip_bad_samples=True, **settings)
+    batches = list(loader)
+    assert len(batches) == len(loader) and {len(b) for b in batches} == {8}
+    assert {b.images.shape[0] for b in batches} == {8} and {b.labels.shape[0] for b in batches} == {8}
+    assert keys[5] not in {k for b in batches for k in b.keys}
+    assert loader.skipped_samples == 1

@@ -3,11 +3,6 @@ behind the epochs: test_plan.py)."""
 
 from __future__ import annotations
 
-import hashlib
-import io
-import json
-import shutil
-import tarfile
 import threading
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -20,82 +15,12 @@ from PIL import Image
 
 from cocoshard.errors import UserError
 from cocoshard.loading.loader import build_loader
+from cocoshard.loading.spec import LoaderSpec
 from cocoshard.loading.tario import BadSample, BadShard
-from cocoshard.machine import usable_cores
-from cocoshard.prepare.manifest import MANIFEST
-from cocoshard.pure.format import FORMAT_VERSION, encode_labels, encode_pixels, shard_name
+from conftest import CANVAS, epoch_keys, hw, labels_of, rewrite_with_bad_jpeg, write_shards
 
-CANVAS = 32
 # Tests start more loader workers than this machine has cores on purpose.
 pytestmark = pytest.mark.filterwarnings("ignore:This DataLoader will create:UserWarning")
-
-
-# ------------------------------------------------------------------------------------ helpers
-
-
-def _member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(payload)
-    tar.addfile(info, io.BytesIO(payload))
-
-
-def _labels(index: int) -> bytes:
-    row = np.zeros(80, np.uint8)
-    row[[index % 80, (index * 7) % 80]] = 1
-    return row.tobytes()
-
-
-def _hw(index: int, size: int = CANVAS) -> tuple[int, int]:
-    return size - index % 5, size - index % 3
-
-
-def write_shards(folder: Path, counts: dict[str, list[int]], size: int = CANVAS) -> Path:
-    """Raw shards with the given samples per shard; sample i is (size - i % 5) x (size - i % 3)
-    pixels, all equal to i % 251."""
-    folder.mkdir(parents=True, exist_ok=True)
-    splits, index = {}, 0
-    for split, per_shard in counts.items():
-        entries = []
-        for number, count in enumerate(per_shard):
-            buffer = io.BytesIO()
-            with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
-                for _ in range(count):
-                    key = f"k{index:06d}"
-                    pixels = np.full((*_hw(index, size), 3), index % 251, np.uint8)
-                    _member(tar, f"{key}.pixels.npy", encode_pixels(pixels))
-                    if split != "test":
-                        _member(
-                            tar, f"{key}.labels.npy", encode_labels(np.frombuffer(_labels(index), np.uint8))
-                        )
-                    index += 1
-            data = buffer.getvalue()
-            (folder / shard_name(split, number)).write_bytes(data)
-            entries.append(
-                {
-                    "name": shard_name(split, number),
-                    "samples": count,
-                    "bytes": len(data),
-                    "sha256": hashlib.sha256(data).hexdigest(),
-                }
-            )
-        splits[split] = {"samples": sum(per_shard), "shards": entries, "class_counts": [0] * 80}
-    for split in ("train", "val", "test"):
-        splits.setdefault(split, {"samples": 0, "shards": [], "class_counts": [0] * 80})
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        "pixel_format": "raw",
-        "size": size,
-        "splits": splits,
-        "classes": [f"class {i}" for i in range(80)],
-        "rejected": [],
-    }
-    (folder / MANIFEST).write_text(json.dumps(manifest))
-    return folder
-
-
-def epoch_keys(loader, epoch: int = 0) -> list[str]:
-    loader.set_epoch(epoch)
-    return [key for batch in loader for key in batch.keys]
 
 
 _open_loaders: list = []
@@ -111,7 +36,7 @@ def _close_loaders():
 
 def _loader(location, split="train", **overrides):
     settings = dict(batch_size=8, device="cpu", mode="stream", train=split == "train", seed=0)
-    loader = build_loader(location, split, **{**settings, **overrides})
+    loader = build_loader(location, split, LoaderSpec(**{**settings, **overrides}))
     _open_loaders.append(loader)
     return loader
 
@@ -144,8 +69,6 @@ def test_fewer_shards_than_workers(tmp_path):
     loader = _loader(shards, workers=4)
     keys = epoch_keys(loader)
     assert len(keys) == len(loader) * 8 == 40 and len(set(keys)) == 40
-    assert loader.augment_threads == max(1, usable_cores() - 4)
-    assert _loader(shards, mode="resident").augment_threads == usable_cores()
     val = _loader(shards, "val", workers=4)
     assert len(val) == 2 and epoch_keys(val) == [f"k{i:06d}" for i in range(40, 51)]
 
@@ -170,7 +93,7 @@ def test_eval_reads_every_sample_once_in_order_with_the_last_partial_batch(tmp_p
     assert epoch_keys(loader, epoch=3) == keys
 
 
-def test_batches_hold_the_stored_pixels_sizes_and_labels(tmp_path):
+def test_batches_hold_the_stored_pixels_sizes_andlabels_of(tmp_path):
     shards = write_shards(tmp_path / "s", {"train": [3, 9]})
     for batch in _loader(shards, workers=2):
         assert batch.images.dtype == torch.uint8 and batch.images.shape[1:] == (CANVAS, CANVAS, 3)
@@ -179,7 +102,7 @@ def test_batches_hold_the_stored_pixels_sizes_and_labels(tmp_path):
             index = int(key[1:])
             assert (h, w) == (CANVAS - index % 5, CANVAS - index % 3)
             assert bool((image[:h, :w] == index % 251).all())
-            assert torch.equal(labels, torch.tensor(list(_labels(index))).float())
+            assert torch.equal(labels, torch.tensor(list(labels_of(index))).float())
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -187,20 +110,24 @@ def test_batch_buffers_are_reused_but_never_while_held(tmp_path, workers):
     shards = write_shards(tmp_path / "s", {"train": [40, 40, 40]})
     loader = _loader(shards, workers=workers)
     held = list(loader)  # every batch kept: no buffer may be refilled under them
+    made = {batch.images.data_ptr() for batch in held}
+    assert len(made) == len(held)
     for batch in held:
         for image, key in zip(batch.images, batch.keys):
-            h, w = _hw(int(key[1:]))
+            h, w = hw(int(key[1:]))
             assert bool((image[:h, :w] == int(key[1:]) % 251).all())
     del held, batch, image
+    memory = set()
     for epoch in (1, 2):  # batches dropped as they are used: every one comes in a recycled buffer
         loader.set_epoch(epoch)
         for batch in loader:
-            assert batch.slot is not None
-            h, w = _hw(int(batch.keys[0][1:]))
+            memory.add(batch.images.data_ptr())
+            h, w = hw(int(batch.keys[0][1:]))
             assert bool((batch.images[0, :h, :w] == int(batch.keys[0][1:]) % 251).all())
+    assert memory <= made  # no new buffer: the first epoch's, given back and filled again
 
 
-def test_resident_and_stream_agree_on_keys_and_labels(tmp_path):
+def test_resident_and_stream_agree_on_keys_andlabels_of(tmp_path):
     shards = write_shards(tmp_path / "s", {"train": UNEVEN, "val": [13, 6]})
     for split, batch in (("train", 1), ("val", 4)):
         seen = {}
@@ -348,32 +275,11 @@ def test_a_missing_or_truncated_shard_is_named_or_skipped(tmp_path):
         epoch_keys(_loader(shards, skip_bad_samples=True, batch_size=4))
 
 
-def _rewrite_with_bad_jpeg(src: Path, dst: Path, victim: str) -> None:
-    """Copy a jpeg shard folder, truncating one sample's JPEG and re-hashing so only decoding fails."""
-    shutil.copytree(src, dst)
-    manifest = json.loads((dst / MANIFEST).read_text())
-    for entry in manifest["splits"]["val"]["shards"]:
-        path = dst / entry["name"]
-        out = io.BytesIO()
-        with (
-            tarfile.open(path) as tar_in,
-            tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar_out,
-        ):
-            for member in tar_in:
-                payload = tar_in.extractfile(member).read()
-                if member.name == f"{victim}.jpg":
-                    payload = payload[: len(payload) // 3]
-                _member(tar_out, member.name, payload)
-        path.write_bytes(out.getvalue())
-        entry["sha256"], entry["bytes"] = hashlib.sha256(out.getvalue()).hexdigest(), len(out.getvalue())
-    (dst / MANIFEST).write_text(json.dumps(manifest))
-
-
 def test_an_undecodable_sample_names_shard_and_key_or_is_counted(sample_shards_jpeg, tmp_path):
     keys = epoch_keys(_loader(sample_shards_jpeg, "val"))
     victim = keys[len(keys) // 2]
     shards = tmp_path / "bad"
-    _rewrite_with_bad_jpeg(sample_shards_jpeg, shards, victim)
+    rewrite_with_bad_jpeg(sample_shards_jpeg, shards, victim)
     with pytest.raises(BadSample, match=rf"shard .*val-\d+\.tar, sample {victim}: cannot decode"):
         epoch_keys(_loader(shards, "val", workers=2))
     loader = _loader(shards, "val", workers=2, skip_bad_samples=True)

@@ -103,10 +103,9 @@ def test_labels_member_round_trips_and_is_checked():
 def loader_view(shards, split: str) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
     """key -> (the image exactly as cocoshard's loader decodes it, its uint8 labels or None)."""
     from cocoshard.loading.loader import build_loader
+    from cocoshard.loading.spec import LoaderSpec
 
-    loader = build_loader(
-        shards, split, batch_size=16, device="cpu", mode="stream", train=False, seed=0, workers=0
-    )
+    loader = build_loader(shards, split, LoaderSpec(batch_size=16, device="cpu", train=False))
     found = {}
     for batch in loader:
         for i, key in enumerate(batch.keys):

@@ -23,6 +23,7 @@ import cocoshard
 from cocoshard import config
 from cocoshard.loading.augment import EvalTransform, TrainTransform
 from cocoshard.loading.loader import build_loader
+from cocoshard.loading.spec import LoaderSpec
 from cocoshard.settings import resolve
 from cocoshard.training.optim import lerp_all
 from cocoshard.training.runlog import RunLog
@@ -125,9 +126,7 @@ def test_steady_state_training_steps_never_wait_for_the_device(sample_shards_jpe
 )
 def test_the_device_transform_never_waits_for_the_device(sample_shards_jpeg, transform):
     """The "grid" resampler is what runs on CUDA: crops, flips and constants stay on the device."""
-    loader = build_loader(
-        sample_shards_jpeg, "train", batch_size=8, device="cpu", train=True, seed=0, workers=0
-    )
+    loader = build_loader(sample_shards_jpeg, "train", LoaderSpec(batch_size=8, device="cpu", train=True))
     batches = iter(loader)
     first = next(batches)
     generator = torch.Generator().manual_seed(0)
