@@ -92,6 +92,7 @@ class BenchReport:
     pipelines: dict[str, dict[str, Any]] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)  # peer -> why it was not measured
     train_step: dict[str, Any] = field(default_factory=dict)
+    host_side: dict[str, Any] = field(default_factory=dict)  # test_host_side.py: what the CPU can feed a GPU
     load: dict[str, list[float]] = field(default_factory=dict)
 
     def note_load(self, when: str) -> None:
@@ -123,6 +124,7 @@ class BenchReport:
             "bars": bars,
             "skipped": self.skipped,
             "train_step": self.train_step,
+            "host_side": self.host_side,
         }
 
 
@@ -227,7 +229,7 @@ def device_name() -> str:
 
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
     found: BenchReport | None = config.stash.get(_REPORT_KEY, None)
-    if found is None or not (found.pipelines or found.train_step):
+    if found is None or not (found.pipelines or found.train_step or found.host_side):
         return
     found.note_load("end")
     data = found.to_json()
@@ -262,6 +264,19 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
     for name, entry in data["train_step"].items():
         if isinstance(entry, dict) and "images_per_s" in entry:
             write(f"train step {name:<28}{entry['images_per_s']:>10.1f} images/s")
+    host = data["host_side"]
+    if host:
+        limits = host.get("limits_us_per_image", {})
+        write(f"host side alone (what {cores()} cores feed a GPU); one core: {limits}")
+        for name, entry in host.items():
+            if name != "limits_us_per_image":
+                bar = (
+                    f"  {entry['x_limit']:.2f}x its {entry['limit']} (bar {entry['bar']})"
+                    if "limit" in entry
+                    else ""
+                )
+                rate, cpu = entry["images_per_s"], entry["cpu_us_per_image"]
+                write(f"  {name:<22}{rate:>10.0f} images/s{cpu:>10.0f} us/img{bar}")
     write(f"written to {out}")
 
 

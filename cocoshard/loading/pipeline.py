@@ -158,6 +158,22 @@ class Pipeline:
                     f"worker {worker} sent more batches than planned: the epoch plan is broken"
                 )
 
+    def host_batches(self, epoch: int) -> Iterator[HostBatch]:
+        """The host side alone: the epoch's filled slots before they cross, each given back to its
+        producer when the next is asked for (as if its copy were done). What a few CPU cores can
+        deliver to a GPU, measured without one (`bench/test_host_side.py`)."""
+        self._stop_ahead()
+        self._give_back_returned()
+        self.producer.begin(epoch, [0] * self.producer.count)
+        for worker in self.source.order(epoch):
+            filled = self.producer.receive(worker)
+            if filled is None:
+                raise RuntimeError(f"worker {worker} ended its epoch early: the epoch plan is broken")
+            yield self._host_batch(worker, filled)
+            self.producer.give_back(worker, filled.slot)
+        for worker in range(self.producer.count):
+            self.producer.receive(worker, more=False)
+
     def _host_batch(self, worker: int, filled: Filled) -> HostBatch:
         slot = self.producer.slots[worker][filled.slot]
         n = filled.size
