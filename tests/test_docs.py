@@ -20,7 +20,10 @@ def _defined(path: Path, name: str) -> bool:
     return re.search(rf"^def {re.escape(name)}\(", path.read_text(), re.MULTILINE) is not None
 
 
-@pytest.mark.parametrize("document", ["docs/reliability.md", "docs/architecture.md", "README.md"])
+DOCUMENTS = ["README.md", *sorted(str(p.relative_to(REPO)) for p in (REPO / "docs").glob("*.md"))]
+
+
+@pytest.mark.parametrize("document", DOCUMENTS)
 def test_every_test_a_document_cites_exists(document):
     text = (REPO / document).read_text()
     missing = [
@@ -46,14 +49,15 @@ def test_the_architecture_document_describes_every_module():
     assert not undescribed, f"docs/architecture.md does not describe: {undescribed}"
 
 
-def _readme_snippet(title: str) -> str:
-    text = (REPO / "README.md").read_text()
+def _snippet(document: str, title: str) -> str:
+    """The first Python block of a document's section."""
+    text = (REPO / document).read_text()
     section = text.split(f"## {title}", 1)[1].split("\n## ", 1)[0]
     return re.search(r"```python\n(.*?)```", section, re.DOTALL).group(1)
 
 
-def test_the_readme_snippet_for_plain_webdataset_runs_on_packed_shards(sample_shards_jpeg, tmp_path):
-    snippet = _readme_snippet("Use the shards elsewhere")
+def test_the_snippet_for_plain_webdataset_runs_on_packed_shards(sample_shards_jpeg, tmp_path):
+    snippet = _snippet("docs/format.md", "Reading the shards elsewhere")
     (tmp_path / "shards").symlink_to(sample_shards_jpeg)
     script = tmp_path / "snippet.py"
     script.write_text(
@@ -69,3 +73,13 @@ def test_the_readme_snippet_for_plain_webdataset_runs_on_packed_shards(sample_sh
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "torch.Size([16, 3, 224, 224]) torch.Size([16, 80])" in done.stdout, done.stdout
+
+
+def test_the_readme_starts_short_and_its_links_lead_somewhere():
+    text = (REPO / "README.md").read_text()
+    assert len(text.splitlines()) <= 200, "the README is a front page: detail goes to docs/"
+    links = re.findall(r"\]\(([^)#]+)\)", text)
+    assert links and not [link for link in links if "://" not in link and not (REPO / link).exists()]
+    for page in (REPO / "docs").glob("*.md"):
+        for link in re.findall(r"\]\(([^)#]+)\)", page.read_text()):
+            assert "://" in link or (page.parent / link).exists(), f"{page.name} links to {link}"
