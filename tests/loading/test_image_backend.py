@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from cocoshard.loading.image_backend import BACKEND, _torchcodec_or_why, choose_backend, load_backend
+from conftest import cocoshard, ok
 
 
 def _torchcodec_or_skip():
@@ -78,3 +79,11 @@ def test_the_choice_is_torchcodec_where_it_loads_and_says_why_otherwise(monkeypa
     assert "COCOSHARD_DECODER='pil' is not one of torchcodec, torchvision" in choose_backend().describe()
     with pytest.raises(ValueError, match="unknown image backend 'pil'"):
         load_backend("pil")
+
+
+def test_info_says_which_backend_decodes_and_why():
+    from cocoshard.info import describe
+
+    assert describe()["image decoding"] == BACKEND.describe()
+    forced = ok(cocoshard("info", COCOSHARD_DECODER="torchvision"))
+    assert "image decoding torchvision " in forced and "(COCOSHARD_DECODER=torchvision)" in forced
