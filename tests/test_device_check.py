@@ -28,7 +28,10 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "tools" / "device-check"
-HIDDEN = ("webdataset", "braceexpand")  # what a GPU machine's image lacks
+# What a GPU machine's PyTorch image may lack (its distributions, in the order the check names them)
+# and the top-level names they install; the bare environment also lacks Hugging Face `datasets`.
+HIDDEN = ("pytest-timeout", "webdataset", "braceexpand", "PyYAML")
+HIDDEN_NAMES = ("pytest_timeout", "webdataset", "braceexpand", "yaml", "_yaml", "pyyaml", "datasets")
 
 
 def _tools(name: str):
@@ -220,31 +223,28 @@ class Listener:
 
 
 def wheel_of(distribution: str, folder: Path) -> Path:
-    """A wheel rebuilt from an installed pure-Python distribution's files (nothing is downloaded)."""
+    """A wheel rebuilt from an installed distribution's files (nothing is downloaded), installable on
+    this same Python: its dist-info folder as installed, a RECORD without hashes."""
     dist = md.distribution(distribution)
-    name = dist.metadata["Name"].replace("-", "_")
-    path = folder / f"{name}-{dist.version}-py3-none-any.whl"
+    info = next(str(f).split("/")[0] for f in dist.files or [] if str(f).endswith(".dist-info/METADATA"))
+    path = folder / f"{info.removesuffix('.dist-info')}-py3-none-any.whl"
     records = []
     with zipfile.ZipFile(path, "w") as archive:
         for file in dist.files or []:
             text = str(file)
-            skip = (
-                text.startswith("..")
-                or "__pycache__" in text
-                or text.endswith(("RECORD", "INSTALLER", "REQUESTED"))
-            )
-            if skip or not Path(dist.locate_file(file)).is_file() or text.endswith("direct_url.json"):
+            if text.startswith("..") or "__pycache__" in text or not Path(dist.locate_file(file)).is_file():
+                continue
+            if text.endswith(("RECORD", "INSTALLER", "REQUESTED", "direct_url.json")):
                 continue
             archive.write(dist.locate_file(file), text)
             records.append(f"{text},,")
-        record = f"{name}-{dist.version}.dist-info/RECORD"
-        archive.writestr(record, "\n".join([*records, f"{record},,"]) + "\n")
+        archive.writestr(f"{info}/RECORD", "\n".join([*records, f"{info}/RECORD,,"]) + "\n")
     return path
 
 
 @pytest.fixture(scope="module")
 def bare_python(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A new virtual environment that sees this one's packages except webdataset and braceexpand (and
+    """A new virtual environment that sees this one's packages except HIDDEN and `datasets` (and
     cocoshard itself, which the check imports from the checkout): a PyTorch image without them."""
     root = tmp_path_factory.mktemp("bare")
     subprocess.run(
@@ -255,7 +255,7 @@ def bare_python(tmp_path_factory: pytest.TempPathFactory) -> Path:
     shadow.mkdir()
     for entry in Path(sysconfig.get_paths()["purelib"]).iterdir():
         lowered = entry.name.lower()
-        if lowered.startswith((*HIDDEN, "cocoshard", "__editable__")) or entry.suffix == ".pth":
+        if lowered.startswith((*HIDDEN_NAMES, "cocoshard", "__editable__")) or entry.suffix == ".pth":
             continue
         (shadow / entry.name).symlink_to(entry)
     own = subprocess.run(
@@ -281,12 +281,10 @@ def test_a_bare_environment_names_what_it_misses_then_installs_it_offline_and_re
                 timeout=300, python=str(bare_python), **listener.env())  # fmt: skip
     assert bare.returncode == 0, bare.stdout[-3000:] + bare.stderr[-3000:]
     missing = [line for line in bare.stdout.splitlines() if line.startswith("missing here:")]
-    assert len(missing) == 1 and missing[0].startswith(
-        "missing here: webdataset, braceexpand (bash tools/device-wheels"
-    )
-    assert json.loads((tmp_path / "bare" / "device-check.json").read_text())["environment"][
-        "missing"
-    ] == list(HIDDEN)
+    named = "pytest-timeout, webdataset, braceexpand, pyyaml"
+    assert len(missing) == 1 and missing[0].startswith(f"missing here: {named} (bash tools/device-wheels")
+    environment = json.loads((tmp_path / "bare" / "device-check.json").read_text())["environment"]
+    assert environment["missing"] == named.split(", ")
 
     wheels = tmp_path / "wheels"
     wheels.mkdir()
@@ -300,7 +298,8 @@ def test_a_bare_environment_names_what_it_misses_then_installs_it_offline_and_re
     assert listener.connections == 0  # pip never asked the network
     results = json.loads((out / "device-check.json").read_text())
     environment = results["environment"]
-    assert [w.split("-")[0] for w in environment["wheels"]["installed"]] == sorted(HIDDEN)
+    installed = sorted(wheel.split("-")[0].lower() for wheel in environment["wheels"]["installed"])
+    assert installed == sorted(name.lower().replace("-", "_") for name in HIDDEN)
     assert environment["missing"] == [] and "missing here" not in done.stdout
     sections = results["sections"]
     assert list(sections) == ["cuda-tests", "decode", "ceiling", "data", "epochs", "predict", "bench"]

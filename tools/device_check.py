@@ -60,13 +60,13 @@ class Section:
 
 
 SECTIONS = (
-    Section("cuda-tests", 0.26, (20, 5), cuda_tests),
-    Section("decode", 0.04, (5, 2), decode_speed),
+    Section("cuda-tests", 0.22, (20, 5), cuda_tests),
+    Section("decode", 0.03, (5, 2), decode_speed),
     Section("ceiling", 0.20, (15, 4), ceilings),
-    Section("data", 0.14, (15, 5), make_data),
-    Section("epochs", 0.20, (25, 8), epochs, needs="data"),
-    Section("predict", 0.04, (8, 3), predict_and_evaluate, needs="epochs"),
-    Section("bench", 0.12, (40, 10), bench),
+    Section("data", 0.12, (15, 5), make_data),
+    Section("epochs", 0.30, (25, 8), epochs, needs="data"),
+    Section("predict", 0.03, (8, 3), predict_and_evaluate, needs="epochs"),
+    Section("bench", 0.10, (40, 10), bench),
 )
 
 

@@ -105,7 +105,8 @@ def command(args: list[str], clock: Clock, log: Path | None = None, echo: bool =
         args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env={**os.environ, "COLUMNS": "200", "PYTHONUNBUFFERED": "1"}, start_new_session=True,
     )  # fmt: skip
-    timer = threading.Timer(max(clock.left(), 1.0), lambda: _stop(process))
+    fired = threading.Event()
+    timer = threading.Timer(max(clock.left(), 1.0), lambda: _stop(process, fired))
     timer.start()
     lines: list[str] = []
     with open(log, "a") if log else contextlib.nullcontext() as sink:
@@ -120,14 +121,15 @@ def command(args: list[str], clock: Clock, log: Path | None = None, echo: bool =
     code = process.wait()
     timer.cancel()
     shown = " ".join(["python", *args[1:5]]) + " ..."
-    if timer.finished.is_set() and code < 0:
+    if fired.is_set():
         raise SectionCut(f"`{shown}` stopped at the end of the section's share of the budget")
     if code != 0:
         raise RuntimeError(f"`{shown}` exited with {code}:\n" + "".join(lines[-10:]).rstrip())
     return "".join(lines)
 
 
-def _stop(process: subprocess.Popen) -> None:
+def _stop(process: subprocess.Popen, fired: threading.Event) -> None:
+    fired.set()
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, 9)
 
@@ -355,7 +357,7 @@ def ceilings(run: Run, found: dict[str, Any], clock: Clock) -> None:
     rates = [
         r["images_per_s"]
         for r in rows
-        if r["model"] in (EPOCH_MODEL, "cocoshard_tiny") and "images_per_s" in r
+        if r["model"] in (EPOCH_MODEL, "cocoshard_tiny") and not r["compile"] and "images_per_s" in r
     ]
     run.step_rate = max(rates) if rates else None
 

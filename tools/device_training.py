@@ -81,21 +81,26 @@ def choose_train_images(
 
 def make_data(run: Run, found: dict[str, Any], clock: Clock) -> None:
     """A calibration set, then the set the budget allows (or the calibration set when that is all)."""
+    started = time.perf_counter()
+    cocoshard("info", "--brief", clock=clock)
+    startup = time.perf_counter() - started  # what each of the 3 commands of a generation costs anyway
     calibration = CALIBRATION[run.device]
     shards, seconds = _generate(run, "calibration", calibration, clock)
-    rate = calibration * 1.1 / seconds  # train and test images, synth and both packs
+    rate = calibration * 1.1 / max(seconds - 3 * startup, seconds * 0.2)  # train + test, synth + 2 packs
     step_rate = run.step_rate or ASSUMED_STEP_RATE[run.device]
     found.update(
         calibration={
             "train_images": calibration,
             "seconds": round(seconds, 1),
+            "command_startup_s": round(startup, 1),
             "images_per_s": round(rate, 1),
         }
     )
     if run.step_rate is None:
         found["assumed_step_rate"] = step_rate
     cap = REHEARSAL_TRAIN if run.cpu else min(FULL_TRAIN, run.args.max_train)
-    chosen, why = choose_train_images(rate, clock.left(), run.projected("epochs"), step_rate, run.device, cap)
+    data_left = clock.left() - 3 * startup
+    chosen, why = choose_train_images(rate, data_left, run.projected("epochs"), step_rate, run.device, cap)
     found.update(chosen=chosen, why=why)
     print(f"   data: {why}", flush=True)
     if chosen > calibration * 1.25:
@@ -226,8 +231,10 @@ def bench(run: Run, found: dict[str, Any], clock: Clock) -> None:
     latest = run.work / "bench.json"
     if run.cpu:
         images, rounds, batch = 64, 1, 16
+    elif clock.left() >= 240:
+        images, rounds, batch = 2_000, 3, 128
     else:
-        images, rounds, batch = (2_000, 3, 128) if clock.left() >= 240 else (1_000, 2, 128)
+        images, rounds, batch = (1_000, 2, 128) if clock.left() >= 90 else (512, 1, 128)
     args = ["bench/test_loaders.py", "bench/test_decode.py", "--benchmark", "--bench-out", str(latest)]
     args += ["--bench-images", str(images), "--bench-rounds", str(rounds), "--bench-batch-size", str(batch)]
     args += ["--peers"] if run.args.peers else []
