@@ -10,6 +10,9 @@ fills. Pixels outside that region are left as they were: nothing downstream read
 An encoded image is measured from its header before it is decoded (`image_size`), and one that
 declares more than `MAX_IMAGE_PIXELS` is refused without allocating anything: a 600-byte JPEG
 can declare 30000 x 30000 pixels.
+
+Every image is decoded upright: its EXIF orientation applied, as pack and predict apply it
+(docs/format.md); JPEGs are decoded by torchcodec or torchvision (`image_backend`), PIL does the rest.
 """
 
 from __future__ import annotations
