@@ -124,8 +124,9 @@ def decode_on_device(
     with torch.cuda.stream(side):
         images, sizes, good = _decode_batch(encoded, kinds, keys, canvas_size, device, skip_bad, where)
     caller.wait_stream(side)
-    images.record_stream(caller)
-    sizes.record_stream(caller)
+    for made in (images, sizes):
+        if made.numel():  # an empty batch (every image skipped) holds no memory to guard
+            made.record_stream(caller)
     return images, sizes, good
 
 
