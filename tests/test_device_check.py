@@ -10,6 +10,7 @@ holds the sections that finished.
 
 from __future__ import annotations
 
+import argparse
 import importlib.metadata as md
 import importlib.util
 import json
@@ -84,6 +85,49 @@ def test_the_data_size_is_the_largest_both_shares_allow():
     assert chosen == int((200 / 5 - 20) * 3_000 * 0.7 / 1.2) and "bound by the epochs section's share" in why
     chosen, why = choose(50_000, 600, 6_000, 20_000, "cuda", 52_000)
     assert chosen == 52_000 and "bound by the cap of 52,000" in why
+
+
+def test_a_command_past_its_share_is_cut_and_a_crash_is_a_failure(tmp_path):
+    sections = _tools("device_sections")
+    log = tmp_path / "log"
+    said = sections.command(
+        [sys.executable, "-c", "print('said')"], sections.Clock(time.monotonic() + 60), log
+    )
+    assert said == "said\n" and log.read_text() == "said\n"  # streamed into the log as it comes
+    started = time.monotonic()
+    with pytest.raises(sections.SectionCut, match="stopped at the end of the section's share of the budget"):
+        sections.command(
+            [sys.executable, "-c", "import time; time.sleep(60)"], sections.Clock(time.monotonic() + 1)
+        )
+    assert time.monotonic() - started < 30
+    crash = "import os, signal; print('before'); os.kill(os.getpid(), signal.SIGKILL)"
+    with pytest.raises(RuntimeError, match=r"exited with -9:\nbefore"):
+        sections.command([sys.executable, "-c", crash], sections.Clock(time.monotonic() + 60))
+
+
+def test_a_section_without_its_share_is_skipped_and_a_broken_one_recorded_and_both_written(tmp_path):
+    check = _tools("device_check")
+    sections = _tools("device_sections")
+    budget = check.Budget(20, {"first": 1.0, "second": 1.0, "third": 2.0})
+    run = sections.Run(argparse.Namespace(), "cpu", tmp_path / "work", tmp_path / "out", budget.share)
+    results: dict = {"sections": {}}
+
+    def broken(run, found, clock):
+        found["partial"] = 1
+        raise ValueError("no such thing")
+
+    check.run_section(check.Section("first", 1.0, (1, 1), broken), run, budget, results, tmp_path / "out")
+    check.run_section(check.Section("second", 1.0, (1, 60), broken), run, budget, results, tmp_path / "out")
+    check.run_section(
+        check.Section("third", 2.0, (1, 1), broken, needs="first"), run, budget, results, tmp_path / "out"
+    )
+    written = json.loads((tmp_path / "out" / "device-check.json").read_text())["sections"]
+    assert written["first"]["error"] == "ValueError: no such thing" and written["first"]["partial"] == 1
+    assert (
+        written["second"]["skipped"] == "its share of the budget is 7 s, it needs at least 60 s"
+    )  # 20 s / 3
+    assert written["third"]["skipped"] == "the first section did not run to its end"
+    assert "| second | 7 |" in (tmp_path / "out" / "device-check.md").read_text()
 
 
 @pytest.mark.parametrize(
