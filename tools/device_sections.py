@@ -363,10 +363,23 @@ def ceilings(run: Run, found: dict[str, Any], clock: Clock) -> None:
 
 
 def _small_shards(run: Run, clock: Clock) -> Path:
-    """The repository's real photos packed once (jpeg): what a trainer is built from when only its
-    step is measured."""
+    """A small generated set packed once (jpeg), what a trainer is built from when only its step is
+    measured: two batches of train images, since a trainer refuses a batch larger than its split."""
     if run.small_shards is None:
-        out = run.work / "photos-jpeg"
-        cocoshard("pack", "--root", str(PHOTOS), "--out", str(out), "--format", "jpeg", clock=clock)
+        root, out = run.work / "small-synth", run.work / "small-jpeg"
+        train = str(2 * run.args.batch_size)
+        cocoshard(
+            "synth",
+            "--out",
+            str(root),
+            "--train",
+            train,
+            "--test",
+            "16",
+            "--size",
+            str(run.size),
+            clock=clock,
+        )
+        cocoshard("pack", "--root", str(root), "--out", str(out), "--format", "jpeg", clock=clock)
         run.small_shards = out
     return run.small_shards
