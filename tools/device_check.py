@@ -60,13 +60,13 @@ class Section:
 
 
 SECTIONS = (
-    Section("cuda-tests", 0.22, (20, 5), cuda_tests),
+    Section("cuda-tests", 0.30, (20, 5), cuda_tests),
     Section("decode", 0.03, (5, 2), decode_speed),
-    Section("ceiling", 0.20, (15, 4), ceilings),
+    Section("ceiling", 0.17, (15, 4), ceilings),
     Section("data", 0.12, (15, 5), make_data),
-    Section("epochs", 0.30, (25, 8), epochs, needs="data"),
+    Section("epochs", 0.27, (25, 8), epochs, needs="data"),
     Section("predict", 0.03, (8, 3), predict_and_evaluate, needs="epochs"),
-    Section("bench", 0.10, (40, 10), bench),
+    Section("bench", 0.08, (40, 10), bench),
 )
 
 

@@ -198,7 +198,7 @@ def decode_batch(encoded: list[Any], device: Any) -> Any:
 
 def decode_speed(run: Run, found: dict[str, Any], clock: Clock) -> None:
     """µs per image of each backend's host decode, and images/s of the batched decode on the device,
-    on the repository's real photos (COCO, long side 224-640)."""
+    on the repository's real photos (COCO, long side 224 px, as the challenge has them)."""
     import torch
 
     from cocoshard.loading.image_backend import BACKEND, _torchcodec_or_why, load_backend
