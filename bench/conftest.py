@@ -94,6 +94,7 @@ class BenchReport:
     train_step: dict[str, Any] = field(default_factory=dict)
     host_side: dict[str, Any] = field(default_factory=dict)  # test_host_side.py: what the CPU can feed a GPU
     load: dict[str, list[float]] = field(default_factory=dict)
+    decode: dict[str, dict[str, Any]] = field(default_factory=dict)  # bench/test_decode.py, per backend
 
     def note_load(self, when: str) -> None:
         self.load[when] = [round(x, 2) for x in os.getloadavg()]
@@ -125,6 +126,7 @@ class BenchReport:
             "skipped": self.skipped,
             "train_step": self.train_step,
             "host_side": self.host_side,
+            "decode": self.decode,
         }
 
 
@@ -229,7 +231,7 @@ def device_name() -> str:
 
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
     found: BenchReport | None = config.stash.get(_REPORT_KEY, None)
-    if found is None or not (found.pipelines or found.train_step or found.host_side):
+    if found is None or not (found.pipelines or found.train_step or found.host_side or found.decode):
         return
     found.note_load("end")
     data = found.to_json()
@@ -261,6 +263,8 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
         write(f"{name:<24}skipped: {why}")
     for bar, ratio in data["bars"].items():
         write(f"{bar}: {ratio:.2f}")
+    for name, entry in data["decode"].items():
+        write(f"{name:<40}{entry['images_per_s']:>10.0f} images/s{entry['us_per_image']:>10.0f} us/image")
     for name, entry in data["train_step"].items():
         if isinstance(entry, dict) and "images_per_s" in entry:
             write(f"train step {name:<28}{entry['images_per_s']:>10.1f} images/s")

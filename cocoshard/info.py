@@ -61,6 +61,13 @@ def version_line() -> str:
     )
 
 
+def image_decoding() -> str:
+    """Which library decodes the images (torchcodec where it loads, else torchvision) and why."""
+    from cocoshard.loading.image_backend import BACKEND
+
+    return BACKEND.describe()
+
+
 def describe() -> dict[str, str]:
     """Everything `info` prints, as strings."""
     import torch
@@ -78,6 +85,7 @@ def describe() -> dict[str, str]:
         "PIL loaded from": pil.path or "-",
         "cpu cores usable": str(usable_cores()),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "not available",
+        "image decoding": image_decoding(),
     }
     for package in ("webdataset", "tensorboard"):
         try:

@@ -45,6 +45,23 @@ SYNTH_SHARD_SAMPLES = 32
 
 PackDir = Callable[..., Path]
 
+# ----------------------------------------------------------------------------- the CUDA tier
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked `cuda` need a CUDA device: without one they are skipped, with the reason, so that
+    plain `pytest` passes on a CPU; `pytest -m cuda` selects only them (tools/device-check runs them)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(
+        reason=f"needs a CUDA device: torch {torch.__version__} (CUDA build {torch.version.cuda or 'none'}) "
+        "sees none"
+    )
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)
+
+
 # ----------------------------------------------------------------------------- running cocoshard
 # Shared by the tests that drive the CLI as a user does: `from conftest import TINY, cocoshard, ...`.
 
@@ -108,16 +125,6 @@ def _pack(root: str | os.PathLike, out: str | os.PathLike, **overrides: Any) -> 
     cfg = resolve(config.PackConfig, settings)
     pack.pack_folder(cfg, progress=False)
     return Path(out)
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """The cuda tier runs where CUDA is; elsewhere its tests are skipped, saying why."""
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA device: none is visible here (the GPU tier: pytest -m cuda)")
-    for item in items:
-        if "cuda" in item.keywords:
-            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

@@ -6,9 +6,11 @@
 # What it does:
 # 1. the system libraries FFCV compiles against (Debian/Ubuntu: libturbojpeg0-dev, libopencv-dev,
 #    pkg-config), through apt-get when they are missing (it asks for sudo when not root);
-# 2. `pip install -e '.[test,peers]'` into .venv: FFCV, NVIDIA DALI, LitData, Mosaic Streaming (and
-#    what they need: numba, OpenCV, transformers), resolved together with the test tools so that
-#    pip leaves no conflict (it may choose older releases of some shared dependencies).
+# 2. `pip install -e '.[test,peers,dali-cudaNN]'` into .venv: FFCV, NVIDIA DALI, LitData, Mosaic
+#    Streaming (and what they need: numba, OpenCV, transformers), resolved together with the test
+#    tools so that pip leaves no conflict (it may choose older releases of some shared dependencies).
+#    DALI is built per CUDA major version: the build matching the installed torch's CUDA
+#    (torch.version.cuda; a CPU-only torch gets the CUDA 13 build, whose CPU pipeline runs anywhere).
 # A peer that still cannot be installed or run is reported by the benchmark as skipped, with the
 # reason; it never fails the run.
 set -euo pipefail
@@ -32,7 +34,12 @@ if [ ${#missing[@]} -gt 0 ]; then
     fi
 fi
 
-echo "== installing the peers: FFCV, DALI, LitData, Mosaic Streaming"
-"$PY" -m pip --disable-pip-version-check install -e ".[test,peers]" --config-settings editable_mode=compat
+cuda=$("$PY" -c "import torch; print((torch.version.cuda or '13').split('.')[0])")
+case "$cuda" in
+    12) dali=dali-cuda12 ;;
+    *) dali=dali-cuda13 ;;
+esac
+echo "== installing the peers: FFCV, DALI ($dali, for torch's CUDA $cuda), LitData, Mosaic Streaming"
+"$PY" -m pip --disable-pip-version-check install -e ".[test,peers,$dali]" --config-settings editable_mode=compat
 "$PY" -m pip --disable-pip-version-check check
 "$PY" -m cocoshard info --brief

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata as md
 
 import numpy as np
@@ -18,6 +19,28 @@ def version(distribution: str) -> str:
         return md.version(distribution)
     except md.PackageNotFoundError:
         raise PeerUnavailable(f"{distribution} is not installed (bash tools/install-peers.sh)") from None
+
+
+def imported_release(module: str, distribution_prefix: str, install_hint: str) -> str:
+    """'nvidia-dali-cuda130 2.4.0': the installed distribution whose name starts with
+    `distribution_prefix`, once `module` imports; PeerUnavailable saying why not otherwise.
+
+    A peer published in several builds (DALI: one per CUDA major version) is found by what imports,
+    not by one build's name."""
+    builds = sorted(
+        f"{dist.metadata['Name']} {dist.version}"
+        for dist in md.distributions()
+        if (dist.metadata["Name"] or "").lower().startswith(distribution_prefix)
+    )
+    try:
+        importlib.import_module(module)
+    except ImportError as exc:
+        if builds:
+            raise PeerUnavailable(
+                f"{', '.join(builds)} is installed but {module} does not import: {exc}"
+            ) from None
+        raise PeerUnavailable(f"{module} is not installed ({install_hint})") from None
+    return builds[0] if builds else ""
 
 
 def tensor_transform(size: int):

@@ -16,11 +16,13 @@ from __future__ import annotations
 import torch
 from pipelines import Pipeline
 
-from peers.common import MEAN, RATIO, SCALE, STD, PeerUnavailable, labels_of, version
+from peers.common import MEAN, RATIO, SCALE, STD, PeerUnavailable, imported_release, labels_of
 
 
 def build(data, batch: int, workers: int, size: int, device: torch.device) -> Pipeline:
-    release = version("nvidia-dali-cuda120")
+    release = imported_release(
+        "nvidia.dali", "nvidia-dali", "bash tools/install-peers.sh installs the build for torch's CUDA"
+    )
     try:
         from nvidia.dali import fn, pipeline_def, types
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy

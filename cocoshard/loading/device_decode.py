@@ -5,40 +5,79 @@
 Students train on machines with a big GPU and two to eight CPU cores, where decoding on the CPU
 sets the pace. With `--decode device` the loaders move the compressed bytes (~12 KB an image
 instead of 150 KB of pixels) and each batch is decoded where it is used, in one batched call
-(`torchvision.io.decode_jpeg(list, device=...)`). torchvision reads the compressed bytes from host
-memory whatever the device, so the bytes stay on the host (in page-locked slots, or for the
-resident loader in one pinned tensor of the whole split, ~0.8 GB for the challenge) and only
-pixels live on the device. On a CPU the same code decodes on the CPU, so the tests run it.
+(torchcodec's or torchvision's `decode_jpeg(list, device=...)`, `image_backend`). The decoders read
+the compressed bytes from host memory whatever the device, so the bytes stay on the host (in
+page-locked slots, or for the resident loader in one pinned tensor of the whole split, ~0.8 GB for
+the challenge) and only pixels live on the device. On a CPU the same code decodes on the CPU, so
+the tests run it.
 
-A `.png` member (a source that was not a JPEG, or CMYK, or larger than the canvas) is decoded on
-the CPU and copied over. A batch with a broken JPEG is decoded again one image at a time to name
-the broken one (the batched decoder reports no partial results).
+On CUDA the batched decode cannot be handed memory still in use. nvJPEG's hardware engine ignores
+the stream it is given, and torchvision allocates the decoded images on the caller's stream from
+PyTorch's caching allocator, which hands a block back as soon as it is freed on that stream, while
+kernels queued before the free may still read it: the decoder then overwrites them (silently wrong
+numbers, NaNs or a device assert elsewhere; pytorch/vision#9606). So the decode runs on a stream of
+its own (one per thread and device, `decode_stream`), which is synchronised with the host just
+before each decode: no work is then pending on the stream the outputs come from. The caller's
+stream waits for the decoded canvases on the device (`wait_stream`, no host wait), and the
+canvases are recorded on it so that their memory is not reused before the caller is done.
+`tests/loading/test_device_decode_race.py` reproduces the published race and checks it cannot
+happen here. The host synchronisation waits only for this thread's previous decode; the loaders
+decode one batch ahead so that the training step never waits for it.
+
+A `.png` member (a source that was not a JPEG, or CMYK, or larger than the canvas) and a JPEG
+whose EXIF orientation turns it are decoded on the host exactly as the host path decodes them
+(`decode.decode_image_to_canvas`, upright) and copied over. A batch with a broken JPEG is decoded
+again one image at a time to name the broken one (the batched decoder reports no partial results).
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
-import torchvision.io as tvio
 
-from cocoshard.loading.decode import BadSample  # and torchvision's decoder notice silenced
+from cocoshard.loading.decode import BadSample, decode_image_to_canvas, jpeg_orientation
+from cocoshard.loading.image_backend import BACKEND
 
 KIND_JPEG, KIND_PNG = 0, 1
 Where = Callable[[str], str]  # a key -> the shard that holds it, for messages only
+_EXTENSION = {KIND_JPEG: "jpg", KIND_PNG: "png"}
+_local = threading.local()
 
 
 def _named(key: str, where: Where | None) -> str:
     return f"shard {where(key)}, sample {key}" if where is not None else f"sample {key}"
 
 
+def decode_stream(device: torch.device) -> torch.cuda.Stream:
+    """This thread's decoding stream on CUDA `device`: nothing but `decode_on_device` queues work on it."""
+    streams: dict[int, torch.cuda.Stream] = _local.__dict__.setdefault("streams", {})
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in streams:
+        streams[index] = torch.cuda.Stream(device=index)
+    return streams[index]
+
+
 def _decode_jpegs(encoded: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
-    decoded = tvio.decode_jpeg(encoded, mode=tvio.ImageReadMode.RGB, device=device)
-    return decoded if isinstance(decoded, list) else [decoded]
+    """The batched decode; on CUDA, on the current (decoding) stream with no work pending on it."""
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()  # pytorch/vision#9606: see the module's notes
+    return BACKEND.decode_jpegs(encoded, device)
 
 
-def _decode_png(encoded: torch.Tensor, device: torch.device) -> torch.Tensor:
-    return tvio.decode_png(encoded, mode=tvio.ImageReadMode.RGB).to(device, non_blocking=True)
+def _decode_on_host(
+    data: torch.Tensor, kind: int, key: str, canvas_size: int, device: torch.device, where: Where | None
+) -> torch.Tensor:
+    """One image decoded as the host path decodes it (upright, RGB), as (3, h, w) on `device`."""
+    canvas = np.zeros((canvas_size, canvas_size, 3), dtype=np.uint8)
+    try:
+        height, width = decode_image_to_canvas(data.numpy().tobytes(), _EXTENSION[kind], canvas)
+    except BadSample as exc:
+        raise BadSample(f"{_named(key, where)}: {exc}") from None
+    picture = torch.from_numpy(canvas[:height, :width]).permute(2, 0, 1)
+    return picture.to(device) if device.type != "cpu" else picture
 
 
 def _each_jpeg(
@@ -75,29 +114,50 @@ def decode_on_device(
 ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """(uint8 canvases (M, S, S, 3) and sizes (M, 2) on `device`, the indices of the M images decoded).
 
-    `encoded` are 1-D uint8 CPU tensors of JPEG or PNG bytes (`kinds`); an image whose decoded side
+    `encoded` are 1-D uint8 CPU tensors of JPEG or PNG bytes (`kinds`); a JPEG whose decoded side
     exceeds `canvas_size` is refused (pack shrinks larger ones into PNG members). Bad images raise
     BadSample naming the key (and its shard, `where(key)`), or with `skip_bad` are left out of the
-    indices."""
-    jpegs = [i for i, kind in enumerate(kinds) if kind == KIND_JPEG]
+    indices. On CUDA the outputs are ready for work the caller queues on its current stream."""
+    if device.type != "cuda":
+        return _decode_batch(encoded, kinds, keys, canvas_size, device, skip_bad, where)
+    caller, side = torch.cuda.current_stream(device), decode_stream(device)
+    with torch.cuda.stream(side):
+        images, sizes, good = _decode_batch(encoded, kinds, keys, canvas_size, device, skip_bad, where)
+    caller.wait_stream(side)
+    for made in (images, sizes):
+        if made.numel():  # an empty batch (every image skipped) holds no memory to guard
+            made.record_stream(caller)
+    return images, sizes, good
+
+
+def _decode_batch(
+    encoded: list[torch.Tensor],
+    kinds: Sequence[int],
+    keys: Sequence[str],
+    canvas_size: int,
+    device: torch.device,
+    skip_bad: bool,
+    where: Where | None,
+) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """decode_on_device on the current stream."""
+    batched = [
+        i for i, kind in enumerate(kinds) if kind == KIND_JPEG and jpeg_orientation(encoded[i].numpy()) == 1
+    ]
     decoded: dict[int, torch.Tensor | None] = {}
-    if jpegs:
-        batch = [encoded[i] for i in jpegs]
+    if batched:
+        batch = [encoded[i] for i in batched]
         try:
             pictures: list[torch.Tensor | None] = list(_decode_jpegs(batch, device))
         except RuntimeError:
-            pictures = _each_jpeg(batch, [keys[i] for i in jpegs], device, skip_bad, where)
-        decoded.update(zip(jpegs, pictures, strict=True))
-    for i, kind in enumerate(kinds):
-        if kind == KIND_PNG:
-            try:
-                decoded[i] = _decode_png(encoded[i], device)
-            except RuntimeError as exc:
-                if not skip_bad:
-                    raise BadSample(
-                        f"{_named(keys[i], where)}: cannot decode its PNG: {str(exc).splitlines()[0]}"
-                    ) from None
-                decoded[i] = None
+            pictures = _each_jpeg(batch, [keys[i] for i in batched], device, skip_bad, where)
+        decoded.update(zip(batched, pictures, strict=True))
+    for i in sorted(set(range(len(kinds))) - set(batched)):
+        try:
+            decoded[i] = _decode_on_host(encoded[i], kinds[i], keys[i], canvas_size, device, where)
+        except BadSample:
+            if not skip_bad:
+                raise
+            decoded[i] = None
     good = []
     for i in range(len(kinds)):
         picture = decoded.get(i)
@@ -107,8 +167,7 @@ def decode_on_device(
             if not skip_bad:
                 raise BadSample(
                     f"{_named(keys[i], where)}: its image is {picture.shape[1]}x{picture.shape[2]}, larger "
-                    "than "
-                    f"the {canvas_size}-px canvas of these shards"
+                    f"than the {canvas_size}-px canvas of these shards"
                 )
             continue
         good.append(i)

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from cocoshard import NUM_CLASSES, __version__
 from cocoshard.atomic import atomic_open, atomic_write_text, remove_stale_temporaries
@@ -139,19 +139,40 @@ def fit_within(image: Image.Image, size: int) -> Image.Image:
     return rgb.resize(target, Image.Resampling.LANCZOS)
 
 
+EXIF_ORIENTATION_TAG = 0x0112
+
+
+def exif_orientation(image: Image.Image) -> int:
+    """The EXIF orientation an image declares (1-8); 1 when it has none or an invalid one."""
+    value = image.getexif().get(EXIF_ORIENTATION_TAG, 1)
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def upright(image: Image.Image) -> Image.Image:
+    """The image turned as its EXIF orientation says (the image itself when it says nothing)."""
+    return ImageOps.exif_transpose(image) if exif_orientation(image) != 1 else image
+
+
 def encode_image(data: bytes, pixel_format: str, size: int) -> EncodedImage:
     """The pixel member of a sample: the source JPEG as it is, a PNG, or the raw RGB pixels.
 
-    EXIF orientation is not applied, as the challenge's Dataset does not apply it either.
+    Every image is stored upright: a source whose EXIF orientation turns it is turned here (a JPEG
+    then becomes a PNG of the upright image), so that any reader of the shards, including those that
+    ignore EXIF, sees what cocoshard's loaders and `predict --images` see (docs/format.md).
     """
     image = decode_checked(data)
     if pixel_format == "jpeg":
-        if image.format == "JPEG" and image.mode in KEPT_JPEG_MODES and max(image.size) <= size:
+        if (
+            image.format == "JPEG"
+            and image.mode in KEPT_JPEG_MODES
+            and max(image.size) <= size
+            and exif_orientation(image) == 1
+        ):
             return EncodedImage(EXT_JPEG, data)
         buffer = io.BytesIO()
-        fit_within(image, size).save(buffer, format="PNG")
+        fit_within(upright(image), size).save(buffer, format="PNG")
         return EncodedImage(EXT_PNG, buffer.getvalue())
-    return EncodedImage(EXT_PIXELS, encode_pixels(np.asarray(fit_within(image, size))))
+    return EncodedImage(EXT_PIXELS, encode_pixels(np.asarray(fit_within(upright(image), size))))
 
 
 # ----------------------------------------------------------------------------------- one shard
