@@ -33,6 +33,7 @@ from cocoshard.loading.tario import BadShard, shard_keys
 from cocoshard.machine import ThreadPlan, cores_per_process, thread_plan
 from cocoshard.prepare.manifest import (
     is_url,
+    load_manifest,
     manifest_class_names,
     read_manifest,
     shard_urls,
@@ -273,7 +274,8 @@ def build_loaders(cfg: TrainConfig, runtime: Runtime) -> tuple[Loader, Loader]:
         transform=train_transform(cfg, dtype),
     )
     validation = dataclasses.replace(common, train=False, transform=validation_transform(cfg, dtype))
-    return build_loader(cfg.shards, "train", common), build_loader(cfg.shards, "val", validation)
+    shards = load_manifest(cfg.shards, remote_of(cfg))  # read once; shards at URLs read as --cache etc. say
+    return build_loader(shards, "train", common), build_loader(shards, "val", validation)
 
 
 def agreed_steps(loader: Loader, runtime: Runtime) -> int:
