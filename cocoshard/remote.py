@@ -122,7 +122,7 @@ def _connection(url: str, network: Network) -> tuple[http.client.HTTPConnection,
     host, port = parts.hostname or "", parts.port or (443 if https else 80)
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     proxy = urllib.request.getproxies_environment().get(parts.scheme.lower())
-    if proxy and urllib.request.proxy_bypass_environment(host):
+    if proxy and urllib.request.proxy_bypass(host):
         proxy = None
     kind = http.client.HTTPSConnection if https else http.client.HTTPConnection
     if proxy:
