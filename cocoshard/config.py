@@ -20,7 +20,26 @@ from cocoshard.errors import ConfigError
 from cocoshard.settings import Validated, flag, fraction, non_negative, opt, positive
 
 WORKERS_HELP = "worker processes (unset: automatic; 0: in this process)"
+# Shards at URLs (s3://, gs://, http(s)://, pipe:): the same flags wherever shards are read.
+CACHE_HELP = (
+    "keep shards read from URLs in this local folder, checked, downloaded once per node (shared by its "
+    "ranks and loader workers)"
+)
+CACHE_SIZE_HELP = (
+    "GB the --cache folder may hold, least recently used shards removed first (unset: its free disk)"
+)
+CONNECT_HELP = "seconds to connect to the server of a URL"
+STALL_HELP = "seconds a read from a URL may receive nothing before it fails (a stalled server)"
+RETRIES_HELP = "further tries of a URL read that failed in a way that may pass (waiting 1, 2, 4, ... s)"
 RESUME_LAST = "auto"  # `--resume` without a path: OUT/last.pt
+
+
+def check_remote_settings(cfg: Any) -> None:
+    """The checks of the settings every command reading shards from URLs has."""
+    positive(cfg, "connect_timeout", "stall_timeout")
+    non_negative(cfg, "retries")
+    if cfg.cache_size is not None:
+        positive(cfg, "cache_size")
 
 
 # ----------------------------------------------------------------------------------- commands
@@ -96,12 +115,18 @@ class PackConfig(Validated):
 class InspectConfig(Validated):
     """Summarise packed shards; --verify re-hashes and decodes every sample."""
 
-    shards: str = opt("shards", "folder holding manifest.json and the shards")
+    shards: str = opt("shards", "folder (or URL prefix) holding manifest.json and the shards")
     verify: bool = opt(False, "re-hash every shard against the manifest and decode every sample")
     workers: int | None = opt(None, WORKERS_HELP)
+    cache: str | None = opt(None, CACHE_HELP + "; --verify fills it with the shards that pass")
+    cache_size: float | None = opt(None, CACHE_SIZE_HELP)
+    connect_timeout: float = opt(10.0, CONNECT_HELP)
+    stall_timeout: float = opt(60.0, STALL_HELP)
+    retries: int = opt(3, RETRIES_HELP)
 
     def validate(self) -> None:
         non_negative(self, "workers")
+        check_remote_settings(self)
 
 
 @dataclass
@@ -109,6 +134,11 @@ class TrainConfig(Validated):
     """Train a classifier on packed shards: AMP, channels_last, tuned thresholds, resume, DDP."""
 
     shards: str = opt("shards", "folder (or URL prefix) holding manifest.json and the shards")
+    cache: str | None = opt(None, CACHE_HELP)
+    cache_size: float | None = opt(None, CACHE_SIZE_HELP)
+    connect_timeout: float = opt(10.0, CONNECT_HELP)
+    stall_timeout: float = opt(60.0, STALL_HELP)
+    retries: int = opt(3, RETRIES_HELP)
     out: str = opt("runs/train", "run folder: config, metrics.jsonl, last.pt, best.pt, thresholds.json")
     model: str = opt(
         "maxvit_t",
@@ -207,6 +237,7 @@ class TrainConfig(Validated):
             raise ConfigError(f"--ema-decay must be in [0, 1) (got {self.ema_decay})")
         if self.size < 32:
             raise ConfigError(f"--size must be at least 32 pixels (got {self.size})")
+        check_remote_settings(self)
 
     @property
     def pretrained(self) -> bool:
@@ -233,6 +264,11 @@ class PredictConfig(Validated):
     checkpoint: str = opt("runs/train/best.pt", "checkpoint written by `cocoshard train`")
     shards: str | None = opt(None, "read the images from these shards (with --split)")
     split: Literal["test", "val", "train"] = opt("test", "which split of --shards")
+    cache: str | None = opt(None, CACHE_HELP)
+    cache_size: float | None = opt(None, CACHE_SIZE_HELP)
+    connect_timeout: float = opt(10.0, CONNECT_HELP)
+    stall_timeout: float = opt(60.0, STALL_HELP)
+    retries: int = opt(3, RETRIES_HELP)
     images: str | None = opt(None, "read a folder of JPEGs instead (e.g. the zip's test folder)")
     out: str = opt("predictions.json", "submission JSON to write")
     threshold: float | None = opt(
@@ -265,6 +301,7 @@ class PredictConfig(Validated):
             raise ConfigError(f"--min-labels must be in 0-80: there are 80 classes (got {self.min_labels})")
         positive(self, "batch_size")
         non_negative(self, "workers")
+        check_remote_settings(self)
 
 
 @dataclass

@@ -324,3 +324,151 @@ def rewrite_with_bad_jpeg(src: Path, dst: Path, victim: str, split: str = "val")
         path.write_bytes(out.getvalue())
         entry["sha256"], entry["bytes"] = hashlib.sha256(out.getvalue()).hexdigest(), len(out.getvalue())
     (dst / MANIFEST).write_text(json.dumps(manifest))
+
+
+# ----------------------------------------------------------------------------- servers of shards
+# Shards at URLs, served on 127.0.0.1 by the test's own process and stopped with it.
+
+
+class ShardServer:
+    """A local HTTP server of a folder, with faults by file name, that counts the GETs of each file.
+
+        with ShardServer(folder) as server:
+            server.faults["train-000001.tar"] = "stall"     # or truncate, missing, fail-2, slow
+            read_url(server.url + "/train-000001.tar", ...)
+            server.gets["train-000001.tar"]
+
+    Faults: `missing` answers 404; `fail-N` answers 503 to the first N GETs; `truncate` sends half of
+    the body it announces, then closes; `stall` sends half and then nothing until the server stops;
+    `slow` waits 0.3 s before answering (so that concurrent readers overlap)."""
+
+    def __init__(self, folder: Path) -> None:
+        import threading
+        from collections import Counter
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.folder, self.faults, self.gets = folder, {}, Counter()
+        self.stopping = threading.Event()
+        lock, outer = threading.Lock(), self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                name = self.path.lstrip("/")
+                with lock:
+                    outer.gets[name] += 1
+                    count = outer.gets[name]
+                fault = outer.faults.get(name, "")
+                path = outer.folder / name
+                if fault == "missing" or not path.is_file():
+                    self.send_error(404)
+                    return
+                if fault.startswith("fail-") and count <= int(fault[5:]):
+                    self.send_error(503)
+                    return
+                if fault == "slow":
+                    outer.stopping.wait(0.3)
+                data = path.read_bytes()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if fault in ("stall", "truncate"):
+                    self.wfile.write(data[: len(data) // 2])
+                    self.wfile.flush()
+                    if fault == "stall":
+                        outer.stopping.wait(60)
+                    self.close_connection = True
+                    return
+                self.wfile.write(data)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def __enter__(self) -> ShardServer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stopping.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class S3Server:
+    """An S3-compatible server (moto's) on 127.0.0.1 that records every request it answers.
+
+    with S3Server() as s3:
+        s3.upload(shards, "bucket/shards")          # then s3://bucket/shards holds them
+        cocoshard("train", "--shards", "s3://bucket/shards", ..., **s3.env)
+        s3.gets("train-000000.tar")"""
+
+    def __init__(self) -> None:
+        import threading
+
+        from moto.moto_server.werkzeug_app import (
+            DomainDispatcherApplication,
+            MotoRequestHandler,
+            create_backend_app,
+        )
+        from werkzeug.serving import make_server
+
+        app = DomainDispatcherApplication(create_backend_app)
+        self.requests: list[tuple[str, str]] = []
+
+        def recording(environ: dict, start_response: Any) -> Any:
+            self.requests.append((environ["REQUEST_METHOD"], environ["PATH_INFO"]))
+            return app(environ, start_response)
+
+        class Quiet(MotoRequestHandler):
+            def log_request(self, *args: Any) -> None:
+                pass
+
+        self.server = make_server("127.0.0.1", 0, recording, threaded=True, request_handler=Quiet)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        host, port = self.server.server_address[:2]
+        self.env = {
+            "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+
+    def client(self) -> Any:
+        import boto3
+
+        return boto3.client(
+            "s3",
+            endpoint_url=self.env["AWS_ENDPOINT_URL"],
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+            region_name="us-east-1",
+        )
+
+    def upload(self, folder: Path, where: str) -> str:
+        """Every file of `folder` under `bucket/prefix` (the bucket made); returns the s3:// URL."""
+        bucket, _, prefix = where.partition("/")
+        client = self.client()
+        client.create_bucket(Bucket=bucket)
+        for path in sorted(folder.iterdir()):
+            if path.is_file():
+                client.put_object(Bucket=bucket, Key=f"{prefix}/{path.name}", Body=path.read_bytes())
+        return f"s3://{where}"
+
+    def gets(self, name: str) -> int:
+        """GET requests for objects whose key ends with /name."""
+        return sum(1 for method, path in self.requests if method == "GET" and path.endswith("/" + name))
+
+    def __enter__(self) -> S3Server:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()

@@ -3,7 +3,7 @@
 Layers, lowest first (docs/architecture.md has the table):
 
     foundation   cocoshard (the class tuple), errors, atomic, input_files, folder_lock, machine, seeds,
-                 console, settings, config, commands
+                 console, settings, config, commands, remote, shard_cache
     pure         cocoshard.pure: labels, format, split, plan, metrics, threshold_tuning
     prepare      the rest of cocoshard.prepare
     loading      the rest of cocoshard.loading
@@ -38,6 +38,8 @@ FOUNDATION = {
     "cocoshard.settings",
     "cocoshard.config",
     "cocoshard.commands",
+    "cocoshard.remote",
+    "cocoshard.shard_cache",
 }
 TOP = {"cocoshard.demo", "cocoshard.info", "cocoshard.cli", "cocoshard.__main__"}
 STAGES = ("prepare", "loading", "training", "scoring")

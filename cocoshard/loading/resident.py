@@ -141,7 +141,7 @@ def load_split(
         """Decode one shard into its rows; the count of bad samples skipped."""
         count, offset, url = counts[shard], offsets[shard], urls[shard]
         try:
-            samples = read_samples(url, entries[shard].sha256, count)
+            samples = read_samples(url, entries[shard].sha256, count, remote=manifest.remote)
         except BadShard:
             if not spec.skip_bad_samples:
                 raise

@@ -69,7 +69,7 @@ def load_bytes(manifest: Manifest, split: str | Sequence[str], spec: LoaderSpec)
     spans, kinds, labels, keys, shard_of, unread, used = [], [], [], [], {}, 0, 0
     for url, entry in zip(urls, entries, strict=True):
         try:
-            samples = read_samples(url, entry.sha256, entry.samples)
+            samples = read_samples(url, entry.sha256, entry.samples, remote=manifest.remote)
         except BadShard:
             if not spec.skip_bad_samples:
                 raise

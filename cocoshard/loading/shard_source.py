@@ -35,6 +35,7 @@ from cocoshard.loading.worker_side import Acquire, Filled
 from cocoshard.pure.format import EXT_JPEG, EXT_PNG
 from cocoshard.pure.plan import Segment, WorkerPlan, plan_epoch
 from cocoshard.seeds import Stream, numpy_rng, torch_generator
+from cocoshard.shard_cache import Remote
 
 # Room for the compressed image of a sample in a `--decode device` slot, on average over a batch
 # (the challenge's JPEGs average 12 KB; a slot is then no larger than one of raw 224 px canvases).
@@ -79,8 +80,10 @@ class ShardBatchSource:
         transform: Transform | None,
         threads: int,
         send_bytes: bool,
+        remote: Remote | None = None,
     ) -> None:
         self.urls, self.counts, self.hashes = urls, counts, hashes
+        self.remote = remote  # how shards at URLs are read (timeouts, retries, the node's cache)
         self.canvas_size, self.labelled, self.batch_size = canvas_size, labelled, batch_size
         self.seed, self.rank, self.world_size, self.workers = seed, rank, world_size, max(1, workers)
         self.train, self.shuffle_buffer, self.skip_bad_samples = train, shuffle_buffer, skip_bad_samples
@@ -149,6 +152,7 @@ class ShardBatchSource:
                         self.counts[seg.shard],
                         checks=self.checks,
                         index=seg.shard,
+                        remote=self.remote,
                     )
                     cached = (seg.shard, samples)
                 except BadShard as exc:

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from cocoshard.errors import UserError
 from cocoshard.loading.pipeline import Pipeline
 from cocoshard.loading.shard_source import ShardBatchSource
 from cocoshard.loading.spec import LoaderSpec
-from cocoshard.loading.tario import BadSample, shard_keys
+from cocoshard.loading.tario import shard_keys
 from cocoshard.prepare.manifest import Manifest, is_labelled
 
 
@@ -42,15 +43,16 @@ def stream_loader(manifest: Manifest, split: str | Sequence[str], spec: LoaderSp
         transform=spec.transform if spec.augment_on_host else None,
         threads=spec.threads,
         send_bytes=spec.decode == "device",
+        remote=manifest.remote,
     )
 
     def shard_of(key: str) -> str:
         """The shard holding `key`, read from the tar headers (for an error message only)."""
         for url in urls:
             try:
-                if key in shard_keys(url):
+                if key in shard_keys(url, remote=manifest.remote):
                     return url
-            except (OSError, BadSample):
+            except (OSError, UserError):
                 continue
         return f"(one of the {split!r} shards)"
 

@@ -1,12 +1,15 @@
-"""Reading one shard: its bytes (a local file or any URL WebDataset opens), its checksum, its samples.
+"""Reading one shard: its bytes (a local file or a URL), its checksum, its samples.
 
-    samples = read_samples(url, expected_sha256, expected_samples)
+    samples = read_samples(url, expected_sha256, expected_samples, remote=manifest.remote)
     for key, members in samples: members["jpg"], members["labels.npy"]
 
 Every reader of shards goes through `read_samples`: the loaders, evaluate's labels, predict. A
 local shard is memory-mapped, not read: a loader worker touches only the pages of the samples it
 reads (a 120 MB raw shard read whole took a quarter of a short epoch), and the page cache is
-shared by all workers. A URL is read whole. The bytes are checked against the manifest's sha256
+shared by all workers. A URL is read whole (`cocoshard.remote`: bounded waits, retries, a network
+failure named as one) and checked against the manifest's sha256 before any sample of it is used;
+with a cache (`cocoshard.shard_cache`, `--cache DIR`) it is downloaded once per node and then
+mapped like a local file. A local or cached file's bytes are checked against the manifest's sha256
 once per file version, for all workers of a loader (`ShardChecks`), and indexed by a tar header
 parser that hands out zero-copy views of the members: Python's `tarfile` costs ~15 µs per member,
 this parser ~1 µs, and each process keeps the index it found per file version (`ShardIndex`), so
@@ -28,7 +31,8 @@ import numpy as np
 import torch
 
 from cocoshard.errors import UserError
-from cocoshard.prepare.manifest import is_url
+from cocoshard.remote import is_url
+from cocoshard.shard_cache import DownloadMismatch, Remote, fetch_shard
 
 BLOCK = 512
 _REGULAR = (b"0", b"\0", b"7")
@@ -51,8 +55,9 @@ class Sample(NamedTuple):
 
 
 class Shard(NamedTuple):
-    data: bytes | mmap.mmap  # the tar file's bytes (a read-only map of a local file)
-    version: int  # non-zero; changes when a local file is rewritten (mtime, size) or a URL's size does
+    data: bytes | mmap.mmap  # the tar file's bytes (a read-only map of a local or cached file)
+    version: int  # changes when a local file is rewritten (mtime, size); 0: a download held in memory
+    checked: bool = False  # its sha256 was checked as it was opened (a download)
 
 
 class ShardChecks:
@@ -76,15 +81,20 @@ class ShardChecks:
 _confirmed_here: dict[str, int] = {}
 
 
-def open_shard(url: str) -> Shard:
-    """The whole shard: a local file memory-mapped, or anything `webdataset.gopen` opens, read."""
-    try:
-        if is_url(url):
-            from webdataset import gopen
+def open_shard(url: str, sha256: str | None = None, remote: Remote | None = None) -> Shard:
+    """The whole shard: a local file memory-mapped; a URL's bytes checked against `sha256` (from
+    the cache, or downloaded), or without a `sha256` downloaded as they are (`shard_keys`)."""
+    if is_url(url):
+        remote = remote or Remote()
+        if not sha256:
+            from cocoshard.remote import read_url
 
-            with gopen(url, "rb") as stream:
-                data = stream.read()
-            return Shard(data, (len(data) * 1_000_003) % (2**62) + 1)
+            return Shard(read_url(url, remote.network), 0)
+        try:
+            return Shard(*fetch_shard(url, sha256, remote))
+        except DownloadMismatch as exc:
+            raise BadShard(str(exc)) from None
+    try:
         with open(url, "rb") as handle:
             info = os.fstat(handle.fileno())
             if not stat.S_ISREG(info.st_mode):
@@ -269,27 +279,31 @@ def read_samples(
     *,
     checks: ShardChecks | None = None,
     index: int = 0,
+    remote: Remote | None = None,
 ) -> list[Sample]:
-    """Read, check and index one shard. Raises BadShard naming the shard on any inconsistency.
+    """Read, check and index one shard. Raises BadShard naming the shard on any inconsistency, and
+    NetworkError (`cocoshard.remote`) when a URL cannot be read.
 
-    The checksum is computed once per file version: per process, or across a loader's workers
-    when they share `checks` (with `index`, the shard's number in it).
+    The checksum of a local or cached file is computed once per file version: per process, or
+    across a loader's workers when they share `checks` (with `index`, the shard's number in it);
+    a download's is computed whenever it is downloaded, before it is used.
     """
-    data, stamp = open_shard(url)
-    if sha256:
+    data, stamp, checked = open_shard(url, sha256, remote)
+    if sha256 and stamp:
         known = checks.confirmed(index, stamp) if checks is not None else _confirmed_here.get(url) == stamp
         if not known:
-            check_sha256(url, data, sha256)
+            if not checked:
+                check_sha256(url, data, sha256)
             if checks is not None:
                 checks.confirm(index, stamp)
             else:
                 _confirmed_here[url] = stamp
     kept = _indexes.get(url)
-    if kept is not None and kept[0] == stamp:
+    if stamp and kept is not None and kept[0] == stamp:
         shard_index = kept[1]
     else:
         shard_index = index_samples(tar_spans(data, url, check_headers=not sha256), url)
-        if not is_url(url):
+        if stamp:
             _indexes[url] = (stamp, shard_index)
     samples = shard_index.samples(data)
     if expected_samples is not None and len(samples) != expected_samples:
@@ -297,6 +311,7 @@ def read_samples(
     return samples
 
 
-def shard_keys(url: str) -> list[str]:
-    """The sample keys of a shard in order, from its tar headers alone (no checksum, no payload read)."""
-    return index_samples(tar_spans(open_shard(url).data, url), url).keys
+def shard_keys(url: str, sha256: str | None = None, remote: Remote | None = None) -> list[str]:
+    """The sample keys of a shard in order, from its tar headers alone (a local file's payload is not
+    read). A URL is read whole: checked against `sha256` when given, through the cache if any."""
+    return index_samples(tar_spans(open_shard(url, sha256, remote).data, url), url).keys

@@ -2,11 +2,15 @@
 
     $ cocoshard inspect --shards shards
     $ cocoshard inspect --shards shards --verify
+    $ cocoshard inspect --shards s3://bucket/shards --verify --cache /scratch/shards
 
 The summary reads only `manifest.json` (`cocoshard.prepare.summary`). `--verify` re-hashes every
 shard against the manifest and reads every sample back: one pixel member of the manifest's format
 that decodes to the size its `.hw` gives, labels of 80 zeros and ones on train and val samples
-only, no key twice. It names each bad shard and exits 1 on any mismatch.
+only, no key twice. It names each bad shard and exits 1 on any mismatch. Shards at URLs are
+downloaded one at a time into a temporary file and verified there; with `--cache` those that pass
+are kept in it (a node's cache filled before training), and a URL that cannot be read is named
+with its network failure.
 
 The members are read with Python's own `tarfile`, not with the loader's parser
 (`cocoshard.loading.tario`), on purpose: a shard that passes is readable by the standard tar
@@ -18,7 +22,9 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import tarfile
+import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -27,7 +33,6 @@ from PIL import Image
 
 from cocoshard.config import InspectConfig
 from cocoshard.console import literal, stdout_console
-from cocoshard.errors import UserError
 from cocoshard.prepare.manifest import is_url, list_shard_files, read_manifest
 from cocoshard.prepare.pool import map_in_workers
 from cocoshard.prepare.sources import MAX_IMAGE_PIXELS
@@ -43,7 +48,9 @@ from cocoshard.pure.format import (
     key_problem,
     split_member_name,
 )
+from cocoshard.remote import NetworkError, join_location, read_url
 from cocoshard.settings import print_config
+from cocoshard.shard_cache import Remote, remote_of
 
 
 def check_sample(key: str, fields: dict[str, bytes], split: str, pixel_format: str, size: int) -> list[str]:
@@ -144,26 +151,60 @@ def verify_shard(task: tuple[str, str, dict[str, Any], str, int]) -> tuple[list[
     return problems, keys
 
 
+def verify_remote_shard(
+    task: tuple[str, str, dict[str, Any], str, int, Remote],
+) -> tuple[list[str], list[str]]:
+    """`verify_shard` of a shard at a URL, downloaded into a temporary file (in the cache's folder,
+    where it stays when it passes)."""
+    url, split, entry, pixel_format, size, remote = task
+    try:
+        data = read_url(url, remote.network)
+    except NetworkError as exc:
+        return [f"not verified: {exc}"], []
+    cache = remote.cache
+    if cache is not None:
+        os.makedirs(cache.folder, exist_ok=True)
+    fd, temporary = tempfile.mkstemp(prefix=".tmp-verify-", dir=cache.folder if cache else None)
+    path = Path(temporary)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        problems, keys = verify_shard((temporary, split, entry, pixel_format, size))
+        if cache is not None and not problems:
+            with cache.lock(entry["sha256"]):
+                cache.admit_file(path, entry["sha256"])
+        return problems, keys
+    finally:
+        path.unlink(missing_ok=True)
+
+
 def verify_shards(
-    folder: str | Path, manifest: dict[str, Any], workers: int | None = None, progress: bool = False
+    folder: str | Path,
+    manifest: dict[str, Any],
+    workers: int | None = None,
+    progress: bool = False,
+    remote: Remote | None = None,
 ) -> dict[str, list[str]]:
     """Problems by shard name (and by split for cross-shard checks); empty when everything is intact."""
     entries = [
         (split, entry) for split in SPLITS for entry in manifest["splits"].get(split, {}).get("shards", [])
     ]
-    tasks = [
-        (str(Path(folder) / entry["name"]), split, entry, manifest["pixel_format"], manifest["size"])
-        for split, entry in entries
-    ]
+    common = (manifest["pixel_format"], manifest["size"])
+    if is_url(str(folder)):
+        remote = remote or Remote()
+        urls = [join_location(str(folder), entry["name"]) for _, entry in entries]
+        tasks: list[Any] = [(url, s, e, *common, remote) for url, (s, e) in zip(urls, entries, strict=True)]
+    else:
+        tasks = [(str(Path(folder) / entry["name"]), split, entry, *common) for split, entry in entries]
     results = map_in_workers(
-        verify_shard,
+        verify_remote_shard if is_url(str(folder)) else verify_shard,
         tasks,
         workers=workers,
         sizes=[e["samples"] for _, e in entries],
         progress=progress,
         desc="verify",
         unit="sample",
-        describe=lambda task: Path(task[0]).name,
+        describe=lambda task: task[2]["name"],
     )
     problems = {
         entry["name"]: found for (_, entry), (found, _) in zip(entries, results, strict=True) if found
@@ -185,7 +226,8 @@ def run(cfg: InspectConfig) -> int:
     """`cocoshard inspect`: print the summary; with --verify check every shard, exit 1 on any problem."""
     print_config(cfg)
     console = stdout_console()
-    manifest = read_manifest(cfg.shards)
+    remote = remote_of(cfg)
+    manifest = read_manifest(cfg.shards, remote.network)
     print_summary(manifest, console, title=f"shards in {cfg.shards}", layout=True)
     if not is_url(cfg.shards):
         listed = {entry["name"] for split in manifest["splits"].values() for entry in split["shards"]}
@@ -197,9 +239,7 @@ def run(cfg: InspectConfig) -> int:
             )
     if not cfg.verify:
         return 0
-    if is_url(cfg.shards):
-        raise UserError(f"--verify reads local shards; {cfg.shards} is a URL: download the shards first")
-    problems = verify_shards(cfg.shards, manifest, cfg.workers, progress=True)
+    problems = verify_shards(cfg.shards, manifest, cfg.workers, progress=True, remote=remote)
     total = sum(len(split["shards"]) for split in manifest["splits"].values())
     if not problems:
         console.print(

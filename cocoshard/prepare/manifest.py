@@ -2,7 +2,8 @@
 
 The manifest is written last by `cocoshard pack` and describes every shard (name, samples, bytes,
 sha256) of every split, the pixel format, the canvas size, the class names and the inputs left out.
-Reading it does I/O: a local file, or an HTTP(S) URL prefix (`--shards https://host/shards`).
+Reading it does I/O: a local file, or a file under a URL prefix (`--shards s3://bucket/shards`,
+`https://...`, `gs://...`, `pipe:...`), read through `cocoshard.remote` like the shards themselves.
 The format of the shards it describes: `cocoshard.pure.format`.
 """
 
@@ -18,13 +19,10 @@ from typing import Any
 from cocoshard import CLASSES, NUM_CLASSES
 from cocoshard.errors import UserError
 from cocoshard.pure.format import FORMAT_VERSION, is_shard_file
+from cocoshard.remote import Network, is_url, join_location, read_url
+from cocoshard.shard_cache import Remote
 
 MANIFEST = "manifest.json"
-
-
-def is_url(location: str) -> bool:
-    """True for anything WebDataset opens that is not a local path (http://, s3://, pipe:...)."""
-    return "://" in location or location.startswith("pipe:")
 
 
 MAX_MANIFEST_BYTES = 64 * 2**20  # 65k images with every one rejected still fit in a few MB
@@ -34,17 +32,14 @@ class BadManifest(UserError):
     """A manifest.json that cannot describe shards: the message names the file and the field."""
 
 
-def _read_text(location: str) -> tuple[str, str]:
+def _read_text(location: str, network: Network) -> tuple[str, str]:
     """(text of the manifest, where it came from), from a folder or a URL prefix."""
     if is_url(location):
-        import urllib.request
-
-        url = location.rstrip("/") + "/" + MANIFEST
+        url = join_location(location, MANIFEST)
         try:
-            with urllib.request.urlopen(url) as response:  # noqa: S310 (user-given location)
-                return response.read(MAX_MANIFEST_BYTES).decode("utf-8"), url
-        except (OSError, UnicodeDecodeError) as exc:
-            raise UserError(f"cannot read {url}: {exc}") from exc
+            return read_url(url, network, MAX_MANIFEST_BYTES).decode("utf-8"), url
+        except UnicodeDecodeError as exc:
+            raise BadManifest(f"{url} is not UTF-8 text: {exc}") from None
     path = Path(location) / MANIFEST
     if not path.is_file():
         raise UserError(f"no {MANIFEST} in {location}: {_pack_hint(Path(location))}")
@@ -76,9 +71,9 @@ def _pack_hint(folder: Path) -> str:
     return f"pack the data first (cocoshard pack --root ms-coco --out {folder})"
 
 
-def read_manifest(location: str | os.PathLike) -> dict[str, Any]:
+def read_manifest(location: str | os.PathLike, network: Network | None = None) -> dict[str, Any]:
     """Load `manifest.json` from a shard folder (or URL prefix), checked against its schema."""
-    text, source = _read_text(str(location))
+    text, source = _read_text(str(location), network or Network())
     try:
         manifest = json.loads(text)
     except (ValueError, RecursionError) as exc:
@@ -104,7 +99,8 @@ class ShardEntry:
 class Manifest:
     """A checked manifest as the loaders read it: where the shards are, their pixels, their splits.
 
-    `data` keeps the whole document for what only summaries show (rejected inputs, the split seed)."""
+    `data` keeps the whole document for what only summaries show (rejected inputs, the split seed);
+    `remote` says how its shards are read when they are at URLs (timeouts, retries, the cache)."""
 
     location: str
     pixel_format: str  # "jpeg" or "raw"
@@ -112,9 +108,12 @@ class Manifest:
     classes: tuple[str, ...]
     splits: Mapping[str, tuple[ShardEntry, ...]]
     data: Mapping[str, object] = field(repr=False)
+    remote: Remote = field(default_factory=Remote, repr=False, compare=False)
 
     @classmethod
-    def from_data(cls, data: dict[str, Any], location: str | os.PathLike) -> Manifest:
+    def from_data(
+        cls, data: dict[str, Any], location: str | os.PathLike, remote: Remote | None = None
+    ) -> Manifest:
         """The typed view of a manifest that `check_manifest` accepted."""
         splits = {
             name: tuple(
@@ -124,7 +123,13 @@ class Manifest:
             for name, entry in data["splits"].items()
         }
         return cls(
-            str(location), data["pixel_format"], int(data["size"]), manifest_class_names(data), splits, data
+            str(location),
+            data["pixel_format"],
+            int(data["size"]),
+            manifest_class_names(data),
+            splits,
+            data,
+            remote or Remote(),
         )
 
     def shards(self, split: str | Sequence[str]) -> tuple[ShardEntry, ...]:
@@ -138,17 +143,17 @@ class Manifest:
 
     def urls(self, split: str | Sequence[str]) -> list[str]:
         """Full paths or URLs of the shards of `split`."""
-        sep = "/" if is_url(self.location) else os.sep
-        return [self.location.rstrip("/") + sep + entry.name for entry in self.shards(split)]
+        return [join_location(self.location, entry.name) for entry in self.shards(split)]
 
     def samples(self, split: str | Sequence[str]) -> int:
         """Samples in `split` (all of its shards)."""
         return sum(entry.samples for entry in self.shards(split))
 
 
-def load_manifest(location: str | os.PathLike) -> Manifest:
-    """`read_manifest`, typed: what the loaders take."""
-    return Manifest.from_data(read_manifest(location), location)
+def load_manifest(location: str | os.PathLike, remote: Remote | None = None) -> Manifest:
+    """`read_manifest`, typed: what the loaders take (its shards read as `remote` says)."""
+    remote = remote or Remote()
+    return Manifest.from_data(read_manifest(location, remote.network), location, remote)
 
 
 # ----------------------------------------------------------------------------------- schema
@@ -270,9 +275,7 @@ def shard_urls(
     location: str | os.PathLike, manifest: dict[str, Any], split: str | Sequence[str]
 ) -> list[str]:
     """Full paths or URLs of one split's shards (or several splits', in the order given)."""
-    loc = str(location)
-    sep = "/" if is_url(loc) else os.sep
-    return [loc.rstrip("/") + sep + entry["name"] for entry in split_shards(manifest, split)]
+    return [join_location(str(location), entry["name"]) for entry in split_shards(manifest, split)]
 
 
 def list_shard_files(folder: str | os.PathLike) -> list[Path]:

@@ -42,7 +42,7 @@ from cocoshard.loading.image_files import check_image_folder, folder_batches
 from cocoshard.loading.loader import build_loader
 from cocoshard.loading.spec import LoaderSpec
 from cocoshard.machine import ThreadPlan, thread_plan
-from cocoshard.prepare.manifest import read_manifest, shards_identity
+from cocoshard.prepare.manifest import load_manifest, read_manifest, shards_identity
 from cocoshard.pure.metrics import predictions_from_scores
 from cocoshard.scoring.scores import Scores, file_sha256, save_scores
 from cocoshard.scoring.submission import (
@@ -52,6 +52,7 @@ from cocoshard.scoring.submission import (
 )
 from cocoshard.scoring.threshold_files import read_thresholds_file
 from cocoshard.settings import print_config
+from cocoshard.shard_cache import remote_of
 from cocoshard.training.checkpoint import checkpoint_config, load_checkpoint
 from cocoshard.training.model import build_model, strip_wrapper_prefixes
 from cocoshard.training.runtime import resolve_amp_dtype, resolve_device
@@ -124,7 +125,8 @@ def shard_batches(
         threads=plan.loader,
         transform=EvalTransform(predictor.size, dtype, predictor.channels_last),
     )
-    loader = build_loader(cfg.shards, cfg.split, spec)
+    assert cfg.shards is not None
+    loader = build_loader(load_manifest(cfg.shards, remote_of(cfg)), cfg.split, spec)
 
     def batches() -> Batches:
         try:
@@ -265,7 +267,7 @@ def run(cfg: PredictConfig) -> int:
         total, batches = len(good), image_batches(good, predictor, cfg, workers, device, dtype)
     else:
         source, split = f"{cfg.shards} ({cfg.split} split)", cfg.split
-        origin = f"shards {shards_identity(read_manifest(cfg.shards))}"
+        origin = f"shards {shards_identity(read_manifest(cfg.shards, remote_of(cfg).network))}"
         total, batches = shard_batches(cfg, predictor, plan, device, dtype)
     start = time.perf_counter()
     keys, scores = predict_scores(predictor, batches, total=total, amp_dtype=amp_dtype, tta=cfg.tta)

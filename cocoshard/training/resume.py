@@ -36,6 +36,11 @@ RESUMABLE = (
     "device",
     "compile",
     "decode",
+    "cache",
+    "cache_size",
+    "connect_timeout",
+    "stall_timeout",
+    "retries",
 )
 # Chosen from the machine when not given: a resumed run chooses them again on its own machine.
 MACHINE_SETTINGS = ("workers", "threads")

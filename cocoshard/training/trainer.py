@@ -33,12 +33,15 @@ from cocoshard.loading.tario import BadShard, shard_keys
 from cocoshard.machine import ThreadPlan, cores_per_process, thread_plan
 from cocoshard.prepare.manifest import (
     is_url,
+    load_manifest,
     manifest_class_names,
     read_manifest,
     shard_urls,
     shards_identity,
+    split_shards,
 )
 from cocoshard.settings import print_config, to_dict
+from cocoshard.shard_cache import Remote, remote_of
 from cocoshard.training.checkpoint import BEST, LAST, versions
 from cocoshard.training.loss import build_loss
 from cocoshard.training.model import (
@@ -162,8 +165,13 @@ def run_facts(cfg: TrainConfig, runtime: Runtime, identity: str, plan: ThreadPla
 
 
 def check_shards(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
-    """The manifest, after checking that both splits exist, have files, share no image, and fit the batch."""
-    manifest = read_manifest(cfg.shards)
+    """The manifest, after checking that both splits exist, have files, share no image, and fit the batch.
+
+    Shards at URLs are read whole for the check (their keys are in their tar headers), each checked
+    against its sha256: through the `--cache`, where training then finds them, or downloaded once
+    more without one."""
+    remote = remote_of(cfg)
+    manifest = read_manifest(cfg.shards, remote.network)
     for split in ("train", "val"):
         if not manifest["splits"][split]["samples"]:
             raise UserError(
@@ -177,17 +185,22 @@ def check_shards(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
                     f"shard {missing[0]} listed in the manifest is missing ({len(missing)} missing "
                     f"in all): re-pack into {cfg.shards}"
                 )
-    if not is_url(cfg.shards):  # (over a URL every shard would be downloaded just to list its keys)
-        keys = {
-            split: {key for url in shard_urls(cfg.shards, manifest, split) for key in _keys(url, cfg)}
-            for split in ("train", "val")
-        }
-        shared = sorted(keys["train"] & keys["val"])
-        if shared:
-            raise UserError(
-                f"{cfg.shards}: {len(shared)} images are in both the train and the val split (e.g. "
-                f"{', '.join(shared[:3])}): validation would score images the model learns from; re-pack"
+    keys = {
+        split: {
+            key
+            for url, entry in zip(
+                shard_urls(cfg.shards, manifest, split), split_shards(manifest, split), strict=True
             )
+            for key in _keys(url, entry["sha256"], cfg, remote)
+        }
+        for split in ("train", "val")
+    }
+    shared = sorted(keys["train"] & keys["val"])
+    if shared:
+        raise UserError(
+            f"{cfg.shards}: {len(shared)} images are in both the train and the val split (e.g. "
+            f"{', '.join(shared[:3])}): validation would score images the model learns from; re-pack"
+        )
     train_samples = manifest["splits"]["train"]["samples"]
     if cfg.batch_size * world_size > train_samples:
         raise ConfigError(
@@ -197,10 +210,11 @@ def check_shards(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
     return manifest
 
 
-def _keys(url: str, cfg: TrainConfig) -> list[str]:
-    """A shard's keys; a damaged shard is named here, or with --skip-bad-samples left to the loader."""
+def _keys(url: str, sha256: str, cfg: TrainConfig, remote: Remote) -> list[str]:
+    """A shard's keys; a damaged shard is named here, or with --skip-bad-samples left to the loader
+    (a network failure is never skipped: it stops the run, naming the URL)."""
     try:
-        return shard_keys(url)
+        return shard_keys(url, sha256, remote)
     except BadShard:
         if cfg.skip_bad_samples:
             return []
@@ -260,7 +274,8 @@ def build_loaders(cfg: TrainConfig, runtime: Runtime) -> tuple[Loader, Loader]:
         transform=train_transform(cfg, dtype),
     )
     validation = dataclasses.replace(common, train=False, transform=validation_transform(cfg, dtype))
-    return build_loader(cfg.shards, "train", common), build_loader(cfg.shards, "val", validation)
+    shards = load_manifest(cfg.shards, remote_of(cfg))  # read once; shards at URLs read as --cache etc. say
+    return build_loader(shards, "train", common), build_loader(shards, "val", validation)
 
 
 def agreed_steps(loader: Loader, runtime: Runtime) -> int:

@@ -170,3 +170,27 @@ def test_check_sample_rules():
 def test_missing_manifest_is_a_user_error(tmp_path, capsys):
     code, out = inspect(tmp_path, capsys)
     assert code == 2 and "nomanifest.json" in out
+
+
+def test_verify_over_a_url_names_damage_and_fills_the_cache_with_what_passes(jpeg_copy, tmp_path, capsys):
+    from conftest import ShardServer
+
+    data = bytearray((jpeg_copy / "train-000001.tar").read_bytes())
+    data[5000] ^= 0x01
+    (jpeg_copy / "train-000001.tar").write_bytes(bytes(data))
+    manifest = json.loads((jpeg_copy / "manifest.json").read_text())
+    entries = [entry for split in manifest["splits"].values() for entry in split["shards"]]
+    cache = tmp_path / "cache"
+    with ShardServer(jpeg_copy) as server:
+        server.faults["test-000000.tar"] = "missing"
+        flags = ("--verify", "--cache", str(cache), "--retries", "0")
+        code = main(["inspect", "--shards", server.url, "--workers", "1", *flags])
+    captured = capsys.readouterr()
+    out = "".join((captured.out + captured.err).split())
+    assert code == 1 and "2of" in out and "train-000001.tar:sha256differsfromthemanifest" in out
+    assert "test-000000.tar:notverified:cannotread" in out and "notfound(HTTP404" in out
+    cached = {path.name for path in cache.glob("*.tar")}
+    passed = {
+        e["sha256"] + ".tar" for e in entries if e["name"] not in ("train-000001.tar", "test-000000.tar")
+    }
+    assert cached == passed and not list(cache.glob(".tmp-*"))
