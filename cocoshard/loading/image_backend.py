@@ -85,7 +85,9 @@ def _torchcodec(why: str = "") -> ImageBackend:
     from torchcodec.decoders import decode_png as codec_png
 
     def decode_jpeg(data: torch.Tensor) -> torch.Tensor:
-        return codec_jpeg(data, mode="RGB")
+        decoded = codec_jpeg(data, mode="RGB")
+        assert isinstance(decoded, torch.Tensor)  # one image in, one out
+        return decoded
 
     def decode_jpegs(batch: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
         decoded = codec_jpeg(batch, mode="RGB", device=device)
