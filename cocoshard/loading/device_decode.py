@@ -159,7 +159,7 @@ def _decode_batch(
                 raise
             decoded[i] = None
     good: list[int] = []
-    pictures: dict[int, torch.Tensor] = {}
+    usable: dict[int, torch.Tensor] = {}
     for i in range(len(kinds)):
         picture = decoded.get(i)
         if picture is None:
@@ -172,13 +172,13 @@ def _decode_batch(
                 )
             continue
         good.append(i)
-        pictures[i] = picture
+        usable[i] = picture
     images = torch.empty((len(good), canvas_size, canvas_size, 3), dtype=torch.uint8, device=device)
     for row, i in enumerate(good):
-        height, width = pictures[i].shape[1:]
-        images[row, :height, :width] = pictures[i].permute(1, 2, 0)
+        height, width = usable[i].shape[1:]
+        images[row, :height, :width] = usable[i].permute(1, 2, 0)
     # the sizes are known on the host: sent without waiting for the device
-    sizes = torch.tensor([list(pictures[i].shape[1:]) for i in good], dtype=torch.int64).reshape(len(good), 2)
+    sizes = torch.tensor([list(usable[i].shape[1:]) for i in good], dtype=torch.int64).reshape(len(good), 2)
     if device.type == "cuda":
         sizes = sizes.pin_memory().to(device, non_blocking=True)
     return images, sizes, good
