@@ -21,6 +21,8 @@ from cocoshard.settings import Validated, flag, fraction, non_negative, opt, pos
 
 WORKERS_HELP = "worker processes (unset: automatic; 0: in this process)"
 RESUME_LAST = "auto"  # `--resume` without a path: OUT/last.pt
+# predict's --min-labels default: the top-up every score training reports is computed with too
+MIN_LABELS = 1
 
 
 # ----------------------------------------------------------------------------------- commands
@@ -241,7 +243,7 @@ class PredictConfig(Validated):
     thresholds: str | None = opt(
         None, "per-class thresholds from this file (`cocoshard thresholds --out`) instead of the checkpoint's"
     )
-    min_labels: int = opt(1, "keep the top classes of an image until it has at least this many")
+    min_labels: int = opt(MIN_LABELS, "keep the top classes of an image until it has at least this many")
     unreadable: Literal["fail", "prior"] = opt(
         "fail",
         "images that cannot be read: fail, naming each; or prior: give them the most frequent training class "

@@ -42,6 +42,7 @@ from cocoshard.loading.image_files import check_image_folder, folder_batches
 from cocoshard.loading.loader import build_loader
 from cocoshard.machine import usable_cores
 from cocoshard.prepare.manifest import read_manifest, shards_identity
+from cocoshard.pure.decision import decide_labels
 from cocoshard.pure.metrics import predictions_from_scores
 from cocoshard.scoring.scores import Scores, file_sha256, save_scores
 from cocoshard.scoring.submission import (
@@ -272,8 +273,8 @@ def run(cfg: PredictConfig) -> int:
         prior = np.full((len(unreadable), NUM_CLASSES), 0.0, np.float32)
         prior[:, predictor.prior_class] = 1.0
         keys, scores = keys + unreadable, np.concatenate([scores, prior])
-    predicted = predictions_from_scores(scores, thresholds)
-    submission = build_submission(keys, predicted, scores, min_labels=cfg.min_labels)
+    predicted = decide_labels(scores, thresholds, cfg.min_labels)  # the rule every reported score uses
+    submission = build_submission(keys, predicted)
     write_submission(cfg.out, submission)
     load_submission(cfg.out, expected=keys)  # read back from disk: what was written is what we checked
     if cfg.scores:
@@ -292,7 +293,7 @@ def run(cfg: PredictConfig) -> int:
                 unreadable,
             ),
         )
-    filled = int((predicted.sum(axis=1) < cfg.min_labels).sum())
+    filled = int((predictions_from_scores(scores, thresholds).sum(axis=1) < cfg.min_labels).sum())
     labels = sum(len(ids) for ids in submission.values())
     console.print(
         f"[green]wrote[/] {literal(cfg.out)}: {len(keys)} images, {labels / max(len(keys), 1):.2f} classes "

@@ -28,7 +28,7 @@ import numpy as np
 from cocoshard import CLASSES, NUM_CLASSES
 from cocoshard.atomic import atomic_write_bytes
 from cocoshard.errors import UserError
-from cocoshard.pure.metrics import predictions_from_scores
+from cocoshard.pure.decision import decide_labels
 from cocoshard.scoring.submission import Submission, build_submission
 
 FIELDS = ("keys", "scores", "thresholds", "classes")
@@ -60,8 +60,7 @@ class Scores:
 
     def submission(self) -> Submission:
         """The submission these scores give with their own thresholds and --min-labels."""
-        predicted = predictions_from_scores(self.scores, self.thresholds)
-        return build_submission(self.keys, predicted, self.scores, min_labels=self.min_labels)
+        return build_submission(self.keys, decide_labels(self.scores, self.thresholds, self.min_labels))
 
 
 def save_scores(path: str | os.PathLike, found: Scores) -> None:

@@ -24,7 +24,7 @@ from rich.text import Text
 from cocoshard.config import ThresholdsConfig
 from cocoshard.console import literal, stdout_console
 from cocoshard.errors import UserError
-from cocoshard.pure import metrics, threshold_tuning
+from cocoshard.pure import decision, metrics, threshold_tuning
 from cocoshard.scoring.ground_truth import class_names_of, load_labels
 from cocoshard.scoring.scores import read_scores
 from cocoshard.scoring.threshold_files import write_thresholds_file
@@ -48,19 +48,18 @@ def run(cfg: ThresholdsConfig) -> int:
     )
     counts = truth.sum(axis=0)
     kept = [c for c in range(len(counts)) if counts[c] < cfg.min_positives]
+    written = found.min_labels  # the --min-labels predict wrote with: every figure is of what it writes
+
+    def server(thresholds: float | np.ndarray) -> float:
+        return metrics.server_f1(decision.decide_labels(found.scores, thresholds, written), truth).f1
+
     figures = {
-        "with the scores' own thresholds": metrics.server_f1(
-            metrics.predictions_from_scores(found.scores, found.thresholds), truth
-        ).f1,
-        f"at {cfg.default} for every class": metrics.server_f1(
-            metrics.predictions_from_scores(found.scores, cfg.default), truth
-        ).f1,
-        "tuned (on these same images)": metrics.server_f1(
-            metrics.predictions_from_scores(found.scores, tuned), truth
-        ).f1,
+        "with the scores' own thresholds": server(found.thresholds),
+        f"at {cfg.default} for every class": server(cfg.default),
+        "tuned (on these same images)": server(tuned),
     }
     holdout = threshold_tuning.holdout_threshold_gain(
-        found.scores, truth, default=cfg.default, min_positives=cfg.min_positives
+        found.scores, truth, default=cfg.default, min_positives=cfg.min_positives, min_labels=written
     )
     names = class_names_of(cfg.labels)
     write_thresholds_file(
@@ -72,12 +71,17 @@ def run(cfg: ThresholdsConfig) -> int:
         images=len(found.keys),
         min_positives=cfg.min_positives,
         default=cfg.default,
+        min_labels=written,
         kept_default=kept,
         server_f1_tuned=figures["tuned (on these same images)"],
         heldout_gain=holdout["gain"],
     )
     console = stdout_console()
-    table = Table(title=f"server F1 of {len(found.keys)} images", show_header=False, box=None)
+    table = Table(
+        title=f"server F1 of {len(found.keys)} images, as predict writes them (--min-labels {written})",
+        show_header=False,
+        box=None,
+    )
     for label, value in figures.items():
         table.add_row(label, f"{value:.4f}")
     table.add_row("gain of tuning on a held-out half", f"{holdout['gain']:+.4f}")

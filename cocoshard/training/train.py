@@ -24,11 +24,11 @@ import numpy as np
 import torch
 
 from cocoshard import NUM_CLASSES
-from cocoshard.config import TrainConfig
+from cocoshard.config import MIN_LABELS, TrainConfig
 from cocoshard.errors import UserError
 from cocoshard.folder_lock import folder_lock
 from cocoshard.loading.batch import Batch
-from cocoshard.pure import metrics, threshold_tuning
+from cocoshard.pure import decision, metrics, threshold_tuning
 from cocoshard.seeds import Stream, derive_seed
 from cocoshard.training.checkpoint import (
     BEST,
@@ -229,11 +229,15 @@ def validation_scores(
 def score_validation(
     scores: np.ndarray, labels: np.ndarray, loss: float, seed: int
 ) -> tuple[dict[str, float], np.ndarray]:
-    """Headline metrics at 0.5 and at thresholds tuned for the server F1, and those thresholds."""
-    at_half = metrics.metrics_from_scores(scores, labels)
+    """Headline metrics at 0.5 and at thresholds tuned for the server F1, and those thresholds.
+
+    Every figure is that of what `cocoshard predict` would write with those thresholds (its default
+    `--min-labels` top-up included: `decision.decide_labels`), so the score a run reports is the
+    score of the file it submits."""
+    at_half = _written_metrics(scores, labels, metrics.DEFAULT_THRESHOLD)
     thresholds = threshold_tuning.tune_thresholds(scores, labels)
-    tuned = metrics.metrics_from_scores(scores, labels, thresholds)
-    holdout = threshold_tuning.holdout_threshold_gain(scores, labels, seed=seed)
+    tuned = _written_metrics(scores, labels, thresholds)
+    holdout = threshold_tuning.holdout_threshold_gain(scores, labels, seed=seed, min_labels=MIN_LABELS)
     figures = {
         "loss": loss,
         "server_f1": at_half["server_f1"],
@@ -244,10 +248,16 @@ def score_validation(
         "macro_f1": at_half["macro_f1"],
         "micro_f1": at_half["micro_f1"],
         "macro_f1_tuned": tuned["macro_f1"],
-        "map": at_half["map"],
+        "map": metrics.mean_average_precision(scores, labels),
         "images": at_half["images"],
+        "min_labels": MIN_LABELS,
     }
     return figures, thresholds
+
+
+def _written_metrics(scores: np.ndarray, labels: np.ndarray, thresholds: Any) -> dict[str, float]:
+    """The headline metrics of the classes predict writes at `thresholds` (default --min-labels)."""
+    return metrics.metrics_from_predictions(decision.decide_labels(scores, thresholds, MIN_LABELS), labels)
 
 
 def validate(tr: Trainer) -> tuple[dict[str, dict[str, float]], dict[str, np.ndarray]]:

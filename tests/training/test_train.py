@@ -419,3 +419,23 @@ def test_torchrun_two_gloo_processes_run_equal_steps(sample_shards_jpeg: Path, t
         )  # every rank's share gathered
     assert second["step"] == 2 * first["step"] == 2 * first["steps_per_rank"][0]
     assert load_checkpoint(run / LAST)["epoch"] == 2
+
+
+# ----------------------------------------------------------------------------------- one number
+
+
+def test_the_tuned_f1_a_run_reports_is_that_of_what_predict_writes() -> None:
+    """The epoch's tuned server F1 is computed on predict's output, --min-labels top-up included."""
+    from cocoshard.pure import metrics
+    from cocoshard.pure.decision import decide_labels
+    from cocoshard.training.train import score_validation
+    from conftest import random_problem
+
+    scores, labels = random_problem(5, images=150)
+    scores[:30] *= 0.05  # images with no class over any tuned threshold: predict tops them up
+    figures, thresholds = score_validation(scores, labels, loss=0.1, seed=0)
+    written = metrics.server_f1(decide_labels(scores, thresholds, 1), labels).f1
+    bare = metrics.server_f1(metrics.predictions_from_scores(scores, thresholds), labels).f1
+    assert written != bare  # the case the issue met: the two differ
+    assert figures["server_f1_tuned"] == written and figures["min_labels"] == 1
+    assert figures["images"] == 150 and isinstance(figures["images"], int)
