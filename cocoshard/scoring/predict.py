@@ -24,7 +24,7 @@ import os
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +52,7 @@ from cocoshard.scoring.submission import (
 )
 from cocoshard.scoring.threshold_files import read_thresholds_file
 from cocoshard.settings import print_config
-from cocoshard.training.checkpoint import checkpoint_config, load_checkpoint
+from cocoshard.training.checkpoint import checkpoint_config, load_checkpoint, predicted_weights
 from cocoshard.training.model import build_model, strip_wrapper_prefixes
 from cocoshard.training.runtime import resolve_amp_dtype, resolve_device
 
@@ -74,12 +74,28 @@ class Predictor:
     channels_last: bool
     weights: str  # "ema" or "model": which weights were loaded
     prior_class: int  # the most frequent training class (for --unreadable prior)
+    epoch: int = 0  # the epoch whose weights these are, of `epochs`
+    epochs: int = 0
+    val_server_f1: float | None = None  # that epoch's tuned server F1 on the val split
+    trained_on: str | None = None  # the identity of the shards it was trained on (`shards_identity`)
+    trained_split: dict[str, Any] = field(default_factory=dict)  # how their split was drawn
+
+    def describe(self, path: str | os.PathLike) -> str:
+        """One line: which epoch and weights the checkpoint holds, and the val score they had."""
+        which = "EMA" if self.weights == "ema" else "raw (not EMA)"
+        score = (
+            f", val server F1 {self.val_server_f1:.4f} (tuned on that split)"
+            if self.val_server_f1 is not None
+            else ""
+        )
+        return f"checkpoint {path}: epoch {self.epoch} of {self.epochs}, {which} weights{score}"
 
 
 def _inference_state(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], str]:
-    """The EMA weights when the checkpoint has them, else the raw ones; wrapper prefixes stripped."""
-    source = "ema" if isinstance(state.get("ema"), dict) and state["ema"] else "model"
-    return strip_wrapper_prefixes(state[source]), source
+    """The weights the checkpoint's epoch selected (`checkpoint.predicted_weights`) and which they
+    are ("ema" or "model"), wrapper prefixes stripped."""
+    field, which = predicted_weights(state)
+    return strip_wrapper_prefixes(state[field]), which
 
 
 def load_predictor(path: str | os.PathLike, device: torch.device) -> Predictor:
@@ -99,6 +115,7 @@ def load_predictor(path: str | os.PathLike, device: torch.device) -> Predictor:
     model = model.to(device, memory_format=fmt).eval()
     counts = state.get("class_counts")
     prior = int(np.argmax(counts)) if isinstance(counts, list) and len(counts) == NUM_CLASSES else 0
+    score = (state.get("metrics") or {}).get("server_f1_tuned")
     return Predictor(
         model,
         train_cfg.size,
@@ -106,6 +123,11 @@ def load_predictor(path: str | os.PathLike, device: torch.device) -> Predictor:
         train_cfg.channels_last,
         source,
         prior,
+        epoch=int(state["epoch"]),
+        epochs=train_cfg.epochs,
+        val_server_f1=float(score) if isinstance(score, (int, float)) else None,
+        trained_on=state["shards"] if isinstance(state.get("shards"), str) else None,
+        trained_split=state["shards_split"] if isinstance(state.get("shards_split"), dict) else {},
     )
 
 
@@ -250,6 +272,7 @@ def run(cfg: PredictConfig) -> int:
     amp_dtype = resolve_amp_dtype(cfg.amp, "auto", device)
     dtype = amp_dtype or torch.float32
     predictor = load_predictor(cfg.checkpoint, device)
+    console.print(literal(predictor.describe(cfg.checkpoint)))
     thresholds, threshold_source = _thresholds(cfg, predictor)
     workers = usable_cores() if cfg.workers is None else cfg.workers
     unreadable: list[str] = []

@@ -203,11 +203,13 @@ def strip_wrapper_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Te
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """A state dict from a local file: a bare state dict, or a checkpoint holding one under `ema`
-    (a cocoshard checkpoint's averaged weights, preferred), `model`, `state_dict` or
-    `model_state_dict`. Loaded with `weights_only=True`."""
+    """A state dict from a local file: a bare state dict, or a checkpoint holding one: a cocoshard
+    checkpoint's weights its epoch selected (`weights`; the EMA in one from before that field),
+    else `model`, `state_dict` or `model_state_dict`. Loaded with `weights_only=True`."""
     data = safe_load(path, what="weights file")
-    for key in ("ema", "model", "state_dict", "model_state_dict"):
+    selected = data.get("weights") if isinstance(data, dict) else None
+    first = [selected] if selected in ("ema", "model") and "ema" in data else []
+    for key in (*first, "ema", "model", "state_dict", "model_state_dict"):
         if isinstance(data, dict) and isinstance(data.get(key), dict):
             data = data[key]
             break

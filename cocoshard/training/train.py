@@ -36,6 +36,7 @@ from cocoshard.training.checkpoint import (
     LAST,
     RAW,
     checkpoint_state,
+    prediction_state,
     save_checkpoint,
 )
 from cocoshard.training.model import set_train_mode
@@ -298,14 +299,15 @@ def finish_epoch(tr: Trainer, epoch: int, train: dict[str, Any], figures: dict, 
         **train,
     }
     tr.log.record_epoch(record, list(figures))
+    state = checkpoint_state(
+        tr.state_dict(),
+        epoch=epoch + 1,
+        thresholds=thresholds[selected],
+        figures=figures[selected],
+        weights=selected,
+    )
     if improved:
-        state = tr.state_dict(keep_ema=selected == EMA)
-        save_checkpoint(
-            tr.out / BEST,
-            checkpoint_state(
-                state, epoch=epoch + 1, thresholds=thresholds[selected], figures=figures[selected]
-            ),
-        )
+        save_checkpoint(tr.out / BEST, prediction_state(state))
         tr.log.save_thresholds(
             {
                 "epoch": epoch + 1,
@@ -315,17 +317,12 @@ def finish_epoch(tr: Trainer, epoch: int, train: dict[str, Any], figures: dict, 
                 "server_f1_tuned": score,
                 "server_f1_at_0.5": figures[selected]["server_f1"],
                 "heldout_gain": figures[selected]["heldout_gain"],
+                "min_labels": MIN_LABELS,
             }
         )
     # best.pt and thresholds.json before last.pt: resume trusts last.pt's best score, so a kill in
     # between must leave the best files already written, never named by the log but missing.
-    # predict uses the EMA whenever a checkpoint has one: last.pt carries the EMA's thresholds.
-    kept = EMA if EMA in figures else RAW
-    state = tr.state_dict(keep_ema=True)
-    save_checkpoint(
-        tr.out / LAST,
-        checkpoint_state(state, epoch=epoch + 1, thresholds=thresholds[kept], figures=figures[kept]),
-    )
+    save_checkpoint(tr.out / LAST, state)
 
 
 def fit(tr: Trainer) -> None:

@@ -97,6 +97,47 @@ def test_a_few_steps_from_scratch_on_coco_sample(sample_shards_jpeg: Path, tmp_p
     assert list((run / TENSORBOARD_DIR).glob("events.out.tfevents.*"))
 
 
+def test_best_pt_holds_what_predict_needs_and_last_pt_what_resume_needs(
+    sample_shards_jpeg: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    run = tmp_path / "run"
+    assert (
+        train(
+            "--shards",
+            str(sample_shards_jpeg),
+            "--out",
+            str(run),
+            "--epochs",
+            "1",
+            "--weights",
+            "none",
+            *TINY,
+        )
+        == 0
+    )
+    best, last = (torch.load(run / name, weights_only=True) for name in (BEST, LAST))
+    (record,) = records(run)
+    selected = record["selected"]
+    assert (
+        best["weights"]
+        == last["weights"]
+        == selected
+        == json.loads((run / THRESHOLDS_FILE).read_text())["weights"]
+    )
+    assert not {"optimizer", "scheduler", "scaler", "rng", "ema", "ema_updates"} & set(best)
+    assert {"model", "thresholds", "config", "shards", "shards_split", "classes", "metrics"} <= set(best)
+    assert CHECKPOINT_KEYS | {"weights", "shards"} <= set(last)
+    assert all(torch.equal(best["model"][k], v) for k, v in last[selected].items())  # the selected weights
+    assert best["thresholds"] == last["thresholds"] and best["shards_split"] == {
+        "seed": 0,
+        "val_fraction": 0.2,
+    }
+    assert (run / BEST).stat().st_size < (run / LAST).stat().st_size / 2
+    capsys.readouterr()
+    assert train("--resume", str(run / BEST), "--epochs", "2") == 2
+    assert f"--resume {run / LAST}" in error_text(capsys)
+
+
 def test_local_weights_file_with_an_imagenet_head(sample_shards_jpeg: Path, tmp_path: Path) -> None:
     import torchvision
 
