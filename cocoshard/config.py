@@ -255,6 +255,11 @@ class PredictConfig(Validated):
     workers: int | None = opt(None, WORKERS_HELP)
     amp: bool = opt(True, "mixed precision on the device")
     device: Literal["auto", "cpu", "cuda"] = opt("auto", "where to run")
+    allow_other_shards: bool = opt(
+        False,
+        "go on when the shards are not the ones the model was trained on (a re-pack: its val images "
+        "may have been trained on); said on screen and recorded in what it writes",
+    )
 
     def validate(self) -> None:
         if (self.shards is None) == (self.images is None):
@@ -291,6 +296,11 @@ class EvaluateConfig(Validated):
     out: str | None = opt(
         None, "also write the metrics (and, with --per-class, the per-class rows) to this JSON file"
     )
+    allow_other_shards: bool = opt(
+        False,
+        "go on when the shards are not the ones the model was trained on (a re-pack: its val images "
+        "may have been trained on); said on screen and recorded in what it writes",
+    )
 
     def validate(self) -> None:
         if self.labels is None:
@@ -317,6 +327,11 @@ class ThresholdsConfig(Validated):
         10, "classes with fewer positive images keep the default threshold (fewer overfit)"
     )
     default: float = opt(0.5, "the threshold of classes too rare to tune")
+    allow_other_shards: bool = opt(
+        False,
+        "go on when the shards are not the ones the model was trained on (a re-pack: its val images "
+        "may have been trained on); said on screen and recorded in what it writes",
+    )
 
     def validate(self) -> None:
         positive(self, "min_positives")

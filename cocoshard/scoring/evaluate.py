@@ -40,6 +40,7 @@ from cocoshard.scoring.ground_truth import (
     is_shard_folder,
     load_labels,
 )
+from cocoshard.scoring.same_shards import OVERRIDE, Trained, check_trained_on
 from cocoshard.scoring.scores import check_scores_match, load_scores, read_scores
 from cocoshard.scoring.submission import (
     Submission,
@@ -210,8 +211,18 @@ def assess(cfg: EvaluateConfig) -> Assessment:
         found = read_scores(cfg.scores)
         thresholds = found.thresholds
         checkpoint = f"{found.checkpoint} (sha256 {found.checkpoint_sha256[:12]})" if found.checkpoint else ""
-        identity = shards_identity(read_manifest(cfg.labels)) if is_shard_folder(cfg.labels) else None
+        manifest = read_manifest(cfg.labels) if is_shard_folder(cfg.labels) else None
+        identity = shards_identity(manifest) if manifest is not None else None
         check_scores_match(found, cfg.scores, submission, cfg.predictions, identity)
+        if manifest is not None:
+            other = check_trained_on(
+                Trained(found.trained_on, found.trained_split),
+                str(cfg.labels),
+                manifest,
+                what=f"the model that made {cfg.scores}",
+                allow=cfg.allow_other_shards,
+            )
+            notes += [other] if other else []
         scores = load_scores(cfg.scores, sorted(submission))
     if cfg.run is not None and not (Path(cfg.run) / METRICS_LOG).is_file():
         raise UserError(
@@ -296,6 +307,8 @@ def _write_report(cfg: EvaluateConfig, evaluation: Evaluation, checkpoint: str =
     about = {"predictions": cfg.predictions, "labels": cfg.labels}
     if checkpoint:
         about["checkpoint"] = checkpoint
+    if cfg.allow_other_shards:
+        about["warning"] = f"{OVERRIDE}: scored on shards other than those the model was trained on"
     with folder_lock(cfg.report, "cocoshard evaluate --report"):
         return write_report(
             cfg.report,

@@ -41,9 +41,11 @@ from cocoshard.loading.augment import EvalTransform, eval_transform
 from cocoshard.loading.image_files import check_image_folder, folder_batches
 from cocoshard.loading.loader import build_loader
 from cocoshard.machine import usable_cores
-from cocoshard.prepare.manifest import read_manifest, shards_identity
+from cocoshard.prepare.manifest import MANIFEST, read_manifest, shards_identity
 from cocoshard.pure.decision import decide_labels
 from cocoshard.pure.metrics import predictions_from_scores
+from cocoshard.scoring.ground_truth import is_shard_folder
+from cocoshard.scoring.same_shards import Trained, check_trained_on
 from cocoshard.scoring.scores import Scores, file_sha256, save_scores
 from cocoshard.scoring.submission import (
     build_submission,
@@ -263,6 +265,53 @@ def _thresholds(cfg: PredictConfig, predictor: Predictor) -> tuple[np.ndarray, s
     return predictor.thresholds, "the checkpoint's tuned thresholds"
 
 
+@dataclass
+class Inputs:
+    """The images a predict run reads: where from, how many, in batches, and those it cannot read."""
+
+    source: str  # for messages: the folder, or the shards and split
+    origin: str  # for the scores file: "images <folder>" or "shards <identity>"
+    split: str
+    total: int
+    batches: Batches
+    unreadable: list[str]
+
+
+def _inputs(
+    cfg: PredictConfig, predictor: Predictor, workers: int, device: torch.device, dtype: torch.dtype
+) -> Inputs:
+    """The images of `--images DIR` (every file checked first) or of one split of `--shards`."""
+    if cfg.images:
+        if is_shard_folder(cfg.images):
+            raise UserError(
+                f"--images {cfg.images} is a shards folder (it holds {MANIFEST}): read it with "
+                f"--shards {cfg.images} --split test (or --split val)"
+            )
+        files, bad = check_image_folder(cfg.images, workers)
+        if bad and cfg.unreadable == "fail":
+            raise UserError(bad_files_message(cfg.images, bad))
+        good = [f for f in files if f not in bad]
+        origin = f"images {Path(cfg.images).resolve()}"
+        batches = image_batches(good, predictor, cfg, workers, device, dtype)
+        return Inputs(cfg.images, origin, "images", len(good), batches, [f.stem for f in bad])
+    assert cfg.shards is not None  # the config holds exactly one of --images and --shards
+    origin = f"shards {shards_identity(read_manifest(cfg.shards))}"
+    total, batches = shard_batches(cfg, predictor, workers, device, dtype)
+    return Inputs(f"{cfg.shards} ({cfg.split} split)", origin, cfg.split, total, batches, [])
+
+
+def _other_shards(cfg: PredictConfig, predictor: Predictor) -> str:
+    """Refuse a labelled split of shards the model was not trained on (a re-pack: its val images may
+    have been trained on), unless --allow-other-shards; the warning to record then, else ""."""
+    if cfg.shards is None or cfg.split == "test":
+        return ""  # test images were never trained on, whatever the train/val split
+    trained = Trained(predictor.trained_on, predictor.trained_split)
+    note = check_trained_on(
+        trained, cfg.shards, read_manifest(cfg.shards), what=str(cfg.checkpoint), allow=cfg.allow_other_shards
+    )
+    return note or ""
+
+
 def run(cfg: PredictConfig) -> int:
     """Check the inputs, predict, threshold, write the JSON atomically, read it back and check it."""
     print_config(cfg)
@@ -273,25 +322,19 @@ def run(cfg: PredictConfig) -> int:
     dtype = amp_dtype or torch.float32
     predictor = load_predictor(cfg.checkpoint, device)
     console.print(literal(predictor.describe(cfg.checkpoint)))
+    other_shards = _other_shards(cfg, predictor)
+    if other_shards:
+        console.print(f"[bold yellow]warning:[/] {literal(other_shards)}")
     thresholds, threshold_source = _thresholds(cfg, predictor)
     workers = usable_cores() if cfg.workers is None else cfg.workers
-    unreadable: list[str] = []
-    if cfg.images:
-        files, bad = check_image_folder(cfg.images, workers)
-        if bad and cfg.unreadable == "fail":
-            raise UserError(bad_files_message(cfg.images, bad))
-        good = [f for f in files if f not in bad]
-        unreadable = [f.stem for f in bad]
-        source, origin, split = cfg.images, f"images {Path(cfg.images).resolve()}", "images"
-        total, batches = len(good), image_batches(good, predictor, cfg, workers, device, dtype)
-    else:
-        source, split = f"{cfg.shards} ({cfg.split} split)", cfg.split
-        origin = f"shards {shards_identity(read_manifest(cfg.shards))}"
-        total, batches = shard_batches(cfg, predictor, workers, device, dtype)
+    inputs = _inputs(cfg, predictor, workers, device, dtype)
+    unreadable = inputs.unreadable
     start = time.perf_counter()
-    keys, scores = predict_scores(predictor, batches, total=total, amp_dtype=amp_dtype, tta=cfg.tta)
+    keys, scores = predict_scores(
+        predictor, inputs.batches, total=inputs.total, amp_dtype=amp_dtype, tta=cfg.tta
+    )
     elapsed = time.perf_counter() - start
-    _check_keys(keys, total, source)
+    _check_keys(keys, inputs.total, inputs.source)
     if unreadable:  # the prior: the most frequent training class, and nothing else, for each
         prior = np.full((len(unreadable), NUM_CLASSES), 0.0, np.float32)
         prior[:, predictor.prior_class] = 1.0
@@ -311,9 +354,12 @@ def run(cfg: PredictConfig) -> int:
                 cfg.tta,
                 str(cfg.checkpoint),
                 file_sha256(cfg.checkpoint),
-                origin,
-                split,
+                inputs.origin,
+                inputs.split,
                 unreadable,
+                trained_on=predictor.trained_on or "",
+                trained_split=predictor.trained_split,
+                other_shards=other_shards,
             ),
         )
     filled = int((predictions_from_scores(scores, thresholds).sum(axis=1) < cfg.min_labels).sum())
@@ -322,8 +368,8 @@ def run(cfg: PredictConfig) -> int:
         f"[green]wrote[/] {literal(cfg.out)}: {len(keys)} images, {labels / max(len(keys), 1):.2f} classes "
         "per image "
         f"({filled} topped up to --min-labels {cfg.min_labels}); {predictor.weights} weights, "
-        f"{literal(threshold_source)}{', TTA' if cfg.tta else ''}; {total / max(elapsed, 1e-9):.0f} images/s "
-        f"on {device}"
+        f"{literal(threshold_source)}{', TTA' if cfg.tta else ''}; "
+        f"{inputs.total / max(elapsed, 1e-9):.0f} images/s on {device}"
     )
     if unreadable:
         console.print(

@@ -24,11 +24,24 @@ from rich.text import Text
 from cocoshard.config import ThresholdsConfig
 from cocoshard.console import literal, stdout_console
 from cocoshard.errors import UserError
+from cocoshard.prepare.manifest import read_manifest
 from cocoshard.pure import decision, metrics, threshold_tuning
-from cocoshard.scoring.ground_truth import class_names_of, load_labels
-from cocoshard.scoring.scores import read_scores
+from cocoshard.scoring.ground_truth import class_names_of, is_shard_folder, load_labels
+from cocoshard.scoring.same_shards import Trained, check_trained_on
+from cocoshard.scoring.scores import Scores, read_scores
 from cocoshard.scoring.threshold_files import write_thresholds_file
 from cocoshard.settings import print_config
+
+
+def _other_shards(cfg: ThresholdsConfig, found: Scores) -> str:
+    """Refuse to tune on the val split of shards the model was not trained on (a re-pack: images it
+    learned from would pull the thresholds), unless --allow-other-shards; the warning then, else ""."""
+    if not is_shard_folder(cfg.labels):
+        return ""
+    trained = Trained(found.trained_on, found.trained_split)
+    what = f"the model that made {cfg.scores}"
+    manifest = read_manifest(cfg.labels)
+    return check_trained_on(trained, cfg.labels, manifest, what=what, allow=cfg.allow_other_shards) or ""
 
 
 def run(cfg: ThresholdsConfig) -> int:
@@ -42,6 +55,7 @@ def run(cfg: ThresholdsConfig) -> int:
             f"{cfg.scores}: {len(unlabelled)} scored images have no labels in {cfg.labels} (e.g. "
             f"{unlabelled[0]!r}): tune on the scores of the split the labels describe (predict --split val)"
         )
+    other_shards = _other_shards(cfg, found)
     truth = np.stack([labels[key] for key in found.keys])
     tuned = threshold_tuning.tune_thresholds(
         found.scores, truth, default=cfg.default, min_positives=cfg.min_positives
@@ -75,6 +89,7 @@ def run(cfg: ThresholdsConfig) -> int:
         kept_default=kept,
         server_f1_tuned=figures["tuned (on these same images)"],
         heldout_gain=holdout["gain"],
+        **({"other_shards": other_shards} if other_shards else {}),
     )
     console = stdout_console()
     table = Table(
@@ -94,6 +109,8 @@ def run(cfg: ThresholdsConfig) -> int:
                 f"here: {shown}{' ...' if len(kept) > 12 else ''}"
             )
         )
+    if other_shards:
+        console.print(f"[bold yellow]warning:[/] {literal(other_shards)}")
     console.print(
         f"[green]wrote[/] {literal(cfg.out)}: use it with cocoshard predict --thresholds {literal(cfg.out)}"
     )
