@@ -21,6 +21,10 @@ from cocoshard.settings import Validated, flag, fraction, non_negative, opt, pos
 
 WORKERS_HELP = "worker processes (unset: automatic; 0: in this process)"
 RESUME_LAST = "auto"  # `--resume` without a path: OUT/last.pt
+# the help groups of `cocoshard train --help`, in the order they are shown
+DATA, MODEL, OPTIMISATION, LOSS = "data and outputs", "model", "optimisation", "loss"
+AVERAGING, INPUT, SPEED = "weight average", "input and augmentation", "speed"
+LOADING, RUN = "loading and device", "run control"
 # predict's --min-labels default: the top-up every score training reports is computed with too
 MIN_LABELS = 1
 
@@ -110,76 +114,107 @@ class InspectConfig(Validated):
 class TrainConfig(Validated):
     """Train a classifier on packed shards: AMP, channels_last, tuned thresholds, resume, DDP."""
 
-    shards: str = opt("shards", "folder (or URL prefix) holding manifest.json and the shards")
-    out: str = opt("runs/train", "run folder: config, metrics.jsonl, last.pt, best.pt, thresholds.json")
+    shards: str = opt("shards", "folder (or URL prefix) holding manifest.json and the shards", group=DATA)
+    out: str = opt(
+        "runs/train", "run folder: config, metrics.jsonl, last.pt, best.pt, thresholds.json", group=DATA
+    )
     model: str = opt(
         "maxvit_t",
         "torchvision classification model name (resnet18, resnet50, efficientnet_b0, convnext_tiny, "
         "maxvit_t, ...) or cocoshard_tiny",
+        group=MODEL,
     )
-    weights: str = opt("imagenet", "imagenet (torchvision's cache), none, or PATH to a local state dict")
-    epochs: int = opt(12, "epochs in total, head-only warm-up included")
-    batch_size: int = opt(128, "images per step on each process")
-    lr: float = opt(1e-3, "peak learning rate of the head; the backbone gets lr * --backbone-lr-mult")
+    weights: str = opt(
+        "imagenet", "imagenet (torchvision's cache), none, or PATH to a local state dict", group=MODEL
+    )
+    epochs: int = opt(12, "epochs in total, head-only warm-up included", group=OPTIMISATION)
+    batch_size: int = opt(128, "images per step on each process", group=OPTIMISATION)
+    lr: float = opt(
+        1e-3, "peak learning rate of the head; the backbone gets lr * --backbone-lr-mult", group=OPTIMISATION
+    )
     backbone_lr_mult: float | None = opt(
         None,
         "backbone learning rate as a fraction of --lr (default: 0.1 with pretrained weights, 1 from scratch)",
+        group=OPTIMISATION,
     )
-    weight_decay: float = opt(0.05, "AdamW weight decay (never on norms and biases)")
+    weight_decay: float = opt(0.05, "AdamW weight decay (never on norms and biases)", group=OPTIMISATION)
     freeze_epochs: int | None = opt(
         None,
         "epochs with the backbone frozen, head-only warm-up (default: 1 with pretrained weights, 0 from "
         "scratch)",
+        group=OPTIMISATION,
     )
     warmup_epochs: float = opt(
-        1.0, "linear learning-rate warm-up (the backbone's starts when it is unfrozen)"
+        1.0,
+        "linear learning-rate warm-up (the backbone's starts when it is unfrozen)",
+        group=OPTIMISATION,
     )
     schedule: Literal["cosine", "onecycle"] = opt(
-        "cosine", "learning-rate schedule: warm-up + cosine, or one-cycle"
+        "cosine",
+        "learning-rate schedule: warm-up + cosine, or one-cycle",
+        group=OPTIMISATION,
     )
-    loss: Literal["asl", "bce"] = opt("asl", "asymmetric loss (multi-label, long tail) or plain BCE")
-    asl_gamma_neg: float = opt(4.0, "ASL focusing on negatives")
-    asl_gamma_pos: float = opt(0.0, "ASL focusing on positives")
-    asl_clip: float = opt(0.05, "ASL probability margin for negatives")
-    ema: bool = opt(True, "keep an exponential moving average of the weights and evaluate it too")
-    ema_decay: float = opt(0.999, "EMA decay per step")
-    size: int = opt(224, "training resolution (square)")
+    loss: Literal["asl", "bce"] = opt(
+        "asl", "asymmetric loss (multi-label, long tail) or plain BCE", group=LOSS
+    )
+    asl_gamma_neg: float = opt(4.0, "ASL focusing on negatives", group=LOSS)
+    asl_gamma_pos: float = opt(0.0, "ASL focusing on positives", group=LOSS)
+    asl_clip: float = opt(0.05, "ASL probability margin for negatives", group=LOSS)
+    ema: bool = opt(
+        True, "keep an exponential moving average of the weights and evaluate it too", group=AVERAGING
+    )
+    ema_decay: float = opt(0.999, "EMA decay per step", group=AVERAGING)
+    size: int = opt(224, "training resolution (square)", group=INPUT)
     crop_scale_min: float = opt(
-        0.35, "smallest crop area of the random resized crop (a fraction of the image)"
+        0.35,
+        "smallest crop area of the random resized crop (a fraction of the image)",
+        group=INPUT,
     )
-    amp: bool = opt(True, "mixed precision (bf16 where supported, else fp16 + GradScaler; bf16 on a CPU)")
-    amp_dtype: Literal["auto", "bf16", "fp16"] = opt("auto", "AMP dtype")
-    channels_last: bool = opt(True, "channels_last memory format for model and inputs")
-    compile: bool = opt(False, "torch.compile the model")
+    amp: bool = opt(
+        True, "mixed precision (bf16 where supported, else fp16 + GradScaler; bf16 on a CPU)", group=SPEED
+    )
+    amp_dtype: Literal["auto", "bf16", "fp16"] = opt("auto", "AMP dtype", group=SPEED)
+    channels_last: bool = opt(True, "channels_last memory format for model and inputs", group=SPEED)
+    compile: bool = opt(False, "torch.compile the model", group=SPEED)
     loader: Literal["stream", "resident"] = opt(
-        "stream", "stream shards with workers, or hold the split in memory"
+        "stream",
+        "stream shards with workers, or hold the split in memory",
+        group=LOADING,
     )
     decode: Literal["host", "device"] = opt(
         "host",
         "JPEG shards: decode in the loader (host) or send the bytes and decode each batch on the device "
         "(nvJPEG on a GPU)",
+        group=LOADING,
     )
     workers: int | None = opt(
         None,
         "loader processes per rank (unset: automatic, cores / ranks on a GPU, 0 on a CPU; 0: in the training "
         "process)",
+        group=LOADING,
     )
     threads: int | None = opt(
         None,
         "CPU threads of the training process (unset: automatic, from the cores this process may use and its "
         "loader workers)",
+        group=LOADING,
     )
-    device: Literal["auto", "cpu", "cuda"] = opt("auto", "where to train")
-    seed: int = opt(0, "seed of initialisation, shuffling and augmentation")
+    device: Literal["auto", "cpu", "cuda"] = opt("auto", "where to train", group=LOADING)
+    seed: int = opt(0, "seed of initialisation, shuffling and augmentation", group=RUN)
     resume: str | None = opt(
         None,
         "continue a run: --resume alone continues OUT/last.pt, --resume PATH/last.pt that one; the run's own "
         "settings are used",
         const=RESUME_LAST,
+        group=RUN,
     )
-    skip_bad_samples: bool = opt(False, "skip (and count) samples that fail to decode instead of stopping")
-    max_steps: int = opt(0, "stop after this many optimizer steps in total (0: no limit; for smoke tests)")
-    log_every: int = opt(20, "steps between progress updates that sync the device")
+    skip_bad_samples: bool = opt(
+        False, "skip (and count) samples that fail to decode instead of stopping", group=RUN
+    )
+    max_steps: int = opt(
+        0, "stop after this many optimizer steps in total (0: no limit; for smoke tests)", group=RUN
+    )
+    log_every: int = opt(20, "steps between progress updates that sync the device", group=RUN)
     # The settings given on the command line or in --config (not defaults): --resume keeps the
     # run's own settings and lets only these change it.
     given: frozenset = field(default=frozenset(), repr=False, compare=False, metadata={"internal": True})
