@@ -252,6 +252,12 @@ class TrainConfig(Validated):
 
     def resolved(self) -> TrainConfig:
         """A copy with the automatic settings that depend only on other settings filled in."""
+        if self.freeze_epochs is None and self.pretrained and self.epochs < 2:
+            raise ConfigError(
+                f"--epochs {self.epochs} leaves no epoch to fine-tune: with pretrained weights (--weights "
+                f"{self.weights}) --freeze-epochs defaults to 1, a head-only warm-up epoch first. Give "
+                f"--epochs 2 or more, or --freeze-epochs 0 to fine-tune every layer from the first epoch"
+            )
         return dataclasses.replace(
             self,
             freeze_epochs=self.freeze_epochs

@@ -121,3 +121,12 @@ def test_a_file_holds_a_section_per_command_and_shares_its_top_level_settings(tm
         ConfigError, match="unknown setting 'shard' .* for any command: did you mean 'shards'"
     ):
         resolve(config.TrainConfig, {}, str(path), command="train", commands=every)
+
+
+def test_one_epoch_on_pretrained_weights_names_the_freeze_epochs_default() -> None:
+    cfg = resolve(config.TrainConfig, {"weights": "some.pt", "epochs": 1})
+    with pytest.raises(
+        ConfigError, match="--freeze-epochs defaults to 1.*--epochs 2 or more, or --freeze-epochs 0"
+    ):
+        cfg.resolved()
+    assert resolve(config.TrainConfig, {"weights": "x.pt", "epochs": 1, "freeze_epochs": 0}).resolved()

@@ -169,6 +169,9 @@ def check_file(cfg: EvaluateConfig, labels: dict[str, np.ndarray] | None) -> tup
     try:
         submission = validate_submission(raw, expected=expected, allowed=allowed, source=cfg.predictions)
     except UserError as exc:
+        hint = _wrong_images_hint(cfg, raw, labels)
+        if hint:
+            raise UserError(f"{hint}\n{exc}") from None
         if labels is not None and not cfg.subset and "missing image" in str(exc):
             raise UserError(
                 f"{exc}\n(the labels in {cfg.labels} cover {len(labels)} images and a submission covers "
@@ -176,6 +179,26 @@ def check_file(cfg: EvaluateConfig, labels: dict[str, np.ndarray] | None) -> tup
             ) from None
         raise
     return submission, unsorted_entries(raw)
+
+
+def _wrong_images_hint(cfg: EvaluateConfig, raw: Any, labels: dict[str, np.ndarray] | None) -> str:
+    """When none of the file's images is labelled: whose images they are and how to predict the
+    labelled ones (the usual slip is predicting the default --split test and scoring it on val)."""
+    if labels is None or not isinstance(raw, dict) or not raw or any(key in labels for key in raw):
+        return ""
+    keys = set(raw)
+    if is_shard_folder(cfg.labels):
+        for split in ("test", "train"):
+            if keys <= set(image_keys(cfg.labels, split)):
+                return (
+                    f"{cfg.predictions} holds the {split} split's images ({len(keys)} of them), and "
+                    f"--labels {cfg.labels} scores its val split ({len(labels)} images): predict them "
+                    f"with cocoshard predict ... --shards {cfg.labels} --split val"
+                )
+    return (
+        f"none of the {len(keys)} images in {cfg.predictions} has labels in {cfg.labels}: predictions "
+        f"of the test images cannot be scored; predict the labelled images (predict --split val)"
+    )
 
 
 @dataclass(frozen=True)

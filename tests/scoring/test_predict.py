@@ -209,6 +209,18 @@ def test_a_corrupt_image_is_named(tmp_path, coco_sample, checkpoint) -> None:
     assert not (tmp_path / "p.json").exists()
 
 
+def test_an_images_folder_one_level_short_or_a_shards_folder_names_the_flag_to_give(
+    tmp_path, coco_sample, checkpoint, sample_shards_jpeg
+) -> None:
+    short = coco_sample / TEST_IMAGES.parent  # the zip doubles its folder names
+    with pytest.raises(
+        UserError, match=f"its folder test-resized holds 32: give --images {short / 'test-resized'}"
+    ):
+        predict.run(predict_cfg(checkpoint=str(checkpoint), images=str(short), out=str(tmp_path / "p.json")))
+    with pytest.raises(UserError, match=f"is a shards folder .*: read it with --shards {sample_shards_jpeg}"):
+        predict.run(predict_cfg(checkpoint=str(checkpoint), images=str(sample_shards_jpeg)))
+
+
 def test_bad_inputs_are_user_errors(tmp_path, checkpoint, capsys) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()
