@@ -263,25 +263,31 @@ def from_dict(cls: type[C], data: dict[str, Any], source: str = "settings") -> C
 
 
 def print_config(cfg: Any, console: Any = None, extra: dict[str, Any] | None = None) -> None:
-    """Print the resolved configuration once (and `extra`: what a run resolved at start), two per row."""
+    """Print the resolved configuration once (and `extra`: what a run resolved at start), two
+    settings per row where the console is wide enough, one where it is narrow (80 columns)."""
     from rich.console import Console
     from rich.table import Table
     from rich.text import Text
 
+    console = console or Console(stderr=True)
     items = [*to_dict(cfg).items(), *(extra or {}).items()]
+    per_row = 2 if console.width >= 110 else 1
     table = Table(
-        title=type(cfg).__name__.removesuffix("Config").lower() + " settings",
+        title=command_name(type(cfg)) + " settings",
         title_justify="left",
         show_header=False,
         box=None,
         pad_edge=False,
     )
-    for _ in range(2):
+    for _ in range(per_row):
         table.add_column(style="cyan", no_wrap=True)
         table.add_column(overflow="fold")
-    half = (len(items) + 1) // 2
-    for left, right in zip(items[:half], items[half:] + [("", "")], strict=False):
-        table.add_row(
-            Text(left[0]), Text(repr(left[1])), Text(right[0]), Text(repr(right[1]) if right[0] else "")
-        )
-    (console or Console(stderr=True)).print(table)
+    rows = (len(items) + per_row - 1) // per_row
+    columns = [items[i * rows : (i + 1) * rows] for i in range(per_row)]
+    for row in range(rows):
+        cells: list[Text] = []
+        for column in columns:
+            key, value = column[row] if row < len(column) else ("", "")
+            cells += [Text(key), Text(repr(value) if key else "")]
+        table.add_row(*cells)
+    console.print(table)

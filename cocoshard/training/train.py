@@ -17,7 +17,9 @@ except every `--log-every` steps, to show progress.
 from __future__ import annotations
 
 import contextlib
+import os
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -42,7 +44,7 @@ from cocoshard.training.checkpoint import (
 from cocoshard.training.model import set_train_mode
 from cocoshard.training.optim import BACKBONE, HEAD
 from cocoshard.training.resume import settings_to_run
-from cocoshard.training.runlog import CONFIG_FILE, METRICS_LOG, THRESHOLDS_FILE, RunLog
+from cocoshard.training.runlog import RunLog, remove_failed_start
 from cocoshard.training.runtime import (
     all_reduce_sum,
     barrier,
@@ -68,6 +70,7 @@ class OnlineMetrics:
         self.images = 0
         self.predicted: list[torch.Tensor] = []
         self.labels: list[torch.Tensor] = []
+        self._read = (0.0, 0)  # loss sum and images at the last `read_losses`
 
     def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
         """Count one batch (device operations only)."""
@@ -79,6 +82,12 @@ class OnlineMetrics:
     def mean_loss(self) -> float:
         """This rank's mean loss so far (waits for the device)."""
         return self.loss_sum.item() / max(self.images, 1)
+
+    def read_losses(self) -> tuple[float, float]:
+        """(this rank's mean loss so far, its mean loss since the last call): one wait for the device."""
+        total, (before, images_before) = self.loss_sum.item(), self._read
+        self._read = (total, self.images)
+        return total / max(self.images, 1), (total - before) / max(self.images - images_before, 1)
 
     def summary(self, is_main: bool) -> dict[str, float]:
         """Loss and headline metrics over every rank (collective: call on all ranks)."""
@@ -159,7 +168,9 @@ def train_one_epoch(tr: Trainer, epoch: int) -> dict[str, Any]:
             train_step(tr, batch, meter)
             index += 1
             if index % cfg.log_every == 0 or index == steps:
-                progress.update(index, meter.mean_loss(), head_lr(tr))
+                mean, recent = meter.read_losses()  # the one wait for the device, every --log-every steps
+                progress.update(index, mean, head_lr(tr))
+                tr.log.log_step(tr.step, recent, head_lr(tr))
     finally:
         progress.close()
     if runtime.device.type == "cuda":
@@ -344,44 +355,28 @@ def fit(tr: Trainer) -> None:
             break
 
 
-def summary_lines(tr: Trainer, seconds: float) -> list[str]:
-    """What a finished run says: time, the best epoch and its scores, the files written, the next command."""
-    best = tr.out / BEST
-    lines = [
-        f"trained {tr.epoch} epoch(s) in {seconds / 60:.1f} min; best epoch {tr.best_epoch}: server F1 "
-        f"{tr.best_score:.4f} with tuned thresholds (on the val split they were tuned on)"
-    ]
-    lines += [
-        f"  {name:<16}{tr.out / file}"
-        for name, file in (
-            ("best checkpoint", BEST),
-            ("last checkpoint", LAST),
-            ("thresholds", THRESHOLDS_FILE),
-            ("metrics per epoch", METRICS_LOG),
-            ("settings", CONFIG_FILE),
-        )
-    ]
-    lines.append("next: predict the test images and check the submission:")
-    lines.append(
-        f"  cocoshard predict --checkpoint {best} --shards {tr.cfg.shards} --split test --out "
-        "predictions.json"
+def batches_note(tr: Trainer) -> str | None:
+    """What an epoch leaves out: the images of the last partial batch (said once, at the start)."""
+    per_step = tr.cfg.batch_size * tr.runtime.world_size
+    images = tr.train_loader.split_samples
+    left = images - tr.steps_per_epoch * per_step
+    if left <= 0:
+        return None
+    return (
+        f"{images} train images in batches of {per_step}: {tr.steps_per_epoch} steps per epoch, each "
+        f"leaving out {left} images (the last partial batch; the shuffle picks other ones every epoch)"
     )
-    lines.append(f"  cocoshard evaluate --predictions predictions.json --images {tr.cfg.shards}")
-    return lines
 
 
-def interrupted_lines(tr: Trainer) -> list[str]:
-    """What a run stopped by Ctrl-C or SIGTERM says: what is kept and how to go on."""
-    if tr.epoch == 0 or not (tr.out / LAST).is_file():
-        return [
-            f"stopped during epoch {tr.epoch + 1}: no epoch was complete, nothing to resume; start again "
-            "with "
-            f"the same command"
-        ]
-    return [
-        f"stopped during epoch {tr.epoch + 1}: {tr.out / LAST} holds epoch {tr.epoch} of {tr.cfg.epochs}",
-        f"  resume with: cocoshard train --out {tr.out} --resume",
-    ]
+def summarise(tr: Trainer, first_epoch: int, seconds: float) -> None:
+    """What a finished run says (`RunLog.summary`): this invocation's epochs and time, the best
+    epoch, the files written, the commands to run next."""
+    tr.log.summary(first_epoch, tr.epoch, tr.cfg.epochs, seconds, tr.best_epoch, tr.best_score, tr.cfg.shards)
+
+
+def interrupted(tr: Trainer) -> None:
+    """What a run stopped by Ctrl-C, SIGTERM or SIGHUP says: what is kept and how to go on."""
+    tr.log.stopped(tr.epoch, tr.cfg.epochs, resumable=tr.epoch > 0 and (tr.out / LAST).is_file())
 
 
 def run(cfg: TrainConfig) -> int:
@@ -389,7 +384,9 @@ def run(cfg: TrainConfig) -> int:
     cfg, resumed, resumed_from = settings_to_run(cfg)
     runtime = setup(cfg.device, cfg.amp, cfg.amp_dtype)
     log = RunLog(cfg.out, enabled=runtime.is_main)
-    tr = None
+    out = Path(cfg.out)
+    before = set(os.listdir(out)) if out.is_dir() else None
+    tr, completed = None, False
     started = time.perf_counter()
     with contextlib.ExitStack() as stack:
         try:
@@ -405,19 +402,25 @@ def run(cfg: TrainConfig) -> int:
                     f"{tr.out / LAST} already completed {tr.epoch} of {tr.cfg.epochs} epochs: nothing to do "
                     f"(give --epochs more than {tr.epoch} with --resume to train on)"
                 )
+                completed = True
                 return 0
+            first_epoch = tr.epoch
+            note = batches_note(tr)
+            if note:
+                log.note(note)
             fit(tr)
-            for line in summary_lines(tr, time.perf_counter() - started):
-                log.note(line)
+            summarise(tr, first_epoch, time.perf_counter() - started)
+            completed = True
             return 0
         except KeyboardInterrupt:
             if tr is not None:
-                for line in interrupted_lines(tr):
-                    log.note(line)
+                interrupted(tr)
             raise
         finally:
             if tr is not None:
                 for loader in (tr.train_loader, tr.val_loader):
                     loader.close()  # stop worker processes now rather than at garbage collection
             log.close()
+            if not completed and resumed is None and runtime.is_main:
+                remove_failed_start(out, before)  # a run that completed no epoch leaves nothing
             cleanup()

@@ -38,7 +38,7 @@ from cocoshard.prepare.manifest import (
     shards_identity,
     split_record,
 )
-from cocoshard.settings import print_config, to_dict
+from cocoshard.settings import to_dict
 from cocoshard.training.checkpoint import BEST, LAST, versions
 from cocoshard.training.loss import build_loss
 from cocoshard.training.model import (
@@ -331,9 +331,7 @@ def build_trainer(
     torch.set_num_threads(threads)
     cfg = resolved_settings(cfg, runtime, workers, threads)
     if runtime.is_main:
-        facts = run_facts(cfg, runtime, identity, busy)
-        print_config(cfg, log.console, extra={k: v for k, v in facts.items() if k != "versions"})
-        log.save_config(to_dict(cfg), facts)
+        log.start(cfg, run_facts(cfg, runtime, identity, busy))  # train.log, the settings once, config.json
     seed_everything(cfg.seed)
     model = build_model(cfg.model, cfg.weights, class_prior=class_prior(manifest))
     check_input_size(model, cfg.size, cfg.model)

@@ -17,6 +17,7 @@ import torch
 from cocoshard import NUM_CLASSES, cli, config
 from cocoshard.settings import resolve
 from cocoshard.training.checkpoint import BEST, LAST, load_checkpoint
+from cocoshard.training.model import build_model
 from cocoshard.training.runlog import (
     CONFIG_FILE,
     TENSORBOARD_DIR,
@@ -133,9 +134,33 @@ def test_best_pt_holds_what_predict_needs_and_last_pt_what_resume_needs(
         "val_fraction": 0.2,
     }
     assert (run / BEST).stat().st_size < (run / LAST).stat().st_size / 2
-    capsys.readouterr()
+    said = " ".join(capsys.readouterr().err.split())
+    assert said.count("leaving out 8 images (the last partial batch") == 1  # 88 images, batches of 16
+    assert f"tensorboard --logdir {run / TENSORBOARD_DIR}" in said and "epoch 1/1 val server F1" in said
+    assert "val model" in (run / "train.log").read_text()  # the full table is in the log, not on screen
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / TENSORBOARD_DIR))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/step_loss")] == [2, 4, 5]  # at --log-every 2 only
+    assert not {"epoch", "epochs", "step", "best_epoch", "val/model/images"} & set(events.Tags()["scalars"])
     assert train("--resume", str(run / BEST), "--epochs", "2") == 2
     assert f"--resume {run / LAST}" in error_text(capsys)
+
+
+def test_a_failed_start_leaves_no_run_folder(sample_shards_jpeg: Path, tmp_path: Path, capsys) -> None:
+    """Refused after its folder was locked and its settings written: nothing of it is left."""
+    weights = tmp_path / "tiny.pt"
+    torch.save(build_model("cocoshard_tiny").state_dict(), weights)
+    run = tmp_path / "run"
+    flags = ["--shards", str(sample_shards_jpeg), "--epochs", "2", *TINY, "--model", "resnet18"]
+    assert train(*flags, "--out", str(run), "--weights", str(weights)) == 2
+    assert "weights of another architecture" in error_text(capsys) and not run.exists()
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "notes.txt").write_text("mine")
+    assert train(*flags, "--out", str(kept), "--weights", str(weights)) == 2
+    assert [p.name for p in kept.iterdir()] == ["notes.txt"]
 
 
 def test_local_weights_file_with_an_imagenet_head(sample_shards_jpeg: Path, tmp_path: Path) -> None:
