@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -88,3 +90,25 @@ def test_sighup_ends_a_command_like_sigterm(monkeypatch, capsys) -> None:
         signal.signal(signal.SIGHUP, previous)
     assert "interrupted by SIGHUP" in capsys.readouterr().err
     assert signal.getsignal(signal.SIGHUP) is previous  # put back once the command ends
+
+
+def test_a_plain_editable_install_puts_the_clone_on_sys_path(tmp_path) -> None:
+    """`pip install -e .` without editable_mode=compat: the clone's folder goes on sys.path (a static
+    .pth), so the package is found before a folder named cocoshard in the current directory."""
+    clone = tmp_path / "cocoshard"
+    clone.mkdir()
+    shutil.copy(REPO / "pyproject.toml", clone)
+    shutil.copy(REPO / "README.md", clone)
+    shutil.copytree(REPO / "cocoshard", clone / "cocoshard", ignore=shutil.ignore_patterns("__pycache__"))
+    build = "from setuptools import build_meta; print(build_meta.build_editable(r'%s'))" % (
+        tmp_path / "wheel"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", build], cwd=clone, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    with zipfile.ZipFile(tmp_path / "wheel" / done.stdout.strip().splitlines()[-1]) as wheel:
+        names = wheel.namelist()
+        paths = [wheel.read(name).decode().split() for name in names if name.endswith(".pth")]
+    assert not [name for name in names if name.endswith("_finder.py")], names  # no import hook
+    assert paths == [[str(clone)]], paths
