@@ -385,18 +385,20 @@ def run(cfg: TrainConfig) -> int:
     runtime = setup(cfg.device, cfg.amp, cfg.amp_dtype)
     log = RunLog(cfg.out, enabled=runtime.is_main)
     out = Path(cfg.out)
-    before = set(os.listdir(out)) if out.is_dir() else None
     tr, completed = None, False
+    before: list[set[str] | None] = []  # the folder's entries when this run took its lock
     started = time.perf_counter()
     with contextlib.ExitStack() as stack:
         try:
             # one writer per run folder: a second train into it is refused at once
-            lock = (
-                (lambda: stack.enter_context(folder_lock(cfg.out, "cocoshard train")))
-                if runtime.is_main
-                else None
+            def lock() -> None:
+                listing = set(os.listdir(out)) if out.is_dir() else None  # what is not this run's
+                stack.enter_context(folder_lock(cfg.out, "cocoshard train"))
+                before.append(listing)  # locked: from here on, a failed start cleans up after itself
+
+            tr = build_trainer(
+                cfg, runtime, log, resumed, resumed_from, lock=lock if runtime.is_main else None
             )
-            tr = build_trainer(cfg, runtime, log, resumed, resumed_from, lock=lock)
             if tr.epoch >= tr.cfg.epochs:
                 log.note(
                     f"{tr.out / LAST} already completed {tr.epoch} of {tr.cfg.epochs} epochs: nothing to do "
@@ -421,6 +423,6 @@ def run(cfg: TrainConfig) -> int:
                 for loader in (tr.train_loader, tr.val_loader):
                     loader.close()  # stop worker processes now rather than at garbage collection
             log.close()
-            if not completed and resumed is None and runtime.is_main:
-                remove_failed_start(out, before)  # a run that completed no epoch leaves nothing
+            if not completed and resumed is None and runtime.is_main and before:
+                remove_failed_start(out, before[0])  # a run that completed no epoch leaves nothing
             cleanup()

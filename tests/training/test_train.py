@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from cocoshard import NUM_CLASSES, cli, config
+from cocoshard.folder_lock import folder_lock
 from cocoshard.settings import resolve
 from cocoshard.training.checkpoint import BEST, LAST, load_checkpoint
 from cocoshard.training.model import build_model
@@ -161,6 +162,12 @@ def test_a_failed_start_leaves_no_run_folder(sample_shards_jpeg: Path, tmp_path:
     (kept / "notes.txt").write_text("mine")
     assert train(*flags, "--out", str(kept), "--weights", str(weights)) == 2
     assert [p.name for p in kept.iterdir()] == ["notes.txt"]
+    busy = tmp_path / "busy"  # another run holds it: refused, and its files are not this run's to clean
+    with folder_lock(busy, "cocoshard train"):
+        (busy / "config.json").write_text("{}")
+        assert train(*flags, "--out", str(busy), "--weights", "none") == 2
+        assert "is being written by another cocoshard command" in error_text(capsys)
+        assert sorted(p.name for p in busy.iterdir()) == [".cocoshard.lock", "config.json"]
 
 
 def test_local_weights_file_with_an_imagenet_head(sample_shards_jpeg: Path, tmp_path: Path) -> None:
