@@ -32,6 +32,12 @@ CONNECT_HELP = "seconds to connect to the server of a URL"
 STALL_HELP = "seconds a read from a URL may receive nothing before it fails (a stalled server)"
 RETRIES_HELP = "further tries of a URL read that failed in a way that may pass (waiting 1, 2, 4, ... s)"
 RESUME_LAST = "auto"  # `--resume` without a path: OUT/last.pt
+# the help groups of `cocoshard train --help`, in the order they are shown
+DATA, MODEL, OPTIMISATION, LOSS = "data and outputs", "model", "optimisation", "loss"
+AVERAGING, INPUT, SPEED = "weight average", "input and augmentation", "speed"
+LOADING, RUN = "loading and device", "run control"
+# predict's --min-labels default: the top-up every score training reports is computed with too
+MIN_LABELS = 1
 
 
 def check_remote_settings(cfg: Any) -> None:
@@ -133,81 +139,112 @@ class InspectConfig(Validated):
 class TrainConfig(Validated):
     """Train a classifier on packed shards: AMP, channels_last, tuned thresholds, resume, DDP."""
 
-    shards: str = opt("shards", "folder (or URL prefix) holding manifest.json and the shards")
-    cache: str | None = opt(None, CACHE_HELP)
-    cache_size: float | None = opt(None, CACHE_SIZE_HELP)
-    connect_timeout: float = opt(10.0, CONNECT_HELP)
-    stall_timeout: float = opt(60.0, STALL_HELP)
-    retries: int = opt(3, RETRIES_HELP)
-    out: str = opt("runs/train", "run folder: config, metrics.jsonl, last.pt, best.pt, thresholds.json")
+    shards: str = opt("shards", "folder (or URL prefix) holding manifest.json and the shards", group=DATA)
+    cache: str | None = opt(None, CACHE_HELP, group=DATA)
+    cache_size: float | None = opt(None, CACHE_SIZE_HELP, group=DATA)
+    connect_timeout: float = opt(10.0, CONNECT_HELP, group=DATA)
+    stall_timeout: float = opt(60.0, STALL_HELP, group=DATA)
+    retries: int = opt(3, RETRIES_HELP, group=DATA)
+    out: str = opt(
+        "runs/train", "run folder: config, metrics.jsonl, last.pt, best.pt, thresholds.json", group=DATA
+    )
     model: str = opt(
         "maxvit_t",
         "torchvision classification model name (resnet18, resnet50, efficientnet_b0, convnext_tiny, "
         "maxvit_t, ...) or cocoshard_tiny",
+        group=MODEL,
     )
-    weights: str = opt("imagenet", "imagenet (torchvision's cache), none, or PATH to a local state dict")
-    epochs: int = opt(12, "epochs in total, head-only warm-up included")
-    batch_size: int = opt(128, "images per step on each process")
-    lr: float = opt(1e-3, "peak learning rate of the head; the backbone gets lr * --backbone-lr-mult")
+    weights: str = opt(
+        "imagenet", "imagenet (torchvision's cache), none, or PATH to a local state dict", group=MODEL
+    )
+    epochs: int = opt(12, "epochs in total, head-only warm-up included", group=OPTIMISATION)
+    batch_size: int = opt(128, "images per step on each process", group=OPTIMISATION)
+    lr: float = opt(
+        1e-3, "peak learning rate of the head; the backbone gets lr * --backbone-lr-mult", group=OPTIMISATION
+    )
     backbone_lr_mult: float | None = opt(
         None,
         "backbone learning rate as a fraction of --lr (default: 0.1 with pretrained weights, 1 from scratch)",
+        group=OPTIMISATION,
     )
-    weight_decay: float = opt(0.05, "AdamW weight decay (never on norms and biases)")
+    weight_decay: float = opt(0.05, "AdamW weight decay (never on norms and biases)", group=OPTIMISATION)
     freeze_epochs: int | None = opt(
         None,
         "epochs with the backbone frozen, head-only warm-up (default: 1 with pretrained weights, 0 from "
         "scratch)",
+        group=OPTIMISATION,
     )
     warmup_epochs: float = opt(
-        1.0, "linear learning-rate warm-up (the backbone's starts when it is unfrozen)"
+        1.0,
+        "linear learning-rate warm-up (the backbone's starts when it is unfrozen)",
+        group=OPTIMISATION,
     )
     schedule: Literal["cosine", "onecycle"] = opt(
-        "cosine", "learning-rate schedule: warm-up + cosine, or one-cycle"
+        "cosine",
+        "learning-rate schedule: warm-up + cosine, or one-cycle",
+        group=OPTIMISATION,
     )
-    loss: Literal["asl", "bce"] = opt("asl", "asymmetric loss (multi-label, long tail) or plain BCE")
-    asl_gamma_neg: float = opt(4.0, "ASL focusing on negatives")
-    asl_gamma_pos: float = opt(0.0, "ASL focusing on positives")
-    asl_clip: float = opt(0.05, "ASL probability margin for negatives")
-    ema: bool = opt(True, "keep an exponential moving average of the weights and evaluate it too")
-    ema_decay: float = opt(0.999, "EMA decay per step")
-    size: int = opt(224, "training resolution (square)")
+    loss: Literal["asl", "bce"] = opt(
+        "asl", "asymmetric loss (multi-label, long tail) or plain BCE", group=LOSS
+    )
+    asl_gamma_neg: float = opt(4.0, "ASL focusing on negatives", group=LOSS)
+    asl_gamma_pos: float = opt(0.0, "ASL focusing on positives", group=LOSS)
+    asl_clip: float = opt(0.05, "ASL probability margin for negatives", group=LOSS)
+    ema: bool = opt(
+        True, "keep an exponential moving average of the weights and evaluate it too", group=AVERAGING
+    )
+    ema_decay: float = opt(0.999, "EMA decay per step", group=AVERAGING)
+    size: int = opt(224, "training resolution (square)", group=INPUT)
     crop_scale_min: float = opt(
-        0.35, "smallest crop area of the random resized crop (a fraction of the image)"
+        0.35,
+        "smallest crop area of the random resized crop (a fraction of the image)",
+        group=INPUT,
     )
-    amp: bool = opt(True, "mixed precision (bf16 where supported, else fp16 + GradScaler; bf16 on a CPU)")
-    amp_dtype: Literal["auto", "bf16", "fp16"] = opt("auto", "AMP dtype")
-    channels_last: bool = opt(True, "channels_last memory format for model and inputs")
-    compile: bool = opt(False, "torch.compile the model")
+    amp: bool = opt(
+        True, "mixed precision (bf16 where supported, else fp16 + GradScaler; bf16 on a CPU)", group=SPEED
+    )
+    amp_dtype: Literal["auto", "bf16", "fp16"] = opt("auto", "AMP dtype", group=SPEED)
+    channels_last: bool = opt(True, "channels_last memory format for model and inputs", group=SPEED)
+    compile: bool = opt(False, "torch.compile the model", group=SPEED)
     loader: Literal["stream", "resident"] = opt(
-        "stream", "stream shards with workers, or hold the split in memory"
+        "stream",
+        "stream shards with workers, or hold the split in memory",
+        group=LOADING,
     )
     decode: Literal["host", "device"] = opt(
         "host",
         "JPEG shards: decode in the loader (host) or send the bytes and decode each batch on the device "
         "(nvJPEG on a GPU)",
+        group=LOADING,
     )
     workers: int | None = opt(
         None,
         "loader processes per rank (unset: automatic, cores / ranks on a GPU, 0 on a CPU; 0: in the training "
         "process)",
+        group=LOADING,
     )
     threads: int | None = opt(
         None,
         "CPU threads of the training process (unset: automatic, from the cores this process may use and its "
         "loader workers)",
+        group=LOADING,
     )
-    device: Literal["auto", "cpu", "cuda"] = opt("auto", "where to train")
-    seed: int = opt(0, "seed of initialisation, shuffling and augmentation")
+    device: Literal["auto", "cpu", "cuda"] = opt("auto", "where to train", group=LOADING)
+    seed: int = opt(0, "seed of initialisation, shuffling and augmentation", group=RUN)
     resume: str | None = opt(
         None,
         "continue a run: --resume alone continues OUT/last.pt, --resume PATH/last.pt that one; the run's own "
         "settings are used",
         const=RESUME_LAST,
+        group=RUN,
     )
-    skip_bad_samples: bool = opt(False, "skip (and count) samples that fail to decode instead of stopping")
-    max_steps: int = opt(0, "stop after this many optimizer steps in total (0: no limit; for smoke tests)")
-    log_every: int = opt(20, "steps between progress updates that sync the device")
+    skip_bad_samples: bool = opt(
+        False, "skip (and count) samples that fail to decode instead of stopping", group=RUN
+    )
+    max_steps: int = opt(
+        0, "stop after this many optimizer steps in total (0: no limit; for smoke tests)", group=RUN
+    )
+    log_every: int = opt(20, "steps between progress updates that sync the device", group=RUN)
     # The settings given on the command line or in --config (not defaults): --resume keeps the
     # run's own settings and lets only these change it.
     given: frozenset = field(default=frozenset(), repr=False, compare=False, metadata={"internal": True})
@@ -246,6 +283,12 @@ class TrainConfig(Validated):
 
     def resolved(self) -> TrainConfig:
         """A copy with the automatic settings that depend only on other settings filled in."""
+        if self.freeze_epochs is None and self.pretrained and self.epochs < 2:
+            raise ConfigError(
+                f"--epochs {self.epochs} leaves no epoch to fine-tune: with pretrained weights (--weights "
+                f"{self.weights}) --freeze-epochs defaults to 1, a head-only warm-up epoch first. Give "
+                f"--epochs 2 or more, or --freeze-epochs 0 to fine-tune every layer from the first epoch"
+            )
         return dataclasses.replace(
             self,
             freeze_epochs=self.freeze_epochs
@@ -277,7 +320,7 @@ class PredictConfig(Validated):
     thresholds: str | None = opt(
         None, "per-class thresholds from this file (`cocoshard thresholds --out`) instead of the checkpoint's"
     )
-    min_labels: int = opt(1, "keep the top classes of an image until it has at least this many")
+    min_labels: int = opt(MIN_LABELS, "keep the top classes of an image until it has at least this many")
     unreadable: Literal["fail", "prior"] = opt(
         "fail",
         "images that cannot be read: fail, naming each; or prior: give them the most frequent training class "
@@ -289,6 +332,11 @@ class PredictConfig(Validated):
     workers: int | None = opt(None, WORKERS_HELP)
     amp: bool = opt(True, "mixed precision on the device")
     device: Literal["auto", "cpu", "cuda"] = opt("auto", "where to run")
+    allow_other_shards: bool = opt(
+        False,
+        "go on when the shards are not the ones the model was trained on (a re-pack: its val images "
+        "may have been trained on); said on screen and recorded in what it writes",
+    )
 
     def validate(self) -> None:
         if (self.shards is None) == (self.images is None):
@@ -326,6 +374,11 @@ class EvaluateConfig(Validated):
     out: str | None = opt(
         None, "also write the metrics (and, with --per-class, the per-class rows) to this JSON file"
     )
+    allow_other_shards: bool = opt(
+        False,
+        "go on when the shards are not the ones the model was trained on (a re-pack: its val images "
+        "may have been trained on); said on screen and recorded in what it writes",
+    )
 
     def validate(self) -> None:
         if self.labels is None:
@@ -352,6 +405,11 @@ class ThresholdsConfig(Validated):
         10, "classes with fewer positive images keep the default threshold (fewer overfit)"
     )
     default: float = opt(0.5, "the threshold of classes too rare to tune")
+    allow_other_shards: bool = opt(
+        False,
+        "go on when the shards are not the ones the model was trained on (a re-pack: its val images "
+        "may have been trained on); said on screen and recorded in what it writes",
+    )
 
     def validate(self) -> None:
         positive(self, "min_positives")

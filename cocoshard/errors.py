@@ -10,7 +10,8 @@ class ConfigError(UserError):
 
 
 class Interrupted(KeyboardInterrupt):
-    """SIGTERM (what schedulers and `timeout` send), raised like Ctrl-C so both end a run the same way."""
+    """SIGTERM (what schedulers and `timeout` send) or SIGHUP (a closed terminal), raised like Ctrl-C so
+    that all end a run the same way."""
 
     def __init__(self, signum: int) -> None:
         super().__init__(f"signal {signum}")

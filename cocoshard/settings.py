@@ -5,15 +5,20 @@
 
 `opt` declares a field (default and help line); `Validated` makes a config check itself when it is
 made; `positive`, `non_negative` and `fraction` are the checks the configs share, each naming the
-flag. A `--config FILE` is TOML or JSON (keys may use - or _), read as any file a user names
-(`cocoshard.input_files`); values from it are checked against the field's type.
+flag. A `--config FILE` is TOML or JSON, or YAML where PyYAML is installed (keys may use - or _),
+read as any file a user names (`cocoshard.input_files`); values from it are checked against the
+field's type. A file may hold one section per command (`[train]`, `[predict]`): a command reads
+its own and the top-level settings it has (`command_settings`). An unknown setting is named with
+the command and the closest known setting.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import os
+import re
 import types
 import typing
 from dataclasses import field
@@ -104,42 +109,135 @@ def _coerce(name: str, value: Any, kind: Any, const: Any = None) -> Any:
 
 
 def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a TOML or JSON file of overrides (keys may use - or _)."""
+    """Read a TOML, JSON or YAML file of overrides (keys may use - or _; tables are command sections)."""
     p = Path(path)
     if not p.exists():
         raise ConfigError(f"config file {p} does not exist")
     try:
         text = read_input(p, CONFIG_LIMIT).decode("utf-8")
-        if p.suffix == ".json":
-            data = json.loads(text)
-        else:
-            try:
-                import tomllib
-            except ModuleNotFoundError:  # Python 3.10
-                import tomli as tomllib
-            data = tomllib.loads(text)
     except InputError as exc:
         raise ConfigError(f"config file {p}: {exc}") from None
-    except (ValueError, UnicodeDecodeError) as exc:
+    except UnicodeDecodeError as exc:
         raise ConfigError(f"config file {p} cannot be parsed: {exc}") from exc
+    data = parse_settings_text(p, text)
     if not isinstance(data, dict):
         raise ConfigError(f"config file {p} must hold a table/object of settings")
-    return {k.replace("-", "_"): v for k, v in data.items()}
+    return _dash_keys(data)
 
 
-def resolve(cls: type[C], overrides: dict[str, Any] | None = None, file: str | None = None) -> C:
-    """Defaults, then the config file, then explicit overrides; validated once, when built."""
+def _dash_keys(data: dict[str, Any]) -> dict[str, Any]:
+    """Keys with - read as _, in command sections too."""
+    return {str(k).replace("-", "_"): _dash_keys(v) if isinstance(v, dict) else v for k, v in data.items()}
+
+
+YAML_SUFFIXES = (".yaml", ".yml")
+FORMATS_HINT = "--config takes TOML (.toml) or JSON (.json), or YAML (.yaml) where PyYAML is installed"
+
+
+def parse_settings_text(path: Path, text: str) -> Any:
+    """The settings in `text`, read by the file's suffix: .json as JSON, .yaml/.yml as YAML (with
+    PyYAML), anything else as TOML; a parse error names the file and the formats it may be in."""
+    if path.suffix.lower() in YAML_SUFFIXES:
+        return _parse_yaml(path, text)
+    try:
+        if path.suffix.lower() == ".json":
+            return json.loads(text)
+        try:
+            import tomllib
+        except ModuleNotFoundError:  # Python 3.10
+            import tomli as tomllib
+        return tomllib.loads(text)
+    except ValueError as exc:
+        kind = "JSON" if path.suffix.lower() == ".json" else "TOML"
+        raise ConfigError(f"config file {path} cannot be parsed as {kind} ({exc}): {FORMATS_HINT}") from exc
+
+
+_NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+
+
+def _parse_yaml(path: Path, text: str) -> Any:
+    try:
+        import yaml
+    except ModuleNotFoundError:
+        raise ConfigError(
+            f"config file {path} is YAML, which needs PyYAML (pip install pyyaml); or write it as TOML "
+            f"or JSON"
+        ) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} cannot be parsed as YAML ({exc}): {FORMATS_HINT}") from None
+
+    def number(value: Any) -> Any:  # YAML 1.1 reads 1e-3 (no dot) as text: read it as the number it is
+        if isinstance(value, dict):
+            return {k: number(v) for k, v in value.items()}
+        return float(value) if isinstance(value, str) and _NUMBER.match(value) else value
+
+    return number(data)
+
+
+def command_name(cls: type) -> str:
+    """The command a config class belongs to, as users type it (TrainConfig: train)."""
+    return cls.__name__.removesuffix("Config").lower()
+
+
+def command_settings(
+    data: dict[str, Any], command: str, commands: dict[str, type] | None, source: str
+) -> dict[str, Any]:
+    """The settings a file gives `command`: its top-level ones and its own [command] section.
+
+    In a file with sections, a top-level setting is shared: it applies to the commands that have
+    it (one that no command has is refused). A section must be named after a command."""
+    sections = {key: value for key, value in data.items() if isinstance(value, dict)}
+    if not sections:
+        return data
+    names = list(commands or {command: type(None)})
+    for name in sections:
+        if name not in names:
+            close = difflib.get_close_matches(name, names, n=1)
+            hint = f"did you mean [{close[0]}]? " if close else ""
+            raise ConfigError(f"{source}: [{name}] is not a command: {hint}sections: {', '.join(names)}")
+    shared = {key: value for key, value in data.items() if key not in sections}
+    if commands is not None and command in commands:
+        anywhere = {f.name for cls in commands.values() for f, _ in fields_of(cls)}
+        mine = {f.name for f, _ in fields_of(commands[command])}
+        for key in shared:
+            if key not in anywhere:
+                raise unknown_setting(key, source, "any command", sorted(anywhere))
+        shared = {key: value for key, value in shared.items() if key in mine}
+    return {**shared, **sections.get(command, {})}
+
+
+def unknown_setting(key: str, source: str, command: str, known: list[str]) -> ConfigError:
+    """The error for a setting `command` does not have, with the closest one it does."""
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f": did you mean {close[0]!r}?" if close else ""
+    return ConfigError(f"unknown setting {key!r} in {source} for {command}{hint} (known: {', '.join(known)})")
+
+
+def resolve(
+    cls: type[C],
+    overrides: dict[str, Any] | None = None,
+    file: str | None = None,
+    command: str | None = None,
+    commands: dict[str, type] | None = None,
+) -> C:
+    """Defaults, then the config file (its [command] section too), then explicit overrides;
+    validated once, when built. `commands` (name: config class) lets a file with sections share
+    top-level settings between commands."""
+    command = command or command_name(cls)
     known = {f.name: (kind, f.metadata.get("const")) for f, kind in fields_of(cls)}
     values: dict[str, Any] = {}
+    from_file = (
+        command_settings(read_config_file(file), command, commands, f"config file {file}") if file else {}
+    )
     for source, data in (
-        ("config file", read_config_file(file) if file else {}),
+        (f"config file {file}", from_file),
         ("override", overrides or {}),
     ):
         for key, value in data.items():
             if key not in known:
-                raise ConfigError(
-                    f"unknown setting {key!r} in {source} for {cls.__name__}; known: {', '.join(known)}"
-                )
+                raise unknown_setting(key, source, f"cocoshard {command}", list(known))
             values[key] = _coerce(key, value, *known[key])
     if any(f.name == "given" for f in dataclasses.fields(cls)):
         values["given"] = frozenset(values)
@@ -165,25 +263,31 @@ def from_dict(cls: type[C], data: dict[str, Any], source: str = "settings") -> C
 
 
 def print_config(cfg: Any, console: Any = None, extra: dict[str, Any] | None = None) -> None:
-    """Print the resolved configuration once (and `extra`: what a run resolved at start), two per row."""
+    """Print the resolved configuration once (and `extra`: what a run resolved at start), two
+    settings per row where the console is wide enough, one where it is narrow (80 columns)."""
     from rich.console import Console
     from rich.table import Table
     from rich.text import Text
 
+    console = console or Console(stderr=True)
     items = [*to_dict(cfg).items(), *(extra or {}).items()]
+    per_row = 2 if console.width >= 110 else 1
     table = Table(
-        title=type(cfg).__name__.removesuffix("Config").lower() + " settings",
+        title=command_name(type(cfg)) + " settings",
         title_justify="left",
         show_header=False,
         box=None,
         pad_edge=False,
     )
-    for _ in range(2):
+    for _ in range(per_row):
         table.add_column(style="cyan", no_wrap=True)
         table.add_column(overflow="fold")
-    half = (len(items) + 1) // 2
-    for left, right in zip(items[:half], items[half:] + [("", "")], strict=False):
-        table.add_row(
-            Text(left[0]), Text(repr(left[1])), Text(right[0]), Text(repr(right[1]) if right[0] else "")
-        )
-    (console or Console(stderr=True)).print(table)
+    rows = (len(items) + per_row - 1) // per_row
+    columns = [items[i * rows : (i + 1) * rows] for i in range(per_row)]
+    for row in range(rows):
+        cells: list[Text] = []
+        for column in columns:
+            key, value = column[row] if row < len(column) else ("", "")
+            cells += [Text(key), Text(repr(value) if key else "")]
+        table.add_row(*cells)
+    console.print(table)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -21,8 +22,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cocoshard import cli
 from cocoshard.training.runlog import CONFIG_FILE, RUN_FILE
-from conftest import FROM_SCRATCH, TINY, cocoshard, ok, refused
+from conftest import FROM_SCRATCH, TINY, cocoshard, ok, records, refused
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -347,3 +349,76 @@ def test_13_the_report_says_what_was_evaluated(val_scores, run, sample_shards_jp
     summary = (report / "summary.md").read_text()
     assert "cocoshard_tiny" in summary and "best.pt" in summary and "epoch" in summary
     assert {p.name for p in report.glob("*.png")} >= {"curves.png", "per_class_f1.png"}
+
+
+# ------------------------------------------------------------------------------------- the student's path
+
+ANSI = re.compile(r"\x1b\[[0-9;?]*[a-zA-Z]")
+BOX_ONLY = re.compile(r"^[\s━─┏┓┗┛┃┡┩┳┻╇│└┘┴┼╸╺-]+$")
+
+
+def _at_80_columns(capsys: pytest.CaptureFixture, *args: object) -> tuple[int, list[str], str]:
+    """`cocoshard ARGS` in this process on an 80-column terminal: (exit code, the screen's lines
+    with redraws split and styles removed, stdout and stderr as one folded text)."""
+    code = cli.main([str(arg) for arg in args])
+    captured = capsys.readouterr()
+    screen = ANSI.sub("", captured.err)
+    lines = [line for chunk in screen.split("\n") for line in chunk.split("\r")]
+    return code, lines, " ".join((ANSI.sub("", captured.out) + screen).split())
+
+
+def test_a_new_users_path_at_80_columns_meets_no_trap(coco_sample, tmp_path, monkeypatch, capsys):
+    """Pack, train, resume, predict, evaluate, thresholds, report, TensorBoard, re-pack, as a new user
+    on the real photos at 80 columns (issue 20's traps: each one a check here)."""
+    monkeypatch.chdir(tmp_path)  # relative paths, as typed
+    monkeypatch.setenv("COLUMNS", "80")
+    monkeypatch.setenv("FORCE_COLOR", "1")  # a terminal, as rich sees it
+    pack = ["pack", "--root", coco_sample, "--out", "shards", "--shard-samples", "16", "--workers", "2"]
+    assert _at_80_columns(capsys, *pack)[0] == 0
+    tiny = [*TINY, *FROM_SCRATCH, "--threads", "1"]
+    code, lines, text = _at_80_columns(
+        capsys, "train", "--shards", "shards", "--out", "runs/r", "--epochs", "2", *tiny
+    )
+    assert code == 0 and "…" not in text
+    assert all(len(line) <= 80 for line in lines), max(lines, key=len)
+    assert not [line for line in lines if line.strip() and BOX_ONLY.match(line)]  # no line of dashes
+    assert sum(1 for line in lines if line.split()[:1] == ["loader"]) == 1 and "'bfloat16'" not in text
+    assert text.count("leaving out 8 images") == 1 and "epoch 2/2 val server F1" in text
+    assert "metrics runs/r/metrics.jsonl" in text and "tensorboard --logdir runs/r/tensorboard" in text
+    assert "cocoshard predict --checkpoint runs/r/best.pt \\ --shards shards" in text or (
+        "cocoshard predict --checkpoint runs/r/best.pt --shards shards" in text
+    )
+    code, _, text = _at_80_columns(capsys, "train", "--out", "runs/r", "--resume", "--epochs", "3")
+    assert code == 0 and "trained 1 epoch (epoch 3 of 3)" in text and "resumed after epoch 2" in text
+    best = max(records(Path("runs/r")), key=lambda r: (r["best"], r["epoch"]) if r["best"] else (0, 0))
+    reported = best["val"][best["selected"]]["server_f1_tuned"]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    curves = EventAccumulator("runs/r/tensorboard")
+    curves.Reload()
+    assert len(curves.Scalars("train/step_loss")) == 9 and "epoch" not in curves.Tags()["scalars"]
+
+    predict = ["predict", "--checkpoint", "runs/r/best.pt", "--shards", "shards", "--device", "cpu"]
+    val = [*predict, "--split", "val", "--out", "val.json", "--scores", "val.npz", "--batch-size", "16"]
+    code, _, text = _at_80_columns(capsys, *val)
+    assert (
+        code == 0
+        and f"best.pt: epoch {best['epoch']} of " in text
+        and f"val server F1 {reported:.4f}" in text
+    )
+    evaluate = ["evaluate", "--predictions", "val.json", "--labels", "shards", "--scores", "val.npz"]
+    assert (
+        _at_80_columns(capsys, *evaluate, "--out", "m.json", "--report", "report", "--run", "runs/r")[0] == 0
+    )
+    scored = json.loads(Path("m.json").read_text())["server_f1"]
+    assert scored == pytest.approx(reported, abs=1e-9)  # one number: the run's is the file's
+    assert "cocoshard_tiny" in Path("report/summary.md").read_text()
+    code, _, text = _at_80_columns(capsys, "thresholds", "--scores", "val.npz", "--labels", "shards")
+    assert code == 0 and f"with the scores' own thresholds {reported:.4f}" in text
+
+    assert _at_80_columns(capsys, *predict, "--out", "test.json")[0] == 0  # forgot --split val
+    code, _, text = _at_80_columns(capsys, "evaluate", "--predictions", "test.json", "--labels", "shards")
+    assert code == 2 and "holds the test split's images" in text and "--split val" in text
+    assert _at_80_columns(capsys, *pack, "--seed", "1")[0] == 0  # re-packed over the same folder
+    code, _, text = _at_80_columns(capsys, *val)
+    assert code == 2 and "split seed changed (packed with --seed 0 then, --seed 1 now)" in text

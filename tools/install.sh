@@ -2,11 +2,16 @@
 # Set up cocoshard in a virtual environment, never in the system's Python.
 #
 #   $ bash tools/install.sh                 # idempotent: a second run checks and returns in seconds
+#   $ bash tools/install.sh --cpu           # PyTorch's CPU build: no CUDA libraries (~3 GB less)
 #   $ PYTHON=python3.12 bash tools/install.sh
 #
 # Where: the active virtual environment ($VIRTUAL_ENV) when there is one, else .venv in the clone,
 # created here. Either way .venv/bin/ then holds the environment's `python` and `cocoshard`
 # (with an active environment, .venv is a link to it).
+#
+# Torch (tools/install-torch.sh): a torch already in the environment is kept, never replaced. Else
+# --cpu installs PyTorch's CPU build first; without it, a machine with no NVIDIA GPU is told that
+# the default wheel brings ~3 GB of CUDA libraries and how to get the CPU build instead.
 #
 # What: cocoshard (editable, with the test tools and TensorBoard), then pillow-simd in place of
 # Pillow. pillow-simd resizes ~15x faster on AVX2 machines; it ships only as source, so it is
@@ -20,6 +25,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SIMD_VERSION=${PILLOW_SIMD_VERSION:-12.1.1.post0}
+TORCH_BUILD=${COCOSHARD_TORCH:-auto}
+case "${1:-}" in
+    --cpu) TORCH_BUILD=cpu ;;
+    "") ;;
+    *) echo "usage: bash tools/install.sh [--cpu]   (--cpu: PyTorch's CPU build)" >&2; exit 2 ;;
+esac
+# shellcheck source=tools/install-torch.sh
+source tools/install-torch.sh
 
 # ----------------------------------------------------------------------------- the environment
 if [ -n "${VIRTUAL_ENV:-}" ]; then
@@ -41,7 +54,7 @@ fi
 PY=.venv/bin/python
 PIP=("$PY" -m pip --disable-pip-version-check)
 STAMP=.venv/.cocoshard-install
-wanted="$(cat pyproject.toml tools/install.sh | sha256sum | cut -c1-16)"
+wanted="$(cat pyproject.toml tools/install.sh tools/install-torch.sh | sha256sum | cut -c1-16)"
 
 simd_active() {  # the PIL that Python imports has pillow-simd's resize kernels
     "$PY" -c "from cocoshard.info import pil_build; raise SystemExit(0 if pil_build().simd else 1)" 2>/dev/null
@@ -51,6 +64,9 @@ if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$wanted" ] && simd_active; then
     "$PY" -m cocoshard info --brief
     exit 0
 fi
+
+# ----------------------------------------------------------------------------- torch
+torch_step "$TORCH_BUILD"
 
 # ----------------------------------------------------------------------------- cocoshard
 echo "== installing cocoshard (editable) and its dependencies"

@@ -39,13 +39,29 @@ def list_images(folder: str | os.PathLike) -> list[Path]:
         raise UserError(f"--images {folder}: no such folder")
     files = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir())
     if not files:
-        raise UserError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder")
+        raise UserError(
+            f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder{_inner_hint(root)}"
+        )
     seen: dict[str, Path] = {}
     for file in files:
         if file.stem in seen:
             raise UserError(f"{file} and {seen[file.stem]} share the key {file.stem!r}: keep one")
         seen[file.stem] = file
     return files
+
+
+def _inner_hint(root: Path) -> str:
+    """Where the images are when they sit one folder further down (the zip doubles its folder names:
+    images/test-resized/test-resized), as the flag to give."""
+    inner = [
+        (sub, sum(1 for p in sub.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES))
+        for sub in sorted(p for p in root.iterdir() if p.is_dir())
+    ]
+    found = [(sub, count) for sub, count in inner if count]
+    if not found:
+        return ""
+    sub, count = found[0]
+    return f", but its folder {sub.name} holds {count}: give --images {sub}"
 
 
 def image_problem(path: str) -> str | None:

@@ -250,6 +250,12 @@ def shards_identity(manifest: dict[str, Any], splits: tuple[str, ...] = ("train"
     return hashlib.sha256(json.dumps(listing, sort_keys=True).encode()).hexdigest()
 
 
+def split_record(manifest: dict[str, Any]) -> dict[str, Any]:
+    """How the shards' train/val split was drawn (pack's --seed and --val-fraction), kept beside
+    `shards_identity` so that a changed identity can be explained: a new seed, or another re-pack."""
+    return {name: manifest.get(name) for name in ("seed", "val_fraction")}
+
+
 def split_names(split: str | Sequence[str]) -> tuple[str, ...]:
     """One split's name, or several read as one (folds of a K-fold pack), as a tuple."""
     return (split,) if isinstance(split, str) else tuple(split)

@@ -16,6 +16,7 @@ never more than a size bound); anything else is rejected with its reason.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -62,6 +63,27 @@ def _looked_for(root: Path, kind: str) -> str:
     return " or ".join(str(root / rel) for rel in LAYOUTS[kind])
 
 
+def _holds_layout(folder: Path) -> bool:
+    return any((folder / rel).is_dir() for rel in LAYOUTS["train_images"]) and any(
+        (folder / rel).is_dir() for rel in LAYOUTS["train_labels"]
+    )
+
+
+def _root_hint(base: Path) -> str:
+    """`--root` for the challenge folder near `base`: one of its parents (`--root ms-coco/images`) or a
+    folder inside it (`--root .` beside the unzipped ms-coco), as the flag to give."""
+    near = list(base.absolute().parents)[:3]
+    if base.is_dir():
+        near += sorted(p for p in base.iterdir() if p.is_dir())[:500]
+    for folder in near:
+        if _holds_layout(folder):
+            relative = os.path.relpath(folder)  # as the user gave --root: relative, or absolute
+            far = base.is_absolute() or relative.startswith(os.pardir + os.sep + os.pardir)
+            shown = folder if far else relative
+            return f"; the challenge folder is {shown}: give --root {shown}"
+    return ""
+
+
 def find_sources(
     root: str,
     train_images: str | None = None,
@@ -75,7 +97,7 @@ def find_sources(
         raise UserError(
             f"--root {base} is not a folder: expected the challenge folder holding "
             f"{', '.join(rel for rels in LAYOUTS.values() for rel in rels[:1])} (or the flat layout "
-            f"{', '.join(rels[1] for rels in LAYOUTS.values())})"
+            f"{', '.join(rels[1] for rels in LAYOUTS.values())}){_root_hint(base)}"
         )
     found: dict[str, Path | None] = {}
     for kind, given in explicit.items():
@@ -91,7 +113,7 @@ def find_sources(
         if found[kind] is None:
             raise UserError(
                 f"no {kind.replace('_', ' ')} folder under --root {base}: looked for "
-                f"{_looked_for(base, kind)}"
+                f"{_looked_for(base, kind)}{_root_hint(base)}"
             )
     return Sources(found["train_images"], found["train_labels"], found["test_images"])
 

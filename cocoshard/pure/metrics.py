@@ -216,7 +216,7 @@ def metrics_from_predictions(pred: np.ndarray, labels: np.ndarray) -> dict[str, 
         "server_recall": server.recall,
         **macro_micro(pred_bool, labels),
         "labels_per_image": float(pred_bool.sum(axis=1).mean()) if len(pred_bool) else 0.0,
-        "images": float(len(pred_bool)),
+        "images": len(pred_bool),  # a count, shown and saved as one
     }
 
 

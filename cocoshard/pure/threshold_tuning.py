@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from cocoshard.pure.decision import decide_labels
 from cocoshard.pure.metrics import (
     DEFAULT_THRESHOLD,
     check_pair,
@@ -126,17 +127,20 @@ def holdout_threshold_gain(
     *,
     seed: int = 0,
     default: float = DEFAULT_THRESHOLD,
+    min_labels: int = 0,
     **tune_options: float,
 ) -> dict[str, float]:
     """Tune on one seeded half of the images, score the other half at `default` and at the tuned ones.
 
     An honest estimate of what tuning buys on unseen images (tuning and scoring on the same images
-    flatters it). Returns `server_f1_default`, `server_f1_tuned` and `gain` on the held-out half.
+    flatters it). Both are scored on what predict would write (`decision.decide_labels`, images
+    topped up to `min_labels`). Returns `server_f1_default`, `server_f1_tuned` and `gain` on the
+    held-out half.
     """
     scores, labels = check_pair(scores, labels, "scores")
     order = numpy_rng(seed).permutation(len(scores))
     fit, held = order[: len(order) // 2], order[len(order) // 2 :]
     tuned = tune_thresholds(scores[fit], labels[fit], default=default, **tune_options)
-    at_default = server_f1(predictions_from_scores(scores[held], default), labels[held]).f1
-    at_tuned = server_f1(predictions_from_scores(scores[held], tuned), labels[held]).f1
+    at_default = server_f1(decide_labels(scores[held], default, min_labels), labels[held]).f1
+    at_tuned = server_f1(decide_labels(scores[held], tuned, min_labels), labels[held]).f1
     return {"server_f1_default": at_default, "server_f1_tuned": at_tuned, "gain": at_tuned - at_default}

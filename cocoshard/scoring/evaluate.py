@@ -40,6 +40,7 @@ from cocoshard.scoring.ground_truth import (
     is_shard_folder,
     load_labels,
 )
+from cocoshard.scoring.same_shards import OVERRIDE, Trained, check_trained_on
 from cocoshard.scoring.scores import check_scores_match, load_scores, read_scores
 from cocoshard.scoring.submission import (
     Submission,
@@ -168,6 +169,9 @@ def check_file(cfg: EvaluateConfig, labels: dict[str, np.ndarray] | None) -> tup
     try:
         submission = validate_submission(raw, expected=expected, allowed=allowed, source=cfg.predictions)
     except UserError as exc:
+        hint = _wrong_images_hint(cfg, raw, labels)
+        if hint:
+            raise UserError(f"{hint}\n{exc}") from None
         if labels is not None and not cfg.subset and "missing image" in str(exc):
             raise UserError(
                 f"{exc}\n(the labels in {cfg.labels} cover {len(labels)} images and a submission covers "
@@ -175,6 +179,26 @@ def check_file(cfg: EvaluateConfig, labels: dict[str, np.ndarray] | None) -> tup
             ) from None
         raise
     return submission, unsorted_entries(raw)
+
+
+def _wrong_images_hint(cfg: EvaluateConfig, raw: Any, labels: dict[str, np.ndarray] | None) -> str:
+    """When none of the file's images is labelled: whose images they are and how to predict the
+    labelled ones (the usual slip is predicting the default --split test and scoring it on val)."""
+    if labels is None or not isinstance(raw, dict) or not raw or any(key in labels for key in raw):
+        return ""
+    keys = set(raw)
+    if is_shard_folder(cfg.labels):
+        for split in ("test", "train"):
+            if keys <= set(image_keys(cfg.labels, split)):
+                return (
+                    f"{cfg.predictions} holds the {split} split's images ({len(keys)} of them), and "
+                    f"--labels {cfg.labels} scores its val split ({len(labels)} images): predict them "
+                    f"with cocoshard predict ... --shards {cfg.labels} --split val"
+                )
+    return (
+        f"none of the {len(keys)} images in {cfg.predictions} has labels in {cfg.labels}: predictions "
+        f"of the test images cannot be scored; predict the labelled images (predict --split val)"
+    )
 
 
 @dataclass(frozen=True)
@@ -210,8 +234,18 @@ def assess(cfg: EvaluateConfig) -> Assessment:
         found = read_scores(cfg.scores)
         thresholds = found.thresholds
         checkpoint = f"{found.checkpoint} (sha256 {found.checkpoint_sha256[:12]})" if found.checkpoint else ""
-        identity = shards_identity(read_manifest(cfg.labels)) if is_shard_folder(cfg.labels) else None
+        manifest = read_manifest(cfg.labels) if is_shard_folder(cfg.labels) else None
+        identity = shards_identity(manifest) if manifest is not None else None
         check_scores_match(found, cfg.scores, submission, cfg.predictions, identity)
+        if manifest is not None:
+            other = check_trained_on(
+                Trained(found.trained_on, found.trained_split),
+                str(cfg.labels),
+                manifest,
+                what=f"the model that made {cfg.scores}",
+                allow=cfg.allow_other_shards,
+            )
+            notes += [other] if other else []
         scores = load_scores(cfg.scores, sorted(submission))
     if cfg.run is not None and not (Path(cfg.run) / METRICS_LOG).is_file():
         raise UserError(
@@ -296,6 +330,8 @@ def _write_report(cfg: EvaluateConfig, evaluation: Evaluation, checkpoint: str =
     about = {"predictions": cfg.predictions, "labels": cfg.labels}
     if checkpoint:
         about["checkpoint"] = checkpoint
+    if cfg.allow_other_shards:
+        about["warning"] = f"{OVERRIDE}: scored on shards other than those the model was trained on"
     with folder_lock(cfg.report, "cocoshard evaluate --report"):
         return write_report(
             cfg.report,

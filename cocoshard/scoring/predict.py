@@ -24,7 +24,7 @@ import os
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +42,11 @@ from cocoshard.loading.image_files import check_image_folder, folder_batches
 from cocoshard.loading.loader import build_loader
 from cocoshard.loading.spec import LoaderSpec
 from cocoshard.machine import ThreadPlan, thread_plan
-from cocoshard.prepare.manifest import load_manifest, read_manifest, shards_identity
+from cocoshard.prepare.manifest import MANIFEST, load_manifest, read_manifest, shards_identity
+from cocoshard.pure.decision import decide_labels
 from cocoshard.pure.metrics import predictions_from_scores
+from cocoshard.scoring.ground_truth import is_shard_folder
+from cocoshard.scoring.same_shards import Trained, check_trained_on
 from cocoshard.scoring.scores import Scores, file_sha256, save_scores
 from cocoshard.scoring.submission import (
     build_submission,
@@ -53,7 +56,7 @@ from cocoshard.scoring.submission import (
 from cocoshard.scoring.threshold_files import read_thresholds_file
 from cocoshard.settings import print_config
 from cocoshard.shard_cache import remote_of
-from cocoshard.training.checkpoint import checkpoint_config, load_checkpoint
+from cocoshard.training.checkpoint import checkpoint_config, load_checkpoint, predicted_weights
 from cocoshard.training.model import build_model, strip_wrapper_prefixes
 from cocoshard.training.runtime import resolve_amp_dtype, resolve_device
 
@@ -75,12 +78,28 @@ class Predictor:
     channels_last: bool
     weights: str  # "ema" or "model": which weights were loaded
     prior_class: int  # the most frequent training class (for --unreadable prior)
+    epoch: int = 0  # the epoch whose weights these are, of `epochs`
+    epochs: int = 0
+    val_server_f1: float | None = None  # that epoch's tuned server F1 on the val split
+    trained_on: str | None = None  # the identity of the shards it was trained on (`shards_identity`)
+    trained_split: dict[str, Any] = field(default_factory=dict)  # how their split was drawn
+
+    def describe(self, path: str | os.PathLike) -> str:
+        """One line: which epoch and weights the checkpoint holds, and the val score they had."""
+        which = "EMA" if self.weights == "ema" else "raw (not EMA)"
+        score = (
+            f", val server F1 {self.val_server_f1:.4f} (tuned on that split)"
+            if self.val_server_f1 is not None
+            else ""
+        )
+        return f"checkpoint {path}: epoch {self.epoch} of {self.epochs}, {which} weights{score}"
 
 
 def _inference_state(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], str]:
-    """The EMA weights when the checkpoint has them, else the raw ones; wrapper prefixes stripped."""
-    source = "ema" if isinstance(state.get("ema"), dict) and state["ema"] else "model"
-    return strip_wrapper_prefixes(state[source]), source
+    """The weights the checkpoint's epoch selected (`checkpoint.predicted_weights`) and which they
+    are ("ema" or "model"), wrapper prefixes stripped."""
+    field, which = predicted_weights(state)
+    return strip_wrapper_prefixes(state[field]), which
 
 
 def load_predictor(path: str | os.PathLike, device: torch.device) -> Predictor:
@@ -100,6 +119,7 @@ def load_predictor(path: str | os.PathLike, device: torch.device) -> Predictor:
     model = model.to(device, memory_format=fmt).eval()
     counts = state.get("class_counts")
     prior = int(np.argmax(counts)) if isinstance(counts, list) and len(counts) == NUM_CLASSES else 0
+    score = (state.get("metrics") or {}).get("server_f1_tuned")
     return Predictor(
         model,
         train_cfg.size,
@@ -107,6 +127,11 @@ def load_predictor(path: str | os.PathLike, device: torch.device) -> Predictor:
         train_cfg.channels_last,
         source,
         prior,
+        epoch=int(state["epoch"]),
+        epochs=train_cfg.epochs,
+        val_server_f1=float(score) if isinstance(score, (int, float)) else None,
+        trained_on=state["shards"] if isinstance(state.get("shards"), str) else None,
+        trained_split=state["shards_split"] if isinstance(state.get("shards_split"), dict) else {},
     )
 
 
@@ -241,6 +266,57 @@ def _thresholds(cfg: PredictConfig, predictor: Predictor) -> tuple[np.ndarray, s
     return predictor.thresholds, "the checkpoint's tuned thresholds"
 
 
+@dataclass
+class Inputs:
+    """The images a predict run reads: where from, how many, in batches, and those it cannot read."""
+
+    source: str  # for messages: the folder, or the shards and split
+    origin: str  # for the scores file: "images <folder>" or "shards <identity>"
+    split: str
+    total: int
+    batches: Batches
+    unreadable: list[str]
+
+
+def _inputs(
+    cfg: PredictConfig, predictor: Predictor, plan: ThreadPlan, device: torch.device, dtype: torch.dtype
+) -> Inputs:
+    """The images of `--images DIR` (every file checked first) or of one split of `--shards`."""
+    if cfg.images:
+        if is_shard_folder(cfg.images):
+            raise UserError(
+                f"--images {cfg.images} is a shards folder (it holds {MANIFEST}): read it with "
+                f"--shards {cfg.images} --split test (or --split val)"
+            )
+        files, bad = check_image_folder(cfg.images, plan.workers)
+        if bad and cfg.unreadable == "fail":
+            raise UserError(bad_files_message(cfg.images, bad))
+        good = [f for f in files if f not in bad]
+        origin = f"images {Path(cfg.images).resolve()}"
+        batches = image_batches(good, predictor, cfg, plan.workers, device, dtype)
+        return Inputs(cfg.images, origin, "images", len(good), batches, [f.stem for f in bad])
+    assert cfg.shards is not None  # the config holds exactly one of --images and --shards
+    origin = f"shards {shards_identity(read_manifest(cfg.shards, remote_of(cfg).network))}"
+    total, batches = shard_batches(cfg, predictor, plan, device, dtype)
+    return Inputs(f"{cfg.shards} ({cfg.split} split)", origin, cfg.split, total, batches, [])
+
+
+def _other_shards(cfg: PredictConfig, predictor: Predictor) -> str:
+    """Refuse a labelled split of shards the model was not trained on (a re-pack: its val images may
+    have been trained on), unless --allow-other-shards; the warning to record then, else ""."""
+    if cfg.shards is None or cfg.split == "test":
+        return ""  # test images were never trained on, whatever the train/val split
+    trained = Trained(predictor.trained_on, predictor.trained_split)
+    note = check_trained_on(
+        trained,
+        cfg.shards,
+        read_manifest(cfg.shards, remote_of(cfg).network),
+        what=str(cfg.checkpoint),
+        allow=cfg.allow_other_shards,
+    )
+    return note or ""
+
+
 def run(cfg: PredictConfig) -> int:
     """Check the inputs, predict, threshold, write the JSON atomically, read it back and check it."""
     print_config(cfg)
@@ -250,35 +326,29 @@ def run(cfg: PredictConfig) -> int:
     amp_dtype = resolve_amp_dtype(cfg.amp, "auto", device)
     dtype = amp_dtype or torch.float32
     predictor = load_predictor(cfg.checkpoint, device)
+    console.print(literal(predictor.describe(cfg.checkpoint)))
+    other_shards = _other_shards(cfg, predictor)
+    if other_shards:
+        console.print(f"[bold yellow]warning:[/] {literal(other_shards)}")
     thresholds, threshold_source = _thresholds(cfg, predictor)
     plan = thread_plan(
         "predict", device_type=device.type, workers=cfg.workers, threads=None, measure_busy=False
     )
     plan.apply()
-    workers = plan.workers
-    unreadable: list[str] = []
-    if cfg.images:
-        files, bad = check_image_folder(cfg.images, workers)
-        if bad and cfg.unreadable == "fail":
-            raise UserError(bad_files_message(cfg.images, bad))
-        good = [f for f in files if f not in bad]
-        unreadable = [f.stem for f in bad]
-        source, origin, split = cfg.images, f"images {Path(cfg.images).resolve()}", "images"
-        total, batches = len(good), image_batches(good, predictor, cfg, workers, device, dtype)
-    else:
-        source, split = f"{cfg.shards} ({cfg.split} split)", cfg.split
-        origin = f"shards {shards_identity(read_manifest(cfg.shards, remote_of(cfg).network))}"
-        total, batches = shard_batches(cfg, predictor, plan, device, dtype)
+    inputs = _inputs(cfg, predictor, plan, device, dtype)
+    unreadable = inputs.unreadable
     start = time.perf_counter()
-    keys, scores = predict_scores(predictor, batches, total=total, amp_dtype=amp_dtype, tta=cfg.tta)
+    keys, scores = predict_scores(
+        predictor, inputs.batches, total=inputs.total, amp_dtype=amp_dtype, tta=cfg.tta
+    )
     elapsed = time.perf_counter() - start
-    _check_keys(keys, total, source)
+    _check_keys(keys, inputs.total, inputs.source)
     if unreadable:  # the prior: the most frequent training class, and nothing else, for each
         prior = np.full((len(unreadable), NUM_CLASSES), 0.0, np.float32)
         prior[:, predictor.prior_class] = 1.0
         keys, scores = keys + unreadable, np.concatenate([scores, prior])
-    predicted = predictions_from_scores(scores, thresholds)
-    submission = build_submission(keys, predicted, scores, min_labels=cfg.min_labels)
+    predicted = decide_labels(scores, thresholds, cfg.min_labels)  # the rule every reported score uses
+    submission = build_submission(keys, predicted)
     write_submission(cfg.out, submission)
     load_submission(cfg.out, expected=keys)  # read back from disk: what was written is what we checked
     if cfg.scores:
@@ -292,19 +362,22 @@ def run(cfg: PredictConfig) -> int:
                 cfg.tta,
                 str(cfg.checkpoint),
                 file_sha256(cfg.checkpoint),
-                origin,
-                split,
+                inputs.origin,
+                inputs.split,
                 unreadable,
+                trained_on=predictor.trained_on or "",
+                trained_split=predictor.trained_split,
+                other_shards=other_shards,
             ),
         )
-    filled = int((predicted.sum(axis=1) < cfg.min_labels).sum())
+    filled = int((predictions_from_scores(scores, thresholds).sum(axis=1) < cfg.min_labels).sum())
     labels = sum(len(ids) for ids in submission.values())
     console.print(
         f"[green]wrote[/] {literal(cfg.out)}: {len(keys)} images, {labels / max(len(keys), 1):.2f} classes "
         "per image "
         f"({filled} topped up to --min-labels {cfg.min_labels}); {predictor.weights} weights, "
-        f"{literal(threshold_source)}{', TTA' if cfg.tta else ''}; {total / max(elapsed, 1e-9):.0f} images/s "
-        f"on {device}"
+        f"{literal(threshold_source)}{', TTA' if cfg.tta else ''}; "
+        f"{inputs.total / max(elapsed, 1e-9):.0f} images/s on {device}"
     )
     if unreadable:
         console.print(

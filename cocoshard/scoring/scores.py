@@ -9,6 +9,10 @@ A compressed `.npz` of plain arrays, read with `allow_pickle=False`:
     source, split       "shards" (with the shards' identity) or "images" (the folder), and which split
     unreadable          keys of images that could not be read (predicted with the prior:
                         predict --unreadable prior)
+    trained_on          the identity of the shards the model was trained on and how their split
+    trained_split       was drawn (JSON): evaluate and thresholds compare them with the labels'
+                        shards (`cocoshard.scoring.same_shards`)
+    other_shards        the warning predict gave when told --allow-other-shards ("" otherwise)
 
 so that `evaluate --scores` can refuse scores of another model, another split or other images
 instead of printing their mAP beside a submission they did not make (`check_scores_match`), and
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,10 +33,11 @@ import numpy as np
 from cocoshard import CLASSES, NUM_CLASSES
 from cocoshard.atomic import atomic_write_bytes
 from cocoshard.errors import UserError
-from cocoshard.pure.metrics import predictions_from_scores
+from cocoshard.pure.decision import decide_labels
 from cocoshard.scoring.submission import Submission, build_submission
 
 FIELDS = ("keys", "scores", "thresholds", "classes")
+TEXT_FIELDS = ("checkpoint", "checkpoint_sha256", "source", "split", "trained_on", "other_shards")
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -57,11 +63,13 @@ class Scores:
     source: str = ""  # "shards <identity>" or "images <folder>"
     split: str = ""
     unreadable: list[str] = field(default_factory=list)
+    trained_on: str = ""  # shards identity of the model's training data (checkpoint's `shards`)
+    trained_split: dict[str, Any] = field(default_factory=dict)  # how that split was drawn
+    other_shards: str = ""  # predict's warning under --allow-other-shards
 
     def submission(self) -> Submission:
         """The submission these scores give with their own thresholds and --min-labels."""
-        predicted = predictions_from_scores(self.scores, self.thresholds)
-        return build_submission(self.keys, predicted, self.scores, min_labels=self.min_labels)
+        return build_submission(self.keys, decide_labels(self.scores, self.thresholds, self.min_labels))
 
 
 def save_scores(path: str | os.PathLike, found: Scores) -> None:
@@ -78,6 +86,9 @@ def save_scores(path: str | os.PathLike, found: Scores) -> None:
         "source": np.asarray(found.source),
         "split": np.asarray(found.split),
         "unreadable": np.asarray(found.unreadable, dtype=str),
+        "trained_on": np.asarray(found.trained_on),
+        "trained_split": np.asarray(json.dumps(found.trained_split)),
+        "other_shards": np.asarray(found.other_shards),
     }
     buffer = io.BytesIO()
     np.savez_compressed(buffer, **arrays)
@@ -94,7 +105,14 @@ def read_scores(path: str | os.PathLike) -> Scores:
                 raise KeyError(f"it has no {', '.join(missing)}")
             text = {
                 name: str(data[name])
-                for name in ("checkpoint", "checkpoint_sha256", "source", "split")
+                for name in (
+                    "checkpoint",
+                    "checkpoint_sha256",
+                    "source",
+                    "split",
+                    "trained_on",
+                    "other_shards",
+                )
                 if name in names
             }
             found = Scores(
@@ -104,6 +122,7 @@ def read_scores(path: str | os.PathLike) -> Scores:
                 min_labels=int(data["min_labels"]) if "min_labels" in names else 1,
                 tta=bool(data["tta"]) if "tta" in names else False,
                 unreadable=[str(k) for k in data["unreadable"]] if "unreadable" in names else [],
+                trained_split=_json_dict(str(data["trained_split"])) if "trained_split" in names else {},
                 **text,
             )
     except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -113,6 +132,13 @@ def read_scores(path: str | os.PathLike) -> Scores:
     if not np.isfinite(found.scores).all():
         raise UserError(f"{path}: the scores hold NaN or infinite values")
     return found
+
+
+def _json_dict(text: str) -> dict[str, Any]:
+    value = json.loads(text)
+    if not isinstance(value, dict):
+        raise ValueError("its trained_split is not a JSON object")
+    return value
 
 
 def check_scores_match(

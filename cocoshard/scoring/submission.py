@@ -37,6 +37,7 @@ from cocoshard import NUM_CLASSES
 from cocoshard.atomic import atomic_write_text
 from cocoshard.errors import UserError
 from cocoshard.input_files import InputError, read_input
+from cocoshard.pure.decision import top_up
 from cocoshard.pure.format import key_problem
 
 # The challenge's submission (~5,000 images) is ~150 KB; a file far larger is not one.
@@ -61,6 +62,7 @@ def build_submission(
     `predictions` is a boolean (N, C) array. With `min_labels` > 0 an image with fewer predicted
     classes gets its highest-scoring other classes added until it has `min_labels` (every COCO
     image has at least one label, so an empty list only ever costs recall); that needs `scores`.
+    The rule is `cocoshard.pure.decision`'s, the one every reported score is computed with.
     """
     predictions = np.asarray(predictions).astype(bool)
     if predictions.ndim != 2 or predictions.shape[0] != len(keys):
@@ -71,23 +73,8 @@ def build_submission(
     if min_labels > 0:
         if scores is None:
             raise ValueError("min_labels needs the scores to rank the classes")
-        predictions = ensure_min_labels(predictions, np.asarray(scores), min_labels)
+        predictions = top_up(predictions, np.asarray(scores), min_labels)
     return {str(key): np.flatnonzero(row).tolist() for key, row in zip(keys, predictions, strict=True)}
-
-
-def ensure_min_labels(predictions: np.ndarray, scores: np.ndarray, min_labels: int) -> np.ndarray:
-    """Add each short image's best-scoring unpredicted classes until it has `min_labels` of them."""
-    if scores.shape != predictions.shape:
-        raise ValueError(f"scores {scores.shape} and predictions {predictions.shape} differ in shape")
-    result = predictions.copy()
-    short = np.flatnonzero(result.sum(axis=1) < min_labels)
-    if short.size == 0:
-        return result
-    # already-predicted classes rank first so that the top `min_labels` always includes them
-    ranking = np.where(result[short], np.inf, scores[short].astype(np.float64))
-    top = np.argsort(-ranking, axis=1, kind="stable")[:, : min(min_labels, scores.shape[1])]
-    result[short[:, None], top] = True
-    return result
 
 
 # ----------------------------------------------------------------------------------- write

@@ -24,11 +24,24 @@ from rich.text import Text
 from cocoshard.config import ThresholdsConfig
 from cocoshard.console import literal, stdout_console
 from cocoshard.errors import UserError
-from cocoshard.pure import metrics, threshold_tuning
-from cocoshard.scoring.ground_truth import class_names_of, load_labels
-from cocoshard.scoring.scores import read_scores
+from cocoshard.prepare.manifest import read_manifest
+from cocoshard.pure import decision, metrics, threshold_tuning
+from cocoshard.scoring.ground_truth import class_names_of, is_shard_folder, load_labels
+from cocoshard.scoring.same_shards import Trained, check_trained_on
+from cocoshard.scoring.scores import Scores, read_scores
 from cocoshard.scoring.threshold_files import write_thresholds_file
 from cocoshard.settings import print_config
+
+
+def _other_shards(cfg: ThresholdsConfig, found: Scores) -> str:
+    """Refuse to tune on the val split of shards the model was not trained on (a re-pack: images it
+    learned from would pull the thresholds), unless --allow-other-shards; the warning then, else ""."""
+    if not is_shard_folder(cfg.labels):
+        return ""
+    trained = Trained(found.trained_on, found.trained_split)
+    what = f"the model that made {cfg.scores}"
+    manifest = read_manifest(cfg.labels)
+    return check_trained_on(trained, cfg.labels, manifest, what=what, allow=cfg.allow_other_shards) or ""
 
 
 def run(cfg: ThresholdsConfig) -> int:
@@ -42,25 +55,25 @@ def run(cfg: ThresholdsConfig) -> int:
             f"{cfg.scores}: {len(unlabelled)} scored images have no labels in {cfg.labels} (e.g. "
             f"{unlabelled[0]!r}): tune on the scores of the split the labels describe (predict --split val)"
         )
+    other_shards = _other_shards(cfg, found)
     truth = np.stack([labels[key] for key in found.keys])
     tuned = threshold_tuning.tune_thresholds(
         found.scores, truth, default=cfg.default, min_positives=cfg.min_positives
     )
     counts = truth.sum(axis=0)
     kept = [c for c in range(len(counts)) if counts[c] < cfg.min_positives]
+    written = found.min_labels  # the --min-labels predict wrote with: every figure is of what it writes
+
+    def server(thresholds: float | np.ndarray) -> float:
+        return metrics.server_f1(decision.decide_labels(found.scores, thresholds, written), truth).f1
+
     figures = {
-        "with the scores' own thresholds": metrics.server_f1(
-            metrics.predictions_from_scores(found.scores, found.thresholds), truth
-        ).f1,
-        f"at {cfg.default} for every class": metrics.server_f1(
-            metrics.predictions_from_scores(found.scores, cfg.default), truth
-        ).f1,
-        "tuned (on these same images)": metrics.server_f1(
-            metrics.predictions_from_scores(found.scores, tuned), truth
-        ).f1,
+        "with the scores' own thresholds": server(found.thresholds),
+        f"at {cfg.default} for every class": server(cfg.default),
+        "tuned (on these same images)": server(tuned),
     }
     holdout = threshold_tuning.holdout_threshold_gain(
-        found.scores, truth, default=cfg.default, min_positives=cfg.min_positives
+        found.scores, truth, default=cfg.default, min_positives=cfg.min_positives, min_labels=written
     )
     names = class_names_of(cfg.labels)
     write_thresholds_file(
@@ -72,12 +85,18 @@ def run(cfg: ThresholdsConfig) -> int:
         images=len(found.keys),
         min_positives=cfg.min_positives,
         default=cfg.default,
+        min_labels=written,
         kept_default=kept,
         server_f1_tuned=figures["tuned (on these same images)"],
         heldout_gain=holdout["gain"],
+        **({"other_shards": other_shards} if other_shards else {}),
     )
     console = stdout_console()
-    table = Table(title=f"server F1 of {len(found.keys)} images", show_header=False, box=None)
+    table = Table(
+        title=f"server F1 of {len(found.keys)} images, as predict writes them (--min-labels {written})",
+        show_header=False,
+        box=None,
+    )
     for label, value in figures.items():
         table.add_row(label, f"{value:.4f}")
     table.add_row("gain of tuning on a held-out half", f"{holdout['gain']:+.4f}")
@@ -90,6 +109,8 @@ def run(cfg: ThresholdsConfig) -> int:
                 f"here: {shown}{' ...' if len(kept) > 12 else ''}"
             )
         )
+    if other_shards:
+        console.print(f"[bold yellow]warning:[/] {literal(other_shards)}")
     console.print(
         f"[green]wrote[/] {literal(cfg.out)}: use it with cocoshard predict --thresholds {literal(cfg.out)}"
     )

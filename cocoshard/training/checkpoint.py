@@ -1,21 +1,25 @@
-"""Checkpoints: what they hold, written atomically, read safely and checked, and resuming from one.
+"""Checkpoints: what they hold, written atomically, read safely and checked.
 
-A checkpoint (`last.pt`, `best.pt`) is a dict of tensors, numbers, strings, lists and dicts only:
+A checkpoint is a dict of tensors, numbers, strings, lists and dicts only, so that the safe
+unpickler loads all of it. `last.pt` holds what resuming needs, `best.pt` what predict needs:
 
-    model, ema, optimizer, scaler, scheduler   state dicts (ema may be None)
-    epoch, step, ema_updates                   epochs completed, optimizer steps taken
-    rng                                        generator states as tensors and lists (`runtime.rng_state`)
-    config                                     the run's TrainConfig as a plain dict, automatic
-                                               settings resolved
-    shards, class_counts                       the identity of the train and val shards it was trained on,
-                                               and how many train images hold each class
-    classes, thresholds                        80 names, 80 tuned thresholds
-    metrics, best, versions                    the epoch's validation figures, the best epoch so
-                                               far, the libraries' versions
+    model                     last.pt: the raw weights; best.pt: the weights its epoch selected
+    ema                       last.pt: the EMA's weights (None without --ema); not in best.pt
+    weights                   which weights the epoch selected ("ema" or "model"): predict uses those
+    optimizer, scaler,        last.pt only: the optimiser, schedule and AMP scaler state, the
+    scheduler, rng,           generators, EMA updates and the best epoch so far
+    ema_updates, best
+    epoch, step               epochs completed, optimizer steps taken
+    config                    the run's TrainConfig as a plain dict, automatic settings resolved
+    shards, shards_split,     the identity of the train and val shards it was trained on, how their
+    class_counts              split was drawn (pack's seed, val share), train images per class
+    classes, thresholds       80 names, 80 thresholds tuned for the selected weights
+    metrics, versions         the epoch's validation figures, the libraries' versions
 
-so that the safe unpickler loads all of it. The trainer says what its state is
-(`Trainer.state_dict`); `checkpoint_state` adds the epoch's figures and is the one place that
-decides the rest.
+The trainer says what its state is (`Trainer.state_dict`); `checkpoint_state` adds the epoch's
+figures (last.pt) and `prediction_state` keeps of that only what predict needs (best.pt: the
+selected weights, a third of last.pt's size with AdamW). Checkpoints written before `weights`
+existed carry both weight sets in both files; predict reads them as before (the EMA when present).
 A file that asks the unpickler for anything else (a class, a function: the way a malicious
 pickle runs code) is refused with a `UserError`; there is no fallback to `weights_only=False`.
 Whatever a reader uses is checked before it is used (`check_checkpoint`): a NaN threshold or a
@@ -49,6 +53,17 @@ LAST = "last.pt"
 BEST = "best.pt"
 RAW, EMA = "model", "ema"
 REQUIRED_KEYS = ("model", "epoch", "step", "config", "classes", "thresholds")
+RESUME_KEYS = ("optimizer", "scheduler", "rng")  # what last.pt holds beyond what predict needs
+# what best.pt keeps of an epoch's state: predict's needs, and what says where they came from
+PREDICTION_KEYS = (
+    *REQUIRED_KEYS,
+    "weights",
+    "shards",
+    "shards_split",
+    "class_counts",
+    "metrics",
+    "versions",
+)
 _GLOBAL_RE = re.compile(r"GLOBAL\s+([\w.]+)")
 
 
@@ -148,6 +163,7 @@ def _field_problem(state: dict[str, Any]) -> str | None:
             ),
         ),
         ("config", lambda v: isinstance(v, dict)),
+        ("weights", lambda v: v in (RAW, EMA)),
     ]
     for name, valid in checks:
         if name in state and not valid(state[name]):
@@ -201,14 +217,44 @@ def checkpoint_config(state: dict[str, Any], path: str | os.PathLike) -> TrainCo
 
 
 def checkpoint_state(
-    training: dict[str, Any], *, epoch: int, thresholds: Sequence[float], figures: dict[str, float]
+    training: dict[str, Any],
+    *,
+    epoch: int,
+    thresholds: Sequence[float],
+    figures: dict[str, float],
+    weights: str,
 ) -> dict[str, Any]:
-    """What last.pt/best.pt hold: the trainer's state (`Trainer.state_dict`) with the epoch it
-    completed, the thresholds tuned for its weights, its validation figures and the versions."""
+    """What last.pt holds: the trainer's state (`Trainer.state_dict`) with the epoch it completed,
+    which weights that epoch selected (`weights`: EMA or RAW), the thresholds tuned for them, their
+    validation figures and the versions."""
+    if weights not in (RAW, EMA):
+        raise ValueError(f"weights must be {RAW!r} or {EMA!r}, not {weights!r}")
     return {
         **training,
         "epoch": epoch,
+        "weights": weights,
         "thresholds": [float(t) for t in thresholds],
         "metrics": dict(figures),
         "versions": versions(),
     }
+
+
+def prediction_state(state: dict[str, Any]) -> dict[str, Any]:
+    """What best.pt holds of a `checkpoint_state`: the weights the epoch selected (as `model`) and
+    what predict needs with them; no optimiser, schedule, generators or the other weights."""
+    kept = {key: state[key] for key in PREDICTION_KEYS if key in state}
+    kept["model"] = state[state["weights"]]
+    return kept
+
+
+def predicted_weights(state: dict[str, Any]) -> tuple[str, str]:
+    """(the field holding the weights predict uses, which weights they are: EMA or RAW) of a checked
+    checkpoint: the set its epoch selected (under `model` in a best.pt, which holds no other); in a
+    checkpoint from before `weights` existed, the EMA whenever it has one."""
+    has_ema = isinstance(state.get("ema"), dict) and bool(state["ema"])
+    selected = state.get("weights")
+    if selected is None:
+        return (EMA, EMA) if has_ema else (RAW, RAW)
+    if "ema" not in state:
+        return RAW, selected
+    return (EMA, EMA) if selected == EMA and has_ema else (RAW, RAW)

@@ -203,38 +203,66 @@ def strip_wrapper_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Te
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """A state dict from a local file: a bare state dict, or a checkpoint holding one under `ema`
-    (a cocoshard checkpoint's averaged weights, preferred), `model`, `state_dict` or
-    `model_state_dict`. Loaded with `weights_only=True`."""
+    """A state dict from a local file: a bare state dict, or a checkpoint holding one: a cocoshard
+    checkpoint's weights its epoch selected (`weights`; the EMA in one from before that field),
+    else `model`, `state_dict` or `model_state_dict`. Loaded with `weights_only=True`."""
+    return _read_weights(path)[0]
+
+
+def _read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], str | None]:
+    """(`read_state_dict`'s state dict, the model a cocoshard checkpoint says it holds, or None)."""
     data = safe_load(path, what="weights file")
-    for key in ("ema", "model", "state_dict", "model_state_dict"):
+    config = data.get("config") if isinstance(data, dict) else None
+    made_for = config.get("model") if isinstance(config, dict) else None
+    selected = data.get("weights") if isinstance(data, dict) else None
+    first = [selected] if selected in ("ema", "model") and "ema" in data else []
+    for key in (*first, "ema", "model", "state_dict", "model_state_dict"):
         if isinstance(data, dict) and isinstance(data.get(key), dict):
             data = data[key]
             break
     if not isinstance(data, dict) or not data or not all(isinstance(v, torch.Tensor) for v in data.values()):
         raise UserError(f"{path} is not a state dict (a mapping of parameter names to tensors)")
-    return strip_wrapper_prefixes(data)
+    return strip_wrapper_prefixes(data), made_for if isinstance(made_for, str) else None
 
 
-def _load_matching(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    try:
+def _load_matching(model: nn.Module, state: dict[str, torch.Tensor], source: str, hint: str = "") -> None:
+    """Load `state` into `model` exactly; weights of another architecture are said as such, with
+    how many of their tensors fit and the way on (`hint`), not PyTorch's list of every key."""
+    own = model.state_dict()
+    fitting = sum(1 for key, value in state.items() if key in own and own[key].shape == value.shape)
+    if fitting == len(state) == len(own):
         model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()
-        detail = "; ".join(line.strip() for line in first[:4])
-        raise UserError(f"{source} does not fit this --model: {detail}") from exc
+        return
+    lacking = next((key for key in own if key not in state), None)
+    foreign = next((key for key in state if key not in own), None)
+    shapes = next((key for key in state if key in own and own[key].shape != state[key].shape), None)
+    example = (
+        f"it lacks {lacking!r}"
+        if lacking
+        else f"{foreign!r} is not in this model"
+        if foreign
+        else f"{shapes!r} has shape {tuple(state[shapes].shape)}, the model's {tuple(own[shapes].shape)}"
+    )
+    raise UserError(
+        f"{source} are weights of another architecture: {fitting} of their {len(state)} tensors fit "
+        f"this --model's {len(own)} ({example}).{hint}"
+    )
 
 
-def load_local_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+def load_local_weights(model: nn.Module, path: str | os.PathLike, name: str = "") -> nn.Module:
     """Load a local state dict into a 1000-class model; an 80-class file replaces the head first.
 
     The model keeps a 1000-class head when the file had one (`build_model` then replaces it) and
     gets the file's own 80-way head otherwise."""
-    state = read_state_dict(path)
+    state, made_for = _read_weights(path)
     head_weight = state.get(head_layer_name(model) + ".weight")
     if head_weight is not None and head_weight.shape[0] == NUM_CLASSES:
         replace_head(model)  # so that the file's 80-way head fits
-    _load_matching(model, state, str(path))
+    if made_for and made_for != name:
+        hint = f" It is a cocoshard checkpoint of {made_for}: give --model {made_for}"
+    else:
+        hint = " Give the --model they were made for, or --weights imagenet (or none: from scratch)"
+    _load_matching(model, state, f"--weights {path}", hint)
     return model
 
 
@@ -306,7 +334,7 @@ def build_model(
             raise ConfigError(
                 f"--weights {weights!r}: no such file; use imagenet, none, or the path of a state dict"
             )
-        load_local_weights(model, weights)
+        load_local_weights(model, weights, name)
     last = model.get_submodule(head_layer_name(model))
     if last.out_features != num_classes:
         replace_head(model, num_classes, class_prior)

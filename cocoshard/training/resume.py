@@ -21,7 +21,7 @@ from cocoshard.atomic import remove_stale_temporaries
 from cocoshard.config import RESUME_LAST, TrainConfig
 from cocoshard.errors import ConfigError
 from cocoshard.settings import to_dict
-from cocoshard.training.checkpoint import LAST, checkpoint_config, load_checkpoint
+from cocoshard.training.checkpoint import LAST, RESUME_KEYS, checkpoint_config, load_checkpoint
 
 # Settings a resumed run may be given again with other values: none changes what is trained.
 RESUMABLE = (
@@ -95,6 +95,12 @@ def settings_to_run(cfg: TrainConfig) -> tuple[TrainConfig, dict[str, Any] | Non
     if not path.is_file():
         raise ConfigError(f"--resume: there is no {path} to continue; drop --resume to start a new run")
     state = load_checkpoint(path)
+    missing = [key for key in RESUME_KEYS if key not in state]
+    if missing:
+        raise ConfigError(
+            f"--resume {path}: it holds what predict needs (the selected weights), not what a resumed "
+            f"run needs ({', '.join(missing)}): resume from the run's {LAST} (--resume {path.parent / LAST})"
+        )
     return resume_settings(cfg, state, path).resolved(), state, path
 
 

@@ -3,42 +3,49 @@
     OUT/config.json       the TrainConfig the run uses, automatic settings resolved (what
                           `--config OUT/config.json` runs again)
     OUT/run.json          what else it resolved: device name, world size, versions, command line
+    OUT/train.log         what the screen showed, and each epoch's full table (raw weights and EMA)
     OUT/metrics.jsonl     one JSON object per epoch (train and validation figures)
     OUT/thresholds.json   the best epoch's per-class thresholds, with the scores they gave
-    OUT/tensorboard/      the same figures as TensorBoard scalars, when tensorboard is installed
+    OUT/tensorboard/      per-step loss and learning rate, per-epoch figures and tables, when
+                          tensorboard is installed (`tensorboard --logdir OUT/tensorboard`)
 
-On screen: a rich progress bar per epoch (steps, loss, learning rate, images/s, elapsed, the time
-left in the epoch and in the whole run), a rich table per epoch comparing the raw weights with
-their EMA, and a summary at the end: time, best epoch and its scores, files written, next command.
+On screen, made to fit the terminal (80 columns included) and degrading as it narrows: the
+settings once, a progress bar per epoch (steps, loss, images/s, the time left in the whole run,
+the learning rate and the epoch's time where they fit), one line per epoch (its val server F1 and
+which weights gave it, the loss, speed and time), and at the end a summary: what this invocation
+trained, the best epoch, the files written and the next command, broken with ` \\` so that it
+copies as one. Nothing on screen is cut with "…": parts are left out whole.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
+from rich.progress import BarColumn, Progress, TextColumn
 from rich.table import Table
+from rich.text import Text
 
 from cocoshard.atomic import atomic_write_text
+from cocoshard.folder_lock import LOCK_FILE
+from cocoshard.settings import print_config, to_dict
+from cocoshard.training.checkpoint import BEST, LAST
 
 CONFIG_FILE = "config.json"
 RUN_FILE = "run.json"
+LOG_FILE = "train.log"
 METRICS_LOG = "metrics.jsonl"
 THRESHOLDS_FILE = "thresholds.json"
 TENSORBOARD_DIR = "tensorboard"
+# every file and folder a run writes in its folder (what a failed start removes again)
+RUN_OUTPUTS = (CONFIG_FILE, RUN_FILE, LOG_FILE, METRICS_LOG, THRESHOLDS_FILE, TENSORBOARD_DIR)
+LOG_WIDTH = 100  # columns of train.log
 # rows of the epoch table: (record key, label)
 TABLE_ROWS = (
     ("loss", "loss"),
@@ -49,14 +56,47 @@ TABLE_ROWS = (
     ("micro_f1", "micro F1"),
     ("map", "mAP"),
 )
+# the files a finished run names, in this order
+SUMMARY_FILES = (
+    ("best checkpoint", BEST),
+    ("last checkpoint", LAST),
+    ("thresholds", THRESHOLDS_FILE),
+    ("metrics", METRICS_LOG),
+    ("log", LOG_FILE),
+    ("tensorboard", TENSORBOARD_DIR),
+    ("settings", CONFIG_FILE),
+)
+# numbers of an epoch record that are bookkeeping, not curves: counters, settings, sizes
+NOT_CURVES = frozenset({"epoch", "epochs", "step", "best_epoch", "images", "min_labels", "skipped_samples"})
+# run facts shown elsewhere on screen: as settings (loader; amp and amp_dtype) or not at all
+FACTS_NOT_SHOWN = frozenset({"loader", "amp", "versions"})
 
 
-def _flat_numbers(record: dict[str, Any], prefix: str = "") -> dict[str, float]:
+def remove_failed_start(out: Path, before: set[str] | None) -> None:
+    """After a run that completed no epoch, remove what it created in its folder (settings, log,
+    curves, lock; `before`: the folder's entries before it started, None when it did not exist) and
+    the folder itself when it made it. Never touches a checkpoint: a folder holding one is left."""
+    if (out / LAST).exists() or (out / BEST).exists() or not out.is_dir():
+        return
+    for name in (*RUN_OUTPUTS, LOCK_FILE):
+        path = out / name
+        if before is not None and name in before:
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+    if before is None and not any(out.iterdir()):
+        out.rmdir()
+
+
+def _curves(record: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    """The numbers of an epoch record worth a curve, nested keys joined by '/'."""
     out: dict[str, float] = {}
     for key, value in record.items():
         if isinstance(value, dict):
-            out.update(_flat_numbers(value, f"{prefix}{key}/"))
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out.update(_curves(value, f"{prefix}{key}/"))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and key not in NOT_CURVES:
             out[f"{prefix}{key}"] = float(value)
     return out
 
@@ -70,11 +110,38 @@ def _duration(seconds: float) -> str:
     )
 
 
+def fit_parts(parts: Sequence[str], width: int, separator: str = "  ") -> str:
+    """The leading parts (most important first) that fit in `width` columns, whole."""
+    line = ""
+    for part in parts:
+        longer = part if not line else line + separator + part
+        if len(longer) > width:
+            break
+        line = longer
+    return line
+
+
+def command_lines(words: Sequence[str], width: int = 80, indent: str = "  ") -> list[str]:
+    """A shell command broken between its words with ` \\` continuations so that each line fits in
+    `width` where its words do: copied from the screen or a log it runs as one command."""
+    lines, line = [], indent + words[0]
+    for word in words[1:]:
+        if len(line) + 1 + len(word) + 2 > width:
+            lines.append(line + " \\")
+            line = indent + "    " + word
+        else:
+            line += " " + word
+    return [*lines, line]
+
+
 class EpochProgress:
     """A progress bar for one epoch; `update` is called only at log steps (it follows a host sync).
 
     `run_left(seconds_per_step)` says how long the steps after this epoch will take (the epochs to
-    come, validation included), so the bar can show the time left in the whole run."""
+    come, validation included), so the bar can show the time left in the whole run. What follows
+    the bar is chosen to fit the terminal: the less important parts are left out whole."""
+
+    BAR_MIN, BAR_MAX = 10, 30
 
     def __init__(
         self,
@@ -82,48 +149,109 @@ class EpochProgress:
         description: str,
         steps: int,
         batch_images: int,
-        run_left: Any = None,
+        run_left: Callable[[float], float] | None = None,
     ) -> None:
-        self.batch_images, self.steps = batch_images, steps
+        self.batch_images, self.steps, self.description = batch_images, steps, description
         self.run_left = run_left or (lambda per_step: 0.0)
         self.started = time.perf_counter()
         self.progress: Progress | None = None
-        if console is not None:
+        if console is not None and console.is_terminal:  # a log file gets the epoch's line instead
+            self.console = console
+            self.bar = BarColumn(bar_width=self.BAR_MAX)
             self.progress = Progress(
                 TextColumn("[bold]{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("loss {task.fields[loss]}"),
-                TextColumn("lr {task.fields[lr]}"),
-                TextColumn("{task.fields[rate]} img/s"),
-                TimeElapsedColumn(),
-                TimeRemainingColumn(),
-                TextColumn("run {task.fields[run]} left"),
+                self.bar,
+                TextColumn("{task.fields[info]}"),
                 console=console,
             )
-            self.task = self.progress.add_task(description, total=steps, loss="-", lr="-", rate="-", run="-")
+            self.task = self.progress.add_task(description, total=steps, info=self._info(0, None, None))
             self.progress.start()
+
+    def _info(self, step: int, loss: float | None, lr: float | None) -> str:
+        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        per_step = elapsed / max(step, 1)
+        parts = [f"{step}/{self.steps}"]
+        if loss is not None and lr is not None:
+            left = (self.steps - step) * per_step + self.run_left(per_step)
+            parts += [
+                f"loss {loss:.4f}",
+                f"run {_duration(left)} left",
+                f"{step * self.batch_images / elapsed:,.0f} img/s",
+                f"lr {lr:.1e}",
+                f"epoch {_duration(elapsed)}",
+            ]
+        room = self.console.width - 1 - len(self.description) - 1 - self.BAR_MIN - 1
+        info = fit_parts(parts, room)
+        self.bar.bar_width = max(
+            self.BAR_MIN, min(self.BAR_MAX, self.console.width - 1 - len(self.description) - len(info) - 2)
+        )
+        return info
 
     def update(self, step: int, loss: float, lr: float) -> None:
         """Show `step` steps done in this epoch at a mean loss of `loss`, the head's learning rate `lr`."""
-        if self.progress is None:
-            return
-        elapsed = max(time.perf_counter() - self.started, 1e-9)
-        per_step = elapsed / max(step, 1)
-        left = (self.steps - step) * per_step + self.run_left(per_step)
-        self.progress.update(
-            self.task,
-            completed=step,
-            loss=f"{loss:.4f}",
-            lr=f"{lr:.2e}",
-            rate=f"{step * self.batch_images / elapsed:,.0f}",
-            run=_duration(left),
-        )
+        if self.progress is not None:
+            self.progress.update(self.task, completed=step, info=self._info(step, loss, lr), refresh=True)
 
     def close(self) -> None:
-        """Stop redrawing the bar (it stays on screen)."""
+        """Stop the bar and take it off the screen: the epoch's line says how it went."""
         if self.progress is not None:
+            self.progress.update(self.task, visible=False)
             self.progress.stop()
+
+
+def epoch_line(record: dict[str, Any], width: int) -> str:
+    """An epoch in one line that fits `width`: its val server F1 (tuned, of the weights it
+    selected), whether it is the best so far, the train loss, speed and time."""
+    selected = record["selected"]
+    val = record["val"][selected]
+    weights = "EMA" if selected == "ema" else "raw"
+    parts = [
+        f"epoch {record['epoch']}/{record['epochs']}",
+        f"val server F1 {val['server_f1_tuned']:.4f} ({weights}){' ★ best' if record['best'] else ''}",
+    ]
+    if "loss" in record["train"]:
+        parts.append(f"loss {record['train']['loss']:.4f}")
+    parts += [f"{record['images_per_s']:,.0f} img/s", f"{record['time_s']:.0f} s"]
+    if record.get("time_s", 0) > 0 and "data_wait_s" in record:
+        parts.append(f"{record['data_wait_s'] / record['time_s']:.0%} data wait")
+    return fit_parts(parts, width - 1)
+
+
+def epoch_table(record: dict[str, Any], columns: Sequence[str]) -> Table:
+    """The epoch's full table: train figures beside the val figures of each weight set."""
+    title = (
+        f"epoch {record['epoch']}/{record['epochs']} · {record['images_per_s']:,.0f} img/s · "
+        f"{record['time_s']:.1f} s"
+    )
+    if "data_wait_s" in record and record["time_s"] > 0:
+        title += f" · {record['data_wait_s'] / record['time_s']:.0%} waiting for data"
+    table = Table(title=title, title_justify="left")
+    table.add_column("")
+    table.add_column("train", justify="right")
+    for column in columns:
+        table.add_column(f"val {column}{' ★' if column == record['selected'] else ''}", justify="right")
+    for key, label in TABLE_ROWS:
+        train = record["train"].get(key)
+        cells = [
+            f"{record['val'][column][key]:.4f}" if key in record["val"][column] else "" for column in columns
+        ]
+        table.add_row(label, "" if train is None else f"{train:.4f}", *cells)
+    return table
+
+
+def markdown_table(record: dict[str, Any], columns: Sequence[str]) -> str:
+    """The epoch's table as markdown, for TensorBoard's text tab."""
+    rows = [
+        "| | train | "
+        + " | ".join(f"val {c}{' ★' if c == record['selected'] else ''}" for c in columns)
+        + " |",
+        "|---|---:|" + "---:|" * len(columns),
+    ]
+    for key, label in TABLE_ROWS:
+        train = record["train"].get(key)
+        cells = [f"{record['val'][c][key]:.4f}" if key in record["val"][c] else "" for c in columns]
+        rows.append(f"| {label} | {'' if train is None else f'{train:.4f}'} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
 
 
 class RunLog:
@@ -134,9 +262,11 @@ class RunLog:
         self.enabled = enabled
         self.console = (console or Console(stderr=True)) if enabled else None
         self._tensorboard: Any = None
+        self._file: IO[str] | None = None
+        self._file_console: Console | None = None
 
     def _scalars(self) -> Any:
-        """The TensorBoard writer, opened at the first epoch (None when tensorboard is not installed)."""
+        """The TensorBoard writer, opened at first use (None when tensorboard is not installed)."""
         if self._tensorboard is None:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -146,22 +276,66 @@ class RunLog:
                 self._tensorboard = SummaryWriter(str(self.out / TENSORBOARD_DIR))
         return self._tensorboard or None
 
-    def note(self, message: str) -> None:
-        """One line for the user."""
-        if self.console is not None:
-            self.console.print(message, highlight=False)
+    def _show(self, renderable: Any, screen: bool = True, soft_wrap: bool = False) -> None:
+        """On screen (unless `screen` is False) and in train.log once it is open."""
+        if screen and self.console is not None:
+            self.console.print(renderable, highlight=False, soft_wrap=soft_wrap)
+        if self._file_console is not None:
+            self._file_console.print(renderable, highlight=False, soft_wrap=soft_wrap)
 
-    def save_config(self, settings: dict[str, Any], facts: dict[str, Any]) -> None:
-        """The settings the run uses (config.json) and what else it resolved (run.json)."""
+    def note(self, message: str) -> None:
+        """A message for the user, as it is (no markup), wrapped between words to fit the screen."""
         if self.enabled:
-            atomic_write_text(self.out / CONFIG_FILE, json.dumps(settings, indent=2, sort_keys=True) + "\n")
-            atomic_write_text(self.out / RUN_FILE, json.dumps(facts, indent=2, sort_keys=True) + "\n")
+            self._show(Text(message))
+
+    def line(self, text: str) -> None:
+        """A line to copy (a path, a command): never broken by rich; one longer than the terminal
+        wraps where the terminal wraps, and copies as one."""
+        if self.enabled:
+            self._show(Text(text), soft_wrap=True)
+
+    def command(self, words: Sequence[str]) -> None:
+        """A command to copy, broken into lines that fit the screen with ` \\` continuations."""
+        if self.enabled:
+            width = self.console.width if self.console is not None else 80
+            for line in command_lines(words, width):
+                self.line(line)
+
+    def start(self, settings: Any, facts: dict[str, Any]) -> None:
+        """Once every check passed: open train.log, show the settings once (and what else the run
+        resolved, each once), save config.json and run.json."""
+        if not self.enabled:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.out / LOG_FILE, "a", encoding="utf-8")  # closed by close()
+        self._file_console = Console(
+            file=self._file, width=LOG_WIDTH, force_terminal=False, color_system=None, highlight=False
+        )
+        shown = {key: value for key, value in facts.items() if key not in FACTS_NOT_SHOWN}
+        print_config(settings, self.console, extra=shown)
+        print_config(settings, self._file_console, extra=shown)
+        atomic_write_text(
+            self.out / CONFIG_FILE, json.dumps(to_dict(settings), indent=2, sort_keys=True) + "\n"
+        )
+        atomic_write_text(self.out / RUN_FILE, json.dumps(facts, indent=2, sort_keys=True) + "\n")
 
     def epoch_progress(
-        self, description: str, steps: int, batch_images: int, run_left: Any = None
+        self,
+        description: str,
+        steps: int,
+        batch_images: int,
+        run_left: Callable[[float], float] | None = None,
     ) -> EpochProgress:
-        """A progress bar for one epoch (silent off rank 0)."""
+        """A progress bar for one epoch (silent off rank 0 and off a terminal)."""
         return EpochProgress(self.console, description, steps, batch_images, run_left)
+
+    def log_step(self, step: int, loss: float, lr: float) -> None:
+        """Per-step curves for TensorBoard: the loss since the last log step and the head's learning
+        rate, at the log steps only (where the loop has already waited for the device)."""
+        writer = self._scalars() if self.enabled else None
+        if writer is not None:
+            writer.add_scalar("train/step_loss", loss, step)
+            writer.add_scalar("train/step_lr_head", lr, step)
 
     def keep_epochs_up_to(self, epoch: int) -> None:
         """Drop log lines of epochs after `epoch`: on resume they are run again (0: a fresh run)."""
@@ -179,7 +353,8 @@ class RunLog:
         atomic_write_text(path, "".join(line + "\n" for line in kept))
 
     def record_epoch(self, record: dict[str, Any], columns: Sequence[str]) -> None:
-        """Append one line to metrics.jsonl, log the scalars, print the epoch table."""
+        """Append one line to metrics.jsonl, log the curves and the table to TensorBoard, show the
+        epoch's line on screen and its full table in train.log."""
         if not self.enabled:
             return
         self.out.mkdir(parents=True, exist_ok=True)
@@ -189,31 +364,66 @@ class RunLog:
             os.fsync(handle.fileno())
         writer = self._scalars()
         if writer is not None:
-            for key, value in _flat_numbers(record).items():
+            for key, value in _curves(record).items():
                 writer.add_scalar(key, value, record["epoch"])
+            writer.add_text("epochs", markdown_table(record, columns), record["epoch"])
             writer.flush()
-        self._print_table(record, columns)
+        width = self.console.width if self.console is not None else LOG_WIDTH
+        self._show(Text(epoch_line(record, width)))
+        self._show(epoch_table(record, columns), screen=False)
 
-    def _print_table(self, record: dict[str, Any], columns: Sequence[str]) -> None:
-        title = (
-            f"epoch {record['epoch']}/{record['epochs']} · {record['images_per_s']:,.0f} img/s · "
-            f"{record['time_s']:.1f} s"
+    def summary(
+        self,
+        first_epoch: int,
+        epoch: int,
+        epochs: int,
+        seconds: float,
+        best_epoch: int,
+        best_score: float,
+        shards: str,
+    ) -> None:
+        """What a finished run says: what this invocation trained (epochs `first_epoch` + 1 to `epoch`)
+        and in how long, the best epoch and its score, the files written, the commands to run next."""
+        done = epoch - first_epoch
+        which = f"epochs {first_epoch + 1}-{epoch}" if done > 1 else f"epoch {epoch}"
+        resumed = f", resumed after epoch {first_epoch}" if first_epoch else ""
+        plural = "s" * (done != 1)
+        self.note(f"trained {done} epoch{plural} ({which} of {epochs}) in {seconds / 60:.1f} min{resumed}")
+        self.note(
+            f"best epoch {best_epoch}: val server F1 {best_score:.4f}, thresholds tuned on those same images"
         )
-        if "data_wait_s" in record and record["time_s"] > 0:
-            title += f" · {record['data_wait_s'] / record['time_s']:.0%} waiting for data"
-        table = Table(title=title, title_justify="left")
-        table.add_column("")
-        table.add_column("train", justify="right")
-        for column in columns:
-            table.add_column(f"val {column}{' ★' if column == record['selected'] else ''}", justify="right")
-        for key, label in TABLE_ROWS:
-            train = record["train"].get(key)
-            cells = [
-                f"{record['val'][column][key]:.4f}" if key in record["val"][column] else ""
-                for column in columns
+        for name, file in SUMMARY_FILES:
+            if (self.out / file).exists():
+                self.line(f"  {name:<17} {self.out / file}")
+        if (self.out / TENSORBOARD_DIR).is_dir():
+            self.note("curves and epoch tables:")
+            self.command(["tensorboard", "--logdir", str(self.out / TENSORBOARD_DIR)])
+        self.note("next: predict the test images and check the submission:")
+        self.command(
+            [
+                "cocoshard",
+                "predict",
+                "--checkpoint",
+                str(self.out / BEST),
+                "--shards",
+                shards,
+                "--out",
+                "predictions.json",
             ]
-            table.add_row(label, "" if train is None else f"{train:.4f}", *cells)
-        self.console.print(table)
+        )
+        self.command(["cocoshard", "evaluate", "--predictions", "predictions.json", "--images", shards])
+
+    def stopped(self, epoch: int, epochs: int, resumable: bool) -> None:
+        """What a run stopped during epoch `epoch` + 1 says: what is kept and how to go on."""
+        if not resumable:
+            self.note(
+                f"stopped during epoch {epoch + 1}: no epoch was complete, nothing to resume; start again "
+                "with the same command"
+            )
+            return
+        self.note(f"stopped during epoch {epoch + 1}: {self.out / LAST} holds epoch {epoch} of {epochs}")
+        self.note("resume with:")
+        self.command(["cocoshard", "train", "--out", str(self.out), "--resume"])
 
     def save_thresholds(self, payload: dict[str, Any]) -> None:
         """The best epoch's per-class thresholds (and the scores they gave) as JSON."""
@@ -221,6 +431,10 @@ class RunLog:
             atomic_write_text(self.out / THRESHOLDS_FILE, json.dumps(payload, indent=2) + "\n")
 
     def close(self) -> None:
-        """Flush and close the TensorBoard writer."""
+        """Flush and close the TensorBoard writer and train.log."""
         if self._tensorboard:
             self._tensorboard.close()
+        self._tensorboard = None
+        if self._file is not None:
+            self._file.close()
+        self._file, self._file_console = None, None

@@ -17,18 +17,20 @@ except every `--log-every` steps, to show progress.
 from __future__ import annotations
 
 import contextlib
+import os
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from cocoshard import NUM_CLASSES
-from cocoshard.config import TrainConfig
+from cocoshard.config import MIN_LABELS, TrainConfig
 from cocoshard.errors import UserError
 from cocoshard.folder_lock import folder_lock
 from cocoshard.loading.batch import Batch
-from cocoshard.pure import metrics, threshold_tuning
+from cocoshard.pure import decision, metrics, threshold_tuning
 from cocoshard.seeds import Stream, derive_seed
 from cocoshard.training.checkpoint import (
     BEST,
@@ -36,12 +38,13 @@ from cocoshard.training.checkpoint import (
     LAST,
     RAW,
     checkpoint_state,
+    prediction_state,
     save_checkpoint,
 )
 from cocoshard.training.model import set_train_mode
 from cocoshard.training.optim import BACKBONE, HEAD
 from cocoshard.training.resume import settings_to_run
-from cocoshard.training.runlog import CONFIG_FILE, METRICS_LOG, THRESHOLDS_FILE, RunLog
+from cocoshard.training.runlog import RunLog, remove_failed_start
 from cocoshard.training.runtime import (
     all_reduce_sum,
     barrier,
@@ -67,6 +70,7 @@ class OnlineMetrics:
         self.images = 0
         self.predicted: list[torch.Tensor] = []
         self.labels: list[torch.Tensor] = []
+        self._read = (0.0, 0)  # loss sum and images at the last `read_losses`
 
     def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
         """Count one batch (device operations only)."""
@@ -78,6 +82,12 @@ class OnlineMetrics:
     def mean_loss(self) -> float:
         """This rank's mean loss so far (waits for the device)."""
         return self.loss_sum.item() / max(self.images, 1)
+
+    def read_losses(self) -> tuple[float, float]:
+        """(this rank's mean loss so far, its mean loss since the last call): one wait for the device."""
+        total, (before, images_before) = self.loss_sum.item(), self._read
+        self._read = (total, self.images)
+        return total / max(self.images, 1), (total - before) / max(self.images - images_before, 1)
 
     def summary(self, is_main: bool) -> dict[str, float]:
         """Loss and headline metrics over every rank (collective: call on all ranks)."""
@@ -158,7 +168,9 @@ def train_one_epoch(tr: Trainer, epoch: int) -> dict[str, Any]:
             train_step(tr, batch, meter)
             index += 1
             if index % cfg.log_every == 0 or index == steps:
-                progress.update(index, meter.mean_loss(), head_lr(tr))
+                mean, recent = meter.read_losses()  # the one wait for the device, every --log-every steps
+                progress.update(index, mean, head_lr(tr))
+                tr.log.log_step(tr.step, recent, head_lr(tr))
     finally:
         progress.close()
     if runtime.device.type == "cuda":
@@ -229,11 +241,15 @@ def validation_scores(
 def score_validation(
     scores: np.ndarray, labels: np.ndarray, loss: float, seed: int
 ) -> tuple[dict[str, float], np.ndarray]:
-    """Headline metrics at 0.5 and at thresholds tuned for the server F1, and those thresholds."""
-    at_half = metrics.metrics_from_scores(scores, labels)
+    """Headline metrics at 0.5 and at thresholds tuned for the server F1, and those thresholds.
+
+    Every figure is that of what `cocoshard predict` would write with those thresholds (its default
+    `--min-labels` top-up included: `decision.decide_labels`), so the score a run reports is the
+    score of the file it submits."""
+    at_half = _written_metrics(scores, labels, metrics.DEFAULT_THRESHOLD)
     thresholds = threshold_tuning.tune_thresholds(scores, labels)
-    tuned = metrics.metrics_from_scores(scores, labels, thresholds)
-    holdout = threshold_tuning.holdout_threshold_gain(scores, labels, seed=seed)
+    tuned = _written_metrics(scores, labels, thresholds)
+    holdout = threshold_tuning.holdout_threshold_gain(scores, labels, seed=seed, min_labels=MIN_LABELS)
     figures = {
         "loss": loss,
         "server_f1": at_half["server_f1"],
@@ -244,10 +260,16 @@ def score_validation(
         "macro_f1": at_half["macro_f1"],
         "micro_f1": at_half["micro_f1"],
         "macro_f1_tuned": tuned["macro_f1"],
-        "map": at_half["map"],
+        "map": metrics.mean_average_precision(scores, labels),
         "images": at_half["images"],
+        "min_labels": MIN_LABELS,
     }
     return figures, thresholds
+
+
+def _written_metrics(scores: np.ndarray, labels: np.ndarray, thresholds: Any) -> dict[str, float]:
+    """The headline metrics of the classes predict writes at `thresholds` (default --min-labels)."""
+    return metrics.metrics_from_predictions(decision.decide_labels(scores, thresholds, MIN_LABELS), labels)
 
 
 def validate(tr: Trainer) -> tuple[dict[str, dict[str, float]], dict[str, np.ndarray]]:
@@ -288,14 +310,15 @@ def finish_epoch(tr: Trainer, epoch: int, train: dict[str, Any], figures: dict, 
         **train,
     }
     tr.log.record_epoch(record, list(figures))
+    state = checkpoint_state(
+        tr.state_dict(),
+        epoch=epoch + 1,
+        thresholds=thresholds[selected],
+        figures=figures[selected],
+        weights=selected,
+    )
     if improved:
-        state = tr.state_dict(keep_ema=selected == EMA)
-        save_checkpoint(
-            tr.out / BEST,
-            checkpoint_state(
-                state, epoch=epoch + 1, thresholds=thresholds[selected], figures=figures[selected]
-            ),
-        )
+        save_checkpoint(tr.out / BEST, prediction_state(state))
         tr.log.save_thresholds(
             {
                 "epoch": epoch + 1,
@@ -305,17 +328,12 @@ def finish_epoch(tr: Trainer, epoch: int, train: dict[str, Any], figures: dict, 
                 "server_f1_tuned": score,
                 "server_f1_at_0.5": figures[selected]["server_f1"],
                 "heldout_gain": figures[selected]["heldout_gain"],
+                "min_labels": MIN_LABELS,
             }
         )
     # best.pt and thresholds.json before last.pt: resume trusts last.pt's best score, so a kill in
     # between must leave the best files already written, never named by the log but missing.
-    # predict uses the EMA whenever a checkpoint has one: last.pt carries the EMA's thresholds.
-    kept = EMA if EMA in figures else RAW
-    state = tr.state_dict(keep_ema=True)
-    save_checkpoint(
-        tr.out / LAST,
-        checkpoint_state(state, epoch=epoch + 1, thresholds=thresholds[kept], figures=figures[kept]),
-    )
+    save_checkpoint(tr.out / LAST, state)
 
 
 def fit(tr: Trainer) -> None:
@@ -337,44 +355,28 @@ def fit(tr: Trainer) -> None:
             break
 
 
-def summary_lines(tr: Trainer, seconds: float) -> list[str]:
-    """What a finished run says: time, the best epoch and its scores, the files written, the next command."""
-    best = tr.out / BEST
-    lines = [
-        f"trained {tr.epoch} epoch(s) in {seconds / 60:.1f} min; best epoch {tr.best_epoch}: server F1 "
-        f"{tr.best_score:.4f} with tuned thresholds (on the val split they were tuned on)"
-    ]
-    lines += [
-        f"  {name:<16}{tr.out / file}"
-        for name, file in (
-            ("best checkpoint", BEST),
-            ("last checkpoint", LAST),
-            ("thresholds", THRESHOLDS_FILE),
-            ("metrics per epoch", METRICS_LOG),
-            ("settings", CONFIG_FILE),
-        )
-    ]
-    lines.append("next: predict the test images and check the submission:")
-    lines.append(
-        f"  cocoshard predict --checkpoint {best} --shards {tr.cfg.shards} --split test --out "
-        "predictions.json"
+def batches_note(tr: Trainer) -> str | None:
+    """What an epoch leaves out: the images of the last partial batch (said once, at the start)."""
+    per_step = tr.cfg.batch_size * tr.runtime.world_size
+    images = tr.train_loader.split_samples
+    left = images - tr.steps_per_epoch * per_step
+    if left <= 0:
+        return None
+    return (
+        f"{images} train images in batches of {per_step}: {tr.steps_per_epoch} steps per epoch, each "
+        f"leaving out {left} images (the last partial batch; the shuffle picks other ones every epoch)"
     )
-    lines.append(f"  cocoshard evaluate --predictions predictions.json --images {tr.cfg.shards}")
-    return lines
 
 
-def interrupted_lines(tr: Trainer) -> list[str]:
-    """What a run stopped by Ctrl-C or SIGTERM says: what is kept and how to go on."""
-    if tr.epoch == 0 or not (tr.out / LAST).is_file():
-        return [
-            f"stopped during epoch {tr.epoch + 1}: no epoch was complete, nothing to resume; start again "
-            "with "
-            f"the same command"
-        ]
-    return [
-        f"stopped during epoch {tr.epoch + 1}: {tr.out / LAST} holds epoch {tr.epoch} of {tr.cfg.epochs}",
-        f"  resume with: cocoshard train --out {tr.out} --resume",
-    ]
+def summarise(tr: Trainer, first_epoch: int, seconds: float) -> None:
+    """What a finished run says (`RunLog.summary`): this invocation's epochs and time, the best
+    epoch, the files written, the commands to run next."""
+    tr.log.summary(first_epoch, tr.epoch, tr.cfg.epochs, seconds, tr.best_epoch, tr.best_score, tr.cfg.shards)
+
+
+def interrupted(tr: Trainer) -> None:
+    """What a run stopped by Ctrl-C, SIGTERM or SIGHUP says: what is kept and how to go on."""
+    tr.log.stopped(tr.epoch, tr.cfg.epochs, resumable=tr.epoch > 0 and (tr.out / LAST).is_file())
 
 
 def run(cfg: TrainConfig) -> int:
@@ -382,35 +384,45 @@ def run(cfg: TrainConfig) -> int:
     cfg, resumed, resumed_from = settings_to_run(cfg)
     runtime = setup(cfg.device, cfg.amp, cfg.amp_dtype)
     log = RunLog(cfg.out, enabled=runtime.is_main)
-    tr = None
+    out = Path(cfg.out)
+    tr, completed = None, False
+    before: list[set[str] | None] = []  # the folder's entries when this run took its lock
     started = time.perf_counter()
     with contextlib.ExitStack() as stack:
         try:
             # one writer per run folder: a second train into it is refused at once
-            lock = (
-                (lambda: stack.enter_context(folder_lock(cfg.out, "cocoshard train")))
-                if runtime.is_main
-                else None
+            def lock() -> None:
+                listing = set(os.listdir(out)) if out.is_dir() else None  # what is not this run's
+                stack.enter_context(folder_lock(cfg.out, "cocoshard train"))
+                before.append(listing)  # locked: from here on, a failed start cleans up after itself
+
+            tr = build_trainer(
+                cfg, runtime, log, resumed, resumed_from, lock=lock if runtime.is_main else None
             )
-            tr = build_trainer(cfg, runtime, log, resumed, resumed_from, lock=lock)
             if tr.epoch >= tr.cfg.epochs:
                 log.note(
                     f"{tr.out / LAST} already completed {tr.epoch} of {tr.cfg.epochs} epochs: nothing to do "
                     f"(give --epochs more than {tr.epoch} with --resume to train on)"
                 )
+                completed = True
                 return 0
+            first_epoch = tr.epoch
+            note = batches_note(tr)
+            if note:
+                log.note(note)
             fit(tr)
-            for line in summary_lines(tr, time.perf_counter() - started):
-                log.note(line)
+            summarise(tr, first_epoch, time.perf_counter() - started)
+            completed = True
             return 0
         except KeyboardInterrupt:
             if tr is not None:
-                for line in interrupted_lines(tr):
-                    log.note(line)
+                interrupted(tr)
             raise
         finally:
             if tr is not None:
                 for loader in (tr.train_loader, tr.val_loader):
                     loader.close()  # stop worker processes now rather than at garbage collection
             log.close()
+            if not completed and resumed is None and runtime.is_main and before:
+                remove_failed_start(out, before[0])  # a run that completed no epoch leaves nothing
             cleanup()

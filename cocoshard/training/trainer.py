@@ -38,9 +38,10 @@ from cocoshard.prepare.manifest import (
     read_manifest,
     shard_urls,
     shards_identity,
+    split_record,
     split_shards,
 )
-from cocoshard.settings import print_config, to_dict
+from cocoshard.settings import to_dict
 from cocoshard.shard_cache import Remote, remote_of
 from cocoshard.training.checkpoint import BEST, LAST, versions
 from cocoshard.training.loss import build_loss
@@ -75,6 +76,7 @@ class Trainer:
     classes: Sequence[str]
     input_dtype: torch.dtype
     shards_identity: str = ""  # which train/val shards the run trains on (`manifest.shards_identity`)
+    shards_split: dict[str, Any] = dataclasses.field(default_factory=dict)  # their split's seed, val share
     class_counts: Sequence[int] = ()  # train images holding each class
     num_classes: int = NUM_CLASSES
     net: nn.Module | None = None
@@ -89,13 +91,13 @@ class Trainer:
         """The run folder."""
         return Path(self.cfg.out)
 
-    def state_dict(self, keep_ema: bool = True) -> dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
         """What resuming needs of this trainer, as tensors, numbers, strings and containers only
-        (a checkpoint loads with weights_only=True). `keep_ema=False` leaves the EMA out, so that a
-        reader preferring the EMA uses the raw weights an epoch selected."""
+        (a checkpoint loads with weights_only=True); `checkpoint.checkpoint_state` adds the epoch's
+        figures, and `checkpoint.prediction_state` keeps of it only what predict needs (best.pt)."""
         return {
             "model": unwrap(self.model).state_dict(),
-            "ema": self.ema.state_dict() if self.ema is not None and keep_ema else None,
+            "ema": self.ema.state_dict() if self.ema is not None else None,
             "ema_updates": self.ema.updates if self.ema is not None else 0,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -104,6 +106,7 @@ class Trainer:
             "rng": rng_state(),
             "config": to_dict(self.cfg),
             "shards": self.shards_identity,
+            "shards_split": dict(self.shards_split),
             "class_counts": list(self.class_counts),
             "classes": list(self.classes),
             "best": {"epoch": self.best_epoch, "server_f1_tuned": self.best_score},
@@ -321,9 +324,7 @@ def build_trainer(
     plan.apply()
     cfg = resolved_settings(cfg, runtime, plan)
     if runtime.is_main:
-        facts = run_facts(cfg, runtime, identity, plan)
-        print_config(cfg, log.console, extra={k: v for k, v in facts.items() if k != "versions"})
-        log.save_config(to_dict(cfg), facts)
+        log.start(cfg, run_facts(cfg, runtime, identity, plan))  # train.log, the settings once, config.json
     seed_everything(cfg.seed)
     model = build_model(cfg.model, cfg.weights, class_prior=class_prior(manifest))
     check_input_size(model, cfg.size, cfg.model)
@@ -357,6 +358,7 @@ def build_trainer(
         classes=manifest_class_names(manifest),
         input_dtype=runtime.amp_dtype or torch.float32,
         shards_identity=identity,
+        shards_split=split_record(manifest),
         class_counts=manifest["splits"]["train"]["class_counts"],
     )
     if resumed is not None and resumed_from is not None:

@@ -81,3 +81,12 @@ def test_class_names_come_from_a_synthetic_set(tmp_path):
     assert dataset_class_names(tmp_path) == list(CLASSES)
     (tmp_path / "synthetic.json").write_text("{not json")
     assert dataset_class_names(tmp_path) == list(CLASSES)
+
+
+def test_a_root_one_level_off_names_the_challenge_folder(coco_sample, tmp_path, monkeypatch):
+    with pytest.raises(UserError, match=f"give --root {coco_sample}$"):
+        find_sources(str(coco_sample / "images"))  # one level too deep
+    (tmp_path / "ms-coco").symlink_to(coco_sample, target_is_directory=True)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match="the challenge folder is ms-coco: give --root ms-coco$"):
+        find_sources(".")  # the folder that holds the unzipped ms-coco

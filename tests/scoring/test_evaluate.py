@@ -226,3 +226,16 @@ def test_class_names_come_from_the_shards_manifest(synth_shards_jpeg, coco_sampl
     summary = (tmp_path / "r" / "summary.md").read_text()
     assert any(f"| {name} |" in summary for name in synth_names())
     assert not any(f"| {name} |" in summary for name in CLASSES)
+
+
+def test_predictions_of_the_test_split_scored_on_val_say_to_predict_with_split_val(
+    sample_shards_jpeg, tmp_path, capsys
+) -> None:
+    from cocoshard.scoring.ground_truth import image_keys
+
+    test_keys = image_keys(sample_shards_jpeg, "test")
+    path = write(tmp_path / "predictions.json", {key: [0] for key in test_keys})
+    assert cli.main(["evaluate", "--predictions", str(path), "--labels", str(sample_shards_jpeg)]) == 2
+    said = " ".join(capsys.readouterr().err.split())
+    assert f"holds the test split's images ({len(test_keys)} of them)" in said
+    assert f"--shards {sample_shards_jpeg} --split val" in said

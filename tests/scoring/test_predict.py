@@ -26,11 +26,14 @@ SIZE = 64
 BIASED_CLASS = 7
 
 
-def make_checkpoint(path: Path, *, ema_bias_class: int | None = None, seed: int = 0) -> Path:
+def make_checkpoint(
+    path: Path, *, ema_bias_class: int | None = None, seed: int = 0, weights: str | None = None
+) -> Path:
     """A checkpoint as `cocoshard train` writes it, for a small untrained model.
 
     With `ema_bias_class`, the EMA weights (and only they) push that class's logit far up, so a
-    test can tell which weights were loaded.
+    test can tell which weights were loaded. `weights` records which its epoch selected (None: a
+    checkpoint from before that field).
     """
     torch.manual_seed(seed)
     model = build_model("cocoshard_tiny", weights="none")
@@ -49,8 +52,10 @@ def make_checkpoint(path: Path, *, ema_bias_class: int | None = None, seed: int 
         "config": train_cfg,
         "classes": list(CLASSES),
         "thresholds": [0.5] * 80,
-        "metrics": {},
+        "metrics": {"server_f1_tuned": 0.321},
     }
+    if weights is not None:
+        state["weights"] = weights
     save_checkpoint(path, state)
     return path
 
@@ -148,6 +153,23 @@ def test_ema_weights_are_used_when_present(tmp_path, coco_sample) -> None:
     assert all(ids == [BIASED_CLASS] for ids in load_submission(out).values())
 
 
+def test_the_weights_the_epoch_selected_are_used_and_said(tmp_path, coco_sample, capsys) -> None:
+    """last.pt of an epoch that selected the raw model predicts with the raw model, not the EMA;
+    best.pt holds only the selected weights; predict says which epoch, weights and score it uses."""
+    last = make_checkpoint(tmp_path / "last.pt", ema_bias_class=BIASED_CLASS, weights="model")
+    best = make_checkpoint(tmp_path / "best.pt", ema_bias_class=BIASED_CLASS, weights="ema")
+    state = torch.load(best, weights_only=True)
+    state["model"] = state.pop("ema")  # what best.pt holds: the selected weights under `model`
+    save_checkpoint(best, state)
+    for checkpoint, biased, said in ((last, False, "raw (not EMA) weights"), (best, True, "EMA weights")):
+        out = tmp_path / f"{checkpoint.stem}.json"
+        settings = dict(images=str(coco_sample / TEST_IMAGES), out=str(out), threshold=0.99, min_labels=0)
+        predict.run(predict_cfg(checkpoint=str(checkpoint), **settings))
+        assert all(ids == [BIASED_CLASS] for ids in load_submission(out).values()) == biased
+        text = " ".join(capsys.readouterr().err.split())
+        assert f"epoch 1 of 12, {said}, val server F1 0.3210" in text, text
+
+
 def test_tta_averages_the_image_and_its_mirror(coco_sample, checkpoint) -> None:
     predictor = predict.load_predictor(checkpoint, torch.device("cpu"))
     folder = coco_sample / TEST_IMAGES
@@ -185,6 +207,18 @@ def test_a_corrupt_image_is_named(tmp_path, coco_sample, checkpoint) -> None:
     with pytest.raises(UserError, match=bad.stem):
         predict.run(predict_cfg(checkpoint=str(checkpoint), images=str(folder), out=str(tmp_path / "p.json")))
     assert not (tmp_path / "p.json").exists()
+
+
+def test_an_images_folder_one_level_short_or_a_shards_folder_names_the_flag_to_give(
+    tmp_path, coco_sample, checkpoint, sample_shards_jpeg
+) -> None:
+    short = coco_sample / TEST_IMAGES.parent  # the zip doubles its folder names
+    with pytest.raises(
+        UserError, match=f"its folder test-resized holds 32: give --images {short / 'test-resized'}"
+    ):
+        predict.run(predict_cfg(checkpoint=str(checkpoint), images=str(short), out=str(tmp_path / "p.json")))
+    with pytest.raises(UserError, match=f"is a shards folder .*: read it with --shards {sample_shards_jpeg}"):
+        predict.run(predict_cfg(checkpoint=str(checkpoint), images=str(sample_shards_jpeg)))
 
 
 def test_bad_inputs_are_user_errors(tmp_path, checkpoint, capsys) -> None:

@@ -125,8 +125,20 @@ def test_a_checkpoint_with_an_ema_gives_its_averaged_weights(tmp_path: Path) -> 
 def test_weights_of_another_architecture_are_refused(tmp_path: Path) -> None:
     path = tmp_path / "tiny.pt"
     torch.save(build_model("cocoshard_tiny").state_dict(), path)
-    with pytest.raises(UserError, match="does not fit"):
+    with pytest.raises(
+        UserError, match="weights of another architecture: 1 of their 80 tensors fit .* Give the --model"
+    ) as refused:
         build_model("resnet18", str(path))
+    assert "Missing key" not in str(refused.value) and len(str(refused.value)) < 400  # not PyTorch's key list
+    checkpoint = tmp_path / "best.pt"
+    torch.save(
+        {"model": build_model("cocoshard_tiny").state_dict(), "config": {"model": "cocoshard_tiny"}},
+        checkpoint,
+    )
+    with pytest.raises(
+        UserError, match="a cocoshard checkpoint of cocoshard_tiny: give --model cocoshard_tiny"
+    ):
+        build_model("resnet18", str(checkpoint))
     with pytest.raises(ConfigError, match="no such file"):
         build_model("resnet18", str(tmp_path / "missing.pt"))
 

@@ -15,8 +15,10 @@ import pytest
 import torch
 
 from cocoshard import NUM_CLASSES, cli, config
+from cocoshard.folder_lock import folder_lock
 from cocoshard.settings import resolve
 from cocoshard.training.checkpoint import BEST, LAST, load_checkpoint
+from cocoshard.training.model import build_model
 from cocoshard.training.runlog import (
     CONFIG_FILE,
     TENSORBOARD_DIR,
@@ -95,6 +97,77 @@ def test_a_few_steps_from_scratch_on_coco_sample(sample_shards_jpeg: Path, tmp_p
     saved = json.loads((run / THRESHOLDS_FILE).read_text())
     assert len(saved["thresholds"]) == NUM_CLASSES and saved["weights"] in ("model", "ema")
     assert list((run / TENSORBOARD_DIR).glob("events.out.tfevents.*"))
+
+
+def test_best_pt_holds_what_predict_needs_and_last_pt_what_resume_needs(
+    sample_shards_jpeg: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    run = tmp_path / "run"
+    assert (
+        train(
+            "--shards",
+            str(sample_shards_jpeg),
+            "--out",
+            str(run),
+            "--epochs",
+            "1",
+            "--weights",
+            "none",
+            *TINY,
+        )
+        == 0
+    )
+    best, last = (torch.load(run / name, weights_only=True) for name in (BEST, LAST))
+    (record,) = records(run)
+    selected = record["selected"]
+    assert (
+        best["weights"]
+        == last["weights"]
+        == selected
+        == json.loads((run / THRESHOLDS_FILE).read_text())["weights"]
+    )
+    assert not {"optimizer", "scheduler", "scaler", "rng", "ema", "ema_updates"} & set(best)
+    assert {"model", "thresholds", "config", "shards", "shards_split", "classes", "metrics"} <= set(best)
+    assert CHECKPOINT_KEYS | {"weights", "shards"} <= set(last)
+    assert all(torch.equal(best["model"][k], v) for k, v in last[selected].items())  # the selected weights
+    assert best["thresholds"] == last["thresholds"] and best["shards_split"] == {
+        "seed": 0,
+        "val_fraction": 0.2,
+    }
+    assert (run / BEST).stat().st_size < (run / LAST).stat().st_size / 2
+    said = " ".join(capsys.readouterr().err.split())
+    assert said.count("leaving out 8 images (the last partial batch") == 1  # 88 images, batches of 16
+    assert f"tensorboard --logdir {run / TENSORBOARD_DIR}" in said and "epoch 1/1 val server F1" in said
+    assert "val model" in (run / "train.log").read_text()  # the full table is in the log, not on screen
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / TENSORBOARD_DIR))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/step_loss")] == [2, 4, 5]  # at --log-every 2 only
+    assert not {"epoch", "epochs", "step", "best_epoch", "val/model/images"} & set(events.Tags()["scalars"])
+    assert train("--resume", str(run / BEST), "--epochs", "2") == 2
+    assert f"--resume {run / LAST}" in error_text(capsys)
+
+
+def test_a_failed_start_leaves_no_run_folder(sample_shards_jpeg: Path, tmp_path: Path, capsys) -> None:
+    """Refused after its folder was locked and its settings written: nothing of it is left."""
+    weights = tmp_path / "tiny.pt"
+    torch.save(build_model("cocoshard_tiny").state_dict(), weights)
+    run = tmp_path / "run"
+    flags = ["--shards", str(sample_shards_jpeg), "--epochs", "2", *TINY, "--model", "resnet18"]
+    assert train(*flags, "--out", str(run), "--weights", str(weights)) == 2
+    assert "weights of another architecture" in error_text(capsys) and not run.exists()
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "notes.txt").write_text("mine")
+    assert train(*flags, "--out", str(kept), "--weights", str(weights)) == 2
+    assert [p.name for p in kept.iterdir()] == ["notes.txt"]
+    busy = tmp_path / "busy"  # another run holds it: refused, and its files are not this run's to clean
+    with folder_lock(busy, "cocoshard train"):
+        (busy / "config.json").write_text("{}")
+        assert train(*flags, "--out", str(busy), "--weights", "none") == 2
+        assert "is being written by another cocoshard command" in error_text(capsys)
+        assert sorted(p.name for p in busy.iterdir()) == [".cocoshard.lock", "config.json"]
 
 
 def test_local_weights_file_with_an_imagenet_head(sample_shards_jpeg: Path, tmp_path: Path) -> None:
@@ -419,3 +492,23 @@ def test_torchrun_two_gloo_processes_run_equal_steps(sample_shards_jpeg: Path, t
         )  # every rank's share gathered
     assert second["step"] == 2 * first["step"] == 2 * first["steps_per_rank"][0]
     assert load_checkpoint(run / LAST)["epoch"] == 2
+
+
+# ----------------------------------------------------------------------------------- one number
+
+
+def test_the_tuned_f1_a_run_reports_is_that_of_what_predict_writes() -> None:
+    """The epoch's tuned server F1 is computed on predict's output, --min-labels top-up included."""
+    from cocoshard.pure import metrics
+    from cocoshard.pure.decision import decide_labels
+    from cocoshard.training.train import score_validation
+    from conftest import random_problem
+
+    scores, labels = random_problem(5, images=150)
+    scores[:30] *= 0.05  # images with no class over any tuned threshold: predict tops them up
+    figures, thresholds = score_validation(scores, labels, loss=0.1, seed=0)
+    written = metrics.server_f1(decide_labels(scores, thresholds, 1), labels).f1
+    bare = metrics.server_f1(metrics.predictions_from_scores(scores, thresholds), labels).f1
+    assert written != bare  # the case the issue met: the two differ
+    assert figures["server_f1_tuned"] == written and figures["min_labels"] == 1
+    assert figures["images"] == 150 and isinstance(figures["images"], int)
