@@ -4,15 +4,17 @@
     print_config(cfg); to_dict(cfg); from_dict(TrainConfig, saved)
 
 `opt` declares a field (default and help line); `Validated` makes a config check itself when it is
-made; `positive`, `non_negative` and `fraction` are the checks the configs share, each naming the
-flag. A `--config FILE` is TOML or JSON (keys may use - or _), read as any file a user names
-(`cocoshard.input_files`); values from it are checked against the field's type.
+made; `finite`, `positive`, `non_negative`, `fraction` and `in_range` are the checks the configs
+share, each naming the flag and each refusing NaN and infinity (which pass `<= 0` comparisons).
+A `--config FILE` is TOML or JSON (keys may use - or _), read as any file a user names
+(`cocoshard.input_files`: bounded size and nesting, each key once); values from it are checked
+against the field's type.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
+import math
 import os
 import types
 import typing
@@ -21,7 +23,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from cocoshard.errors import ConfigError
-from cocoshard.input_files import InputError, read_input
+from cocoshard.input_files import InputError, parse_json, parse_toml, read_input
 
 C = TypeVar("C")
 CONFIG_LIMIT = 2**20  # bytes of a --config file: a few dozen settings need ~1 KB
@@ -36,23 +38,46 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def _number(cfg: Any, name: str) -> Any:
+    """The value of setting `name`, refused unless a finite number (NaN and infinity pass every
+    `<` and `<=` test the wrong way, so each check starts here)."""
+    value = getattr(cfg, name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{flag(name)} must be a number (got {value!r})")
+    if not math.isfinite(value):
+        raise ConfigError(f"{flag(name)} must be a finite number (got {value})")
+    return value
+
+
+def finite(cfg: Any, *names: str) -> None:
+    """Each setting is a finite number (or unset)."""
+    for name in names:
+        if getattr(cfg, name) is not None:
+            _number(cfg, name)
+
+
 def positive(cfg: Any, *names: str) -> None:
     for name in names:
-        if getattr(cfg, name) <= 0:
+        if _number(cfg, name) <= 0:
             raise ConfigError(f"{flag(name)} must be > 0 (got {getattr(cfg, name)})")
 
 
 def non_negative(cfg: Any, *names: str) -> None:
     for name in names:
-        value = getattr(cfg, name)
-        if value is not None and value < 0:
-            raise ConfigError(f"{flag(name)} must be >= 0 (got {value})")
+        if getattr(cfg, name) is not None and _number(cfg, name) < 0:
+            raise ConfigError(f"{flag(name)} must be >= 0 (got {getattr(cfg, name)})")
 
 
 def fraction(cfg: Any, name: str, low_open: bool = True) -> None:
-    value = getattr(cfg, name)
+    value = _number(cfg, name)
     if not (0.0 < value <= 1.0 if low_open else 0.0 <= value <= 1.0):
         raise ConfigError(f"{flag(name)} must be in {'(0' if low_open else '[0'}, 1] (got {value})")
+
+
+def in_range(cfg: Any, name: str, low: float, high: float) -> None:
+    """low <= the setting <= high (unset passes): the range its readers accept, said with the flag."""
+    if getattr(cfg, name) is not None and not low <= _number(cfg, name) <= high:
+        raise ConfigError(f"{flag(name)} must be in {low:,}-{high:,} (got {getattr(cfg, name):,})")
 
 
 class Validated:
@@ -78,6 +103,12 @@ def optional_of(kind: Any) -> Any:
     return None
 
 
+def _shown(value: Any) -> str:
+    """A value as a message quotes it: its repr, cut short."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def _coerce(name: str, value: Any, kind: Any, const: Any = None) -> Any:
     """Check a value read from a config file against the field's type."""
     inner = optional_of(kind)
@@ -90,41 +121,46 @@ def _coerce(name: str, value: Any, kind: Any, const: Any = None) -> Any:
     origin, args = typing.get_origin(kind), typing.get_args(kind)
     if origin is Literal:
         if value not in args:
-            raise ConfigError(f"{name}: {value!r} is not one of {', '.join(map(str, args))}")
+            raise ConfigError(f"{name}: {_shown(value)} is not one of {', '.join(map(str, args))}")
         return value
     if kind is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{name}: expected true or false, got {value!r}")
+            raise ConfigError(f"{name}: expected true or false, got {_shown(value)}")
         return value
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
-        raise ConfigError(f"{name}: expected {kind.__name__}, got {value!r}")
+        raise ConfigError(f"{name}: expected {kind.__name__}, got {_shown(value)}")
     return value
 
 
 def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a TOML or JSON file of overrides (keys may use - or _)."""
+    """Read a TOML or JSON file of overrides (keys may use - or _): a flat table of settings, each
+    given once, nothing nested deeper than a setting's value needs."""
     p = Path(path)
     if not p.exists():
         raise ConfigError(f"config file {p} does not exist")
     try:
         text = read_input(p, CONFIG_LIMIT).decode("utf-8")
-        if p.suffix == ".json":
-            data = json.loads(text)
-        else:
-            try:
-                import tomllib
-            except ModuleNotFoundError:  # Python 3.10
-                import tomli as tomllib
-            data = tomllib.loads(text)
     except InputError as exc:
         raise ConfigError(f"config file {p}: {exc}") from None
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"config file {p} cannot be parsed: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {p} cannot be parsed: not UTF-8 text ({exc})") from None
+    try:
+        data = parse_json(text) if p.suffix == ".json" else parse_toml(text)
+    except InputError as exc:
+        raise ConfigError(f"config file {p} cannot be parsed: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {p} must hold a table/object of settings")
-    return {k.replace("-", "_"): v for k, v in data.items()}
+    settings: dict[str, Any] = {}
+    for key, value in data.items():
+        name = key.replace("-", "_")
+        if name in settings:
+            raise ConfigError(f"config file {p}: the setting {name!r} is given twice ({key!r} and another)")
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"config file {p}: {key!r} is a {type(value).__name__}; a setting is one value")
+        settings[name] = value
+    return settings
 
 
 def resolve(cls: type[C], overrides: dict[str, Any] | None = None, file: str | None = None) -> C:

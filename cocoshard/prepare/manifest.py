@@ -16,6 +16,7 @@ from typing import Any
 
 from cocoshard import CLASSES, NUM_CLASSES
 from cocoshard.errors import UserError
+from cocoshard.input_files import InputError, parse_json
 from cocoshard.pure.format import FORMAT_VERSION, is_shard_file
 
 MANIFEST = "manifest.json"
@@ -79,9 +80,9 @@ def read_manifest(location: str | os.PathLike) -> dict[str, Any]:
     """Load `manifest.json` from a shard folder (or URL prefix), checked against its schema."""
     text, source = _read_text(str(location))
     try:
-        manifest = json.loads(text)
-    except (ValueError, RecursionError) as exc:
-        raise BadManifest(f"{source} is not valid JSON: {exc}") from None
+        manifest = parse_json(text)
+    except InputError as exc:
+        raise BadManifest(f"{source} cannot be read as a manifest: {exc}") from None
     check_manifest(manifest, source)
     return manifest
 
