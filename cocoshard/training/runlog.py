@@ -14,6 +14,7 @@ their EMA, and a summary at the end: time, best epoch and its scores, files writ
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import time
@@ -32,7 +33,8 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from cocoshard.atomic import atomic_write_text
+from cocoshard.atomic import WriteFailed, atomic_write_text
+from cocoshard.input_files import parse_json
 
 CONFIG_FILE = "config.json"
 RUN_FILE = "run.json"
@@ -126,6 +128,16 @@ class EpochProgress:
             self.progress.stop()
 
 
+def _append_only(path: Path) -> Any:
+    """`path` opened to append, never through a symbolic link (WriteFailed names it otherwise)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        reason = "it is a symbolic link" if exc.errno == errno.ELOOP else exc.strerror or str(exc)
+        raise WriteFailed(f"cannot write {path}: {reason}") from None
+    return os.fdopen(fd, "a", encoding="utf-8")
+
+
 class RunLog:
     """Files and screen output of a run; every method is a no-op when `enabled` is False."""
 
@@ -142,8 +154,9 @@ class RunLog:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
                 self._tensorboard = False
-            else:
-                self._tensorboard = SummaryWriter(str(self.out / TENSORBOARD_DIR))
+            else:  # a link planted in the run folder would have the events written elsewhere
+                folder = self.out / TENSORBOARD_DIR
+                self._tensorboard = False if folder.is_symlink() else SummaryWriter(str(folder))
         return self._tensorboard or None
 
     def note(self, message: str) -> None:
@@ -171,8 +184,8 @@ class RunLog:
         kept = []
         for line in path.read_text(errors="replace").splitlines():
             try:
-                record = json.loads(line)
-            except ValueError:
+                record = parse_json(line)
+            except ValueError:  # InputError (too deep) included
                 continue  # a line cut short by a killed run
             if isinstance(record, dict) and record.get("epoch", 0) <= epoch:
                 kept.append(line)
@@ -183,7 +196,7 @@ class RunLog:
         if not self.enabled:
             return
         self.out.mkdir(parents=True, exist_ok=True)
-        with open(self.out / METRICS_LOG, "a", encoding="utf-8") as handle:
+        with _append_only(self.out / METRICS_LOG) as handle:
             handle.write(json.dumps(record, sort_keys=True) + "\n")
             handle.flush()
             os.fsync(handle.fileno())
