@@ -41,7 +41,7 @@ from cocoshard.prepare.manifest import MANIFEST, read_manifest, shard_urls
 from cocoshard.prepare.sources import _images_by_key
 from cocoshard.pure import metrics, threshold_tuning
 from cocoshard.pure.format import EXT_PIXELS, decode_pixels
-from cocoshard.scoring.ground_truth import image_keys
+from cocoshard.scoring.ground_truth import image_keys, load_labels
 from cocoshard.scoring.scores import Scores, read_scores, save_scores
 from cocoshard.scoring.submission import serialise
 from cocoshard.scoring.threshold_files import read_thresholds_file
@@ -315,6 +315,28 @@ def test_2_thresholds_out_naming_its_scores_is_refused(scored, coco_sample, tmp_
     )
     one_error_line(done, "--out", "--scores")
     assert files["scores"].read_bytes() == before
+
+
+@pytest.mark.parametrize("command", ["evaluate", "thresholds"])
+def test_2_an_output_over_a_file_the_labels_are_read_from_is_refused(
+    command, scored, coco_sample, sample_shards_jpeg, tmp_path, capsys
+):
+    files = copies(scored, tmp_path)
+    if command == "evaluate":  # over a .cls file of a labels folder
+        labels = Path(shutil.copytree(coco_sample / LABELS, tmp_path / "labels"))
+        victim = next(labels.glob("*.cls"))
+        args = ["--predictions", files["predictions"], "--labels", labels, "--out", victim]
+    else:  # over the manifest of a shards folder, with scores of its val split (tuning would succeed)
+        labels = Path(shutil.copytree(sample_shards_jpeg, tmp_path / "shards"))
+        victim = labels / MANIFEST
+        keys = sorted(load_labels(labels))
+        rng = np.random.default_rng(1)
+        scores = rng.random((len(keys), NUM_CLASSES)).astype(np.float32)
+        save_scores(tmp_path / "val.npz", Scores(keys, scores, np.full(NUM_CLASSES, 0.5)))
+        args = ["--scores", tmp_path / "val.npz", "--labels", labels, "--out", victim]
+    before = tree(labels)
+    one_error_line(in_process(capsys, command, *args), "--out", "--labels")
+    assert tree(labels) == before
 
 
 @pytest.mark.parametrize(

@@ -34,11 +34,12 @@ from cocoshard.errors import UserError
 from cocoshard.folder_lock import folder_lock
 from cocoshard.loading.image_files import folder_listing, skipped_note
 from cocoshard.output_paths import check_apart, check_output_file, check_output_folder
-from cocoshard.prepare.manifest import MANIFEST, read_manifest, shards_identity
+from cocoshard.prepare.manifest import read_manifest, shards_identity
 from cocoshard.pure import metrics
 from cocoshard.scoring.ground_truth import (
     class_names_of,
     image_keys,
+    is_label_input,
     is_shard_folder,
     load_labels,
 )
@@ -270,13 +271,18 @@ def check_outputs(cfg: EvaluateConfig) -> None:
     if cfg.report is not None:
         check_output_folder(cfg.report, "--report")
         report = [("--report", Path(cfg.report) / name) for name in REPORT_FILES]
+    outputs = [("--out", cfg.out), *report]
     inputs = [
         ("--predictions", cfg.predictions),
         ("--scores", cfg.scores),
         ("--run", Path(cfg.run) / METRICS_LOG if cfg.run else None),
-        ("--labels", Path(cfg.labels) / MANIFEST if cfg.labels else None),
+        *[
+            ("--labels", path)
+            for _, path in outputs
+            if cfg.labels and path and is_label_input(cfg.labels, path)
+        ],
     ]
-    check_apart([("--out", cfg.out), *report], inputs)
+    check_apart(outputs, inputs)
 
 
 def run(cfg: EvaluateConfig) -> int:

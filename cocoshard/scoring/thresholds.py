@@ -17,8 +17,6 @@ measured on a held-out half of the images, so a gain that only fits noise shows 
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 from rich.table import Table
 from rich.text import Text
@@ -27,9 +25,8 @@ from cocoshard.config import ThresholdsConfig
 from cocoshard.console import literal, stdout_console
 from cocoshard.errors import UserError
 from cocoshard.output_paths import check_apart, check_output_file
-from cocoshard.prepare.manifest import MANIFEST
 from cocoshard.pure import metrics, threshold_tuning
-from cocoshard.scoring.ground_truth import class_names_of, load_labels
+from cocoshard.scoring.ground_truth import class_names_of, is_label_input, load_labels
 from cocoshard.scoring.scores import read_scores
 from cocoshard.scoring.threshold_files import write_thresholds_file
 from cocoshard.settings import print_config
@@ -39,7 +36,8 @@ def run(cfg: ThresholdsConfig) -> int:
     """Tune, report what the tuning buys (and on which classes it could not), write the file."""
     print_config(cfg)
     check_output_file(cfg.out, "--out")
-    check_apart([("--out", cfg.out)], [("--scores", cfg.scores), ("--labels", Path(cfg.labels) / MANIFEST)])
+    labels = [("--labels", cfg.out)] if is_label_input(cfg.labels, cfg.out) else []
+    check_apart([("--out", cfg.out)], [("--scores", cfg.scores), *labels])
     found = read_scores(cfg.scores)
     labels = load_labels(cfg.labels)
     unlabelled = [key for key in found.keys if key not in labels]
