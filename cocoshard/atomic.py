@@ -3,6 +3,8 @@
 Data goes to a temporary file in the same folder, is flushed and fsync'ed, then renamed over the
 final name with `os.replace` (atomic on POSIX); the folder is fsync'ed so the rename survives a
 power cut. A temporary left by a killed process starts with `.tmp-` and is never a final name.
+The temporary is created exclusively (never through a link someone planted); a final name that is
+a symbolic link is refused rather than written through or replaced.
 
 A write that fails (the disk is full, a quota, an I/O error) removes its temporary, leaves the
 file it was replacing as it was, and raises `WriteFailed` naming the file and the cause, which the
@@ -76,6 +78,11 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
 
     Raises WriteFailed (the temporary removed, `path` untouched) when the data cannot be written."""
     final = Path(path)
+    if final.is_symlink():
+        raise WriteFailed(
+            f"cannot write {final}: it is a symbolic link (to {os.readlink(final)}); cocoshard never writes "
+            f"through or over a link: remove it or write elsewhere"
+        )
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + final.name + ".", dir=final.parent)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from cocoshard.errors import ConfigError
-from cocoshard.settings import Validated, flag, fraction, non_negative, opt, positive
+from cocoshard.settings import Validated, finite, flag, fraction, in_range, non_negative, opt, positive
 
 WORKERS_HELP = "worker processes (unset: automatic; 0: in this process)"
 # Shards at URLs (s3://, gs://, http(s)://, pipe:): the same flags wherever shards are read.
@@ -38,6 +38,14 @@ AVERAGING, INPUT, SPEED = "weight average", "input and augmentation", "speed"
 LOADING, RUN = "loading and device", "run control"
 # predict's --min-labels default: the top-up every score training reports is computed with too
 MIN_LABELS = 1
+# The ranges the readers accept, so that a value no reader takes is refused before anything is written.
+MAX_SEED = 2**32 - 1  # NumPy's legacy seeding and every generator cocoshard makes take 32 bits
+MAX_IMAGE_SIDE = 8192  # an image side (synth, pack's canvas, the training resolution): 8192^2 px is the
+# most an input image may have (prepare.sources.MAX_IMAGE_PIXELS)
+MAX_WORKERS = 512
+MAX_THREADS = 1024
+MAX_BATCH = 65536
+MAX_COUNT = 10**9  # epochs, steps and the like: far beyond any run, well inside every integer type
 
 
 def check_remote_settings(cfg: Any) -> None:
@@ -46,6 +54,16 @@ def check_remote_settings(cfg: Any) -> None:
     non_negative(cfg, "retries")
     if cfg.cache_size is not None:
         positive(cfg, "cache_size")
+
+
+def check_seed(cfg: Any) -> None:
+    """A seed every random generator of the package accepts: 0 to 2^32 - 1."""
+    in_range(cfg, "seed", 0, MAX_SEED)
+
+
+def check_workers(cfg: Any) -> None:
+    """`workers` unset, or 0 to MAX_WORKERS processes."""
+    in_range(cfg, "workers", 0, MAX_WORKERS)
 
 
 # ----------------------------------------------------------------------------------- commands
@@ -72,9 +90,11 @@ class SynthConfig(Validated):
 
     def validate(self) -> None:
         positive(self, "train")
-        non_negative(self, "test", "workers", "clutter", "tail")
-        if self.size < 16:
-            raise ConfigError(f"--size must be at least 16 pixels (got {self.size})")
+        non_negative(self, "test", "clutter", "tail")
+        check_workers(self)
+        check_seed(self)
+        in_range(self, "size", 16, MAX_IMAGE_SIDE)
+        finite(self, "min_scale", "max_scale", "rotation")
         if not 1 <= self.quality <= 100:
             raise ConfigError(f"--quality must be in 1-100 (got {self.quality})")
         if not 0.0 < self.min_scale <= self.max_scale <= 1.0:
@@ -111,10 +131,13 @@ class PackConfig(Validated):
     strict: bool = opt(False, "exit non-zero when any input is rejected")
 
     def validate(self) -> None:
+        finite(self, "val_fraction")
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError(f"--val-fraction must be between 0 and 1 (got {self.val_fraction})")
-        positive(self, "size", "shard_samples")
-        non_negative(self, "workers")
+        check_seed(self)
+        in_range(self, "size", 16, MAX_IMAGE_SIDE)  # the loaders' canvas: every reader takes these
+        in_range(self, "shard_samples", 1, 1_000_000)
+        check_workers(self)
 
 
 @dataclass
@@ -131,7 +154,7 @@ class InspectConfig(Validated):
     retries: int = opt(3, RETRIES_HELP)
 
     def validate(self) -> None:
-        non_negative(self, "workers")
+        check_workers(self)
         check_remote_settings(self)
 
 
@@ -250,19 +273,18 @@ class TrainConfig(Validated):
     given: frozenset = field(default=frozenset(), repr=False, compare=False, metadata={"internal": True})
 
     def validate(self) -> None:
-        positive(self, "epochs", "batch_size", "lr", "size", "log_every")
-        non_negative(
-            self,
-            "warmup_epochs",
-            "max_steps",
-            "weight_decay",
-            "asl_gamma_neg",
-            "asl_gamma_pos",
-            "asl_clip",
-            "workers",
-        )
-        if self.threads is not None and self.threads < 1:
-            raise ConfigError(f"--threads must be >= 1 (got {self.threads})")
+        positive(self, "lr")
+        non_negative(self, "warmup_epochs", "weight_decay", "asl_gamma_neg", "asl_gamma_pos")
+        in_range(self, "epochs", 1, MAX_COUNT)
+        in_range(self, "max_steps", 0, MAX_COUNT)
+        in_range(self, "log_every", 1, MAX_COUNT)
+        in_range(self, "batch_size", 1, MAX_BATCH)
+        in_range(self, "threads", 1, MAX_THREADS)
+        check_workers(self)
+        check_seed(self)
+        finite(self, "asl_clip", "ema_decay", "crop_scale_min", "backbone_lr_mult")
+        if not 0.0 <= self.asl_clip < 1.0:
+            raise ConfigError(f"--asl-clip must be in [0, 1) (got {self.asl_clip})")
         if self.freeze_epochs is not None and not 0 <= self.freeze_epochs < self.epochs:
             raise ConfigError(
                 f"--freeze-epochs must be in [0, --epochs) (got {self.freeze_epochs} of {self.epochs})"
@@ -272,8 +294,7 @@ class TrainConfig(Validated):
         fraction(self, "crop_scale_min")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"--ema-decay must be in [0, 1) (got {self.ema_decay})")
-        if self.size < 32:
-            raise ConfigError(f"--size must be at least 32 pixels (got {self.size})")
+        in_range(self, "size", 32, MAX_IMAGE_SIDE)
         check_remote_settings(self)
 
     @property
@@ -343,12 +364,13 @@ class PredictConfig(Validated):
             raise ConfigError("give exactly one of --shards (with --split) or --images DIR")
         if self.threshold is not None and self.thresholds is not None:
             raise ConfigError("give one of --threshold (one for every class) or --thresholds FILE, not both")
+        finite(self, "threshold")
         if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
             raise ConfigError(f"--threshold must be a probability in [0, 1] (got {self.threshold})")
         if not 0 <= self.min_labels <= 80:
             raise ConfigError(f"--min-labels must be in 0-80: there are 80 classes (got {self.min_labels})")
-        positive(self, "batch_size")
-        non_negative(self, "workers")
+        in_range(self, "batch_size", 1, MAX_BATCH)
+        check_workers(self)
         check_remote_settings(self)
 
 
@@ -412,7 +434,7 @@ class ThresholdsConfig(Validated):
     )
 
     def validate(self) -> None:
-        positive(self, "min_positives")
+        in_range(self, "min_positives", 1, MAX_COUNT)
         fraction(self, "default", low_open=False)
 
 
@@ -446,7 +468,9 @@ class DemoConfig(Validated):
     seed: int = inherit(TrainConfig, "seed", 0)
 
     def validate(self) -> None:
-        positive(self, "train", "test", "image_size")
+        in_range(self, "train", 1, SynthConfig.MAX_IMAGES)
+        in_range(self, "test", 1, SynthConfig.MAX_IMAGES)
+        in_range(self, "image_size", 16, MAX_IMAGE_SIDE)  # what synth draws and pack takes as its canvas
         # the training settings are checked by TrainConfig itself, with the same rules
         TrainConfig(**self.train_settings())
 

@@ -43,6 +43,7 @@ from cocoshard.commands import run_command
 from cocoshard.config import DemoConfig
 from cocoshard.errors import UserError
 from cocoshard.folder_lock import LOCK_FILE, folder_lock
+from cocoshard.output_paths import check_output_folder
 from cocoshard.settings import print_config, resolve, to_dict
 
 MARKER = "demo.json"
@@ -74,8 +75,7 @@ class Timings:
 
 def refuse_foreign(out: Path) -> None:
     """Refuse a non-empty folder the demo did not write (nothing in it is touched)."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} exists and is not a folder")
+    check_output_folder(out, "--out")
     if (
         out.is_dir()
         and any(entry.name != LOCK_FILE for entry in out.iterdir())
@@ -91,6 +91,8 @@ def prepare_folder(out: Path) -> None:
     """Clear the outputs of an earlier demo in `out`; refuse a non-empty folder the demo did not write."""
     refuse_foreign(out)
     for name in (RUN, REPORT, SHARDS):
+        if (out / name).is_symlink():  # only the link goes: the demo never writes through one
+            (out / name).unlink()
         shutil.rmtree(out / name, ignore_errors=True)
     for name in (TEST_JSON, VAL_JSON, VAL_SCORES, VAL_METRICS, TEST_METRICS):
         (out / name).unlink(missing_ok=True)

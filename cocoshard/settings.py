@@ -4,19 +4,20 @@
     print_config(cfg); to_dict(cfg); from_dict(TrainConfig, saved)
 
 `opt` declares a field (default and help line); `Validated` makes a config check itself when it is
-made; `positive`, `non_negative` and `fraction` are the checks the configs share, each naming the
-flag. A `--config FILE` is TOML or JSON, or YAML where PyYAML is installed (keys may use - or _),
-read as any file a user names (`cocoshard.input_files`); values from it are checked against the
-field's type. A file may hold one section per command (`[train]`, `[predict]`): a command reads
-its own and the top-level settings it has (`command_settings`). An unknown setting is named with
-the command and the closest known setting.
+made; `finite`, `positive`, `non_negative`, `fraction` and `in_range` are the checks the configs
+share, each naming the flag and each refusing NaN and infinity (which pass `<= 0` comparisons).
+A `--config FILE` is TOML or JSON, or YAML where PyYAML is installed (keys may use - or _), read
+as any file a user names (`cocoshard.input_files`: bounded size and nesting, each key once);
+values from it are checked against the field's type. A file may hold one section per command
+(`[train]`, `[predict]`): a command reads its own and the top-level settings it has
+(`command_settings`). An unknown setting is named with the command and the closest known setting.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
+import math
 import os
 import re
 import types
@@ -26,7 +27,14 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from cocoshard.errors import ConfigError
-from cocoshard.input_files import InputError, read_input
+from cocoshard.input_files import (
+    InputError,
+    check_nesting,
+    check_parsed_nesting,
+    parse_json,
+    parse_toml,
+    read_input,
+)
 
 C = TypeVar("C")
 CONFIG_LIMIT = 2**20  # bytes of a --config file: a few dozen settings need ~1 KB
@@ -41,23 +49,46 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def _number(cfg: Any, name: str) -> Any:
+    """The value of setting `name`, refused unless a finite number (NaN and infinity pass every
+    `<` and `<=` test the wrong way, so each check starts here)."""
+    value = getattr(cfg, name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{flag(name)} must be a number (got {value!r})")
+    if not math.isfinite(value):
+        raise ConfigError(f"{flag(name)} must be a finite number (got {value})")
+    return value
+
+
+def finite(cfg: Any, *names: str) -> None:
+    """Each setting is a finite number (or unset)."""
+    for name in names:
+        if getattr(cfg, name) is not None:
+            _number(cfg, name)
+
+
 def positive(cfg: Any, *names: str) -> None:
     for name in names:
-        if getattr(cfg, name) <= 0:
+        if _number(cfg, name) <= 0:
             raise ConfigError(f"{flag(name)} must be > 0 (got {getattr(cfg, name)})")
 
 
 def non_negative(cfg: Any, *names: str) -> None:
     for name in names:
-        value = getattr(cfg, name)
-        if value is not None and value < 0:
-            raise ConfigError(f"{flag(name)} must be >= 0 (got {value})")
+        if getattr(cfg, name) is not None and _number(cfg, name) < 0:
+            raise ConfigError(f"{flag(name)} must be >= 0 (got {getattr(cfg, name)})")
 
 
 def fraction(cfg: Any, name: str, low_open: bool = True) -> None:
-    value = getattr(cfg, name)
+    value = _number(cfg, name)
     if not (0.0 < value <= 1.0 if low_open else 0.0 <= value <= 1.0):
         raise ConfigError(f"{flag(name)} must be in {'(0' if low_open else '[0'}, 1] (got {value})")
+
+
+def in_range(cfg: Any, name: str, low: float, high: float) -> None:
+    """low <= the setting <= high (unset passes): the range its readers accept, said with the flag."""
+    if getattr(cfg, name) is not None and not low <= _number(cfg, name) <= high:
+        raise ConfigError(f"{flag(name)} must be in {low:,}-{high:,} (got {getattr(cfg, name):,})")
 
 
 class Validated:
@@ -83,6 +114,12 @@ def optional_of(kind: Any) -> Any:
     return None
 
 
+def _shown(value: Any) -> str:
+    """A value as a message quotes it: its repr, cut short."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def _coerce(name: str, value: Any, kind: Any, const: Any = None) -> Any:
     """Check a value read from a config file against the field's type."""
     inner = optional_of(kind)
@@ -95,21 +132,22 @@ def _coerce(name: str, value: Any, kind: Any, const: Any = None) -> Any:
     origin, args = typing.get_origin(kind), typing.get_args(kind)
     if origin is Literal:
         if value not in args:
-            raise ConfigError(f"{name}: {value!r} is not one of {', '.join(map(str, args))}")
+            raise ConfigError(f"{name}: {_shown(value)} is not one of {', '.join(map(str, args))}")
         return value
     if kind is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{name}: expected true or false, got {value!r}")
+            raise ConfigError(f"{name}: expected true or false, got {_shown(value)}")
         return value
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
-        raise ConfigError(f"{name}: expected {kind.__name__}, got {value!r}")
+        raise ConfigError(f"{name}: expected {kind.__name__}, got {_shown(value)}")
     return value
 
 
 def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a TOML, JSON or YAML file of overrides (keys may use - or _; tables are command sections)."""
+    """Read a TOML, JSON or YAML file of overrides (keys may use - or _; tables are command sections),
+    each setting given once, nothing nested deeper than sections of settings need."""
     p = Path(path)
     if not p.exists():
         raise ConfigError(f"config file {p} does not exist")
@@ -118,16 +156,23 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     except InputError as exc:
         raise ConfigError(f"config file {p}: {exc}") from None
     except UnicodeDecodeError as exc:
-        raise ConfigError(f"config file {p} cannot be parsed: {exc}") from exc
+        raise ConfigError(f"config file {p} cannot be parsed: not UTF-8 text ({exc})") from None
     data = parse_settings_text(p, text)
     if not isinstance(data, dict):
         raise ConfigError(f"config file {p} must hold a table/object of settings")
-    return _dash_keys(data)
+    return _dash_keys(data, p)
 
 
-def _dash_keys(data: dict[str, Any]) -> dict[str, Any]:
-    """Keys with - read as _, in command sections too."""
-    return {str(k).replace("-", "_"): _dash_keys(v) if isinstance(v, dict) else v for k, v in data.items()}
+def _dash_keys(data: dict[str, Any], path: Path) -> dict[str, Any]:
+    """Keys with - read as _, in command sections too; a setting given twice (`batch-size` and
+    `batch_size`) is refused."""
+    settings: dict[str, Any] = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name in settings:
+            raise ConfigError(f"config file {path}: the setting {name!r} is given twice ({key!r} and another)")
+        settings[name] = _dash_keys(value, path) if isinstance(value, dict) else value
+    return settings
 
 
 YAML_SUFFIXES = (".yaml", ".yml")
@@ -139,17 +184,11 @@ def parse_settings_text(path: Path, text: str) -> Any:
     PyYAML), anything else as TOML; a parse error names the file and the formats it may be in."""
     if path.suffix.lower() in YAML_SUFFIXES:
         return _parse_yaml(path, text)
+    kind = "JSON" if path.suffix.lower() == ".json" else "TOML"
     try:
-        if path.suffix.lower() == ".json":
-            return json.loads(text)
-        try:
-            import tomllib
-        except ModuleNotFoundError:  # Python 3.10
-            import tomli as tomllib
-        return tomllib.loads(text)
-    except ValueError as exc:
-        kind = "JSON" if path.suffix.lower() == ".json" else "TOML"
-        raise ConfigError(f"config file {path} cannot be parsed as {kind} ({exc}): {FORMATS_HINT}") from exc
+        return parse_json(text) if kind == "JSON" else parse_toml(text)  # bounded nesting, keys once
+    except InputError as exc:
+        raise ConfigError(f"config file {path} cannot be parsed as {kind} ({exc}): {FORMATS_HINT}") from None
 
 
 _NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
@@ -164,7 +203,13 @@ def _parse_yaml(path: Path, text: str) -> Any:
             f"or JSON"
         ) from None
     try:
+        check_nesting(text)
         data = yaml.safe_load(text)
+        check_parsed_nesting(data)
+    except InputError as exc:
+        raise ConfigError(f"config file {path} cannot be parsed as YAML ({exc})") from None
+    except RecursionError:  # indentation nests without brackets: the parser's own depth is the bound
+        raise ConfigError(f"config file {path} cannot be parsed as YAML: nested too deep") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path} cannot be parsed as YAML ({exc}): {FORMATS_HINT}") from None
 

@@ -2,8 +2,8 @@
 
 Layers, lowest first (docs/architecture.md has the table):
 
-    foundation   cocoshard (the class tuple), errors, atomic, input_files, folder_lock, machine, seeds,
-                 console, settings, config, commands, remote, shard_cache
+    foundation   cocoshard (the class tuple), errors, atomic, input_files, folder_lock, output_paths,
+                 machine, seeds, console, settings, config, commands, remote, shard_cache
     pure         cocoshard.pure: labels, format, split, plan, metrics, threshold_tuning
     prepare      the rest of cocoshard.prepare
     loading      the rest of cocoshard.loading
@@ -32,6 +32,7 @@ FOUNDATION = {
     "cocoshard.atomic",
     "cocoshard.input_files",
     "cocoshard.folder_lock",
+    "cocoshard.output_paths",
     "cocoshard.machine",
     "cocoshard.seeds",
     "cocoshard.console",

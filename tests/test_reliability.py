@@ -159,12 +159,12 @@ def assert_manifest_describes_whole_shards(folder: Path) -> bool:
     "target, call, when, match, manifest_after",
     [
         (
-            "cocoshard.prepare.pack.plan_splits",
+            "cocoshard.prepare.pack.map_in_workers",
             1,
             "before",
             "",
             False,
-        ),  # early: old manifest gone, nothing written yet
+        ),  # early: old manifest gone, nothing written yet (the split is planned before it goes)
         (
             "cocoshard.prepare.pack.add_member",
             70,

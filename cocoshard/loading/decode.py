@@ -28,6 +28,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 # imported here, before loader workers fork, not once in every worker
 from cocoshard.loading.image_backend import BACKEND
 from cocoshard.loading.tario import BadSample, Sample
+from cocoshard.prepare.images import DECODABLE_FORMATS, to_rgb
 from cocoshard.prepare.sources import MAX_IMAGE_PIXELS
 from cocoshard.pure.format import (
     EXT_JPEG,
@@ -173,14 +174,15 @@ def _decode_jpeg_fast(data: bytes | memoryview) -> np.ndarray:
 
 
 def _decode_with_pil(data: bytes | memoryview, size: int) -> np.ndarray:
-    image = Image.open(io.BytesIO(data))
+    """Any accepted format (`prepare.images.DECODABLE_FORMATS`), to the RGB a person sees
+    (`prepare.images.to_rgb`, as pack converts: 16-bit scaled, alpha composited)."""
+    image = Image.open(io.BytesIO(data), formats=DECODABLE_FORMATS)
     width, height = image.size
     target_h, target_w = _fit(height, width, size)
     if (target_h, target_w) != (height, width):
         image.draft("RGB", (target_w, target_h))  # JPEG only: decode at 1/2, 1/4, 1/8 scale
     image, (target_h, target_w) = _upright(image, (target_h, target_w))
-    if image.mode != "RGB":
-        image = image.convert("RGB")
+    image = to_rgb(image)
     if image.size != (target_w, target_h):
         image = image.resize((target_w, target_h), Image.Resampling.LANCZOS)
     return np.asarray(image)

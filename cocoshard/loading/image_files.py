@@ -3,10 +3,12 @@
     files, bad = check_image_folder("ms-coco/images/test-resized/test-resized", workers=None)
     batches = folder_batches(files, canvas=224, batch_size=256, workers=2, device=device)
 
-Every file is checked before any is predicted (`check_image_folder`): read only if it is a regular
-file of a bounded size, measured from its header (a JPEG declaring 30000 x 30000 pixels is refused
-without being decoded) and decoded in full (at reduced scale: the check reads every byte of
-compressed data), so that every bad file is named, with its reason, in one message. Good files are
+Images are the files named as pack accepts them (`prepare.images.IMAGE_SUFFIXES`); the others are
+left out and said so (`skipped_note`). Every image is checked before any is predicted
+(`check_image_folder`): read only if it is a regular file of a bounded size, measured from its
+header (a JPEG declaring 30000 x 30000 pixels is refused without being decoded), decoded in full
+(at reduced scale: the check reads every byte of compressed data) and its colour mode converted,
+so that every bad file is named, with its reason, in one message. Good files are
 then decoded by loader workers into the top-left corner of a uint8 canvas, like a shard sample
 (`cocoshard.loading.decode`), so evaluation sees them exactly as it sees packed images.
 """
@@ -26,18 +28,21 @@ from cocoshard.errors import UserError
 from cocoshard.input_files import InputError, read_input, shown_path
 from cocoshard.loading.decode import check_pixel_count, decode_image_to_canvas, decoder_message
 from cocoshard.loading.tario import BadSample
+from cocoshard.prepare.images import DECODABLE_FORMATS, IMAGE_SUFFIXES, BadImage, name_problem, to_rgb
 from cocoshard.prepare.pool import map_in_workers
-from cocoshard.prepare.sources import MAX_IMAGE_BYTES
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+from cocoshard.prepare.sources import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS
 
 
-def list_images(folder: str | os.PathLike) -> list[Path]:
-    """The image files of a folder (by extension: jpg, jpeg, png), sorted; their stems must be distinct."""
+def folder_listing(folder: str | os.PathLike) -> tuple[list[Path], list[Path]]:
+    """(the image files of a folder, sorted; the other files, which are not named as images).
+
+    Images are named as pack accepts them (`prepare.images.IMAGE_SUFFIXES`): what pack packs from
+    a folder, predict predicts and evaluate expects. Their stems must be distinct."""
     root = Path(folder)
     if not root.is_dir():
         raise UserError(f"--images {folder}: no such folder")
-    files = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir())
+    entries = sorted(p for p in root.iterdir() if not p.is_dir())
+    files = [p for p in entries if name_problem(p) is None]
     if not files:
         raise UserError(
             f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder{_inner_hint(root)}"
@@ -47,7 +52,23 @@ def list_images(folder: str | os.PathLike) -> list[Path]:
         if file.stem in seen:
             raise UserError(f"{file} and {seen[file.stem]} share the key {file.stem!r}: keep one")
         seen[file.stem] = file
-    return files
+    return files, [p for p in entries if name_problem(p) is not None]
+
+
+def list_images(folder: str | os.PathLike) -> list[Path]:
+    """The image files of a folder (by name, as pack accepts them), sorted; their stems distinct."""
+    return folder_listing(folder)[0]
+
+
+def skipped_note(folder: str | os.PathLike, others: list[Path]) -> str | None:
+    """What a command says of the files of an image folder that are not named as images."""
+    if not others:
+        return None
+    shown = ", ".join(shown_path(p.name) for p in others[:5])
+    return (
+        f"{len(others)} file(s) in {folder} are not named as images and were left out, as pack leaves "
+        f"them out: {shown}{' ...' if len(others) > 5 else ''}"
+    )
 
 
 def _inner_hint(root: Path) -> str:
@@ -76,12 +97,18 @@ def image_problem(path: str) -> str | None:
     ext = file.suffix.lstrip(".").lower()
     try:
         check_pixel_count(data, ext)
-        image = Image.open(io.BytesIO(data), formats=("JPEG", "PNG"))
+        image = Image.open(io.BytesIO(data), formats=DECODABLE_FORMATS)
+        if image.width * image.height > MAX_IMAGE_PIXELS:  # a format the header check does not read
+            return (
+                f"refused, too many pixels: it declares {image.width} x {image.height}, more than the "
+                f"{MAX_IMAGE_PIXELS:,} an image may have"
+            )
         image.draft(
             "RGB", (max(1, image.width // 8), max(1, image.height // 8))
         )  # JPEG: every byte, 1/8 the work
         image.load()
-    except BadSample as exc:
+        to_rgb(image)  # a mode that is not converted is named here, before any is predicted
+    except (BadSample, BadImage) as exc:
         return str(exc)
     except Exception as exc:  # a malformed file can break a decoder in any way; it is the file's fault
         kind = (
@@ -89,7 +116,7 @@ def image_problem(path: str) -> str | None:
             if data[:2] == b"\xff\xd8"
             else "a PNG"
             if data[:4] == b"\x89PNG"
-            else "not a JPEG or PNG image"
+            else f"not an image ({', '.join(DECODABLE_FORMATS)})"
         )
         return f"cannot be decoded ({kind}, first bytes {data[:8]!r}): {decoder_message(exc)}"
     return None

@@ -18,6 +18,7 @@ from typing import Any
 
 from cocoshard import CLASSES, NUM_CLASSES
 from cocoshard.errors import UserError
+from cocoshard.input_files import InputError, parse_json
 from cocoshard.pure.format import FORMAT_VERSION, is_shard_file
 from cocoshard.remote import Network, is_url, join_location, read_url
 from cocoshard.shard_cache import Remote
@@ -75,9 +76,9 @@ def read_manifest(location: str | os.PathLike, network: Network | None = None) -
     """Load `manifest.json` from a shard folder (or URL prefix), checked against its schema."""
     text, source = _read_text(str(location), network or Network())
     try:
-        manifest = json.loads(text)
-    except (ValueError, RecursionError) as exc:
-        raise BadManifest(f"{source} is not valid JSON: {exc}") from None
+        manifest = parse_json(text)
+    except InputError as exc:
+        raise BadManifest(f"{source} cannot be read as a manifest: {exc}") from None
     check_manifest(manifest, source)
     return manifest
 

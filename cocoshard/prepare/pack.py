@@ -12,7 +12,8 @@ Every input file ends in a shard or in `manifest["rejected"]` with its reason; i
 are counted in `manifest["unlabelled_images"]`. `--strict` turns any rejection into a failed run
 (exit 1, no manifest).
 
-Atomic and repeatable: the old manifest is removed before anything else is written, each shard is
+Atomic and repeatable: every setting and input is checked and the split planned first, then the
+old manifest is removed before anything else is written, each shard is
 written under a `.tmp-` name and renamed when complete, the manifest is written last, and shard
 files the new manifest does not list are removed. A killed run therefore never leaves a manifest
 describing missing or partial shards, and a re-run over the same input writes the same bytes.
@@ -40,6 +41,8 @@ from cocoshard.console import literal, stderr_console
 from cocoshard.errors import UserError
 from cocoshard.folder_lock import folder_lock
 from cocoshard.input_files import InputError, read_input
+from cocoshard.output_paths import check_output_folder
+from cocoshard.prepare.images import DECODABLE_FORMATS, BadImage, to_rgb
 from cocoshard.prepare.manifest import MANIFEST, list_shard_files
 from cocoshard.prepare.pool import map_in_workers
 from cocoshard.prepare.sources import (
@@ -69,15 +72,8 @@ from cocoshard.pure.split import SPLIT_METHOD, stratified_split
 from cocoshard.seeds import Stream, numpy_rng
 from cocoshard.settings import print_config
 
-# Formats accepted by content (whatever the file is called). Naming them also keeps PIL from
-# handing an untrusted file to a plugin such as EPS, which would run Ghostscript.
-DECODABLE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")  # JPEG also opens MPO
 KEPT_JPEG_MODES = ("RGB", "L")  # JPEGs the loader decodes as they are; others become PNG
 MAX_EXAMPLES = 20
-
-
-class BadImage(ValueError):
-    """An input image that cannot become a sample; the message is the reason recorded."""
 
 
 class InputsRejected(Exception):
@@ -129,8 +125,9 @@ def _format_hint(data: bytes) -> str:
 
 
 def fit_within(image: Image.Image, size: int) -> Image.Image:
-    """The image in RGB, shrunk (aspect kept) so that its long side is at most `size`."""
-    rgb = image.convert("RGB")
+    """The image in RGB as a person sees it (`images.to_rgb`: 16-bit scaled, alpha composited),
+    shrunk (aspect kept) so that its long side is at most `size`. Raises BadImage."""
+    rgb = to_rgb(image)
     width, height = rgb.size
     if max(width, height) <= size:
         return rgb
@@ -375,6 +372,26 @@ def _remove_unlisted(out: Path, listed: Iterable[str]) -> None:
     remove_stale_temporaries(out)
 
 
+def check_out_apart(out: Path, sources: Sources) -> None:
+    """--out must be a folder of its own: shards written among the input images would be read back
+    as inputs by the next pack (and a stale shard there removed)."""
+    for name, folder in vars(sources).items():
+        if folder is not None and out.exists() and out.resolve() == folder.resolve():
+            raise UserError(
+                f"--out {out} is the {name.replace('_', ' ')} folder: pack into a folder of its own"
+            )
+
+
+def check_no_links(out: Path, names: Iterable[str]) -> None:
+    """No file pack writes may be a symbolic link: it would be written through, or silently replaced."""
+    links = [out / name for name in names if (out / name).is_symlink()]
+    if links:
+        raise UserError(
+            f"{links[0]} is a symbolic link ({len(links)} in all among the files pack writes): cocoshard "
+            f"never writes through a link; remove them"
+        )
+
+
 def pack_folder(cfg: PackConfig, progress: bool = False) -> dict[str, Any]:
     """Pack the folder described by a PackConfig; returns the manifest written to `cfg.out`.
 
@@ -382,15 +399,18 @@ def pack_folder(cfg: PackConfig, progress: bool = False) -> dict[str, Any]:
     when the inputs cannot be found, InputsRejected under `cfg.strict` when any input was rejected
     (then no manifest is written and no shard is left), WriteFailed when the disk is full.
     """
-    sources = find_sources(cfg.root, cfg.train_images, cfg.train_labels, cfg.test_images)
-    inventory = take_inventory(sources)
     out = Path(cfg.out)
+    check_output_folder(out, "--out")
+    sources = find_sources(cfg.root, cfg.train_images, cfg.train_labels, cfg.test_images)
+    check_out_apart(out, sources)
+    inventory = take_inventory(sources)
+    plan = plan_splits(inventory, cfg.val_fraction, cfg.seed)  # all that can fail before a file changes
+    tasks = shard_tasks(plan, out, cfg.format, cfg.size, cfg.shard_samples)
     with folder_lock(out, "cocoshard pack"):
-        # First of all: from here on the folder is never described by a manifest of another run.
+        check_no_links(out, [MANIFEST, *(task.name for task in tasks)])
+        # From here on the folder is never described by a manifest of another run.
         with contextlib.suppress(FileNotFoundError):
             (out / MANIFEST).unlink()
-        plan = plan_splits(inventory, cfg.val_fraction, cfg.seed)
-        tasks = shard_tasks(plan, out, cfg.format, cfg.size, cfg.shard_samples)
         try:
             results = map_in_workers(
                 write_shard,

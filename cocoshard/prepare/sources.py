@@ -4,8 +4,10 @@
     ms-coco/labels/train/train/KEY.cls                   or  ms-coco/labels/train/KEY.cls
     ms-coco/images/test-resized/test-resized/KEY.jpg     or  ms-coco/images/test/KEY.jpg
 
-Every file in those folders is an input: an image is recognised by its content when it is decoded
-(`cocoshard.prepare.pack`), not by its name, so a stray file is reported rather than skipped. What
+Every file in those folders is an input: a file not named as an image (`prepare.images.IMAGE_SUFFIXES`,
+the list predict and evaluate use too) is rejected with its reason, and an image's format is
+recognised by its content when it is decoded (`cocoshard.prepare.pack`), so a stray file is
+reported rather than skipped. What
 cannot be paired or parsed is rejected here with its reason; images without a `.cls` are not
 training samples (as in the challenge's Dataset) and are only counted.
 
@@ -15,14 +17,14 @@ never more than a size bound); anything else is rejected with its reason.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from cocoshard import CLASSES, NUM_CLASSES
 from cocoshard.errors import UserError
-from cocoshard.input_files import InputError, read_input, shown_path
+from cocoshard.input_files import InputError, parse_json, read_input, shown_path
+from cocoshard.prepare.images import name_problem
 from cocoshard.pure.format import key_problem
 from cocoshard.pure.labels import LabelError, parse_cls
 
@@ -141,8 +143,10 @@ def _images_by_key(folder: Path, rejected: list[dict[str, str]]) -> dict[str, Pa
     images: dict[str, Path] = {}
     for path in _entries(folder, rejected):
         key = path.stem
-        problem = key_problem(key) or (
-            f"another file has the same key {key!r}: {images[key].name}" if key in images else None
+        problem = (
+            name_problem(path)
+            or key_problem(key)
+            or (f"another file has the same key {key!r}: {images[key].name}" if key in images else None)
         )
         if problem:
             rejected.append({"path": shown_path(path), "reason": problem})
@@ -203,8 +207,8 @@ def take_inventory(sources: Sources) -> Inventory:
 def dataset_class_names(root: str | Path) -> list[str]:
     """The 80 class names: a synthetic set's own (from its synthetic.json), else the challenge's."""
     try:
-        names = json.loads((Path(root) / SYNTHETIC_MARKER).read_text()).get("classes")
-    except (OSError, ValueError, AttributeError):
+        names = parse_json(read_input(Path(root) / SYNTHETIC_MARKER, MAX_LABEL_BYTES).decode()).get("classes")
+    except (InputError, UnicodeDecodeError, AttributeError):
         return list(CLASSES)
     valid = isinstance(names, list) and len(names) == NUM_CLASSES and all(isinstance(n, str) for n in names)
     return names if valid else list(CLASSES)

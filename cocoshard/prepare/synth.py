@@ -25,6 +25,7 @@ the number of worker processes.
 from __future__ import annotations
 
 import colorsys
+import contextlib
 import io
 import json
 import os
@@ -42,6 +43,7 @@ from cocoshard.atomic import TMP_PREFIX, atomic_write_text, remove_stale_tempora
 from cocoshard.config import SynthConfig
 from cocoshard.errors import UserError
 from cocoshard.folder_lock import LOCK_FILE, folder_lock
+from cocoshard.output_paths import check_output_folder
 from cocoshard.prepare.pool import map_in_workers
 from cocoshard.prepare.sources import SYNTHETIC_MARKER
 from cocoshard.pure.labels import format_cls
@@ -312,7 +314,11 @@ def _write_whole(path: Path, data: bytes) -> None:
     final name. Unlike `atomic_write_bytes` there is no fsync per file: it made drawing 3x slower
     on a busy disk, and a generated set lost to a power cut is simply drawn again."""
     temporary = path.with_name(f"{TMP_PREFIX}{path.name}")
-    temporary.write_bytes(data)
+    with contextlib.suppress(FileNotFoundError):
+        temporary.unlink()  # a killed run's, or a link planted there: never written through
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
     os.replace(temporary, path)
 
 
@@ -336,8 +342,7 @@ def _write_chunk(task: tuple[str, str, int, int, int, int, int, dict[str, float]
 
 def _refuse_foreign(out: Path) -> None:
     """Refuse a folder this module did not write (nothing in it is touched)."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} exists and is not a folder")
+    check_output_folder(out, "--out")
     if (
         out.is_dir()
         and any(entry.name != LOCK_FILE for entry in out.iterdir())

@@ -2,7 +2,8 @@
 
 Every function takes `(N, C)` arrays: N images, C classes. Predictions are booleans (or 0/1);
 scores are probabilities; an image counts as predicted for a class when `score > threshold`, the
-strict comparison of the statement's `validation_loop`.
+strict comparison of the statement's `validation_loop`. Scores or thresholds holding NaN or
+infinity are refused with a ValueError naming them (`check_finite`), never scored.
 
 Server F1, as the statement's `validation_loop(multi_task=True, one_hot=True)` computes it:
 
@@ -43,9 +44,25 @@ def _as_matrix(name: str, array: np.ndarray) -> np.ndarray:
     return array
 
 
+def check_finite(name: str, array: np.ndarray) -> np.ndarray:
+    """`array`, unless it holds NaN or infinity: then ValueError naming it and the first such entry.
+
+    A NaN compares false with every threshold, so it would pass silently as "not predicted" and
+    break the sorting that AP and threshold tuning rely on (a diverged model gives such scores)."""
+    array = np.asarray(array)
+    if array.dtype.kind in "fc" and not np.isfinite(array).all():
+        where = np.argwhere(~np.isfinite(array))
+        raise ValueError(
+            f"{name} hold {len(where)} NaN or infinite value(s), the first at index "
+            f"{tuple(int(i) for i in where[0])}: a model that diverged gives such scores"
+        )
+    return array
+
+
 def check_pair(first: np.ndarray, labels: np.ndarray, first_name: str) -> tuple[np.ndarray, np.ndarray]:
-    """(`first`, labels as booleans), both checked to be (images, classes) arrays of one shape."""
-    first = _as_matrix(first_name, first)
+    """(`first`, labels as booleans), both checked to be (images, classes) arrays of one shape, and
+    `first` (scores or predictions) free of NaN and infinity."""
+    first = check_finite(first_name, _as_matrix(first_name, first))
     labels = _as_matrix("labels", labels)
     if first.shape != labels.shape:
         raise ValueError(f"{first_name} {first.shape} and labels {labels.shape} differ in shape")
@@ -58,8 +75,8 @@ def predictions_from_scores(scores: np.ndarray, thresholds: Thresholds = DEFAULT
     Compared in float64 so that a threshold tuned as the midpoint of two float32 scores is not
     rounded onto one of them.
     """
-    scores = _as_matrix("scores", scores).astype(np.float64, copy=False)
-    thresholds = np.asarray(thresholds, dtype=np.float64)
+    scores = check_finite("scores", _as_matrix("scores", scores)).astype(np.float64, copy=False)
+    thresholds = check_finite("thresholds", np.asarray(thresholds, dtype=np.float64))
     if thresholds.ndim == 1 and thresholds.shape[0] != scores.shape[1]:
         raise ValueError(f"{thresholds.shape[0]} thresholds for {scores.shape[1]} classes")
     return scores > thresholds

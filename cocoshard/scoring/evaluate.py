@@ -32,15 +32,19 @@ from cocoshard.config import EvaluateConfig
 from cocoshard.console import literal, stdout_console
 from cocoshard.errors import UserError
 from cocoshard.folder_lock import folder_lock
+from cocoshard.loading.image_files import folder_listing, skipped_note
+from cocoshard.output_paths import check_apart, check_output_file, check_output_folder
 from cocoshard.prepare.manifest import read_manifest, shards_identity
 from cocoshard.pure import metrics
 from cocoshard.scoring.ground_truth import (
     class_names_of,
     image_keys,
+    is_label_input,
     is_shard_folder,
     load_labels,
 )
 from cocoshard.scoring.same_shards import OVERRIDE, Trained, check_trained_on
+from cocoshard.scoring.report import REPORT_FILES
 from cocoshard.scoring.scores import check_scores_match, load_scores, read_scores
 from cocoshard.scoring.submission import (
     Submission,
@@ -216,6 +220,9 @@ def assess(cfg: EvaluateConfig) -> Assessment:
     labels = load_labels(cfg.labels) if cfg.labels else None
     submission, unsorted = check_file(cfg, labels)
     notes = [f"{len(unsorted)} list(s) were not sorted (accepted; e.g. {unsorted[0]!r})"] if unsorted else []
+    if cfg.images and not is_shard_folder(cfg.images):
+        skipped = skipped_note(cfg.images, folder_listing(cfg.images)[1])
+        notes += [skipped] if skipped else []
     empty = sum(1 for ids in submission.values() if not ids)
     if empty:
         notes.append(
@@ -290,9 +297,32 @@ def metrics_payload(cfg: EvaluateConfig, found: Assessment) -> dict[str, Any]:
     return payload
 
 
+def check_outputs(cfg: EvaluateConfig) -> None:
+    """--out a file and --report a folder that can be written, neither an input of this command."""
+    if cfg.out is not None:
+        check_output_file(cfg.out, "--out")
+    report = []
+    if cfg.report is not None:
+        check_output_folder(cfg.report, "--report")
+        report = [("--report", Path(cfg.report) / name) for name in REPORT_FILES]
+    outputs = [("--out", cfg.out), *report]
+    inputs = [
+        ("--predictions", cfg.predictions),
+        ("--scores", cfg.scores),
+        ("--run", Path(cfg.run) / METRICS_LOG if cfg.run else None),
+        *[
+            ("--labels", path)
+            for _, path in outputs
+            if cfg.labels and path and is_label_input(cfg.labels, path)
+        ],
+    ]
+    check_apart(outputs, inputs)
+
+
 def run(cfg: EvaluateConfig) -> int:
     """`cocoshard evaluate`: assess the file, show the result, and write it with --out."""
     print_config(cfg)
+    check_outputs(cfg)
     found = assess(cfg)
     show(cfg, found)
     if cfg.out and found.evaluation is not None:

@@ -29,13 +29,24 @@ from cocoshard.prepare.manifest import (
     split_shards,
 )
 from cocoshard.prepare.sources import LABEL_SUFFIX, MAX_LABEL_BYTES
-from cocoshard.pure.format import EXT_LABELS, decode_labels
+from cocoshard.pure.format import EXT_LABELS, decode_labels, is_shard_file
 from cocoshard.pure.labels import LabelError, multi_hot, parse_cls
 
 
 def is_shard_folder(location: str | os.PathLike) -> bool:
     """True for a folder that holds a `manifest.json`."""
     return (Path(location) / MANIFEST).is_file()
+
+
+def is_label_input(location: str | os.PathLike, path: str | os.PathLike) -> bool:
+    """True when `load_labels(location)` reads the file `path`: a shards folder's manifest or one of
+    its shards, or a `.cls` file of a labels folder (an output there would replace a label)."""
+    file, folder = Path(path), Path(location)
+    if not folder.is_dir() or not file.parent.exists() or not file.parent.samefile(folder):
+        return False
+    if is_shard_folder(folder):
+        return file.name == MANIFEST or is_shard_file(file.name)
+    return file.suffix == LABEL_SUFFIX
 
 
 def read_label_folder(folder: str | os.PathLike) -> dict[str, np.ndarray]:

@@ -38,10 +38,11 @@ from cocoshard.console import literal, stderr_console
 from cocoshard.errors import UserError
 from cocoshard.input_files import shown_path
 from cocoshard.loading.augment import EvalTransform, eval_transform
-from cocoshard.loading.image_files import check_image_folder, folder_batches
+from cocoshard.loading.image_files import check_image_folder, folder_batches, folder_listing, skipped_note
 from cocoshard.loading.loader import build_loader
 from cocoshard.loading.spec import LoaderSpec
 from cocoshard.machine import ThreadPlan, thread_plan
+from cocoshard.output_paths import check_apart, check_output_file
 from cocoshard.prepare.manifest import MANIFEST, load_manifest, read_manifest, shards_identity
 from cocoshard.pure.decision import decide_labels
 from cocoshard.pure.metrics import predictions_from_scores
@@ -242,20 +243,15 @@ def _check_keys(keys: list[str], expected: int, source: str) -> None:
 
 
 def _check_outputs(cfg: PredictConfig) -> None:
-    """The outputs must not be an input: the JSON would replace the checkpoint or the scores."""
-    outputs = [Path(cfg.out)] + ([Path(cfg.scores)] if cfg.scores else [])
-    inputs = [Path(cfg.checkpoint)] + ([Path(cfg.thresholds)] if cfg.thresholds else [])
-    if cfg.scores and Path(cfg.out).resolve() == Path(cfg.scores).resolve():
-        raise UserError(f"--out and --scores are the same file {cfg.out}: give each its own")
-    for output in outputs:
-        for given in inputs:
-            if output.resolve() == given.resolve() or (
-                output.exists() and given.exists() and output.samefile(given)
-            ):
-                raise UserError(
-                    f"{output} is an input of this command ({given}): writing there would replace it; "
-                    f"choose another file"
-                )
+    """The outputs must be files that can be written and not an input: the JSON would replace the
+    checkpoint or the scores."""
+    check_output_file(cfg.out, "--out")
+    if cfg.scores:
+        check_output_file(cfg.scores, "--scores")
+    check_apart(
+        [("--out", cfg.out), ("--scores", cfg.scores)],
+        [("--checkpoint", cfg.checkpoint), ("--thresholds", cfg.thresholds)],
+    )
 
 
 def _thresholds(cfg: PredictConfig, predictor: Predictor) -> tuple[np.ndarray, str]:
@@ -288,6 +284,9 @@ def _inputs(
                 f"--images {cfg.images} is a shards folder (it holds {MANIFEST}): read it with "
                 f"--shards {cfg.images} --split test (or --split val)"
             )
+        skipped = skipped_note(cfg.images, folder_listing(cfg.images)[1])
+        if skipped:
+            stderr_console().print(f"[yellow]note[/]: {literal(skipped)}")
         files, bad = check_image_folder(cfg.images, plan.workers)
         if bad and cfg.unreadable == "fail":
             raise UserError(bad_files_message(cfg.images, bad))

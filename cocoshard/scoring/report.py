@@ -15,7 +15,6 @@ Rendering uses matplotlib's Agg backend (no display needed); every file is writt
 from __future__ import annotations
 
 import io
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,6 +24,7 @@ import numpy as np
 
 from cocoshard import CLASSES
 from cocoshard.atomic import atomic_write_bytes, atomic_write_text
+from cocoshard.input_files import parse_json, read_input
 from cocoshard.pure.metrics import ServerF1
 from cocoshard.training.runlog import CONFIG_FILE, METRICS_LOG
 
@@ -32,6 +32,7 @@ SUMMARY = "summary.md"
 F1_FIGURE = "per_class_f1.png"
 PR_FIGURE = "precision_recall.png"
 CURVES_FIGURE = "curves.png"
+REPORT_FILES = (SUMMARY, F1_FIGURE, PR_FIGURE, CURVES_FIGURE)  # every file a report may write
 EPOCH_KEYS = ("epoch", "epochs")
 SCORE_LEAVES = ("server_f1", "server_f1_tuned", "map")
 ABSENT_COLOUR, F1_COLOUR, PRECISION_COLOUR, RECALL_COLOUR = "#bbbbbb", "#3b75af", "#e07b39", "#519e3e"
@@ -186,7 +187,7 @@ def read_metrics_log(run_dir: str | os.PathLike) -> list[dict[str, float]]:
     records = []
     for line in path.read_text(errors="replace").splitlines():
         try:
-            record = json.loads(line)
+            record = parse_json(line)  # bounded nesting: an InputError is a ValueError
         except ValueError:
             continue
         if isinstance(record, dict):
@@ -356,8 +357,8 @@ def run_description(run_dir: str | os.PathLike | None) -> dict[str, Any]:
         return {}
     settings_file, about = Path(run_dir) / CONFIG_FILE, {}
     try:
-        settings = json.loads(settings_file.read_text())
-    except (OSError, ValueError):
+        settings = parse_json(read_input(settings_file, 2**20).decode())
+    except (ValueError, UnicodeDecodeError):  # InputError included
         settings = {}
     if isinstance(settings, dict) and settings:
         start = (

@@ -19,7 +19,7 @@ import numpy as np
 from cocoshard import NUM_CLASSES
 from cocoshard.atomic import atomic_write_text
 from cocoshard.errors import UserError
-from cocoshard.input_files import InputError, read_input
+from cocoshard.input_files import InputError, parse_json, read_input
 
 THRESHOLDS_LIMIT = 1024 * 1024  # bytes: 80 numbers and a few lines about them need ~3 KB
 
@@ -42,8 +42,8 @@ def read_thresholds_file(path: str | os.PathLike) -> np.ndarray:
     """The 80 thresholds of a thresholds file, checked."""
     file = Path(path)
     try:
-        data = json.loads(read_input(file, THRESHOLDS_LIMIT).decode("utf-8"))
-    except (InputError, ValueError, UnicodeDecodeError) as exc:
+        data = parse_json(read_input(file, THRESHOLDS_LIMIT).decode("utf-8"))
+    except (InputError, UnicodeDecodeError) as exc:
         raise UserError(f"--thresholds {file}: cannot be read as a thresholds JSON file ({exc})") from None
     if not isinstance(data, dict) or "thresholds" not in data:
         raise UserError(f"--thresholds {file}: not a thresholds file (no 'thresholds' list)")

@@ -24,9 +24,10 @@ from rich.text import Text
 from cocoshard.config import ThresholdsConfig
 from cocoshard.console import literal, stdout_console
 from cocoshard.errors import UserError
+from cocoshard.output_paths import check_apart, check_output_file
 from cocoshard.prepare.manifest import read_manifest
 from cocoshard.pure import decision, metrics, threshold_tuning
-from cocoshard.scoring.ground_truth import class_names_of, is_shard_folder, load_labels
+from cocoshard.scoring.ground_truth import class_names_of, is_label_input, is_shard_folder, load_labels
 from cocoshard.scoring.same_shards import Trained, check_trained_on
 from cocoshard.scoring.scores import Scores, read_scores
 from cocoshard.scoring.threshold_files import write_thresholds_file
@@ -47,6 +48,9 @@ def _other_shards(cfg: ThresholdsConfig, found: Scores) -> str:
 def run(cfg: ThresholdsConfig) -> int:
     """Tune, report what the tuning buys (and on which classes it could not), write the file."""
     print_config(cfg)
+    check_output_file(cfg.out, "--out")
+    labels = [("--labels", cfg.out)] if is_label_input(cfg.labels, cfg.out) else []
+    check_apart([("--out", cfg.out)], [("--scores", cfg.scores), *labels])
     found = read_scores(cfg.scores)
     labels = load_labels(cfg.labels)
     unlabelled = [key for key in found.keys if key not in labels]

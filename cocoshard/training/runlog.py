@@ -19,6 +19,7 @@ copies as one. Nothing on screen is cut with "…": parts are left out whole.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -32,8 +33,9 @@ from rich.progress import BarColumn, Progress, TextColumn
 from rich.table import Table
 from rich.text import Text
 
-from cocoshard.atomic import atomic_write_text
+from cocoshard.atomic import WriteFailed, atomic_write_text
 from cocoshard.folder_lock import LOCK_FILE
+from cocoshard.input_files import parse_json
 from cocoshard.settings import print_config, to_dict
 from cocoshard.training.checkpoint import BEST, LAST
 
@@ -252,6 +254,14 @@ def markdown_table(record: dict[str, Any], columns: Sequence[str]) -> str:
         cells = [f"{record['val'][c][key]:.4f}" if key in record["val"][c] else "" for c in columns]
         rows.append(f"| {label} | {'' if train is None else f'{train:.4f}'} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
+def _append_only(path: Path) -> Any:
+    """`path` opened to append, never through a symbolic link (WriteFailed names it otherwise)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        reason = "it is a symbolic link" if exc.errno == errno.ELOOP else exc.strerror or str(exc)
+        raise WriteFailed(f"cannot write {path}: {reason}") from None
+    return os.fdopen(fd, "a", encoding="utf-8")
 
 
 class RunLog:
@@ -272,8 +282,9 @@ class RunLog:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
                 self._tensorboard = False
-            else:
-                self._tensorboard = SummaryWriter(str(self.out / TENSORBOARD_DIR))
+            else:  # a link planted in the run folder would have the events written elsewhere
+                folder = self.out / TENSORBOARD_DIR
+                self._tensorboard = False if folder.is_symlink() else SummaryWriter(str(folder))
         return self._tensorboard or None
 
     def _show(self, renderable: Any, screen: bool = True, soft_wrap: bool = False) -> None:
@@ -307,7 +318,7 @@ class RunLog:
         if not self.enabled:
             return
         self.out.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.out / LOG_FILE, "a", encoding="utf-8")  # closed by close()
+        self._file = _append_only(self.out / LOG_FILE)  # closed by close(); never through a link
         self._file_console = Console(
             file=self._file, width=LOG_WIDTH, force_terminal=False, color_system=None, highlight=False
         )
@@ -345,8 +356,8 @@ class RunLog:
         kept = []
         for line in path.read_text(errors="replace").splitlines():
             try:
-                record = json.loads(line)
-            except ValueError:
+                record = parse_json(line)
+            except ValueError:  # InputError (too deep) included
                 continue  # a line cut short by a killed run
             if isinstance(record, dict) and record.get("epoch", 0) <= epoch:
                 kept.append(line)
@@ -358,7 +369,7 @@ class RunLog:
         if not self.enabled:
             return
         self.out.mkdir(parents=True, exist_ok=True)
-        with open(self.out / METRICS_LOG, "a", encoding="utf-8") as handle:
+        with _append_only(self.out / METRICS_LOG) as handle:
             handle.write(json.dumps(record, sort_keys=True) + "\n")
             handle.flush()
             os.fsync(handle.fileno())

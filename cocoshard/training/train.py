@@ -30,6 +30,7 @@ from cocoshard.config import MIN_LABELS, TrainConfig
 from cocoshard.errors import UserError
 from cocoshard.folder_lock import folder_lock
 from cocoshard.loading.batch import Batch
+from cocoshard.output_paths import check_output_folder
 from cocoshard.pure import decision, metrics, threshold_tuning
 from cocoshard.seeds import Stream, derive_seed
 from cocoshard.training.checkpoint import (
@@ -41,6 +42,7 @@ from cocoshard.training.checkpoint import (
     prediction_state,
     save_checkpoint,
 )
+from cocoshard.training.divergence import check_losses, check_scores, check_weights
 from cocoshard.training.model import set_train_mode
 from cocoshard.training.optim import BACKBONE, HEAD
 from cocoshard.training.resume import settings_to_run
@@ -67,14 +69,18 @@ class OnlineMetrics:
 
     def __init__(self, device: torch.device) -> None:
         self.loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+        self.nonfinite = torch.zeros((), device=device, dtype=torch.int64)  # steps with a NaN/inf loss
         self.images = 0
         self.predicted: list[torch.Tensor] = []
         self.labels: list[torch.Tensor] = []
         self._read = (0.0, 0)  # loss sum and images at the last `read_losses`
 
     def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
-        """Count one batch (device operations only)."""
-        self.loss_sum += loss.detach().double() * labels.shape[0]
+        """Count one batch (device operations only): a non-finite loss is counted, not summed."""
+        loss = loss.detach().double()
+        finite = torch.isfinite(loss)
+        self.nonfinite += (~finite).to(torch.int64)
+        self.loss_sum += torch.where(finite, loss, torch.zeros_like(loss)) * labels.shape[0]
         self.images += labels.shape[0]
         self.predicted.append((logits.detach() > 0).to(torch.uint8))
         self.labels.append(labels.to(torch.uint8))
@@ -88,6 +94,9 @@ class OnlineMetrics:
         total, (before, images_before) = self.loss_sum.item(), self._read
         self._read = (total, self.images)
         return total / max(self.images, 1), (total - before) / max(self.images - images_before, 1)
+    def nonfinite_steps(self) -> int:
+        """Steps of this epoch with a NaN or infinite loss, over every rank (collective: call on all)."""
+        return int(all_reduce_sum(self.nonfinite.clone()).item())
 
     def summary(self, is_main: bool) -> dict[str, float]:
         """Loss and headline metrics over every rank (collective: call on all ranks)."""
@@ -141,7 +150,7 @@ def train_one_epoch(tr: Trainer, epoch: int) -> dict[str, Any]:
     meter = OnlineMetrics(runtime.device)
     steps = tr.steps_per_epoch
     if cfg.max_steps:
-        steps = min(steps, cfg.max_steps - tr.step)
+        steps = max(0, min(steps, cfg.max_steps - tr.step))
     epochs_after = cfg.epochs - epoch - 1
     val_share = (
         tr.val_loader.num_samples / max(tr.train_loader.num_samples, 1) / 2
@@ -157,6 +166,7 @@ def train_one_epoch(tr: Trainer, epoch: int) -> dict[str, Any]:
     )
     started = time.perf_counter()
     waited = 0.0  # time this process spent waiting for the loader: data-starved when large
+    nonfinite = checked = 0  # steps with a non-finite loss, and the step they were last read at
     try:
         batches, index = iter(tr.train_loader), 0
         while True:
@@ -171,6 +181,9 @@ def train_one_epoch(tr: Trainer, epoch: int) -> dict[str, Any]:
                 mean, recent = meter.read_losses()  # the one wait for the device, every --log-every steps
                 progress.update(index, mean, head_lr(tr))
                 tr.log.log_step(tr.step, recent, head_lr(tr))
+                seen = meter.nonfinite_steps()
+                check_losses(tr, epoch, seen, seen - nonfinite, index - checked)
+                nonfinite, checked = seen, index
     finally:
         progress.close()
     if runtime.device.type == "cuda":
@@ -180,6 +193,7 @@ def train_one_epoch(tr: Trainer, epoch: int) -> dict[str, Any]:
     steps_per_rank = gather_objects(len(meter.predicted))
     return {
         "train": meter.summary(runtime.is_main),
+        "nonfinite_steps": nonfinite,
         "time_s": elapsed,
         "images_per_s": images / max(elapsed, 1e-9),
         "data_wait_s": waited,
@@ -218,6 +232,7 @@ def validation_scores(
     all_labels = gather_rows(torch.cat(labels) if labels else empty.to(torch.uint8))
     all_keys = [key for part in gather_objects(keys) for key in part]
     loss_sum = all_reduce_sum(loss_sum)
+    check_scores(tr, tr.epoch, "EMA" if model is not tr.model else "raw", all_scores)
     if not all_keys:
         raise NothingToValidate(
             f"validation read no image: all {tr.val_loader.split_samples} samples of the val split were bad "
@@ -341,6 +356,7 @@ def fit(tr: Trainer) -> None:
     for epoch in range(tr.epoch, tr.cfg.epochs):
         enter_phase(tr, epoch)
         train = train_one_epoch(tr, epoch)
+        check_weights(tr, epoch)  # a non-finite model is never validated, let alone kept as best
         started = time.perf_counter()
         figures, thresholds = validate(tr)
         train["val_time_s"] = time.perf_counter() - started
@@ -379,9 +395,25 @@ def interrupted(tr: Trainer) -> None:
     tr.log.stopped(tr.epoch, tr.cfg.epochs, resumable=tr.epoch > 0 and (tr.out / LAST).is_file())
 
 
+def nothing_left(tr: Trainer) -> str | None:
+    """Why a resumed run has nothing to train (its epochs or its --max-steps done), or None."""
+    if tr.epoch >= tr.cfg.epochs:
+        return (
+            f"{tr.out / LAST} already completed {tr.epoch} of {tr.cfg.epochs} epochs: nothing to do "
+            f"(give --epochs more than {tr.epoch} with --resume to train on)"
+        )
+    if tr.cfg.max_steps and tr.step >= tr.cfg.max_steps:
+        return (
+            f"{tr.out / LAST} already took {tr.step} steps, --max-steps is {tr.cfg.max_steps}: nothing to "
+            f"do (give --max-steps more than {tr.step}, or 0 for no limit, with --resume to train on)"
+        )
+    return None
+
+
 def run(cfg: TrainConfig) -> int:
     """Entry point of `cocoshard train` (and of each torchrun process)."""
     cfg, resumed, resumed_from = settings_to_run(cfg)
+    check_output_folder(cfg.out, "--out")
     runtime = setup(cfg.device, cfg.amp, cfg.amp_dtype)
     log = RunLog(cfg.out, enabled=runtime.is_main)
     out = Path(cfg.out)
@@ -399,11 +431,9 @@ def run(cfg: TrainConfig) -> int:
             tr = build_trainer(
                 cfg, runtime, log, resumed, resumed_from, lock=lock if runtime.is_main else None
             )
-            if tr.epoch >= tr.cfg.epochs:
-                log.note(
-                    f"{tr.out / LAST} already completed {tr.epoch} of {tr.cfg.epochs} epochs: nothing to do "
-                    f"(give --epochs more than {tr.epoch} with --resume to train on)"
-                )
+            done = nothing_left(tr)
+            if done:
+                log.note(done)
                 completed = True
                 return 0
             first_epoch = tr.epoch

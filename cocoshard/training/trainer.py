@@ -12,6 +12,7 @@ the model, loaders, optimiser, schedule and EMA, restored from the checkpoint wh
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import platform
 import sys
 from collections.abc import Callable, Sequence
@@ -39,7 +40,6 @@ from cocoshard.prepare.manifest import (
     shard_urls,
     shards_identity,
     split_record,
-    split_shards,
 )
 from cocoshard.settings import to_dict
 from cocoshard.shard_cache import Remote, remote_of
@@ -188,17 +188,7 @@ def check_shards(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
                     f"shard {missing[0]} listed in the manifest is missing ({len(missing)} missing "
                     f"in all): re-pack into {cfg.shards}"
                 )
-    keys = {
-        split: {
-            key
-            for url, entry in zip(
-                shard_urls(cfg.shards, manifest, split), split_shards(manifest, split), strict=True
-            )
-            for key in _keys(url, entry["sha256"], cfg, remote)
-        }
-        for split in ("train", "val")
-    }
-    shared = sorted(keys["train"] & keys["val"])
+    shared = _keys_in_both_splits(cfg, manifest, remote)
     if shared:
         raise UserError(
             f"{cfg.shards}: {len(shared)} images are in both the train and the val split (e.g. "
@@ -213,11 +203,63 @@ def check_shards(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
     return manifest
 
 
-def _keys(url: str, sha256: str, cfg: TrainConfig, remote: Remote) -> list[str]:
-    """A shard's keys; a damaged shard is named here, or with --skip-bad-samples left to the loader
-    (a network failure is never skipped: it stops the run, naming the URL)."""
+def _keys_in_both_splits(cfg: TrainConfig, manifest: dict[str, Any], remote: Remote) -> list[str]:
+    """Keys of a train shard that a val shard holds too, once each shard is known to be the one
+    packed: identity before keys, so that a shard replaced since pack is named as such, never
+    blamed on the split (a size differs at a stat; a sha256 is read only when keys are shared)."""
+    entries = {
+        split: {e["name"]: e for e in manifest["splits"][split]["shards"]} for split in ("train", "val")
+    }
+    keys = {
+        split: {
+            url: _keys(url, entries[split][Path(url).name], cfg, remote)
+            for url in shard_urls(cfg.shards, manifest, split)
+        }
+        for split in ("train", "val")
+    }
+    shared = set(_shared_keys(keys))
+    if shared:  # rare: hash each shard holding them before blaming the split
+        for split, found in keys.items():
+            for url in [url for url, its in found.items() if shared.intersection(its)]:
+                found[url] = _keys(url, entries[split][Path(url).name], cfg, remote, full=True)
+    return _shared_keys(keys)
+
+
+def _shared_keys(keys: dict[str, dict[str, list[str]]]) -> list[str]:
+    """Keys found in a train shard and in a val shard, sorted."""
+    train = {key for found in keys["train"].values() for key in found}
+    return sorted(train & {key for found in keys["val"].values() for key in found})
+
+
+def _identity_problem(url: str, entry: dict[str, Any], full: bool = False) -> str | None:
+    """How a local shard differs from its manifest entry: its size (a stat), or with `full` its sha256."""
+    size = Path(url).stat().st_size
+    if size != entry["bytes"]:
+        return f"it is {size:,} bytes, the manifest says {entry['bytes']:,}"
+    if full:
+        digest = hashlib.sha256()
+        with open(url, "rb") as handle:
+            while chunk := handle.read(1 << 22):
+                digest.update(chunk)
+        if digest.hexdigest() != entry["sha256"]:
+            return f"its sha256 is {digest.hexdigest()[:16]}..., the manifest says {entry['sha256'][:16]}..."
+    return None
+
+
+def _keys(url: str, entry: dict[str, Any], cfg: TrainConfig, remote: Remote, full: bool = False) -> list[str]:
+    """A shard's keys once it is the shard packed; a replaced or damaged shard is named here, or
+    with --skip-bad-samples left to the loader (which skips it whole). A shard at a URL is read
+    whole and checked against its sha256 (through the cache); a network failure is never skipped:
+    it stops the run, naming the URL."""
     try:
-        return shard_keys(url, sha256, remote)
+        if not is_url(url):
+            problem = _identity_problem(url, entry, full)
+            if problem:
+                raise BadShard(
+                    f"shard {url} is not the one its manifest lists ({problem}): replaced or re-packed "
+                    f"since? Re-pack into {cfg.shards} (or pass --skip-bad-samples to train without it)"
+                )
+        return shard_keys(url, entry["sha256"], remote)
     except BadShard:
         if cfg.skip_bad_samples:
             return []
