@@ -170,7 +170,9 @@ def _dash_keys(data: dict[str, Any], path: Path) -> dict[str, Any]:
     for key, value in data.items():
         name = str(key).replace("-", "_")
         if name in settings:
-            raise ConfigError(f"config file {path}: the setting {name!r} is given twice ({key!r} and another)")
+            raise ConfigError(
+                f"config file {path}: the setting {name!r} is given twice ({key!r} and another)"
+            )
         settings[name] = _dash_keys(value, path) if isinstance(value, dict) else value
     return settings
 

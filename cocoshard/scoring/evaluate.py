@@ -43,8 +43,8 @@ from cocoshard.scoring.ground_truth import (
     is_shard_folder,
     load_labels,
 )
-from cocoshard.scoring.same_shards import OVERRIDE, Trained, check_trained_on
 from cocoshard.scoring.report import REPORT_FILES
+from cocoshard.scoring.same_shards import OVERRIDE, Trained, check_trained_on
 from cocoshard.scoring.scores import check_scores_match, load_scores, read_scores
 from cocoshard.scoring.submission import (
     Submission,

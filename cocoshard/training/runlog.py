@@ -254,6 +254,8 @@ def markdown_table(record: dict[str, Any], columns: Sequence[str]) -> str:
         cells = [f"{record['val'][c][key]:.4f}" if key in record["val"][c] else "" for c in columns]
         rows.append(f"| {label} | {'' if train is None else f'{train:.4f}'} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
+
+
 def _append_only(path: Path) -> Any:
     """`path` opened to append, never through a symbolic link (WriteFailed names it otherwise)."""
     try:

@@ -94,6 +94,7 @@ class OnlineMetrics:
         total, (before, images_before) = self.loss_sum.item(), self._read
         self._read = (total, self.images)
         return total / max(self.images, 1), (total - before) / max(self.images - images_before, 1)
+
     def nonfinite_steps(self) -> int:
         """Steps of this epoch with a NaN or infinite loss, over every rank (collective: call on all)."""
         return int(all_reduce_sum(self.nonfinite.clone()).item())
