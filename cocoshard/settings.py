@@ -165,7 +165,7 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
 
 def _dash_keys(data: dict[str, Any], path: Path) -> dict[str, Any]:
     """Keys with - read as _, in command sections too; a setting given twice (`batch-size` and
-    `batch_size`) is refused."""
+    `batch_size`) or as a list is refused."""
     settings: dict[str, Any] = {}
     for key, value in data.items():
         name = str(key).replace("-", "_")
@@ -173,6 +173,8 @@ def _dash_keys(data: dict[str, Any], path: Path) -> dict[str, Any]:
             raise ConfigError(
                 f"config file {path}: the setting {name!r} is given twice ({key!r} and another)"
             )
+        if isinstance(value, list):
+            raise ConfigError(f"config file {path}: {key!r} is a list; a setting is one value")
         settings[name] = _dash_keys(value, path) if isinstance(value, dict) else value
     return settings
 
