@@ -20,7 +20,8 @@ from cocoshard.errors import ConfigError
 from cocoshard.settings import Validated, flag, fraction, non_negative, opt, positive
 
 WORKERS_HELP = "worker processes (unset: automatic; 0: in this process)"
-RESUME_LAST = "auto"  # `--resume` without a path: OUT/last.pt
+RESUME_LAST = "last"  # `--resume` without a path: OUT/last.pt, which must exist
+RESUME_AUTO = "auto"  # `--resume auto`: OUT/last.pt when it exists, else a new run (torchrun restarts)
 
 
 # ----------------------------------------------------------------------------------- commands
@@ -171,9 +172,20 @@ class TrainConfig(Validated):
     seed: int = opt(0, "seed of initialisation, shuffling and augmentation")
     resume: str | None = opt(
         None,
-        "continue a run: --resume alone continues OUT/last.pt, --resume PATH/last.pt that one; the run's own "
-        "settings are used",
+        "continue a run with its own settings: --resume alone continues OUT/last.pt (refused when there is "
+        "none), --resume auto continues it when it exists and starts a new run when it does not (one command "
+        "line for torchrun --max-restarts and preemptible jobs), --resume PATH/last.pt that file",
         const=RESUME_LAST,
+    )
+    checkpoint_every: float = opt(
+        10.0,
+        "minutes between saves of last.pt inside an epoch, with the loader's position, so that a kill loses "
+        "at most this much (0: at epoch ends only); decided every --log-every steps",
+    )
+    dist_timeout: float = opt(
+        300.0,
+        "seconds a process of a torchrun job waits for the others: a peer silent for half of it is named as "
+        "lost and every other process stops; keep it above rank 0's own work at an epoch's end",
     )
     skip_bad_samples: bool = opt(False, "skip (and count) samples that fail to decode instead of stopping")
     max_steps: int = opt(0, "stop after this many optimizer steps in total (0: no limit; for smoke tests)")
@@ -183,7 +195,7 @@ class TrainConfig(Validated):
     given: frozenset = field(default=frozenset(), repr=False, compare=False, metadata={"internal": True})
 
     def validate(self) -> None:
-        positive(self, "epochs", "batch_size", "lr", "size", "log_every")
+        positive(self, "epochs", "batch_size", "lr", "size", "log_every", "dist_timeout")
         non_negative(
             self,
             "warmup_epochs",
@@ -193,6 +205,7 @@ class TrainConfig(Validated):
             "asl_gamma_pos",
             "asl_clip",
             "workers",
+            "checkpoint_every",
         )
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"--threads must be >= 1 (got {self.threads})")

@@ -83,8 +83,9 @@ class EpochProgress:
         steps: int,
         batch_images: int,
         run_left: Any = None,
+        start: int = 0,
     ) -> None:
-        self.batch_images, self.steps = batch_images, steps
+        self.batch_images, self.steps, self.start = batch_images, steps, start
         self.run_left = run_left or (lambda per_step: 0.0)
         self.started = time.perf_counter()
         self.progress: Progress | None = None
@@ -101,7 +102,9 @@ class EpochProgress:
                 TextColumn("run {task.fields[run]} left"),
                 console=console,
             )
-            self.task = self.progress.add_task(description, total=steps, loss="-", lr="-", rate="-", run="-")
+            self.task = self.progress.add_task(
+                description, total=steps, completed=start, loss="-", lr="-", rate="-", run="-"
+            )
             self.progress.start()
 
     def update(self, step: int, loss: float, lr: float) -> None:
@@ -109,14 +112,15 @@ class EpochProgress:
         if self.progress is None:
             return
         elapsed = max(time.perf_counter() - self.started, 1e-9)
-        per_step = elapsed / max(step, 1)
+        done = step - self.start  # steps taken by this process (a resumed epoch starts mid-way)
+        per_step = elapsed / max(done, 1)
         left = (self.steps - step) * per_step + self.run_left(per_step)
         self.progress.update(
             self.task,
             completed=step,
             loss=f"{loss:.4f}",
             lr=f"{lr:.2e}",
-            rate=f"{step * self.batch_images / elapsed:,.0f}",
+            rate=f"{done * self.batch_images / elapsed:,.0f}",
             run=_duration(left),
         )
 
@@ -158,10 +162,10 @@ class RunLog:
             atomic_write_text(self.out / RUN_FILE, json.dumps(facts, indent=2, sort_keys=True) + "\n")
 
     def epoch_progress(
-        self, description: str, steps: int, batch_images: int, run_left: Any = None
+        self, description: str, steps: int, batch_images: int, run_left: Any = None, start: int = 0
     ) -> EpochProgress:
-        """A progress bar for one epoch (silent off rank 0)."""
-        return EpochProgress(self.console, description, steps, batch_images, run_left)
+        """A progress bar for one epoch from its step `start` (silent off rank 0)."""
+        return EpochProgress(self.console, description, steps, batch_images, run_left, start)
 
     def keep_epochs_up_to(self, epoch: int) -> None:
         """Drop log lines of epochs after `epoch`: on resume they are run again (0: a fresh run)."""

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -38,18 +40,20 @@ from cocoshard.training.checkpoint import (
     checkpoint_state,
     save_checkpoint,
 )
+from cocoshard.training.midepoch import Position, save_due, save_mid_epoch, take_position
 from cocoshard.training.model import set_train_mode
 from cocoshard.training.optim import BACKBONE, HEAD
-from cocoshard.training.resume import settings_to_run
-from cocoshard.training.runlog import CONFIG_FILE, METRICS_LOG, THRESHOLDS_FILE, RunLog
+from cocoshard.training.resume import check_ranks_agree, settings_to_run
+from cocoshard.training.runlog import CONFIG_FILE, METRICS_LOG, THRESHOLDS_FILE
 from cocoshard.training.runtime import (
     all_reduce_sum,
     barrier,
-    cleanup,
+    broadcast_state,
     gather_objects,
     gather_rows,
-    setup,
+    set_rng_state,
 )
+from cocoshard.training.stopping import GuardedRun, guarded_run
 from cocoshard.training.trainer import Trainer, build_trainer, enter_phase
 
 # ----------------------------------------------------------------------------------- training
@@ -65,6 +69,7 @@ class OnlineMetrics:
     def __init__(self, device: torch.device) -> None:
         self.loss_sum = torch.zeros((), device=device, dtype=torch.float64)
         self.images = 0
+        self.batches = 0
         self.predicted: list[torch.Tensor] = []
         self.labels: list[torch.Tensor] = []
 
@@ -72,8 +77,28 @@ class OnlineMetrics:
         """Count one batch (device operations only)."""
         self.loss_sum += loss.detach().double() * labels.shape[0]
         self.images += labels.shape[0]
+        self.batches += 1
         self.predicted.append((logits.detach() > 0).to(torch.uint8))
         self.labels.append(labels.to(torch.uint8))
+
+    def state(self) -> dict[str, Any]:
+        """The epoch's counts so far, on the CPU, for a mid-epoch checkpoint (waits for the device)."""
+        none = torch.zeros((0, NUM_CLASSES), dtype=torch.uint8)
+        return {
+            "loss_sum": self.loss_sum.cpu(),
+            "images": self.images,
+            "batches": self.batches,
+            "predicted": torch.cat(self.predicted).cpu() if self.predicted else none,
+            "labels": torch.cat(self.labels).cpu() if self.labels else none,
+        }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Continue from `state()`: the figures come out as if the epoch had not been interrupted."""
+        device = self.loss_sum.device
+        self.loss_sum = state["loss_sum"].to(device=device, dtype=torch.float64)
+        self.images, self.batches = int(state["images"]), int(state["batches"])
+        self.predicted = [state["predicted"].to(device)]
+        self.labels = [state["labels"].to(device)]
 
     def mean_loss(self) -> float:
         """This rank's mean loss so far (waits for the device)."""
@@ -120,35 +145,42 @@ def head_lr(tr: Trainer) -> float:
     return next(group["lr"] for group in tr.optimizer.param_groups if group.get("part") == HEAD)
 
 
-def train_one_epoch(tr: Trainer, epoch: int) -> dict[str, Any]:
-    """One pass over this rank's share of the train split; returns the epoch's train figures."""
-    cfg, runtime = tr.cfg, tr.runtime
-    tr.train_loader.set_epoch(epoch)
+def start_epoch(tr: Trainer, epoch: int) -> tuple[OnlineMetrics, Position | None]:
+    """The loader, the generators and the figures where `epoch` starts, or where a mid-epoch
+    checkpoint left it (then also that position)."""
+    position = take_position(tr, epoch)
+    tr.train_loader.set_epoch(epoch, position.batch if position else 0)
     torch.manual_seed(
-        derive_seed(cfg.seed, epoch, runtime.rank, Stream.TORCH_GLOBAL)
+        derive_seed(tr.cfg.seed, epoch, tr.runtime.rank, Stream.TORCH_GLOBAL)
     )  # dropout, stochastic depth
     set_train_mode(tr.model, backbone_frozen=tr.frozen)
-    meter = OnlineMetrics(runtime.device)
+    meter = OnlineMetrics(tr.runtime.device)
+    if position is not None:  # the figures and generators as the interrupted epoch left them
+        meter.restore(position.meter)
+        set_rng_state(position.rng)
+    return meter, position
+
+
+def train_one_epoch(tr: Trainer, epoch: int) -> dict[str, Any]:
+    """One pass over this rank's share of the train split (from a mid-epoch checkpoint's position
+    when the run resumed there); returns the epoch's train figures."""
+    cfg, runtime = tr.cfg, tr.runtime
+    meter, position = start_epoch(tr, epoch)
+    start = position.batch if position else 0
     steps = tr.steps_per_epoch
     if cfg.max_steps:
-        steps = min(steps, cfg.max_steps - tr.step)
-    epochs_after = cfg.epochs - epoch - 1
-    val_share = (
-        tr.val_loader.num_samples / max(tr.train_loader.num_samples, 1) / 2
-    )  # inference: ~1/3 of a step's work, twice
-
-    def run_left(per_step: float) -> float:
-        return (
-            epochs_after * steps * per_step + (epochs_after + 1) * val_share * tr.steps_per_epoch * per_step
-        )
-
+        steps = min(steps, cfg.max_steps - tr.step + start)
     progress = tr.log.epoch_progress(
-        f"epoch {epoch + 1}/{cfg.epochs}", steps, cfg.batch_size * runtime.world_size, run_left
+        f"epoch {epoch + 1}/{cfg.epochs}",
+        steps,
+        cfg.batch_size * runtime.world_size,
+        run_left_estimate(tr, epoch, steps),
+        start=start,
     )
-    started = time.perf_counter()
-    waited = 0.0  # time this process spent waiting for the loader: data-starved when large
+    before, waited = (position.time_s, position.data_wait_s) if position else (0.0, 0.0)
+    started = time.perf_counter()  # waited: time spent waiting for the loader (data-starved when large)
     try:
-        batches, index = iter(tr.train_loader), 0
+        batches, index = iter(tr.train_loader), start
         while True:
             asked = time.perf_counter()
             batch = next(batches, None)  # to the end, so that the loader finishes its epoch cleanly
@@ -157,22 +189,39 @@ def train_one_epoch(tr: Trainer, epoch: int) -> dict[str, Any]:
                 break  # the epoch's end, or --max-steps reached
             train_step(tr, batch, meter)
             index += 1
-            if index % cfg.log_every == 0 or index == steps:
+            if index % cfg.log_every == 0 or index == steps:  # the device is waited for here only
                 progress.update(index, meter.mean_loss(), head_lr(tr))
+                if index < steps and save_due(tr):
+                    elapsed = before + time.perf_counter() - started
+                    save_mid_epoch(tr, epoch, index, meter.state(), elapsed, waited)
     finally:
         progress.close()
     if runtime.device.type == "cuda":
         torch.cuda.synchronize(runtime.device)
     elapsed = time.perf_counter() - started
-    images = int(all_reduce_sum(torch.tensor(float(meter.images), device=runtime.device)).item())
-    steps_per_rank = gather_objects(len(meter.predicted))
+    trained = torch.tensor(float(meter.images - (position.meter["images"] if position else 0)))
+    images = int(all_reduce_sum(trained.to(runtime.device)).item())
+    steps_per_rank = gather_objects(meter.batches)
     return {
         "train": meter.summary(runtime.is_main),
-        "time_s": elapsed,
+        "time_s": before + elapsed,
         "images_per_s": images / max(elapsed, 1e-9),
         "data_wait_s": waited,
         "steps_per_rank": steps_per_rank,
     }
+
+
+def run_left_estimate(tr: Trainer, epoch: int, steps: int) -> Callable[[float], float]:
+    """Seconds the run has left after this epoch, given the seconds a step takes: the epochs to come
+    and every validation (inference: ~1/3 of a step's work, on the val split, twice)."""
+    epochs_after = tr.cfg.epochs - epoch - 1
+    val_share = tr.val_loader.num_samples / max(tr.train_loader.num_samples, 1) / 2
+
+    def run_left(per_step: float) -> float:
+        validations = (epochs_after + 1) * val_share * tr.steps_per_epoch
+        return (epochs_after * steps + validations) * per_step
+
+    return run_left
 
 
 # ----------------------------------------------------------------------------------- validation
@@ -257,6 +306,9 @@ def validate(tr: Trainer) -> tuple[dict[str, dict[str, float]], dict[str, np.nda
         candidates[EMA] = tr.ema.module
     figures, thresholds = {}, {}
     for name, model in candidates.items():
+        # every rank scores the weights rank 0 saves: a rank's own batch-norm statistics (and its
+        # EMA of them) differ from rank 0's, and a resumed rank has rank 0's
+        broadcast_state(model)
         scores, labels, loss = validation_scores(tr, model)
         if tr.runtime.is_main:
             figures[name], thresholds[name] = score_validation(scores, labels, loss, tr.cfg.seed)
@@ -290,12 +342,13 @@ def finish_epoch(tr: Trainer, epoch: int, train: dict[str, Any], figures: dict, 
     tr.log.record_epoch(record, list(figures))
     if improved:
         state = tr.state_dict(keep_ema=selected == EMA)
-        save_checkpoint(
-            tr.out / BEST,
-            checkpoint_state(
-                state, epoch=epoch + 1, thresholds=thresholds[selected], figures=figures[selected]
-            ),
-        )
+        with tr.saving():
+            save_checkpoint(
+                tr.out / BEST,
+                checkpoint_state(
+                    state, epoch=epoch + 1, thresholds=thresholds[selected], figures=figures[selected]
+                ),
+            )
         tr.log.save_thresholds(
             {
                 "epoch": epoch + 1,
@@ -311,11 +364,13 @@ def finish_epoch(tr: Trainer, epoch: int, train: dict[str, Any], figures: dict, 
     # between must leave the best files already written, never named by the log but missing.
     # predict uses the EMA whenever a checkpoint has one: last.pt carries the EMA's thresholds.
     kept = EMA if EMA in figures else RAW
+    tr.last_thresholds, tr.last_figures = [float(t) for t in thresholds[kept]], figures[kept]
     state = tr.state_dict(keep_ema=True)
-    save_checkpoint(
-        tr.out / LAST,
-        checkpoint_state(state, epoch=epoch + 1, thresholds=thresholds[kept], figures=figures[kept]),
-    )
+    with tr.saving():
+        save_checkpoint(
+            tr.out / LAST,
+            checkpoint_state(state, epoch=epoch + 1, thresholds=thresholds[kept], figures=figures[kept]),
+        )
 
 
 def fit(tr: Trainer) -> None:
@@ -332,6 +387,7 @@ def fit(tr: Trainer) -> None:
         if tr.runtime.is_main:
             finish_epoch(tr, epoch, train, figures, thresholds)
         barrier()
+        tr.saved, tr.last_save = (tr.epoch, 0), time.monotonic()
         if tr.cfg.max_steps and tr.step >= tr.cfg.max_steps:
             tr.log.note(f"stopping after --max-steps {tr.cfg.max_steps} ({tr.step} steps)")
             break
@@ -363,54 +419,36 @@ def summary_lines(tr: Trainer, seconds: float) -> list[str]:
     return lines
 
 
-def interrupted_lines(tr: Trainer) -> list[str]:
-    """What a run stopped by Ctrl-C or SIGTERM says: what is kept and how to go on."""
-    if tr.epoch == 0 or not (tr.out / LAST).is_file():
-        return [
-            f"stopped during epoch {tr.epoch + 1}: no epoch was complete, nothing to resume; start again "
-            "with "
-            f"the same command"
-        ]
-    return [
-        f"stopped during epoch {tr.epoch + 1}: {tr.out / LAST} holds epoch {tr.epoch} of {tr.cfg.epochs}",
-        f"  resume with: cocoshard train --out {tr.out} --resume",
-    ]
-
-
 def run(cfg: TrainConfig) -> int:
     """Entry point of `cocoshard train` (and of each torchrun process)."""
     cfg, resumed, resumed_from = settings_to_run(cfg)
-    runtime = setup(cfg.device, cfg.amp, cfg.amp_dtype)
-    log = RunLog(cfg.out, enabled=runtime.is_main)
-    tr = None
+    with guarded_run(cfg, resumed_from) as run:
+        check_ranks_agree(run.runtime, resumed, cfg.out)
+        return train_run(cfg, run, resumed, resumed_from)
+
+
+def train_run(
+    cfg: TrainConfig, run: GuardedRun, resumed: dict[str, Any] | None, resumed_from: Path | None
+) -> int:
+    """Build the trainer (and show it to the guard, for what a stopped run says), then train it."""
+    runtime, log = run.runtime, run.log
     started = time.perf_counter()
     with contextlib.ExitStack() as stack:
-        try:
-            # one writer per run folder: a second train into it is refused at once
-            lock = (
-                (lambda: stack.enter_context(folder_lock(cfg.out, "cocoshard train")))
-                if runtime.is_main
-                else None
+        # one writer per run folder: a second train into it is refused at once
+        lock = (
+            (lambda: stack.enter_context(folder_lock(cfg.out, "cocoshard train")))
+            if runtime.is_main
+            else None
+        )
+        tr = build_trainer(cfg, runtime, log, resumed, resumed_from, lock=lock)
+        run.adopt(tr)
+        if tr.epoch >= tr.cfg.epochs:
+            log.note(
+                f"{tr.out / LAST} already completed {tr.epoch} of {tr.cfg.epochs} epochs: nothing to do "
+                f"(give --epochs more than {tr.epoch} with --resume to train on)"
             )
-            tr = build_trainer(cfg, runtime, log, resumed, resumed_from, lock=lock)
-            if tr.epoch >= tr.cfg.epochs:
-                log.note(
-                    f"{tr.out / LAST} already completed {tr.epoch} of {tr.cfg.epochs} epochs: nothing to do "
-                    f"(give --epochs more than {tr.epoch} with --resume to train on)"
-                )
-                return 0
-            fit(tr)
-            for line in summary_lines(tr, time.perf_counter() - started):
-                log.note(line)
             return 0
-        except KeyboardInterrupt:
-            if tr is not None:
-                for line in interrupted_lines(tr):
-                    log.note(line)
-            raise
-        finally:
-            if tr is not None:
-                for loader in (tr.train_loader, tr.val_loader):
-                    loader.close()  # stop worker processes now rather than at garbage collection
-            log.close()
-            cleanup()
+        fit(tr)
+        for line in summary_lines(tr, time.perf_counter() - started):
+            log.note(line)
+        return 0
