@@ -20,7 +20,9 @@ def _defined(path: Path, name: str) -> bool:
     return re.search(rf"^def {re.escape(name)}\(", path.read_text(), re.MULTILINE) is not None
 
 
-@pytest.mark.parametrize("document", ["docs/reliability.md", "docs/architecture.md", "README.md"])
+@pytest.mark.parametrize(
+    "document", ["docs/reliability.md", "docs/architecture.md", "docs/scale-out.md", "README.md"]
+)
 def test_every_test_a_document_cites_exists(document):
     text = (REPO / document).read_text()
     missing = [
