@@ -236,7 +236,8 @@ class PeerWatch:
         stop too, naming this rank and the reason)."""
         if self.store is None:
             return
-        self._stop.set()
+        with self._lock:  # from here the watch thread gives no verdict of its own
+            self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=STORE_TIMEOUT_S + 1)
         if not self.lost:  # else the others already read why this rank stopped
@@ -269,7 +270,7 @@ class PeerWatch:
                     if self.lost:
                         return None  # the watch thread is already ending the process
                     self.lost = True
-                self._stop.set()
+                    self._stop.set()
                 self._publish(f"{STOPPED}: it lost {verdict}")
                 return f"lost {verdict}. {_one_line(self.describe())}"
             time.sleep(BEAT_S / 4)
@@ -354,7 +355,7 @@ class PeerWatch:
         """A peer is lost: say so in one line and end this process (the main thread may be blocked
         in a collective that would wait out the whole timeout)."""
         with self._lock:
-            if self.lost:
+            if self.lost or self._stop.is_set():  # the main thread is stopping this rank already
                 return
             self.lost = True
         self._publish(f"{STOPPED}: it lost {verdict}")
