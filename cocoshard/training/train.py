@@ -2,14 +2,15 @@
 
     $ cocoshard train --shards shards --out runs/maxvit                     # defaults: the best recipe
     $ cocoshard train --shards shards --out runs/maxvit --resume            # after a crash or kill -9
-    $ torchrun --nproc_per_node=4 -m cocoshard train --shards shards --out runs/ddp
+    $ torchrun --nproc_per_node=4 -m cocoshard train --shards shards --out runs/ddp --resume auto
     $ cocoshard train --shards demo/shards --model cocoshard_tiny --weights none --size 96 --device cpu
 
 The shape of torchvision's classification reference: `run` decides the settings
 (`resume.settings_to_run`) and builds the trainer (`trainer.build_trainer`), then each epoch is
 `train_one_epoch` followed by `validate` of the raw weights and of their EMA, threshold tuning on
 the validation split for the server F1, one line in metrics.jsonl and atomic `last.pt` /
-`best.pt`. Batches arrive training-ready from the loader (`batch.inputs`: cropped, resized and
+`best.pt` (and `last.pt` inside an epoch too, every `--checkpoint-every` minutes: `midepoch`).
+Batches arrive training-ready from the loader (`batch.inputs`: cropped, resized and
 normalised where that was cheapest, see `cocoshard.loading`). The step never waits for the device
 except every `--log-every` steps, to show progress.
 """
