@@ -31,7 +31,8 @@ CACHE_SIZE_HELP = (
 CONNECT_HELP = "seconds to connect to the server of a URL"
 STALL_HELP = "seconds a read from a URL may receive nothing before it fails (a stalled server)"
 RETRIES_HELP = "further tries of a URL read that failed in a way that may pass (waiting 1, 2, 4, ... s)"
-RESUME_LAST = "auto"  # `--resume` without a path: OUT/last.pt
+RESUME_LAST = "last"  # `--resume` without a path: OUT/last.pt, which must exist
+RESUME_AUTO = "auto"  # `--resume auto`: OUT/last.pt when it exists, else a new run (torchrun restarts)
 # the help groups of `cocoshard train --help`, in the order they are shown
 DATA, MODEL, OPTIMISATION, LOSS = "data and outputs", "model", "optimisation", "loss"
 AVERAGING, INPUT, SPEED = "weight average", "input and augmentation", "speed"
@@ -256,9 +257,22 @@ class TrainConfig(Validated):
     seed: int = opt(0, "seed of initialisation, shuffling and augmentation", group=RUN)
     resume: str | None = opt(
         None,
-        "continue a run: --resume alone continues OUT/last.pt, --resume PATH/last.pt that one; the run's own "
-        "settings are used",
+        "continue a run with its own settings: --resume alone continues OUT/last.pt (refused when there is "
+        "none), --resume auto continues it when it exists and starts a new run when it does not (one command "
+        "line for torchrun --max-restarts and preemptible jobs), --resume PATH/last.pt that file",
         const=RESUME_LAST,
+        group=RUN,
+    )
+    checkpoint_every: float = opt(
+        10.0,
+        "minutes between saves of last.pt inside an epoch, with the loader's position, so that a kill loses "
+        "at most this much (0: at epoch ends only); decided every --log-every steps",
+        group=RUN,
+    )
+    dist_timeout: float = opt(
+        300.0,
+        "seconds a process of a torchrun job waits for the others: a peer silent for half of it is named as "
+        "lost and every other process stops; keep it above rank 0's own work at an epoch's end",
         group=RUN,
     )
     skip_bad_samples: bool = opt(
@@ -273,8 +287,10 @@ class TrainConfig(Validated):
     given: frozenset = field(default=frozenset(), repr=False, compare=False, metadata={"internal": True})
 
     def validate(self) -> None:
-        positive(self, "lr")
-        non_negative(self, "warmup_epochs", "weight_decay", "asl_gamma_neg", "asl_gamma_pos")
+        positive(self, "lr", "dist_timeout")
+        non_negative(
+            self, "warmup_epochs", "weight_decay", "asl_gamma_neg", "asl_gamma_pos", "checkpoint_every"
+        )
         in_range(self, "epochs", 1, MAX_COUNT)
         in_range(self, "max_steps", 0, MAX_COUNT)
         in_range(self, "log_every", 1, MAX_COUNT)

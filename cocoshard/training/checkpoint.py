@@ -15,6 +15,10 @@ unpickler loads all of it. `last.pt` holds what resuming needs, `best.pt` what p
     class_counts              split was drawn (pack's seed, val share), train images per class
     classes, thresholds       80 names, 80 thresholds tuned for the selected weights
     metrics, versions         the epoch's validation figures, the libraries' versions
+    world_size                last.pt: the processes that trained it (a resume needs as many)
+    partial                   last.pt: None at an epoch's end; inside an epoch (`--checkpoint-every`)
+                              the position in it and each rank's partial figures and generators
+                              (`cocoshard.training.midepoch`)
 
 The trainer says what its state is (`Trainer.state_dict`); `checkpoint_state` adds the epoch's
 figures (last.pt) and `prediction_state` keeps of that only what predict needs (best.pt: the
@@ -24,7 +28,10 @@ A file that asks the unpickler for anything else (a class, a function: the way a
 pickle runs code) is refused with a `UserError`; there is no fallback to `weights_only=False`.
 Whatever a reader uses is checked before it is used (`check_checkpoint`): a NaN threshold or a
 size of 0 is refused naming the file and the field, never turned into a wrong submission. A
-writer killed mid-save leaves only a `.tmp-` file beside the last complete checkpoint.
+writer killed mid-save leaves only a `.tmp-` file beside the last complete checkpoint. A
+checkpoint saved inside an epoch holds weights half-way through it and the thresholds of the
+epoch before: only `--resume` reads it (`load_checkpoint(..., mid_epoch=True)`); every other
+reader refuses it by name (`MidEpochCheckpoint`).
 
 Resuming from a checkpoint: `cocoshard.training.resume`.
 """
@@ -69,6 +76,10 @@ _GLOBAL_RE = re.compile(r"GLOBAL\s+([\w.]+)")
 
 class BadCheckpoint(UserError):
     """A checkpoint that cannot be used: the message names the file and what is wrong."""
+
+
+class MidEpochCheckpoint(UserError):
+    """A last.pt saved inside an epoch, given to a reader that needs an epoch's end (predict)."""
 
 
 def versions() -> dict[str, str]:
@@ -164,11 +175,24 @@ def _field_problem(state: dict[str, Any]) -> str | None:
         ),
         ("config", lambda v: isinstance(v, dict)),
         ("weights", lambda v: v in (RAW, EMA)),
+        ("world_size", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1),
+        ("partial", lambda v: v is None or _is_partial(v)),
     ]
     for name, valid in checks:
         if name in state and not valid(state[name]):
             return name
     return None
+
+
+def _is_partial(value: Any) -> bool:
+    """The shape `midepoch.partial_state` writes: where in which epoch, and one entry per rank."""
+    return (
+        isinstance(value, dict)
+        and all(isinstance(value.get(k), int) and value[k] >= 0 for k in ("epoch", "batch", "steps"))
+        and 0 < value["batch"] < value["steps"]
+        and isinstance(value.get("ranks"), list)
+        and all(isinstance(r, dict) and {"meter", "rng"} <= r.keys() for r in value["ranks"])
+    )
 
 
 def check_checkpoint(
@@ -205,10 +229,25 @@ def check_checkpoint(
 
 
 def load_checkpoint(
-    path: str | os.PathLike, map_location: Any = "cpu", required: Iterable[str] = REQUIRED_KEYS
+    path: str | os.PathLike,
+    map_location: Any = "cpu",
+    required: Iterable[str] = REQUIRED_KEYS,
+    mid_epoch: bool = False,
 ) -> dict[str, Any]:
-    """A checkpoint written by `cocoshard train`, loaded safely and checked (`check_checkpoint`)."""
-    return check_checkpoint(safe_load(path, "checkpoint", map_location), path, required)
+    """A checkpoint written by `cocoshard train`, loaded safely and checked (`check_checkpoint`).
+
+    One saved inside an epoch is refused unless `mid_epoch` (resuming is its only use)."""
+    state = check_checkpoint(safe_load(path, "checkpoint", map_location), path, required)
+    partial = state.get("partial")
+    if partial and not mid_epoch:
+        file = Path(path)
+        raise MidEpochCheckpoint(
+            f"checkpoint {file} was saved inside epoch {partial['epoch'] + 1} (after {partial['batch']} of "
+            f"its {partial['steps']} steps): its weights are half-way through an epoch and its thresholds "
+            f"were tuned for others. Use {file.parent / BEST}, or finish the run first: cocoshard train "
+            f"--out {file.parent} --resume"
+        )
+    return state
 
 
 def checkpoint_config(state: dict[str, Any], path: str | os.PathLike) -> TrainConfig:
@@ -223,10 +262,12 @@ def checkpoint_state(
     thresholds: Sequence[float],
     figures: dict[str, float],
     weights: str,
+    partial: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """What last.pt holds: the trainer's state (`Trainer.state_dict`) with the epoch it completed,
     which weights that epoch selected (`weights`: EMA or RAW), the thresholds tuned for them, their
-    validation figures and the versions."""
+    validation figures and the versions; `partial`: where inside the next epoch it was saved (None
+    at an epoch's end)."""
     if weights not in (RAW, EMA):
         raise ValueError(f"weights must be {RAW!r} or {EMA!r}, not {weights!r}")
     return {
@@ -236,6 +277,7 @@ def checkpoint_state(
         "thresholds": [float(t) for t in thresholds],
         "metrics": dict(figures),
         "versions": versions(),
+        "partial": partial,
     }
 
 

@@ -152,8 +152,10 @@ class EpochProgress:
         steps: int,
         batch_images: int,
         run_left: Callable[[float], float] | None = None,
+        start: int = 0,
     ) -> None:
         self.batch_images, self.steps, self.description = batch_images, steps, description
+        self.start = start  # a resumed epoch starts mid-way: rates count this process's steps only
         self.run_left = run_left or (lambda per_step: 0.0)
         self.started = time.perf_counter()
         self.progress: Progress | None = None
@@ -166,19 +168,22 @@ class EpochProgress:
                 TextColumn("{task.fields[info]}"),
                 console=console,
             )
-            self.task = self.progress.add_task(description, total=steps, info=self._info(0, None, None))
+            self.task = self.progress.add_task(
+                description, total=steps, completed=start, info=self._info(start, None, None)
+            )
             self.progress.start()
 
     def _info(self, step: int, loss: float | None, lr: float | None) -> str:
         elapsed = max(time.perf_counter() - self.started, 1e-9)
-        per_step = elapsed / max(step, 1)
+        done = step - self.start  # steps taken by this process
+        per_step = elapsed / max(done, 1)
         parts = [f"{step}/{self.steps}"]
         if loss is not None and lr is not None:
             left = (self.steps - step) * per_step + self.run_left(per_step)
             parts += [
                 f"loss {loss:.4f}",
                 f"run {_duration(left)} left",
-                f"{step * self.batch_images / elapsed:,.0f} img/s",
+                f"{done * self.batch_images / elapsed:,.0f} img/s",
                 f"lr {lr:.1e}",
                 f"epoch {_duration(elapsed)}",
             ]
@@ -338,9 +343,10 @@ class RunLog:
         steps: int,
         batch_images: int,
         run_left: Callable[[float], float] | None = None,
+        start: int = 0,
     ) -> EpochProgress:
-        """A progress bar for one epoch (silent off rank 0 and off a terminal)."""
-        return EpochProgress(self.console, description, steps, batch_images, run_left)
+        """A progress bar for one epoch from its step `start` (silent off rank 0 and off a terminal)."""
+        return EpochProgress(self.console, description, steps, batch_images, run_left, start)
 
     def log_step(self, step: int, loss: float, lr: float) -> None:
         """Per-step curves for TensorBoard: the loss since the last log step and the head's learning
@@ -425,18 +431,6 @@ class RunLog:
             ]
         )
         self.command(["cocoshard", "evaluate", "--predictions", "predictions.json", "--images", shards])
-
-    def stopped(self, epoch: int, epochs: int, resumable: bool) -> None:
-        """What a run stopped during epoch `epoch` + 1 says: what is kept and how to go on."""
-        if not resumable:
-            self.note(
-                f"stopped during epoch {epoch + 1}: no epoch was complete, nothing to resume; start again "
-                "with the same command"
-            )
-            return
-        self.note(f"stopped during epoch {epoch + 1}: {self.out / LAST} holds epoch {epoch} of {epochs}")
-        self.note("resume with:")
-        self.command(["cocoshard", "train", "--out", str(self.out), "--resume"])
 
     def save_thresholds(self, payload: dict[str, Any]) -> None:
         """The best epoch's per-class thresholds (and the scores they gave) as JSON."""

@@ -16,6 +16,7 @@ import contextlib
 import os
 import random
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import numpy as np
@@ -23,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from cocoshard.errors import ConfigError
+from cocoshard.errors import ConfigError, UserError
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -101,8 +102,13 @@ def _torchrun_env() -> tuple[int, int, int]:
     return rank, world, local
 
 
-def setup(device: str = "auto", amp: bool = False, amp_dtype: str = "auto") -> Runtime:
-    """Resolve the device and AMP dtype; join the torchrun process group when there is one."""
+def setup(
+    device: str = "auto", amp: bool = False, amp_dtype: str = "auto", timeout_s: float = 300.0
+) -> Runtime:
+    """Resolve the device and AMP dtype; join the torchrun process group when there is one.
+
+    `timeout_s` bounds the rendezvous and every collective: a rank waiting longer for the others
+    fails instead of waiting forever (gloo's own default is 30 minutes)."""
     rank, world, local = _torchrun_env()
     dev = resolve_device(device)
     if dev.type == "cuda":
@@ -112,14 +118,57 @@ def setup(device: str = "auto", amp: bool = False, amp_dtype: str = "auto") -> R
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     if world > 1 and not dist.is_initialized():
-        backend = "nccl" if dev.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, device_id=dev if dev.type == "cuda" else None)
+        join_process_group(dev, rank, world, timeout_s)
     return Runtime(dev, rank, world, local, resolve_amp_dtype(amp, amp_dtype, dev))
 
 
-def cleanup() -> None:
-    """Leave the process group (if any) so that torchrun sees a clean exit."""
-    if dist.is_available() and dist.is_initialized():
+def attempt() -> str:
+    """Which start of a torchrun job this is (0, then 1, 2, ... for each --max-restarts restart)."""
+    return os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+
+
+def _attempt_store(timeout: timedelta) -> dist.Store | None:
+    """A store of this attempt's own under torchrun's agent store, or None (then env:// as usual).
+
+    torchrun's agent keeps one store for every restart of a job, so a restarted process group would
+    read the previous attempt's addresses (gloo: "connection refused"; pytorch/pytorch#135712):
+    each attempt writes under a prefix of its own."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    client = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timeout
+    )
+    return dist.PrefixStore(f"cocoshard/attempt-{attempt()}/", client)
+
+
+def join_process_group(device: torch.device, rank: int, world: int, timeout_s: float) -> None:
+    """NCCL on CUDA, gloo on a CPU; `timeout_s` bounds the rendezvous and every collective. A
+    rendezvous that fails (a peer that never came, a store or address never reached) is one line."""
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    timeout = timedelta(seconds=timeout_s)
+    try:
+        store = _attempt_store(timeout)
+        dist.init_process_group(
+            backend=backend,
+            device_id=device if device.type == "cuda" else None,
+            timeout=timeout,
+            store=store,
+            rank=rank if store is not None else -1,
+            world_size=world if store is not None else -1,
+        )
+    except (dist.DistError, RuntimeError) as exc:
+        detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(
+            f"rank {rank} of {world}: the processes of this run did not all meet within --dist-timeout "
+            f"{timeout_s:g} s ({detail}); check that every node started and can reach "
+            f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+        ) from None
+
+
+def cleanup(abandon: bool = False) -> None:
+    """Leave the process group (if any) so that torchrun sees a clean exit; `abandon` (a peer was
+    lost) leaves it to the process's end instead of asking a broken group to shut down in order."""
+    if dist.is_available() and dist.is_initialized() and not abandon:
         dist.destroy_process_group()
 
 
@@ -183,6 +232,32 @@ def gather_objects(obj: Any) -> list[Any]:
     out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def gather_to_main(obj: Any) -> list[Any] | None:
+    """Every rank's `obj` (picklable: CPU tensors, numbers) on rank 0, in rank order; None elsewhere."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [obj]
+    out: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
+def broadcast_flag(flag: bool, device: torch.device) -> bool:
+    """Rank 0's `flag` on every rank (a decision taken by one clock, followed by all)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    value = torch.tensor([int(flag)], device=device)
+    dist.broadcast(value, src=0)
+    return bool(value.item())
+
+
+@torch.no_grad()
+def broadcast_state(module: nn.Module) -> None:
+    """Rank 0's weights and buffers into `module` on every rank (no-op in a single process)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        for tensor in module.state_dict().values():
+            dist.broadcast(tensor, src=0)
 
 
 def barrier() -> None:

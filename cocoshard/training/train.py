@@ -2,14 +2,15 @@
 
     $ cocoshard train --shards shards --out runs/maxvit                     # defaults: the best recipe
     $ cocoshard train --shards shards --out runs/maxvit --resume            # after a crash or kill -9
-    $ torchrun --nproc_per_node=4 -m cocoshard train --shards shards --out runs/ddp
+    $ torchrun --nproc_per_node=4 -m cocoshard train --shards shards --out runs/ddp --resume auto
     $ cocoshard train --shards demo/shards --model cocoshard_tiny --weights none --size 96 --device cpu
 
 The shape of torchvision's classification reference: `run` decides the settings
 (`resume.settings_to_run`) and builds the trainer (`trainer.build_trainer`), then each epoch is
 `train_one_epoch` followed by `validate` of the raw weights and of their EMA, threshold tuning on
 the validation split for the server F1, one line in metrics.jsonl and atomic `last.pt` /
-`best.pt`. Batches arrive training-ready from the loader (`batch.inputs`: cropped, resized and
+`best.pt` (and `last.pt` inside an epoch too, every `--checkpoint-every` minutes: `midepoch`).
+Batches arrive training-ready from the loader (`batch.inputs`: cropped, resized and
 normalised where that was cheapest, see `cocoshard.loading`). The step never waits for the device
 except every `--log-every` steps, to show progress.
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,18 +45,20 @@ from cocoshard.training.checkpoint import (
     save_checkpoint,
 )
 from cocoshard.training.divergence import check_losses, check_scores, check_weights
+from cocoshard.training.midepoch import Position, save_due, save_mid_epoch, take_position
 from cocoshard.training.model import set_train_mode
 from cocoshard.training.optim import BACKBONE, HEAD
-from cocoshard.training.resume import settings_to_run
-from cocoshard.training.runlog import RunLog, remove_failed_start
+from cocoshard.training.resume import check_ranks_agree, settings_to_run
+from cocoshard.training.runlog import remove_failed_start
 from cocoshard.training.runtime import (
     all_reduce_sum,
     barrier,
-    cleanup,
+    broadcast_state,
     gather_objects,
     gather_rows,
-    setup,
+    set_rng_state,
 )
+from cocoshard.training.stopping import GuardedRun, guarded_run
 from cocoshard.training.trainer import Trainer, build_trainer, enter_phase
 
 # ----------------------------------------------------------------------------------- training
@@ -71,6 +75,7 @@ class OnlineMetrics:
         self.loss_sum = torch.zeros((), device=device, dtype=torch.float64)
         self.nonfinite = torch.zeros((), device=device, dtype=torch.int64)  # steps with a NaN/inf loss
         self.images = 0
+        self.batches = 0
         self.predicted: list[torch.Tensor] = []
         self.labels: list[torch.Tensor] = []
         self._read = (0.0, 0)  # loss sum and images at the last `read_losses`
@@ -82,8 +87,31 @@ class OnlineMetrics:
         self.nonfinite += (~finite).to(torch.int64)
         self.loss_sum += torch.where(finite, loss, torch.zeros_like(loss)) * labels.shape[0]
         self.images += labels.shape[0]
+        self.batches += 1
         self.predicted.append((logits.detach() > 0).to(torch.uint8))
         self.labels.append(labels.to(torch.uint8))
+
+    def state(self) -> dict[str, Any]:
+        """The epoch's counts so far, on the CPU, for a mid-epoch checkpoint (waits for the device)."""
+        none = torch.zeros((0, NUM_CLASSES), dtype=torch.uint8)
+        return {
+            "loss_sum": self.loss_sum.cpu(),
+            "images": self.images,
+            "batches": self.batches,
+            "predicted": torch.cat(self.predicted).cpu() if self.predicted else none,
+            "labels": torch.cat(self.labels).cpu() if self.labels else none,
+            "nonfinite": self.nonfinite.cpu(),
+        }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Continue from `state()`: the figures come out as if the epoch had not been interrupted."""
+        device = self.loss_sum.device
+        self.loss_sum = state["loss_sum"].to(device=device, dtype=torch.float64)
+        self.images, self.batches = int(state["images"]), int(state["batches"])
+        self.predicted = [state["predicted"].to(device)]
+        self.labels = [state["labels"].to(device)]
+        self.nonfinite = state.get("nonfinite", torch.zeros((), dtype=torch.int64)).to(device)
+        self._read = (float(self.loss_sum), self.images)  # per-step losses count from here
 
     def mean_loss(self) -> float:
         """This rank's mean loss so far (waits for the device)."""
@@ -140,36 +168,43 @@ def head_lr(tr: Trainer) -> float:
     return next(group["lr"] for group in tr.optimizer.param_groups if group.get("part") == HEAD)
 
 
-def train_one_epoch(tr: Trainer, epoch: int) -> dict[str, Any]:
-    """One pass over this rank's share of the train split; returns the epoch's train figures."""
-    cfg, runtime = tr.cfg, tr.runtime
-    tr.train_loader.set_epoch(epoch)
+def start_epoch(tr: Trainer, epoch: int) -> tuple[OnlineMetrics, Position | None]:
+    """The loader, the generators and the figures where `epoch` starts, or where a mid-epoch
+    checkpoint left it (then also that position)."""
+    position = take_position(tr, epoch)
+    tr.train_loader.set_epoch(epoch, position.batch if position else 0)
     torch.manual_seed(
-        derive_seed(cfg.seed, epoch, runtime.rank, Stream.TORCH_GLOBAL)
+        derive_seed(tr.cfg.seed, epoch, tr.runtime.rank, Stream.TORCH_GLOBAL)
     )  # dropout, stochastic depth
     set_train_mode(tr.model, backbone_frozen=tr.frozen)
-    meter = OnlineMetrics(runtime.device)
+    meter = OnlineMetrics(tr.runtime.device)
+    if position is not None:  # the figures and generators as the interrupted epoch left them
+        meter.restore(position.meter)
+        set_rng_state(position.rng)
+    return meter, position
+
+
+def train_one_epoch(tr: Trainer, epoch: int) -> dict[str, Any]:
+    """One pass over this rank's share of the train split (from a mid-epoch checkpoint's position
+    when the run resumed there); returns the epoch's train figures."""
+    cfg, runtime = tr.cfg, tr.runtime
+    meter, position = start_epoch(tr, epoch)
+    start = position.batch if position else 0
     steps = tr.steps_per_epoch
     if cfg.max_steps:
-        steps = max(0, min(steps, cfg.max_steps - tr.step))
-    epochs_after = cfg.epochs - epoch - 1
-    val_share = (
-        tr.val_loader.num_samples / max(tr.train_loader.num_samples, 1) / 2
-    )  # inference: ~1/3 of a step's work, twice
-
-    def run_left(per_step: float) -> float:
-        return (
-            epochs_after * steps * per_step + (epochs_after + 1) * val_share * tr.steps_per_epoch * per_step
-        )
-
+        steps = max(start, min(steps, cfg.max_steps - tr.step + start))
     progress = tr.log.epoch_progress(
-        f"epoch {epoch + 1}/{cfg.epochs}", steps, cfg.batch_size * runtime.world_size, run_left
+        f"epoch {epoch + 1}/{cfg.epochs}",
+        steps,
+        cfg.batch_size * runtime.world_size,
+        run_left_estimate(tr, epoch, steps),
+        start=start,
     )
-    started = time.perf_counter()
-    waited = 0.0  # time this process spent waiting for the loader: data-starved when large
-    nonfinite = checked = 0  # steps with a non-finite loss, and the step they were last read at
+    before, waited = (position.time_s, position.data_wait_s) if position else (0.0, 0.0)
+    started = time.perf_counter()  # waited: time spent waiting for the loader (data-starved when large)
+    nonfinite, checked = meter.nonfinite_steps(), start  # steps with a non-finite loss, read at step
     try:
-        batches, index = iter(tr.train_loader), 0
+        batches, index = iter(tr.train_loader), start
         while True:
             asked = time.perf_counter()
             batch = next(batches, None)  # to the end, so that the loader finishes its epoch cleanly
@@ -178,28 +213,45 @@ def train_one_epoch(tr: Trainer, epoch: int) -> dict[str, Any]:
                 break  # the epoch's end, or --max-steps reached
             train_step(tr, batch, meter)
             index += 1
-            if index % cfg.log_every == 0 or index == steps:
-                mean, recent = meter.read_losses()  # the one wait for the device, every --log-every steps
+            if index % cfg.log_every == 0 or index == steps:  # the device is waited for here only
+                mean, recent = meter.read_losses()
                 progress.update(index, mean, head_lr(tr))
                 tr.log.log_step(tr.step, recent, head_lr(tr))
                 seen = meter.nonfinite_steps()
                 check_losses(tr, epoch, seen, seen - nonfinite, index - checked)
                 nonfinite, checked = seen, index
+                if index < steps and save_due(tr):
+                    elapsed = before + time.perf_counter() - started
+                    save_mid_epoch(tr, epoch, index, meter.state(), elapsed, waited)
     finally:
         progress.close()
     if runtime.device.type == "cuda":
         torch.cuda.synchronize(runtime.device)
     elapsed = time.perf_counter() - started
-    images = int(all_reduce_sum(torch.tensor(float(meter.images), device=runtime.device)).item())
-    steps_per_rank = gather_objects(len(meter.predicted))
+    trained = torch.tensor(float(meter.images - (position.meter["images"] if position else 0)))
+    images = int(all_reduce_sum(trained.to(runtime.device)).item())
+    steps_per_rank = gather_objects(meter.batches)
     return {
         "train": meter.summary(runtime.is_main),
         "nonfinite_steps": nonfinite,
-        "time_s": elapsed,
+        "time_s": before + elapsed,
         "images_per_s": images / max(elapsed, 1e-9),
         "data_wait_s": waited,
         "steps_per_rank": steps_per_rank,
     }
+
+
+def run_left_estimate(tr: Trainer, epoch: int, steps: int) -> Callable[[float], float]:
+    """Seconds the run has left after this epoch, given the seconds a step takes: the epochs to come
+    and every validation (inference: ~1/3 of a step's work, on the val split, twice)."""
+    epochs_after = tr.cfg.epochs - epoch - 1
+    val_share = tr.val_loader.num_samples / max(tr.train_loader.num_samples, 1) / 2
+
+    def run_left(per_step: float) -> float:
+        validations = (epochs_after + 1) * val_share * tr.steps_per_epoch
+        return (epochs_after * steps + validations) * per_step
+
+    return run_left
 
 
 # ----------------------------------------------------------------------------------- validation
@@ -295,6 +347,9 @@ def validate(tr: Trainer) -> tuple[dict[str, dict[str, float]], dict[str, np.nda
         candidates[EMA] = tr.ema.module
     figures, thresholds = {}, {}
     for name, model in candidates.items():
+        # every rank scores the weights rank 0 saves: a rank's own batch-norm statistics (and its
+        # EMA of them) differ from rank 0's, and a resumed rank has rank 0's
+        broadcast_state(model)
         scores, labels, loss = validation_scores(tr, model)
         if tr.runtime.is_main:
             figures[name], thresholds[name] = score_validation(scores, labels, loss, tr.cfg.seed)
@@ -334,7 +389,8 @@ def finish_epoch(tr: Trainer, epoch: int, train: dict[str, Any], figures: dict, 
         weights=selected,
     )
     if improved:
-        save_checkpoint(tr.out / BEST, prediction_state(state))
+        with tr.saving():
+            save_checkpoint(tr.out / BEST, prediction_state(state))
         tr.log.save_thresholds(
             {
                 "epoch": epoch + 1,
@@ -349,7 +405,10 @@ def finish_epoch(tr: Trainer, epoch: int, train: dict[str, Any], figures: dict, 
         )
     # best.pt and thresholds.json before last.pt: resume trusts last.pt's best score, so a kill in
     # between must leave the best files already written, never named by the log but missing.
-    save_checkpoint(tr.out / LAST, state)
+    tr.last_thresholds = [float(t) for t in thresholds[selected]]
+    tr.last_figures, tr.last_weights = figures[selected], selected
+    with tr.saving():
+        save_checkpoint(tr.out / LAST, state)
 
 
 def fit(tr: Trainer) -> None:
@@ -367,6 +426,7 @@ def fit(tr: Trainer) -> None:
         if tr.runtime.is_main:
             finish_epoch(tr, epoch, train, figures, thresholds)
         barrier()
+        tr.saved, tr.last_save = (tr.epoch, 0), time.monotonic()
         if tr.cfg.max_steps and tr.step >= tr.cfg.max_steps:
             tr.log.note(f"stopping after --max-steps {tr.cfg.max_steps} ({tr.step} steps)")
             break
@@ -391,11 +451,6 @@ def summarise(tr: Trainer, first_epoch: int, seconds: float) -> None:
     tr.log.summary(first_epoch, tr.epoch, tr.cfg.epochs, seconds, tr.best_epoch, tr.best_score, tr.cfg.shards)
 
 
-def interrupted(tr: Trainer) -> None:
-    """What a run stopped by Ctrl-C, SIGTERM or SIGHUP says: what is kept and how to go on."""
-    tr.log.stopped(tr.epoch, tr.cfg.epochs, resumable=tr.epoch > 0 and (tr.out / LAST).is_file())
-
-
 def nothing_left(tr: Trainer) -> str | None:
     """Why a resumed run has nothing to train (its epochs or its --max-steps done), or None."""
     if tr.epoch >= tr.cfg.epochs:
@@ -415,23 +470,32 @@ def run(cfg: TrainConfig) -> int:
     """Entry point of `cocoshard train` (and of each torchrun process)."""
     cfg, resumed, resumed_from = settings_to_run(cfg)
     check_output_folder(cfg.out, "--out")
-    runtime = setup(cfg.device, cfg.amp, cfg.amp_dtype)
-    log = RunLog(cfg.out, enabled=runtime.is_main)
-    out = Path(cfg.out)
-    tr, completed = None, False
+    with guarded_run(cfg, resumed_from) as run:
+        check_ranks_agree(run.runtime, resumed, cfg.out)
+        return train_run(cfg, run, resumed, resumed_from)
+
+
+def train_run(
+    cfg: TrainConfig, run: GuardedRun, resumed: dict[str, Any] | None, resumed_from: Path | None
+) -> int:
+    """Build the trainer (and show it to the guard, for what a stopped run says), then train it; a
+    start that fails before anything is saved removes what it created in the run folder."""
+    runtime, log, out = run.runtime, run.log, Path(cfg.out)
+    completed = False
     before: list[set[str] | None] = []  # the folder's entries when this run took its lock
     started = time.perf_counter()
     with contextlib.ExitStack() as stack:
-        try:
-            # one writer per run folder: a second train into it is refused at once
-            def lock() -> None:
-                listing = set(os.listdir(out)) if out.is_dir() else None  # what is not this run's
-                stack.enter_context(folder_lock(cfg.out, "cocoshard train"))
-                before.append(listing)  # locked: from here on, a failed start cleans up after itself
 
+        def lock() -> None:  # one writer per run folder: a second train into it is refused at once
+            listing = set(os.listdir(out)) if out.is_dir() else None  # what is not this run's
+            stack.enter_context(folder_lock(cfg.out, "cocoshard train"))
+            before.append(listing)  # locked: from here on, a failed start cleans up after itself
+
+        try:
             tr = build_trainer(
                 cfg, runtime, log, resumed, resumed_from, lock=lock if runtime.is_main else None
             )
+            run.adopt(tr)
             done = nothing_left(tr)
             if done:
                 log.note(done)
@@ -445,15 +509,6 @@ def run(cfg: TrainConfig) -> int:
             summarise(tr, first_epoch, time.perf_counter() - started)
             completed = True
             return 0
-        except KeyboardInterrupt:
-            if tr is not None:
-                interrupted(tr)
-            raise
         finally:
-            if tr is not None:
-                for loader in (tr.train_loader, tr.val_loader):
-                    loader.close()  # stop worker processes now rather than at garbage collection
-            log.close()
             if not completed and resumed is None and runtime.is_main and before:
-                remove_failed_start(out, before[0])  # a run that completed no epoch leaves nothing
-            cleanup()
+                remove_failed_start(out, before[0])  # a run that saved nothing leaves nothing

@@ -11,12 +11,14 @@ the model, loaders, optimiser, schedule and EMA, restored from the checkpoint wh
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import platform
 import sys
+import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, cast
 
@@ -25,7 +27,7 @@ from torch import nn
 
 from cocoshard import NUM_CLASSES
 from cocoshard.atomic import remove_stale_temporaries
-from cocoshard.config import TrainConfig
+from cocoshard.config import RESUME_AUTO, TrainConfig
 from cocoshard.errors import ConfigError, UserError
 from cocoshard.loading.augment import EvalTransform, TrainTransform
 from cocoshard.loading.loader import build_loader
@@ -43,7 +45,7 @@ from cocoshard.prepare.manifest import (
 )
 from cocoshard.settings import to_dict
 from cocoshard.shard_cache import Remote, remote_of
-from cocoshard.training.checkpoint import BEST, LAST, versions
+from cocoshard.training.checkpoint import BEST, LAST, RAW, versions
 from cocoshard.training.loss import build_loss
 from cocoshard.training.model import (
     build_model,
@@ -52,9 +54,17 @@ from cocoshard.training.model import (
     set_backbone_trainable,
 )
 from cocoshard.training.optim import ModelEma, build_optimizer, build_scheduler
-from cocoshard.training.resume import check_same_shards, restore
+from cocoshard.training.resume import check_same_shards, check_same_world, restore
 from cocoshard.training.runlog import RunLog
-from cocoshard.training.runtime import Runtime, rng_state, seed_everything, set_rng_state, unwrap, wrap_ddp
+from cocoshard.training.runtime import (
+    Runtime,
+    gather_objects,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+    unwrap,
+    wrap_ddp,
+)
 
 
 @dataclass
@@ -85,6 +95,14 @@ class Trainer:
     step: int = 0  # optimizer steps taken
     best_score: float = -1.0
     best_epoch: int = 0
+    # what last.pt holds: (epochs completed, batches of the next one), None before the first save
+    saved: tuple[int, int] | None = None
+    partial: dict[str, Any] | None = None  # a resumed mid-epoch position, until its epoch takes it
+    last_thresholds: Sequence[float] = (0.5,) * NUM_CLASSES  # of the latest epoch's kept weights
+    last_figures: dict[str, float] = field(default_factory=dict)
+    last_weights: str = RAW  # which weights the latest epoch selected (`checkpoint.EMA` or `RAW`)
+    last_save: float = field(default_factory=time.monotonic)  # when last.pt was written (or the start)
+    saving: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext  # guards a write
 
     @property
     def out(self) -> Path:
@@ -103,6 +121,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "step": self.step,
+            "world_size": self.runtime.world_size,
             "rng": rng_state(),
             "config": to_dict(self.cfg),
             "shards": self.shards_identity,
@@ -125,6 +144,11 @@ class Trainer:
         best = state.get("best") or {}
         self.best_score, self.best_epoch = float(best.get("server_f1_tuned", -1.0)), int(best.get("epoch", 0))
         set_rng_state(state["rng"])
+        self.partial = state.get("partial")
+        self.saved = (self.epoch, self.partial["batch"] if self.partial else 0)
+        self.last_thresholds = list(state["thresholds"])
+        self.last_figures = dict(state.get("metrics") or {})
+        self.last_weights = state.get("weights", RAW)
         self.log.keep_epochs_up_to(self.epoch)
 
     def skipped_samples(self) -> int:
@@ -146,7 +170,9 @@ def resolved_settings(cfg: TrainConfig, runtime: Runtime, plan: ThreadPlan) -> T
     )
 
 
-def run_facts(cfg: TrainConfig, runtime: Runtime, identity: str, plan: ThreadPlan) -> dict[str, Any]:
+def run_facts(
+    cfg: TrainConfig, runtime: Runtime, identity: str, plan: ThreadPlan, hosts: list[str]
+) -> dict[str, Any]:
     """What else a run resolved at start: shown with the settings and saved as OUT/run.json."""
     if runtime.device.type == "cuda":
         name = torch.cuda.get_device_name(runtime.device)
@@ -155,6 +181,7 @@ def run_facts(cfg: TrainConfig, runtime: Runtime, identity: str, plan: ThreadPla
     return {
         "device_name": name,
         "world_size": runtime.world_size,
+        "ranks": ", ".join(f"{rank}: {host}" for rank, host in enumerate(hosts)),  # rank 0 writes
         "loader": cfg.loader,
         "cpu_threads": f"{plan.compute} ({plan.why})",
         "amp": str(runtime.amp_dtype).removeprefix("torch.") if runtime.amp_dtype else "off",
@@ -352,6 +379,7 @@ def build_trainer(
     identity = shards_identity(manifest)
     if resumed is not None and resumed_from is not None:
         check_same_shards(resumed, identity, cfg.shards, resumed_from)
+        check_same_world(resumed, runtime.world_size, resumed_from)
     if lock is not None:
         lock()
         if resumed is None:
@@ -365,8 +393,11 @@ def build_trainer(
     )
     plan.apply()
     cfg = resolved_settings(cfg, runtime, plan)
+    hosts = gather_objects(platform.node())
     if runtime.is_main:
-        log.start(cfg, run_facts(cfg, runtime, identity, plan))  # train.log, the settings once, config.json
+        log.start(
+            cfg, run_facts(cfg, runtime, identity, plan, hosts)
+        )  # train.log, the settings once, config.json
     seed_everything(cfg.seed)
     model = build_model(cfg.model, cfg.weights, class_prior=class_prior(manifest))
     check_input_size(model, cfg.size, cfg.model)
@@ -405,8 +436,11 @@ def build_trainer(
     )
     if resumed is not None and resumed_from is not None:
         restore(tr, resumed, resumed_from, is_main=runtime.is_main)
-        log.note(f"resumed from {resumed_from}: {tr.epoch} epoch(s), {tr.step} steps done")
+        inside = f" and {tr.partial['batch']} steps of epoch {tr.epoch + 1}" if tr.partial else ""
+        log.note(f"resumed from {resumed_from}: {tr.epoch} epoch(s){inside}, {tr.step} steps done")
     else:
+        if cfg.resume == RESUME_AUTO:
+            log.note(f"--resume auto: {out / LAST} does not exist yet, so this is a new run")
         log.keep_epochs_up_to(0)  # a run killed before its first checkpoint may have logged an epoch
         if runtime.is_main and out.is_dir():
             remove_stale_temporaries(out)  # and may have left a half-written checkpoint

@@ -25,6 +25,8 @@ LOADERS = {
     "resident, 2 workers": dict(mode="resident", workers=2),
     "resident bytes, decoded here": dict(mode="resident", decode="device"),
     "stream bytes, decoded here": dict(mode="stream", decode="device", workers=2),
+    "stream, rank 1 of 2": dict(mode="stream", workers=0, rank=1, world_size=2),
+    "resident, rank 1 of 2": dict(mode="resident", workers=0, rank=1, world_size=2),
 }
 
 

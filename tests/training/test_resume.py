@@ -1,5 +1,6 @@
-"""Resuming a run: the settings it may change, the checkpoint it means, and kills at any moment
-that end, after `--resume`, exactly as the uninterrupted run."""
+"""Resuming a run: the settings it may change, the checkpoint it means (`--resume`, `--resume
+auto`), the processes it needs, and kills at any moment that end, after `--resume`, exactly as the
+uninterrupted run (inside an epoch too: `test_midepoch.py`; under torchrun's restarts too)."""
 
 from __future__ import annotations
 
@@ -12,20 +13,25 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from cocoshard import cli
-from cocoshard.config import RESUME_LAST, TrainConfig
+from cocoshard.config import RESUME_AUTO, RESUME_LAST, TrainConfig
 from cocoshard.errors import ConfigError
 from cocoshard.settings import resolve, to_dict
 from cocoshard.training.checkpoint import LAST, load_checkpoint
 from cocoshard.training.resume import (
     RESUMABLE,
+    check_ranks_agree,
     check_same_shards,
+    check_same_world,
+    checkpoint_identity,
     resume_path,
     resume_settings,
     settings_to_run,
 )
 from cocoshard.training.runlog import METRICS_LOG
+from cocoshard.training.runtime import Runtime
 from conftest import records
 
 
@@ -214,3 +220,121 @@ def test_kill_during_a_checkpoint_write_leaves_a_loadable_last_pt(
     assert not list(run.glob(TMP_PREFIX + "*"))
     assert [r["epoch"] for r in records(run)] == [1, 2, 3]
     assert _final_figures(run) == uninterrupted
+
+
+# ----------------------------------------------------------------------------------- --resume auto
+
+
+def _checkpoint_in(run: Path, **fields: Any) -> Path:
+    """A minimal checkpoint resume accepts (its config is the only setting it is read for here)."""
+    from cocoshard import CLASSES
+    from cocoshard.training.runtime import rng_state
+
+    run.mkdir(parents=True, exist_ok=True)
+    cfg = TrainConfig(shards="shards", out=str(run), model="cocoshard_tiny", weights="none")
+    state = {
+        "model": {"w": torch.zeros(1)},
+        "epoch": 1,
+        "step": 7,
+        "config": to_dict(cfg.resolved()),
+        "classes": list(CLASSES),
+        "thresholds": [0.5] * 80,
+        "rng": rng_state(),
+        **fields,
+    }
+    torch.save(state, run / LAST)
+    return run / LAST
+
+
+def test_resume_alone_requires_last_pt_and_resume_auto_starts_afresh_without_one(tmp_path: Path) -> None:
+    assert cli.build_parser().parse_args(["train", "--resume"]).resume == RESUME_LAST
+    assert cli.build_parser().parse_args(["train", "--resume", "auto"]).resume == RESUME_AUTO
+    run = tmp_path / "run"
+    cfg, state, path = settings_to_run(resolve(TrainConfig, {"out": str(run), "resume": RESUME_AUTO}))
+    assert state is None and path is None and cfg.resume == RESUME_AUTO and not run.exists()
+    with pytest.raises(ConfigError, match="there is no"):
+        settings_to_run(resolve(TrainConfig, {"out": str(run), "resume": RESUME_LAST}))
+    saved = _checkpoint_in(run)
+    for resume in (RESUME_AUTO, RESUME_LAST):
+        cfg, state, path = settings_to_run(resolve(TrainConfig, {"out": str(run), "resume": resume}))
+        assert path == saved and state is not None and state["step"] == 7 and cfg.model == "cocoshard_tiny"
+
+
+def test_another_number_of_processes_is_refused_by_name(tmp_path: Path) -> None:
+    path = _checkpoint_in(tmp_path / "run", world_size=2)
+    state = load_checkpoint(path)
+    check_same_world(state, 2, path)
+    check_same_world({k: v for k, v in state.items() if k != "world_size"}, 3, path)  # before it was kept
+    with pytest.raises(ConfigError, match=r"trained by 2 process\(es\) of --batch-size 128; this run has 1"):
+        check_same_world(state, 1, path)
+
+
+def test_every_rank_must_resume_the_same_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An --out that is not shared: rank 1's node sees no last.pt while rank 0 resumes one."""
+    import cocoshard.training.resume as resume
+
+    state = load_checkpoint(_checkpoint_in(tmp_path / "run"))
+    two = Runtime(torch.device("cpu"), rank=0, world_size=2)
+    monkeypatch.setattr(
+        resume, "gather_objects", lambda mine: [mine, (checkpoint_identity(state), "b pid 2")]
+    )
+    check_ranks_agree(two, state, str(tmp_path / "run"))
+    monkeypatch.setattr(resume, "gather_objects", lambda mine: [mine, ("", "nodeb pid 2")])
+    with pytest.raises(ConfigError, match=r"rank 1 \(nodeb pid 2\): no last.pt.*every node shares"):
+        check_ranks_agree(two, state, str(tmp_path / "run"))
+
+
+@pytest.mark.slow
+def test_torchrun_restarts_a_killed_worker_and_ends_like_an_uninterrupted_run(
+    synth_shards_raw: Path, tmp_path: Path
+) -> None:
+    """`torchrun --max-restarts 1 ... --resume auto`, two gloo processes, the resident loader: a
+    worker killed inside the first epoch (after a mid-epoch save) is restarted with the other, and
+    the run ends bit-identical to one nothing interrupted."""
+    args = (
+        "--shards", synth_shards_raw, "--loader", "resident", "--model", "cocoshard_tiny", "--weights",
+        "none", "--device", "cpu", "--size", "32", "--batch-size", "8", "--workers", "0", "--threads", "1",
+        "--no-amp", "--epochs", "1", "--log-every", "2", "--seed", "4", "--dist-timeout", "30",
+    )  # fmt: skip
+
+    def torchrun(run: Path, launcher: tuple[str, ...] = (), more: tuple[str, ...] = ()) -> subprocess.Popen:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+        command += [*launcher, "-m", "cocoshard", "train", "--out", str(run), *map(str, args), *more]
+        with open(f"{run}.log", "w") as log:  # (a pipe left unread could fill and stall the run)
+            return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+
+    reference, restarted = tmp_path / "reference", tmp_path / "restarted"
+    process = torchrun(reference)
+    assert process.wait(timeout=300) == 0, Path(f"{reference}.log").read_text()[-3000:]
+    process = torchrun(
+        restarted, ("--max-restarts", "1"), ("--resume", "auto", "--checkpoint-every", "0.0001")
+    )
+    deadline = time.monotonic() + 180
+    while not (restarted / LAST).is_file():  # rank 0 saved inside the first epoch
+        assert process.poll() is None and time.monotonic() < deadline, Path(f"{restarted}.log").read_text()[
+            -3000:
+        ]
+        time.sleep(0.01)
+    workers = _children(process.pid)
+    assert len(workers) == 2
+    os.kill(workers[1], signal.SIGKILL)
+    assert process.wait(timeout=300) == 0, Path(f"{restarted}.log").read_text()[-3000:]
+    text = " ".join(Path(f"{restarted}.log").read_text().split())
+    assert "--resume auto: " in text and "resumed from" in text and "steps of epoch 1" in text
+    assert _final_figures(restarted) == _final_figures(reference)
+    mine, theirs = load_checkpoint(restarted / LAST), load_checkpoint(reference / LAST)
+    assert all(torch.equal(mine["model"][name], theirs["model"][name]) for name in theirs["model"])
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is `pid`, oldest first."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return sorted(found)
