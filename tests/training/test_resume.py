@@ -240,6 +240,8 @@ def _checkpoint_in(run: Path, **fields: Any) -> Path:
         "classes": list(CLASSES),
         "thresholds": [0.5] * 80,
         "rng": rng_state(),
+        "optimizer": {},  # what a last.pt holds beyond what predict needs (`checkpoint.RESUME_KEYS`)
+        "scheduler": {},
         **fields,
     }
     torch.save(state, run / LAST)
