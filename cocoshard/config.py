@@ -20,6 +20,7 @@ from cocoshard.errors import ConfigError
 from cocoshard.settings import Validated, flag, fraction, non_negative, opt, positive
 
 WORKERS_HELP = "worker processes (unset: automatic; 0: in this process)"
+MAX_FOLDS = 100  # `pack --folds`: the names have one or two digits (fold0 ... fold99)
 RESUME_LAST = "auto"  # `--resume` without a path: OUT/last.pt
 
 
@@ -74,7 +75,12 @@ class PackConfig(Validated):
     train_labels: str | None = opt(None, "folder of train .cls files (overrides --root)")
     test_images: str | None = opt(None, "folder of test JPEGs (overrides --root)")
     val_fraction: float = opt(0.2, "share of labelled images held out for validation (stratified)")
-    seed: int = opt(0, "seed of the train/val split")
+    folds: int = opt(
+        0,
+        "K >= 2: deal the labelled images into K stratified folds, fold0..fold{K-1} (for train --val-fold) "
+        "instead of a train/val split (default: 0, the train/val split)",
+    )
+    seed: int = opt(0, "seed of the train/val split (or of the folds)")
     format: Literal["jpeg", "raw"] = opt(
         "jpeg", "pixels as source JPEG bytes (small) or decoded raw uint8 (no decode at train time)"
     )
@@ -88,6 +94,8 @@ class PackConfig(Validated):
     def validate(self) -> None:
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError(f"--val-fraction must be between 0 and 1 (got {self.val_fraction})")
+        if self.folds and not 2 <= self.folds <= MAX_FOLDS:
+            raise ConfigError(f"--folds must be 0 (a train/val split) or 2-{MAX_FOLDS} (got {self.folds})")
         positive(self, "size", "shard_samples")
         non_negative(self, "workers")
 

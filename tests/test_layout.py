@@ -4,7 +4,7 @@ Layers, lowest first (docs/architecture.md has the table):
 
     foundation   cocoshard (the class tuple), errors, atomic, input_files, folder_lock, machine, seeds,
                  console, settings, config, commands
-    pure         cocoshard.pure: labels, format, split, plan, metrics, threshold_tuning
+    pure         cocoshard.pure: labels, format, split, folds, plan, metrics, threshold_tuning
     prepare      the rest of cocoshard.prepare
     loading      the rest of cocoshard.loading
     training     cocoshard.training
