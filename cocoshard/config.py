@@ -118,6 +118,11 @@ class TrainConfig(Validated):
 
     shards: str = opt("shards", "folder (or URL prefix) holding manifest.json and the shards")
     out: str = opt("runs/train", "run folder: config, metrics.jsonl, last.pt, best.pt, thresholds.json")
+    val_fold: int | None = opt(
+        None,
+        "shards packed with --folds K: validate on fold I (0 to K-1) and train on the other folds "
+        "(unset: the shards' train and val splits)",
+    )
     model: str = opt(
         "maxvit_t",
         "torchvision classification model name (resnet18, resnet50, efficientnet_b0, convnext_tiny, "
@@ -201,6 +206,7 @@ class TrainConfig(Validated):
             "asl_gamma_pos",
             "asl_clip",
             "workers",
+            "val_fold",
         )
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"--threads must be >= 1 (got {self.threads})")

@@ -5,6 +5,8 @@
     OUT/run.json          what else it resolved: device name, world size, versions, command line
     OUT/metrics.jsonl     one JSON object per epoch (train and validation figures)
     OUT/thresholds.json   the best epoch's per-class thresholds, with the scores they gave
+    OUT/val-scores.npz    the best epoch's validation scores, with keys, in the format of
+                          `predict --scores` (what `cocoshard ensemble` and `thresholds` read)
     OUT/tensorboard/      the same figures as TensorBoard scalars, when tensorboard is installed
 
 On screen: a rich progress bar per epoch (steps, loss, learning rate, images/s, elapsed, the time
@@ -14,6 +16,8 @@ their EMA, and a summary at the end: time, best epoch and its scores, files writ
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 import time
@@ -21,6 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -32,12 +37,13 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from cocoshard.atomic import atomic_write_text
+from cocoshard.atomic import atomic_write_bytes, atomic_write_text
 
 CONFIG_FILE = "config.json"
 RUN_FILE = "run.json"
 METRICS_LOG = "metrics.jsonl"
 THRESHOLDS_FILE = "thresholds.json"
+VAL_SCORES_FILE = "val-scores.npz"
 TENSORBOARD_DIR = "tensorboard"
 # rows of the epoch table: (record key, label)
 TABLE_ROWS = (
@@ -219,6 +225,44 @@ class RunLog:
         """The best epoch's per-class thresholds (and the scores they gave) as JSON."""
         if self.enabled:
             atomic_write_text(self.out / THRESHOLDS_FILE, json.dumps(payload, indent=2) + "\n")
+
+    def save_val_scores(
+        self,
+        keys: Sequence[str],
+        scores: np.ndarray,
+        thresholds: np.ndarray,
+        classes: Sequence[str],
+        checkpoint: Path,
+        source: str,
+        split: str,
+    ) -> None:
+        """The best epoch's validation scores with their keys, tied to `checkpoint` by its sha256.
+
+        The arrays are those of `cocoshard.scoring.scores.save_scores` (`predict --scores`), the
+        format `thresholds`, `evaluate --scores` and `ensemble` read (the scoring layer is above
+        this one: `tests/scoring/test_scores.py` holds the two writers to one format)."""
+        if not self.enabled:
+            return
+        digest = hashlib.sha256()
+        with open(checkpoint, "rb") as handle:
+            while chunk := handle.read(1 << 22):
+                digest.update(chunk)
+        arrays = {
+            "keys": np.asarray(list(keys), dtype=str),
+            "scores": np.asarray(scores, dtype=np.float32),
+            "thresholds": np.asarray(thresholds, dtype=np.float64),
+            "classes": np.asarray(list(classes), dtype=str),
+            "min_labels": np.asarray(1),
+            "tta": np.asarray(False),
+            "checkpoint": np.asarray(str(checkpoint)),
+            "checkpoint_sha256": np.asarray(digest.hexdigest()),
+            "source": np.asarray(source),
+            "split": np.asarray(split),
+            "unreadable": np.asarray([], dtype=str),
+        }
+        buffer = io.BytesIO()
+        np.savez_compressed(buffer, **arrays)
+        atomic_write_bytes(self.out / VAL_SCORES_FILE, buffer.getvalue())
 
     def close(self) -> None:
         """Flush and close the TensorBoard writer."""

@@ -4,14 +4,17 @@
     $ cocoshard train --shards shards --out runs/maxvit --resume            # after a crash or kill -9
     $ torchrun --nproc_per_node=4 -m cocoshard train --shards shards --out runs/ddp
     $ cocoshard train --shards demo/shards --model cocoshard_tiny --weights none --size 96 --device cpu
+    $ cocoshard train --shards shards-5fold --val-fold 2 --out runs/fold2    # K-fold: fold2 validates
 
 The shape of torchvision's classification reference: `run` decides the settings
 (`resume.settings_to_run`) and builds the trainer (`trainer.build_trainer`), then each epoch is
 `train_one_epoch` followed by `validate` of the raw weights and of their EMA, threshold tuning on
 the validation split for the server F1, one line in metrics.jsonl and atomic `last.pt` /
-`best.pt`. Batches arrive training-ready from the loader (`batch.inputs`: cropped, resized and
-normalised where that was cheapest, see `cocoshard.loading`). The step never waits for the device
-except every `--log-every` steps, to show progress.
+`best.pt` (with the best epoch's validation scores, `val-scores.npz`: with `--val-fold` on a
+K-fold pack, the out-of-fold scores `cocoshard ensemble` tunes on). Batches arrive training-ready
+from the loader (`batch.inputs`: cropped, resized and normalised where that was cheapest, see
+`cocoshard.loading`). The step never waits for the device except every `--log-every` steps, to
+show progress.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ from cocoshard.training.checkpoint import (
 from cocoshard.training.model import set_train_mode
 from cocoshard.training.optim import BACKBONE, HEAD
 from cocoshard.training.resume import settings_to_run
-from cocoshard.training.runlog import CONFIG_FILE, METRICS_LOG, THRESHOLDS_FILE, RunLog
+from cocoshard.training.runlog import CONFIG_FILE, METRICS_LOG, THRESHOLDS_FILE, VAL_SCORES_FILE, RunLog
 from cocoshard.training.runtime import (
     all_reduce_sum,
     barrier,
@@ -185,8 +188,9 @@ class NothingToValidate(UserError):
 @torch.no_grad()
 def validation_scores(
     tr: Trainer, model: torch.nn.Module
-) -> tuple[np.ndarray | None, np.ndarray | None, float]:
-    """Scores and labels of the whole validation split (gathered on rank 0) and its mean loss.
+) -> tuple[np.ndarray | None, np.ndarray | None, float, list[str]]:
+    """Scores and labels of the whole validation split (gathered on rank 0), its mean loss and the
+    images' keys.
 
     Raises NothingToValidate on every rank when no rank read a single validation image."""
     runtime = tr.runtime
@@ -215,7 +219,7 @@ def validation_scores(
             f"with cocoshard inspect --shards {tr.cfg.shards} --verify and re-pack"
         )
     if not runtime.is_main:
-        return None, None, 0.0
+        return None, None, 0.0, []
     # A loader may repeat a sample to even out ranks: count every image once.
     _, first = np.unique(np.asarray(all_keys), return_index=True)
     first.sort()
@@ -223,6 +227,7 @@ def validation_scores(
         all_scores.cpu().numpy()[first],
         all_labels.cpu().numpy()[first],
         float(loss_sum) / max(len(all_keys), 1),
+        [all_keys[i] for i in first],
     )
 
 
@@ -250,24 +255,31 @@ def score_validation(
     return figures, thresholds
 
 
-def validate(tr: Trainer) -> tuple[dict[str, dict[str, float]], dict[str, np.ndarray]]:
-    """Evaluate the raw weights and the EMA; on rank 0, their figures and tuned thresholds."""
+Scored = dict[str, tuple[list[str], np.ndarray]]  # weights -> (keys, validation scores)
+
+
+def validate(tr: Trainer) -> tuple[dict[str, dict[str, float]], dict[str, np.ndarray], Scored]:
+    """Evaluate the raw weights and the EMA; on rank 0, their figures, tuned thresholds and scores."""
     candidates = {RAW: tr.model}
     if tr.ema is not None:
         candidates[EMA] = tr.ema.module
-    figures, thresholds = {}, {}
+    figures, thresholds, scored = {}, {}, {}
     for name, model in candidates.items():
-        scores, labels, loss = validation_scores(tr, model)
+        scores, labels, loss, keys = validation_scores(tr, model)
         if tr.runtime.is_main:
             figures[name], thresholds[name] = score_validation(scores, labels, loss, tr.cfg.seed)
-    return figures, thresholds
+            scored[name] = (keys, scores)
+    return figures, thresholds, scored
 
 
 # ----------------------------------------------------------------------------------- epochs
 
 
-def finish_epoch(tr: Trainer, epoch: int, train: dict[str, Any], figures: dict, thresholds: dict) -> None:
-    """Rank 0: choose the better weights, log the epoch, write last.pt, and best.pt when it improved."""
+def finish_epoch(
+    tr: Trainer, epoch: int, train: dict[str, Any], figures: dict, thresholds: dict, scored: Scored
+) -> None:
+    """Rank 0: choose the better weights, log the epoch, write last.pt, and best.pt (with its
+    validation scores) when it improved."""
     selected = max(figures, key=lambda name: (figures[name]["server_f1_tuned"], name == EMA))
     score = figures[selected]["server_f1_tuned"]
     improved = score > tr.best_score
@@ -295,6 +307,16 @@ def finish_epoch(tr: Trainer, epoch: int, train: dict[str, Any], figures: dict, 
             checkpoint_state(
                 state, epoch=epoch + 1, thresholds=thresholds[selected], figures=figures[selected]
             ),
+        )
+        keys, scores = scored[selected]
+        tr.log.save_val_scores(
+            keys,
+            scores,
+            thresholds[selected],
+            tr.classes,
+            tr.out / BEST,
+            f"shards {tr.shards_identity}",
+            tr.val_split,
         )
         tr.log.save_thresholds(
             {
@@ -324,13 +346,13 @@ def fit(tr: Trainer) -> None:
         enter_phase(tr, epoch)
         train = train_one_epoch(tr, epoch)
         started = time.perf_counter()
-        figures, thresholds = validate(tr)
+        figures, thresholds, scored = validate(tr)
         train["val_time_s"] = time.perf_counter() - started
         skipped = all_reduce_sum(torch.tensor(float(tr.skipped_samples()), device=tr.runtime.device))
         train["skipped_samples"] = int(skipped.item())
         tr.epoch = epoch + 1
         if tr.runtime.is_main:
-            finish_epoch(tr, epoch, train, figures, thresholds)
+            finish_epoch(tr, epoch, train, figures, thresholds, scored)
         barrier()
         if tr.cfg.max_steps and tr.step >= tr.cfg.max_steps:
             tr.log.note(f"stopping after --max-steps {tr.cfg.max_steps} ({tr.step} steps)")
@@ -350,6 +372,7 @@ def summary_lines(tr: Trainer, seconds: float) -> list[str]:
             ("best checkpoint", BEST),
             ("last checkpoint", LAST),
             ("thresholds", THRESHOLDS_FILE),
+            ("val scores", VAL_SCORES_FILE),
             ("metrics per epoch", METRICS_LOG),
             ("settings", CONFIG_FILE),
         )

@@ -3,7 +3,9 @@
 `build_trainer` takes the settings the run uses (`cocoshard.training.resume.settings_to_run` decided
 them: a new run's own, or a resumed run's) and does every check that can fail before any work
 (unknown model, missing shards, images shared by train and val, a batch larger than the split, a
-run folder that already holds a run), resolves every automatic setting to what the run really
+run folder that already holds a run). Which splits are train and val is `run_splits`: the shards'
+train and val, or with `--val-fold I` on a K-fold pack every other fold (read as one) and fold I.
+It resolves every automatic setting to what the run really
 uses (device, AMP dtype, loader workers, CPU threads), prints and saves it, and only then builds
 the model, loaders, optimiser, schedule and EMA, restored from the checkpoint when resuming.
 `enter_phase` freezes or releases the backbone per epoch.
@@ -31,11 +33,14 @@ from cocoshard.loading.loader import build_loader
 from cocoshard.loading.tario import BadShard, shard_keys
 from cocoshard.machine import busy_cores, cores_per_process
 from cocoshard.prepare.manifest import (
+    fold_splits,
     is_url,
     manifest_class_names,
     read_manifest,
     shard_urls,
     shards_identity,
+    split_names,
+    split_size,
 )
 from cocoshard.settings import print_config, to_dict
 from cocoshard.training.checkpoint import BEST, LAST, versions
@@ -70,8 +75,9 @@ class Trainer:
     steps_per_epoch: int
     classes: Sequence[str]
     input_dtype: torch.dtype
-    shards_identity: str = ""  # which train/val shards the run trains on (`manifest.shards_identity`)
+    shards_identity: str = ""  # which labelled shards the run trains on (`manifest.shards_identity`)
     class_counts: Sequence[int] = ()  # train images holding each class
+    val_split: str = "val"  # the split it validates on (`fold2` with --val-fold 2)
     num_classes: int = NUM_CLASSES
     net: nn.Module | None = None
     frozen: bool | None = None
@@ -188,14 +194,44 @@ def run_facts(cfg: TrainConfig, runtime: Runtime, identity: str, busy: float) ->
 # ----------------------------------------------------------------------------------- checks
 
 
+@dataclass(frozen=True)
+class RunSplits:
+    """The splits a run trains and validates on: each a split name, or several joined by `+`."""
+
+    train: str
+    val: str
+
+
+def run_splits(cfg: TrainConfig, manifest: dict[str, Any]) -> RunSplits:
+    """train and val; or on a K-fold pack with `--val-fold I`, every other fold (read as one) and
+    fold I. A K-fold pack without `--val-fold`, or folds asked of a train/val pack, is refused."""
+    folds = fold_splits(manifest)
+    if not folds:
+        if cfg.val_fold is not None:
+            raise ConfigError(
+                f"--val-fold {cfg.val_fold}: {cfg.shards} holds a train/val split, not folds; pack with "
+                f"--folds K to train on folds, or drop --val-fold"
+            )
+        return RunSplits("train", "val")
+    if cfg.val_fold is None or cfg.val_fold >= len(folds):
+        which = "" if cfg.val_fold is None else f", not {cfg.val_fold}"
+        raise ConfigError(
+            f"{cfg.shards} holds {len(folds)} folds (pack --folds {len(folds)}): give --val-fold 0 to "
+            f"{len(folds) - 1}{which}, the fold this run validates on (the other folds train it)"
+        )
+    val = folds[cfg.val_fold]
+    return RunSplits("+".join(fold for fold in folds if fold != val), val)
+
+
 def check_shards(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
     """The manifest, after checking that both splits exist, have files, share no image, and fit the batch."""
     manifest = read_manifest(cfg.shards)
-    for split in ("train", "val"):
-        if not manifest["splits"][split]["samples"]:
+    splits = run_splits(cfg, manifest)
+    for split in (splits.train, splits.val):
+        if not split_size(manifest, split):
             raise UserError(
                 f"{cfg.shards}: the {split} split is empty; re-pack with more images "
-                f"(or a larger --val-fraction) before training"
+                f"(or a larger --val-fraction, or fewer --folds) before training"
             )
         if not is_url(cfg.shards):
             missing = [url for url in shard_urls(cfg.shards, manifest, split) if not Path(url).is_file()]
@@ -205,17 +241,18 @@ def check_shards(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
                     f"in all): re-pack into {cfg.shards}"
                 )
     if not is_url(cfg.shards):  # (over a URL every shard would be downloaded just to list its keys)
-        keys = {
-            split: {key for url in shard_urls(cfg.shards, manifest, split) for key in _keys(url, cfg)}
-            for split in ("train", "val")
-        }
-        shared = sorted(keys["train"] & keys["val"])
+        train, val = (
+            {key for url in shard_urls(cfg.shards, manifest, split) for key in _keys(url, cfg)}
+            for split in (splits.train, splits.val)
+        )
+        shared = sorted(train & val)
         if shared:
+            which = f" ({splits.train} and {splits.val})" if splits.val != "val" else ""
             raise UserError(
-                f"{cfg.shards}: {len(shared)} images are in both the train and the val split (e.g. "
+                f"{cfg.shards}: {len(shared)} images are in both the train and the val split{which} (e.g. "
                 f"{', '.join(shared[:3])}): validation would score images the model learns from; re-pack"
             )
-    train_samples = manifest["splits"]["train"]["samples"]
+    train_samples = split_size(manifest, splits.train)
     if cfg.batch_size * world_size > train_samples:
         raise ConfigError(
             f"--batch-size {cfg.batch_size} x {world_size} process(es) is larger than the train split "
@@ -246,10 +283,18 @@ def check_run_folder(out: Path) -> None:
         )
 
 
-def class_prior(manifest: dict[str, Any]) -> list[float] | None:
+def train_class_counts(manifest: dict[str, Any], split: str) -> list[int]:
+    """Images holding each class in the train split (or in the folds it names), from the manifest."""
+    names = split_names(split)
+    return [
+        sum(int(manifest["splits"][name]["class_counts"][c]) for name in names) for c in range(NUM_CLASSES)
+    ]
+
+
+def class_prior(manifest: dict[str, Any], split: str = "train") -> list[float] | None:
     """Each class's share of the train images, from the manifest's counts."""
-    train = manifest["splits"]["train"]
-    return [count / train["samples"] for count in train["class_counts"]]
+    samples = split_size(manifest, split)
+    return [count / samples for count in train_class_counts(manifest, split)]
 
 
 # ----------------------------------------------------------------------------------- building
@@ -315,6 +360,7 @@ def build_trainer(
     if resumed is None:
         check_run_folder(out)
     manifest = check_shards(cfg, runtime.world_size)
+    splits = run_splits(cfg, manifest)
     identity = shards_identity(manifest)
     if resumed is not None:
         check_same_shards(resumed, identity, cfg.shards, resumed_from)
@@ -329,10 +375,11 @@ def build_trainer(
     cfg = resolved_settings(cfg, runtime, workers, threads)
     if runtime.is_main:
         facts = run_facts(cfg, runtime, identity, busy)
+        facts["splits"] = f"train {splits.train}, val {splits.val}"
         print_config(cfg, log.console, extra={k: v for k, v in facts.items() if k != "versions"})
         log.save_config(to_dict(cfg), facts)
     seed_everything(cfg.seed)
-    model = build_model(cfg.model, cfg.weights, class_prior=class_prior(manifest))
+    model = build_model(cfg.model, cfg.weights, class_prior=class_prior(manifest, splits.train))
     check_input_size(model, cfg.size, cfg.model)
     fmt = torch.channels_last if cfg.channels_last else torch.preserve_format
     model = model.to(runtime.device, memory_format=fmt)
@@ -362,7 +409,8 @@ def build_trainer(
         classes=manifest_class_names(manifest),
         input_dtype=runtime.amp_dtype or torch.float32,
         shards_identity=identity,
-        class_counts=manifest["splits"]["train"]["class_counts"],
+        class_counts=train_class_counts(manifest, splits.train),
+        val_split=splits.val,
     )
     if resumed is not None and resumed_from is not None:
         restore(tr, resumed, resumed_from, is_main=runtime.is_main)
