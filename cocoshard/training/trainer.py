@@ -312,7 +312,7 @@ def validation_transform(cfg: TrainConfig, dtype: torch.dtype) -> EvalTransform:
     return EvalTransform(out_size=cfg.size, dtype=dtype, channels_last=cfg.channels_last)
 
 
-def build_loaders(cfg: TrainConfig, runtime: Runtime) -> tuple[Any, Any]:
+def build_loaders(cfg: TrainConfig, runtime: Runtime, splits: RunSplits) -> tuple[Any, Any]:
     """The train loader (shuffled, equal steps on every rank) and the validation loader, both
     delivering model-ready inputs."""
     dtype = runtime.amp_dtype or torch.float32
@@ -329,8 +329,10 @@ def build_loaders(cfg: TrainConfig, runtime: Runtime) -> tuple[Any, Any]:
         decode=cfg.decode,
     )
     return (
-        build_loader(cfg.shards, "train", train=True, transform=train_transform(cfg, dtype), **common),
-        build_loader(cfg.shards, "val", train=False, transform=validation_transform(cfg, dtype), **common),
+        build_loader(cfg.shards, splits.train, train=True, transform=train_transform(cfg, dtype), **common),
+        build_loader(
+            cfg.shards, splits.val, train=False, transform=validation_transform(cfg, dtype), **common
+        ),
     )
 
 
@@ -383,7 +385,7 @@ def build_trainer(
     check_input_size(model, cfg.size, cfg.model)
     fmt = torch.channels_last if cfg.channels_last else torch.preserve_format
     model = model.to(runtime.device, memory_format=fmt)
-    train_loader, val_loader = build_loaders(cfg, runtime)
+    train_loader, val_loader = build_loaders(cfg, runtime, splits)
     steps = agreed_steps(train_loader, runtime)
     optimizer = build_optimizer(model, cfg.lr, cfg.backbone_lr_mult, cfg.weight_decay)
     scheduler = build_scheduler(
