@@ -20,6 +20,10 @@ from cocoshard.errors import ConfigError
 from cocoshard.settings import Validated, flag, fraction, non_negative, opt, positive
 
 WORKERS_HELP = "worker processes (unset: automatic; 0: in this process)"
+SPLIT_OF_LABELS_HELP = (
+    "the split of --labels SHARDS to read (unset: val, or every fold of a K-fold pack; a fold: fold2; "
+    "several: fold0+fold1)"
+)
 MAX_FOLDS = 100  # `pack --folds`: the names have one or two digits (fold0 ... fold99)
 RESUME_LAST = "auto"  # `--resume` without a path: OUT/last.pt
 
@@ -246,7 +250,11 @@ class PredictConfig(Validated):
 
     checkpoint: str = opt("runs/train/best.pt", "checkpoint written by `cocoshard train`")
     shards: str | None = opt(None, "read the images from these shards (with --split)")
-    split: Literal["test", "val", "train"] = opt("test", "which split of --shards")
+    split: str = opt(
+        "test",
+        "which split of --shards: test, val, train, a fold of a K-fold pack (fold2), or several joined "
+        "by + (fold0+fold1)",
+    )
     images: str | None = opt(None, "read a folder of JPEGs instead (e.g. the zip's test folder)")
     out: str = opt("predictions.json", "submission JSON to write")
     threshold: float | None = opt(
@@ -287,8 +295,11 @@ class EvaluateConfig(Validated):
 
     predictions: str = opt("predictions.json", "submission JSON to check and score")
     labels: str | None = opt(
-        None, "folder of .cls files, or shards folder (its val split); omit to only check the format"
+        None,
+        "folder of .cls files, or shards folder (its val split, every fold of a K-fold pack, or --split); "
+        "omit to only check the format",
     )
+    split: str | None = opt(None, SPLIT_OF_LABELS_HELP)
     images: str | None = opt(
         None, "folder of images (or shards folder: its test split) the file must cover exactly, each once"
     )
@@ -306,7 +317,7 @@ class EvaluateConfig(Validated):
 
     def validate(self) -> None:
         if self.labels is None:
-            for name in ("scores", "report", "out"):
+            for name in ("scores", "report", "out", "split"):
                 if getattr(self, name) is not None:
                     raise ConfigError(f"{flag(name)} needs --labels: there is nothing to score without them")
             for name in ("per_class", "subset"):
@@ -323,7 +334,12 @@ class ThresholdsConfig(Validated):
     scores: str = opt(
         "val-scores.npz", "scores of the validation split (`cocoshard predict --split val --scores`)"
     )
-    labels: str = opt("shards", "shards folder (its val split) or folder of .cls files with the true labels")
+    labels: str = opt(
+        "shards",
+        "shards folder (its val split, every fold of a K-fold pack, or --split) or folder of .cls files "
+        "with the true labels",
+    )
+    split: str | None = opt(None, SPLIT_OF_LABELS_HELP)
     out: str = opt("thresholds.json", "thresholds file to write (`cocoshard predict --thresholds FILE`)")
     min_positives: int = opt(
         10, "classes with fewer positive images keep the default threshold (fewer overfit)"
@@ -339,6 +355,60 @@ def inherit(source: type, name: str, default: Any) -> Any:
     """A field that means exactly what `source`'s field `name` means (its help), with its own default."""
     original = next(f for f in dataclasses.fields(source) if f.name == name)
     return field(default=default, metadata={**original.metadata, "inherited": source.__name__})
+
+
+@dataclass
+class EnsembleConfig(Validated):
+    """Average several runs' models into one submission, with thresholds tuned on all their
+    validation scores (out-of-fold for the runs of a K-fold pack)."""
+
+    runs: tuple[str, ...] = opt(
+        (),
+        "run folders of cocoshard train: one per fold of a K-fold pack (train --val-fold), or several "
+        "models on the same split",
+        positional=True,
+        metavar="RUN",
+    )
+    out: str = opt(
+        "ensemble",
+        "output folder: predictions.json, test-scores.npz, thresholds.json, val-predictions.json, "
+        "val-scores.npz, ensemble.json",
+    )
+    shards: str | None = opt(
+        None, "the runs' shards: labels and test images (default: the shards the first run trained on)"
+    )
+    images: str | None = opt(None, "predict a folder of test images instead of the shards' test split")
+    test_scores: tuple[str, ...] = opt(
+        (),
+        "each run's saved test scores (predict --scores with its best.pt), in the order of the runs, "
+        "instead of predicting",
+        metavar="NPZ",
+    )
+    tta: bool = inherit(PredictConfig, "tta", False)
+    min_positives: int = inherit(ThresholdsConfig, "min_positives", 10)
+    default: float = inherit(ThresholdsConfig, "default", 0.5)
+    min_labels: int = inherit(PredictConfig, "min_labels", 1)
+    unreadable: Literal["fail", "prior"] = inherit(PredictConfig, "unreadable", "fail")
+    batch_size: int = inherit(PredictConfig, "batch_size", 256)
+    workers: int | None = inherit(PredictConfig, "workers", None)
+    amp: bool = inherit(PredictConfig, "amp", True)
+    device: Literal["auto", "cpu", "cuda"] = inherit(PredictConfig, "device", "auto")
+
+    def validate(self) -> None:
+        if not self.runs:
+            raise ConfigError("name the runs to ensemble: cocoshard ensemble RUN [RUN ...] --out DIR")
+        if self.test_scores and len(self.test_scores) != len(self.runs):
+            raise ConfigError(
+                f"--test-scores gives {len(self.test_scores)} files for {len(self.runs)} runs: one per run, "
+                f"in the order of the runs"
+            )
+        if self.test_scores and self.images is not None:
+            raise ConfigError("--test-scores are the test scores already: --images has nothing to predict")
+        positive(self, "min_positives", "batch_size")
+        fraction(self, "default", low_open=False)
+        non_negative(self, "workers")
+        if not 0 <= self.min_labels <= 80:
+            raise ConfigError(f"--min-labels must be in 0-80: there are 80 classes (got {self.min_labels})")
 
 
 @dataclass

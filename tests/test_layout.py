@@ -49,6 +49,7 @@ COMMANDS = {
     "cocoshard.scoring.predict",
     "cocoshard.scoring.evaluate",
     "cocoshard.scoring.thresholds",
+    "cocoshard.scoring.ensemble",
     "cocoshard.demo",
     "cocoshard.info",
 }

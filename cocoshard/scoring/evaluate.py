@@ -5,10 +5,12 @@
     $ cocoshard evaluate --predictions val.json --labels shards --scores val.npz \
           --report report --run runs/train
     $ cocoshard evaluate --predictions predictions.json --images ms-coco/images/test-resized/test-resized
+    $ cocoshard evaluate --predictions fold2.json --labels shards-5fold --split fold2
 
 The format check comes first and names every offending entry (see `cocoshard.submission`). With
 `--images` the file must cover exactly those images; with `--labels` (a folder of `.cls` files, or
-a shards folder whose val split is used) every key must be a labelled image, and the images the
+a shards folder whose val split is used, every fold of a K-fold pack, or the `--split` given)
+every key must be a labelled image, and the images the
 file predicts are the ones evaluated: the labels may cover more. The server F1 is the statement's
 `validation_loop` F1 with weights from the labels of the evaluated images (`cocoshard.metrics`).
 """
@@ -38,6 +40,7 @@ from cocoshard.scoring.ground_truth import (
     class_names_of,
     image_keys,
     is_shard_folder,
+    labels_split,
     load_labels,
 )
 from cocoshard.scoring.scores import check_scores_match, load_scores, read_scores
@@ -189,7 +192,7 @@ class Assessment:
 
 def assess(cfg: EvaluateConfig) -> Assessment:
     """Check the file strictly, then score it and write the report when labels are given."""
-    labels = load_labels(cfg.labels) if cfg.labels else None
+    labels = load_labels(cfg.labels, cfg.split) if cfg.labels else None
     submission, unsorted = check_file(cfg, labels)
     notes = [f"{len(unsorted)} list(s) were not sorted (accepted; e.g. {unsorted[0]!r})"] if unsorted else []
     empty = sum(1 for ids in submission.values() if not ids)
@@ -211,7 +214,8 @@ def assess(cfg: EvaluateConfig) -> Assessment:
         thresholds = found.thresholds
         checkpoint = f"{found.checkpoint} (sha256 {found.checkpoint_sha256[:12]})" if found.checkpoint else ""
         identity = shards_identity(read_manifest(cfg.labels)) if is_shard_folder(cfg.labels) else None
-        check_scores_match(found, cfg.scores, submission, cfg.predictions, identity)
+        split = labels_split(cfg.labels, cfg.split) if identity is not None else "val"
+        check_scores_match(found, cfg.scores, submission, cfg.predictions, identity, split)
         scores = load_scores(cfg.scores, sorted(submission))
     if cfg.run is not None and not (Path(cfg.run) / METRICS_LOG).is_file():
         raise UserError(

@@ -3,6 +3,7 @@
     $ cocoshard predict --checkpoint runs/train/best.pt --shards shards --split val \
           --out val.json --scores val.npz
     $ cocoshard thresholds --scores val.npz --labels shards --out thresholds.json
+    $ cocoshard thresholds --scores runs/fold2/val-scores.npz --labels shards-5fold --split fold2
     $ cocoshard predict --checkpoint runs/train/best.pt --images ms-coco/images/test-resized/test-resized \\
           --thresholds thresholds.json --out predictions.json
 
@@ -35,7 +36,7 @@ def run(cfg: ThresholdsConfig) -> int:
     """Tune, report what the tuning buys (and on which classes it could not), write the file."""
     print_config(cfg)
     found = read_scores(cfg.scores)
-    labels = load_labels(cfg.labels)
+    labels = load_labels(cfg.labels, cfg.split)
     unlabelled = [key for key in found.keys if key not in labels]
     if unlabelled:
         raise UserError(
