@@ -174,7 +174,8 @@ def check_file(cfg: EvaluateConfig, labels: dict[str, np.ndarray] | None) -> tup
         if labels is not None and not cfg.subset and "missing image" in str(exc):
             raise UserError(
                 f"{exc}\n(the labels in {cfg.labels} cover {len(labels)} images and a submission covers "
-                f"each; to score only the images the file has, give --subset)"
+                f"each; to score only the images the file has, give --subset, or --split to name the "
+                f"split of the shards it predicts)"
             ) from None
         raise
     return submission, unsorted_entries(raw)

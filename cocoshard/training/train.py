@@ -377,6 +377,11 @@ def summary_lines(tr: Trainer, seconds: float) -> list[str]:
             ("settings", CONFIG_FILE),
         )
     ]
+    if tr.val_split != "val":  # one fold of a K-fold set: the set's runs become one submission
+        lines.append(
+            f"this run is fold {tr.cfg.val_fold} of a K-fold set: with a run for every fold (--val-fold), "
+            "cocoshard ensemble RUN... --out ensemble makes them one submission (docs/kfold.md)"
+        )
     lines.append("next: predict the test images and check the submission:")
     lines.append(
         f"  cocoshard predict --checkpoint {best} --shards {tr.cfg.shards} --split test --out "
