@@ -3,11 +3,11 @@
 `build_trainer` takes the settings the run uses (`cocoshard.training.resume.settings_to_run` decided
 them: a new run's own, or a resumed run's) and does every check that can fail before any work
 (unknown model, missing shards, images shared by train and val, a batch larger than the split, a
-run folder that already holds a run). Which splits are train and val is `run_splits`: the shards'
-train and val, or with `--val-fold I` on a K-fold pack every other fold (read as one) and fold I.
-It resolves every automatic setting to what the run really
+run folder that already holds a run), resolves every automatic setting to what the run really
 uses (device, AMP dtype, loader workers, CPU threads), prints and saves it, and only then builds
 the model, loaders, optimiser, schedule and EMA, restored from the checkpoint when resuming.
+Which splits are train and val is `run_splits`'s one decision: the shards' train and val, or with
+`--val-fold I` on a K-fold pack every other fold (read as one) and fold I.
 `enter_phase` freezes or releases the backbone per epoch.
 """
 
