@@ -63,6 +63,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--folds", type=int, default=5, help="K: folds, and models in (b) and (c)")
     parser.add_argument("--epochs", type=int, default=10, help="epochs of every model")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads per training (1: reproducible)")
+    parser.add_argument("--parallel", type=int, default=1, help="trainings run at the same time")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data, the split and the folds")
     return parser.parse_args()
 
@@ -92,7 +93,7 @@ class Steps:
         self.seconds[name] = seconds
         print(f"  {name:<22} {seconds:7.1f} s", flush=True)
         if done.returncode != 0:
-            sys.exit(f"{name} failed (exit {done.returncode}): see {log}")
+            raise SystemExit(f"{name} failed (exit {done.returncode}): see {log}")
         return seconds
 
 
@@ -124,18 +125,26 @@ def build(args: argparse.Namespace, work: Path, steps: Steps) -> tuple[Path, Pat
 
 
 def run_arms(args: argparse.Namespace, work: Path, steps: Steps) -> dict[str, list[Path]]:
-    """Train every model: K on the split (seeds 0 to K-1; seed 0 is arm a) and one per fold."""
+    """Train every model: K on the split (seeds 0 to K-1; seed 0 is arm a) and one per fold, up to
+    --parallel at a time (a run already finished in WORK is kept)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     runs = work / "runs"
     split = [runs / f"split-seed{seed}" for seed in range(args.folds)]
     folds = [runs / f"fold{fold}" for fold in range(args.folds)]
-    for seed, run in enumerate(split):
-        if not (run / "best.pt").is_file():
-            steps(f"train {run.name}", "train", "--shards", work / "shards", "--out", run, "--seed", seed,
-                  *train_settings(args))  # fmt: skip
-    for fold, run in enumerate(folds):
-        if not (run / "best.pt").is_file():
-            steps(f"train {run.name}", "train", "--shards", work / "shards-folds", "--out", run,
-                  "--val-fold", fold, "--seed", 0, *train_settings(args))  # fmt: skip
+    jobs = [(run, ["--shards", work / "shards", "--seed", seed]) for seed, run in enumerate(split)]
+    jobs += [
+        (run, ["--shards", work / "shards-folds", "--val-fold", fold, "--seed", 0])
+        for fold, run in enumerate(folds)
+    ]
+    with ThreadPoolExecutor(max_workers=args.parallel) as pool:
+        done = [
+            pool.submit(steps, f"train {run.name}", "train", "--out", run, *extra, *train_settings(args))
+            for run, extra in jobs
+            if not (run / "best.pt").is_file()
+        ]
+        for future in done:
+            future.result()
     return {"a": split[:1], "b": folds, "c": split}
 
 
@@ -174,7 +183,9 @@ def class_counts(shards: Path, splits: list[str]) -> np.ndarray:
 def rare_thresholds(
     args: argparse.Namespace, work: Path, arms: dict[str, list[Path]]
 ) -> list[dict[str, Any]]:
-    """For the rarest classes: positives per fold, each fold run's threshold, the out-of-fold one, (a)'s."""
+    """For the rarest classes with the positives to tune on out of fold: positives per fold, each fold
+    run's own threshold (tuned on its fold when that has 10 positives, else 0.5), the out-of-fold
+    threshold and (a)'s."""
     folds = [f"fold{i}" for i in range(args.folds)]
     per_fold = np.stack([class_counts(work / "shards-folds", [fold]) for fold in folds])
     total = per_fold.sum(axis=0)
@@ -183,7 +194,8 @@ def rare_thresholds(
     oof = np.asarray(json.loads((work / "arm-b" / "thresholds.json").read_text())["thresholds"])
     single = np.asarray(json.loads((work / "arm-a" / "thresholds.json").read_text())["thresholds"])
     rows = []
-    for c in np.argsort(total, kind="stable")[: min(RAREST, int((total > 0).sum()) or RAREST)]:
+    tunable = [c for c in np.argsort(total, kind="stable") if total[c] >= MIN_POSITIVES]
+    for c in tunable[:RAREST]:  # the rarest classes the out-of-fold scores can tune
         tuned = per_fold[:, c] >= MIN_POSITIVES
         rows.append(
             {
@@ -198,6 +210,26 @@ def rare_thresholds(
             }
         )
     return rows
+
+
+def threshold_spread(args: argparse.Namespace, work: Path, arms: dict[str, list[Path]]) -> dict[str, float]:
+    """Over the rarest quarter of the classes the folds could each tune: the mean, over those
+    classes, of the range of the fold runs' thresholds (and the same over the most frequent quarter)."""
+    folds = [f"fold{i}" for i in range(args.folds)]
+    per_fold = np.stack([class_counts(work / "shards-folds", [fold]) for fold in folds])
+    own = np.stack([json.loads((run / "thresholds.json").read_text())["thresholds"] for run in arms["b"]])
+    every = [
+        c for c in np.argsort(per_fold.sum(axis=0), kind="stable") if (per_fold[:, c] >= MIN_POSITIVES).all()
+    ]
+    quarter = max(1, len(every) // 4)
+    ranges = own.max(axis=0) - own.min(axis=0)
+    return {
+        "classes_every_fold_tunes": len(every),
+        "rare_quarter_mean_range": round(float(ranges[every[:quarter]].mean()), 3) if every else float("nan"),
+        "common_quarter_mean_range": round(float(ranges[every[-quarter:]].mean()), 3)
+        if every
+        else float("nan"),
+    }
 
 
 def machine() -> str:
@@ -233,6 +265,12 @@ def show(results: dict[str, Any]) -> None:
             f"| {titles[arm]} | {row['runs']} | {row['train_s']:.0f} s | {row['val_images']} images "
             f"| {row['server_f1_tuned']:.4f} | {row['heldout_gain']:+.4f} | {row['classes_tuned']} | {test} |"
         )
+    spread = results["threshold_spread"]
+    print(
+        f"\nthresholds of the {spread['classes_every_fold_tunes']} classes every fold could tune: range "
+        f"across the fold runs, mean over the rarest quarter {spread['rare_quarter_mean_range']}, over the "
+        f"most frequent quarter {spread['common_quarter_mean_range']}"
+    )
     print(
         "\n| class | images | positives per fold | fold runs' own thresholds | spread | out-of-fold | (a) |"
     )
@@ -266,6 +304,7 @@ def main() -> None:
         results["arms"][arm]["classes_tuned"] = int((counts >= MIN_POSITIVES).sum())
     results.update(
         rare_classes=rare_thresholds(args, work, arms),
+        threshold_spread=threshold_spread(args, work, arms),
         machine=machine(),
         load_before=load_before,
         load_after=" ".join(f"{x:.2f}" for x in os.getloadavg()),
@@ -279,7 +318,8 @@ def main() -> None:
             )
             + ", "
             f"{args.size} px, K={args.folds}, {args.epochs} epochs per model, cocoshard_tiny from scratch, "
-            f"{args.threads} thread(s); {round(time.perf_counter() - started)} s in all"
+            f"{args.threads} thread(s) per training, {args.parallel} at a time; "
+            f"{round(time.perf_counter() - started)} s in all"
         ),
         steps_s={name: round(seconds, 1) for name, seconds in steps.seconds.items()},
     )
