@@ -36,6 +36,8 @@ from typing import Any
 import numpy as np
 
 MIN_POSITIVES = 10  # cocoshard thresholds' and ensemble's default: rarer classes keep 0.5
+FEWER_POSITIVES = 5  # the second pass: each arm tuned again with --min-positives 5
+TRAIN_SECONDS = "tool-train-seconds.txt"
 RAREST = 8  # classes shown in the threshold table
 # The demo's difficulty (a small network from scratch must learn it on a CPU), with synth's default
 # long tail: the rarest of 80 classes in ~1.7% of the images, a few dozen in 4,000.
@@ -138,28 +140,35 @@ def run_arms(args: argparse.Namespace, work: Path, steps: Steps) -> dict[str, li
         for fold, run in enumerate(folds)
     ]
     with ThreadPoolExecutor(max_workers=args.parallel) as pool:
-        done = [
-            pool.submit(steps, f"train {run.name}", "train", "--out", run, *extra, *train_settings(args))
+        done = {
+            run: pool.submit(steps, f"train {run.name}", "train", "--out", run, *extra, *train_settings(args))
             for run, extra in jobs
             if not (run / "best.pt").is_file()
-        ]
-        for future in done:
-            future.result()
+        }
+        for run, future in done.items():
+            (run / TRAIN_SECONDS).write_text(f"{future.result():.1f}\n")
     return {"a": split[:1], "b": folds, "c": split}
 
 
+def train_seconds(run: Path) -> float:
+    """How long the tool's training of `run` took (kept in the run folder: a rerun reuses the run)."""
+    path = run / TRAIN_SECONDS
+    return float(path.read_text()) if path.is_file() else float("nan")
+
+
 def ensemble_and_score(
-    arm: str, runs: list[Path], work: Path, answers: Path | None, steps: Steps
+    arm: str, runs: list[Path], work: Path, answers: Path | None, steps: Steps, *extra: object
 ) -> dict[str, Any]:
     """`cocoshard ensemble` over the arm's runs, its submission checked strictly and scored."""
     out = work / f"arm-{arm}"
-    steps(f"ensemble {arm}", "ensemble", *runs, "--out", out, "--workers", "0", "--device", "cpu", "--no-amp")
+    steps(f"ensemble {arm}", "ensemble", *runs, "--out", out, "--workers", "0", "--device", "cpu", "--no-amp",
+          *extra)  # fmt: skip
     shards = json.loads((out / "ensemble.json").read_text())["shards"]
     steps(f"check {arm}", "evaluate", "--predictions", out / "predictions.json", "--images", shards)
     summary = json.loads((out / "ensemble.json").read_text())
     result: dict[str, Any] = {
         "runs": len(runs),
-        "train_s": sum(steps.seconds.get(f"train {run.name}", float("nan")) for run in runs),
+        "train_s": sum(train_seconds(run) for run in runs),
         "val_images": summary["val_images"],
         "val_split": summary["val_split"],
         **summary["figures"],
@@ -212,6 +221,32 @@ def rare_thresholds(
     return rows
 
 
+def single_models(work: Path, answers: Path) -> dict[str, list[float]]:
+    """Test server F1 of each model alone: the split's K seeds with their own thresholds (K draws
+    of arm a), and each fold model with the out-of-fold thresholds."""
+    from cocoshard.pure import metrics
+    from cocoshard.scoring.ground_truth import read_label_folder
+    from cocoshard.scoring.scores import read_scores
+    from cocoshard.scoring.submission import build_submission, to_matrix
+
+    truth = read_label_folder(answers)
+    oof = np.asarray(json.loads((work / "arm-b" / "thresholds.json").read_text())["thresholds"])
+
+    def f1(path: Path, thresholds: np.ndarray | None) -> float:
+        found = read_scores(path)
+        cut = found.thresholds if thresholds is None else thresholds
+        predicted = metrics.predictions_from_scores(found.scores, cut)
+        submission = build_submission(found.keys, predicted, found.scores, min_labels=1)
+        labels = np.stack([truth[key] for key in found.keys])
+        return round(metrics.server_f1(to_matrix(submission, found.keys), labels).f1, 4)
+
+    members = {arm: sorted((work / f"arm-{arm}" / "members").glob("*-test-scores.npz")) for arm in ("b", "c")}
+    return {
+        "split_models_own_thresholds": [f1(path, None) for path in members["c"]],
+        "fold_models_out_of_fold_thresholds": [f1(path, oof) for path in members["b"]],
+    }
+
+
 def threshold_spread(args: argparse.Namespace, work: Path, arms: dict[str, list[Path]]) -> dict[str, float]:
     """Over the rarest quarter of the classes the folds could each tune: the mean, over those
     classes, of the range of the fold runs' thresholds (and the same over the most frequent quarter)."""
@@ -252,6 +287,7 @@ def show(results: dict[str, Any]) -> None:
     print(f"{results['settings']}\n")
     titles = {"a": "(a) one model, val-tuned thresholds", "b": "(b) K-fold ensemble, out-of-fold thresholds",
               "c": "(c) K models on one split, averaged"}  # fmt: skip
+    titles.update({arm + "5": f"{title}, --min-positives {FEWER_POSITIVES}" for arm, title in titles.items()})
     print("| arm | trainings | train time | tuned on | server F1 there | held-out gain | classes tuned "
           "| test server F1 | test macro F1 |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|---|")
@@ -265,6 +301,8 @@ def show(results: dict[str, Any]) -> None:
             f"| {titles[arm]} | {row['runs']} | {row['train_s']:.0f} s | {row['val_images']} images "
             f"| {row['server_f1_tuned']:.4f} | {row['heldout_gain']:+.4f} | {row['classes_tuned']} | {test} |"
         )
+    for what, values in results.get("single_models", {}).items():
+        print(f"\ntest server F1 of each model alone, {what.replace('_', ' ')}: {values}")
     spread = results["threshold_spread"]
     print(
         f"\nthresholds of the {spread['classes_every_fold_tunes']} classes every fold could tune: range "
@@ -295,6 +333,22 @@ def main() -> None:
     results: dict[str, Any] = {"arms": {}}
     for arm in ("a", "b", "c"):
         results["arms"][arm] = ensemble_and_score(arm, arms[arm], work, answers, steps)
+    for arm in ("a", "b", "c"):  # the same runs and test scores, tuned again with fewer positives
+        saved = sorted(
+            (work / f"arm-{arm}" / "members").glob("*-test-scores.npz"),
+            key=lambda p: int(p.name.split("-")[0]),
+        )
+        results["arms"][arm + "5"] = ensemble_and_score(
+            arm + "5",
+            arms[arm],
+            work,
+            answers,
+            steps,
+            "--min-positives",
+            FEWER_POSITIVES,
+            "--test-scores",
+            *saved,
+        )
     val_counts = {
         "a": class_counts(work / "shards", ["val"]),
         "b": class_counts(work / "shards-folds", [f"fold{i}" for i in range(args.folds)]),
@@ -302,6 +356,9 @@ def main() -> None:
     val_counts["c"] = val_counts["a"]
     for arm, counts in val_counts.items():
         results["arms"][arm]["classes_tuned"] = int((counts >= MIN_POSITIVES).sum())
+        results["arms"][arm + "5"]["classes_tuned"] = int((counts >= FEWER_POSITIVES).sum())
+    if answers is not None:
+        results["single_models"] = single_models(work, answers)
     results.update(
         rare_classes=rare_thresholds(args, work, arms),
         threshold_spread=threshold_spread(args, work, arms),
