@@ -78,7 +78,7 @@ def _choice_hint(message: str) -> str:
 
 def _flag_help(f: Any) -> str:
     help_text = f.metadata.get("help", "")
-    if "(default" not in help_text and "unset" not in help_text:  # some helps explain a computed default
+    if "(default" not in help_text and "unset" not in help_text and f.default != ():  # some explain theirs
         help_text += f" (default: {f.default})"
     return help_text.replace("%", "%%")
 
@@ -100,6 +100,16 @@ def _add_field(parser: argparse.ArgumentParser | Any, f: Any, kind: Any) -> None
     elif kind is bool:
         parser.add_argument(
             flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text
+        )
+    elif typing.get_origin(kind) is tuple:  # several values: RUN... (positional) or --flag A B
+        name = f.name if f.metadata.get("positional") else flag
+        metavar = f.metadata.get("metavar", f.name.upper())
+        parser.add_argument(
+            name,
+            nargs="*" if name == f.name else "+",
+            default=argparse.SUPPRESS,
+            metavar=metavar,
+            help=help_text,
         )
     elif typing.get_origin(kind) is Literal:
         parser.add_argument(flag, choices=args, default=argparse.SUPPRESS, help=help_text)

@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[type, str]] = {
     "predict": (config.PredictConfig, "cocoshard.scoring.predict"),
     "evaluate": (config.EvaluateConfig, "cocoshard.scoring.evaluate"),
     "thresholds": (config.ThresholdsConfig, "cocoshard.scoring.thresholds"),
+    "ensemble": (config.EnsembleConfig, "cocoshard.scoring.ensemble"),
     "demo": (config.DemoConfig, "cocoshard.demo"),
     "info": (config.InfoConfig, "cocoshard.info"),
 }

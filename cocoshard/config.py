@@ -31,6 +31,11 @@ CACHE_SIZE_HELP = (
 CONNECT_HELP = "seconds to connect to the server of a URL"
 STALL_HELP = "seconds a read from a URL may receive nothing before it fails (a stalled server)"
 RETRIES_HELP = "further tries of a URL read that failed in a way that may pass (waiting 1, 2, 4, ... s)"
+SPLIT_OF_LABELS_HELP = (
+    "the split of --labels SHARDS to read (unset: val, or every fold of a K-fold pack; a fold: fold2; "
+    "several: fold0+fold1)"
+)
+MAX_FOLDS = 100  # `pack --folds`: the names have one or two digits (fold0 ... fold99)
 RESUME_LAST = "last"  # `--resume` without a path: OUT/last.pt, which must exist
 RESUME_AUTO = "auto"  # `--resume auto`: OUT/last.pt when it exists, else a new run (torchrun restarts)
 # the help groups of `cocoshard train --help`, in the order they are shown
@@ -120,7 +125,12 @@ class PackConfig(Validated):
     train_labels: str | None = opt(None, "folder of train .cls files (overrides --root)")
     test_images: str | None = opt(None, "folder of test JPEGs (overrides --root)")
     val_fraction: float = opt(0.2, "share of labelled images held out for validation (stratified)")
-    seed: int = opt(0, "seed of the train/val split")
+    folds: int = opt(
+        0,
+        "K >= 2: deal the labelled images into K stratified folds, fold0..fold{K-1} (for train --val-fold) "
+        "instead of a train/val split (default: 0, the train/val split)",
+    )
+    seed: int = opt(0, "seed of the train/val split (or of the folds)")
     format: Literal["jpeg", "raw"] = opt(
         "jpeg", "pixels as source JPEG bytes (small) or decoded raw uint8 (no decode at train time)"
     )
@@ -135,6 +145,8 @@ class PackConfig(Validated):
         finite(self, "val_fraction")
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError(f"--val-fraction must be between 0 and 1 (got {self.val_fraction})")
+        if self.folds and not 2 <= self.folds <= MAX_FOLDS:
+            raise ConfigError(f"--folds must be 0 (a train/val split) or 2-{MAX_FOLDS} (got {self.folds})")
         check_seed(self)
         in_range(self, "size", 16, MAX_IMAGE_SIDE)  # the loaders' canvas: every reader takes these
         in_range(self, "shard_samples", 1, 1_000_000)
@@ -171,6 +183,12 @@ class TrainConfig(Validated):
     retries: int = opt(3, RETRIES_HELP, group=DATA)
     out: str = opt(
         "runs/train", "run folder: config, metrics.jsonl, last.pt, best.pt, thresholds.json", group=DATA
+    )
+    val_fold: int | None = opt(
+        None,
+        "shards packed with --folds K: validate on fold I (0 to K-1) and train on the other folds "
+        "(unset: the shards' train and val splits)",
+        group=DATA,
     )
     model: str = opt(
         "maxvit_t",
@@ -289,7 +307,13 @@ class TrainConfig(Validated):
     def validate(self) -> None:
         positive(self, "lr", "dist_timeout")
         non_negative(
-            self, "warmup_epochs", "weight_decay", "asl_gamma_neg", "asl_gamma_pos", "checkpoint_every"
+            self,
+            "warmup_epochs",
+            "weight_decay",
+            "asl_gamma_neg",
+            "asl_gamma_pos",
+            "checkpoint_every",
+            "val_fold",
         )
         in_range(self, "epochs", 1, MAX_COUNT)
         in_range(self, "max_steps", 0, MAX_COUNT)
@@ -343,7 +367,11 @@ class PredictConfig(Validated):
 
     checkpoint: str = opt("runs/train/best.pt", "checkpoint written by `cocoshard train`")
     shards: str | None = opt(None, "read the images from these shards (with --split)")
-    split: Literal["test", "val", "train"] = opt("test", "which split of --shards")
+    split: str = opt(
+        "test",
+        "which split of --shards: test, val, train, a fold of a K-fold pack (fold2), or several joined "
+        "by + (fold0+fold1)",
+    )
     cache: str | None = opt(None, CACHE_HELP)
     cache_size: float | None = opt(None, CACHE_SIZE_HELP)
     connect_timeout: float = opt(10.0, CONNECT_HELP)
@@ -396,8 +424,11 @@ class EvaluateConfig(Validated):
 
     predictions: str = opt("predictions.json", "submission JSON to check and score")
     labels: str | None = opt(
-        None, "folder of .cls files, or shards folder (its val split); omit to only check the format"
+        None,
+        "folder of .cls files, or shards folder (its val split, every fold of a K-fold pack, or --split); "
+        "omit to only check the format",
     )
+    split: str | None = opt(None, SPLIT_OF_LABELS_HELP)
     images: str | None = opt(
         None, "folder of images (or shards folder: its test split) the file must cover exactly, each once"
     )
@@ -420,7 +451,7 @@ class EvaluateConfig(Validated):
 
     def validate(self) -> None:
         if self.labels is None:
-            for name in ("scores", "report", "out"):
+            for name in ("scores", "report", "out", "split"):
                 if getattr(self, name) is not None:
                     raise ConfigError(f"{flag(name)} needs --labels: there is nothing to score without them")
             for name in ("per_class", "subset"):
@@ -437,7 +468,12 @@ class ThresholdsConfig(Validated):
     scores: str = opt(
         "val-scores.npz", "scores of the validation split (`cocoshard predict --split val --scores`)"
     )
-    labels: str = opt("shards", "shards folder (its val split) or folder of .cls files with the true labels")
+    labels: str = opt(
+        "shards",
+        "shards folder (its val split, every fold of a K-fold pack, or --split) or folder of .cls files "
+        "with the true labels",
+    )
+    split: str | None = opt(None, SPLIT_OF_LABELS_HELP)
     out: str = opt("thresholds.json", "thresholds file to write (`cocoshard predict --thresholds FILE`)")
     min_positives: int = opt(
         10, "classes with fewer positive images keep the default threshold (fewer overfit)"
@@ -458,6 +494,60 @@ def inherit(source: type, name: str, default: Any) -> Any:
     """A field that means exactly what `source`'s field `name` means (its help), with its own default."""
     original = next(f for f in dataclasses.fields(source) if f.name == name)
     return field(default=default, metadata={**original.metadata, "inherited": source.__name__})
+
+
+@dataclass
+class EnsembleConfig(Validated):
+    """Average several runs' models into one submission, with thresholds tuned on all their
+    validation scores (out-of-fold for the runs of a K-fold pack)."""
+
+    runs: tuple[str, ...] = opt(
+        (),
+        "run folders of cocoshard train: one per fold of a K-fold pack (train --val-fold), or several "
+        "models on the same split",
+        positional=True,
+        metavar="RUN",
+    )
+    out: str = opt(
+        "ensemble",
+        "output folder: predictions.json, test-scores.npz, thresholds.json, val-predictions.json, "
+        "val-scores.npz, ensemble.json",
+    )
+    shards: str | None = opt(
+        None, "the runs' shards: labels and test images (default: the shards the first run trained on)"
+    )
+    images: str | None = opt(None, "predict a folder of test images instead of the shards' test split")
+    test_scores: tuple[str, ...] = opt(
+        (),
+        "each run's saved test scores (predict --scores with its best.pt), in the order of the runs, "
+        "instead of predicting",
+        metavar="NPZ",
+    )
+    tta: bool = inherit(PredictConfig, "tta", False)
+    min_positives: int = inherit(ThresholdsConfig, "min_positives", 10)
+    default: float = inherit(ThresholdsConfig, "default", 0.5)
+    min_labels: int = inherit(PredictConfig, "min_labels", 1)
+    unreadable: Literal["fail", "prior"] = inherit(PredictConfig, "unreadable", "fail")
+    batch_size: int = inherit(PredictConfig, "batch_size", 256)
+    workers: int | None = inherit(PredictConfig, "workers", None)
+    amp: bool = inherit(PredictConfig, "amp", True)
+    device: Literal["auto", "cpu", "cuda"] = inherit(PredictConfig, "device", "auto")
+
+    def validate(self) -> None:
+        if not self.runs:
+            raise ConfigError("name the runs to ensemble: cocoshard ensemble RUN [RUN ...] --out DIR")
+        if self.test_scores and len(self.test_scores) != len(self.runs):
+            raise ConfigError(
+                f"--test-scores gives {len(self.test_scores)} files for {len(self.runs)} runs: one per run, "
+                f"in the order of the runs"
+            )
+        if self.test_scores and self.images is not None:
+            raise ConfigError("--test-scores are the test scores already: --images has nothing to predict")
+        positive(self, "min_positives", "batch_size")
+        fraction(self, "default", low_open=False)
+        non_negative(self, "workers")
+        if not 0 <= self.min_labels <= 80:
+            raise ConfigError(f"--min-labels must be in 0-80: there are 80 classes (got {self.min_labels})")
 
 
 @dataclass

@@ -22,6 +22,7 @@ class Stream(IntEnum):
     PACK_TRAIN_ORDER = (
         1  # pack: the order of train samples in the shards (the split draws from the bare seed)
     )
+    PACK_FOLD_ORDER = 2  # pack --folds: the order of each fold's samples in its shards
     SHARD_ORDER = 10  # each epoch's order of shards
     SAMPLE_BUFFER = 11  # a stream worker's shuffle buffer
     RESIDENT_ORDER = 12  # the resident loader's permutation of the split

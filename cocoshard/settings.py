@@ -138,6 +138,10 @@ def _coerce(name: str, value: Any, kind: Any, const: Any = None) -> Any:
         if not isinstance(value, bool):
             raise ConfigError(f"{name}: expected true or false, got {_shown(value)}")
         return value
+    if origin is tuple:  # tuple[str, ...]: a list in a file
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, args[0]) for v in value):
+            raise ConfigError(f"{name}: expected a list of {args[0].__name__}, got {value!r}")
+        return tuple(value)
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:

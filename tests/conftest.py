@@ -5,6 +5,8 @@ by convention: a test that changes files packs its own copy with `pack_dir`.
 
     sample_shards_jpeg / sample_shards_raw   coco-sample packed: 88 train, 38 val, 32 test
     synth_shards_jpeg / synth_shards_raw     synth_root packed: ~235 train, ~65 val, 40 test
+    sample_folds_jpeg / synth_folds_raw      the same packed into 3 folds (pack --folds 3): 42 and 100
+                                             labelled images a fold, 32 and 40 test
 Both use small shards (16 and 32 samples) so that splitting shards over ranks and workers is
 exercised; raw canvases are 224 x 224. (On a set as small as coco-sample, keeping every class of two
 or more images in both splits pulls the val share above 0.2.)
@@ -177,6 +179,20 @@ def synth_shards_raw(synth_root: Path, tmp_path_factory: pytest.TempPathFactory)
     """The generated set packed as raw 224 x 224 canvases, 32 samples per shard."""
     out = tmp_path_factory.mktemp("synth-raw")
     return _pack(synth_root, out, format="raw", shard_samples=SYNTH_SHARD_SAMPLES)
+
+
+@pytest.fixture(scope="session")
+def sample_folds_jpeg(coco_sample: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """coco-sample packed into 3 stratified folds (fold0-2), source JPEG bytes, 16 samples per shard."""
+    out = tmp_path_factory.mktemp("sample-folds")
+    return _pack(coco_sample, out, folds=3, shard_samples=SAMPLE_SHARD_SAMPLES)
+
+
+@pytest.fixture(scope="session")
+def synth_folds_raw(synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The generated set packed into 3 stratified folds, raw 224 x 224 canvases, 32 samples per shard."""
+    out = tmp_path_factory.mktemp("synth-folds")
+    return _pack(synth_root, out, folds=3, format="raw", shard_samples=SYNTH_SHARD_SAMPLES)
 
 
 # ----------------------------------------------------------------------------- the statement's metric
@@ -472,3 +488,13 @@ class S3Server:
     def __exit__(self, *exc: object) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def coco_like_labels(rng: np.random.Generator, images: int = 65_000) -> np.ndarray:
+    """A (images, 80) label matrix shaped like the challenge's: person in 35,494 of 65k images, a
+    log-linear tail from ~9,000 down to 102 images (hair drier), ~2.93 labels per image."""
+    counts = np.concatenate([[35_494], np.geomspace(9_000, 102, 79)]) * images / 65_000
+    labels = rng.random((images, 80)) < counts / images
+    empty = np.flatnonzero(~labels.any(axis=1))
+    labels[empty, rng.choice(80, size=len(empty), p=counts / counts.sum())] = True  # every image has a class
+    return labels

@@ -49,6 +49,23 @@ def test_bad_settings_in_a_file_are_named(tmp_path: Path, text: str, message: st
         resolve(config.TrainConfig, {}, str(path))
 
 
+def test_a_list_of_runs_comes_from_the_command_line_or_a_file(tmp_path: Path, capsys) -> None:
+    from cocoshard.cli import build_parser
+
+    ns = build_parser().parse_args(["ensemble", "runs/f0", "runs/f1", "--test-scores", "a.npz", "b.npz"])
+    assert (ns.runs, ns.test_scores) == (["runs/f0", "runs/f1"], ["a.npz", "b.npz"])
+    cfg = resolve(config.EnsembleConfig, {"runs": ns.runs, "test_scores": ns.test_scores})
+    assert cfg.runs == ("runs/f0", "runs/f1") and cfg.test_scores == ("a.npz", "b.npz")
+    toml = tmp_path / "ensemble.toml"
+    toml.write_text('runs = ["runs/f0", "runs/f1"]\ntta = true\n')
+    assert resolve(config.EnsembleConfig, {}, str(toml)).runs == ("runs/f0", "runs/f1")
+    toml.write_text('runs = "runs/f0"\n')
+    with pytest.raises(ConfigError, match="runs: expected a list of str"):
+        resolve(config.EnsembleConfig, {}, str(toml))
+    with pytest.raises(ConfigError, match="name the runs to ensemble"):
+        resolve(config.EnsembleConfig, {})
+
+
 def test_a_file_that_is_not_a_settings_file_is_named(tmp_path: Path) -> None:
     fifo = tmp_path / "pipe.toml"
     os.mkfifo(fifo)  # never written: reading it would block forever

@@ -4,7 +4,7 @@ Layers, lowest first (docs/architecture.md has the table):
 
     foundation   cocoshard (the class tuple), errors, atomic, input_files, folder_lock, output_paths,
                  machine, seeds, console, settings, config, commands, remote, shard_cache
-    pure         cocoshard.pure: labels, format, split, plan, metrics, threshold_tuning
+    pure         cocoshard.pure: labels, format, split, folds, plan, metrics, threshold_tuning
     prepare      the rest of cocoshard.prepare
     loading      the rest of cocoshard.loading
     training     cocoshard.training
@@ -52,6 +52,7 @@ COMMANDS = {
     "cocoshard.scoring.predict",
     "cocoshard.scoring.evaluate",
     "cocoshard.scoring.thresholds",
+    "cocoshard.scoring.ensemble",
     "cocoshard.demo",
     "cocoshard.info",
 }

@@ -33,7 +33,7 @@ from PIL import Image
 
 from cocoshard.config import InspectConfig
 from cocoshard.console import literal, stdout_console
-from cocoshard.prepare.manifest import is_url, list_shard_files, read_manifest
+from cocoshard.prepare.manifest import is_url, labelled_splits, list_shard_files, read_manifest
 from cocoshard.prepare.pool import map_in_workers
 from cocoshard.prepare.sources import MAX_IMAGE_PIXELS
 from cocoshard.prepare.summary import print_summary
@@ -42,7 +42,6 @@ from cocoshard.pure.format import (
     EXT_LABELS,
     EXT_PIXELS,
     IMAGE_FIELDS,
-    SPLITS,
     decode_labels,
     decode_pixels,
     key_problem,
@@ -186,8 +185,9 @@ def verify_shards(
     remote: Remote | None = None,
 ) -> dict[str, list[str]]:
     """Problems by shard name (and by split for cross-shard checks); empty when everything is intact."""
+    splits = (*labelled_splits(manifest), "test")
     entries = [
-        (split, entry) for split in SPLITS for entry in manifest["splits"].get(split, {}).get("shards", [])
+        (split, entry) for split in splits for entry in manifest["splits"].get(split, {}).get("shards", [])
     ]
     common = (manifest["pixel_format"], manifest["size"])
     if is_url(str(folder)):
@@ -209,10 +209,10 @@ def verify_shards(
     problems = {
         entry["name"]: found for (_, entry), (found, _) in zip(entries, results, strict=True) if found
     }
-    keys: dict[str, list[str]] = {split: [] for split in SPLITS}
+    keys: dict[str, list[str]] = {split: [] for split in splits}
     for (split, _), (_, shard_keys) in zip(entries, results, strict=True):
         keys[split] += shard_keys
-    for group in (("train", "val"), ("test",)):
+    for group in (labelled_splits(manifest), ("test",)):
         seen = Counter(key for split in group for key in keys[split])
         repeated = sorted(key for key, n in seen.items() if n > 1)
         if repeated:

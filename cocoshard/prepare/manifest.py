@@ -2,6 +2,8 @@
 
 The manifest is written last by `cocoshard pack` and describes every shard (name, samples, bytes,
 sha256) of every split, the pixel format, the canvas size, the class names and the inputs left out.
+Its labelled splits are train and val, or, packed with `--folds K`, fold0 ... fold{K-1}
+(`labelled_splits`); a split argument may name several, read as one (`fold0+fold2`, `split_names`).
 Reading it does I/O: a local file, or a file under a URL prefix (`--shards s3://bucket/shards`,
 `https://...`, `gs://...`, `pipe:...`), read through `cocoshard.remote` like the shards themselves.
 The format of the shards it describes: `cocoshard.pure.format`.
@@ -17,9 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from cocoshard import CLASSES, NUM_CLASSES
+from cocoshard.config import MAX_FOLDS
 from cocoshard.errors import UserError
 from cocoshard.input_files import InputError, parse_json
-from cocoshard.pure.format import FORMAT_VERSION, is_shard_file
+from cocoshard.pure.format import FORMAT_VERSION, fold_split, is_shard_file
 from cocoshard.remote import Network, is_url, join_location, read_url
 from cocoshard.shard_cache import Remote
 
@@ -230,20 +233,42 @@ def check_manifest(manifest: Any, source: str) -> None:
     classes = _field(manifest, "classes", list, source)
     if len(classes) != NUM_CLASSES or not all(isinstance(name, str) for name in classes):
         raise BadManifest(f"{source}: the field 'classes' must be {NUM_CLASSES} class names")
-    _field(manifest, "splits", dict, source)
+    if manifest.get("folds") is not None:
+        folds = _count(manifest, "folds", source)
+        if not 2 <= folds <= MAX_FOLDS:
+            raise BadManifest(f"{source}: the field 'folds' must be in 2-{MAX_FOLDS}, not {folds}")
+    expected = (*labelled_splits(manifest), "test")
+    other = [name for name in _field(manifest, "splits", dict, source) if name not in expected]
+    if other:
+        raise BadManifest(
+            f"{source}: splits.{other[0]} is not a split of these shards (they have {', '.join(expected)})"
+        )
     seen: dict[str, str] = {}
-    for split in ("train", "val", "test"):
+    for split in expected:
         _check_split(manifest, split, source, seen)
     for index, item in enumerate(_field(manifest, "rejected", list, source)):
         _field(item, "path", str, f"{source}: rejected[{index}]")
         _field(item, "reason", str, f"{source}: rejected[{index}]")
 
 
-def shards_identity(manifest: dict[str, Any], splits: tuple[str, ...] = ("train", "val")) -> str:
+def fold_splits(manifest: dict[str, Any]) -> tuple[str, ...]:
+    """The folds of a K-fold pack (`fold0`, `fold1`, ...), in order; empty for a train/val pack."""
+    return tuple(fold_split(index) for index in range(manifest.get("folds") or 0))
+
+
+def labelled_splits(manifest: dict[str, Any]) -> tuple[str, ...]:
+    """The splits holding every labelled image: the folds of a K-fold pack, else train and val."""
+    return fold_splits(manifest) or ("train", "val")
+
+
+def shards_identity(manifest: dict[str, Any], splits: tuple[str, ...] | None = None) -> str:
     """A digest of which shards make each split and what they hold (names, sample counts, sha256):
-    the same for the same packed data wherever it lives, different after any re-pack that changes it."""
+    the same for the same packed data wherever it lives, different after any re-pack that changes it.
+    By default over the labelled splits (train and val, or every fold)."""
     import hashlib
 
+    if splits is None:
+        splits = labelled_splits(manifest)
     listing = [
         [split, [[s["name"], s["samples"], s["sha256"]] for s in manifest["splits"][split]["shards"]]]
         for split in splits
@@ -258,8 +283,14 @@ def split_record(manifest: dict[str, Any]) -> dict[str, Any]:
 
 
 def split_names(split: str | Sequence[str]) -> tuple[str, ...]:
-    """One split's name, or several read as one (folds of a K-fold pack), as a tuple."""
-    return (split,) if isinstance(split, str) else tuple(split)
+    """One split's name, or several read as one (folds of a K-fold pack: a tuple, or the names joined
+    by `+`, as `--split fold0+fold2` gives them), as a tuple."""
+    return tuple(split.split("+")) if isinstance(split, str) else tuple(split)
+
+
+def split_size(manifest: dict[str, Any], split: str | Sequence[str]) -> int:
+    """Samples in one split, or in several read as one."""
+    return sum(int(entry["samples"]) for entry in split_shards(manifest, split))
 
 
 def is_labelled(split: str | Sequence[str]) -> bool:
@@ -271,7 +302,11 @@ def split_shards(manifest: dict[str, Any], split: str | Sequence[str]) -> list[d
     """The shard entries (name, samples, bytes, sha256) of one split, or of several in the order
     given, in order."""
     entries: list[dict[str, Any]] = []
-    for name in split_names(split):
+    names = split_names(split)
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise UserError(f"the split {'+'.join(names)} names {twice[0]} twice: each split is read once")
+    for name in names:
         if name not in manifest["splits"]:
             raise UserError(f"the shards hold no {name!r} split (they have: {', '.join(manifest['splits'])})")
         entries += manifest["splits"][name]["shards"]

@@ -1,12 +1,15 @@
 """`cocoshard pack`: the challenge folder, read once, into WebDataset tar shards and a manifest.
 
     $ cocoshard pack --root ms-coco --out shards --format jpeg --shard-samples 800
+    $ cocoshard pack --root ms-coco --out shards-5fold --folds 5      # for train --val-fold 0..4
 
 A training sample is an image with a `.cls` file (as the challenge's own Dataset has it); the
-labelled images are split into train and val by iterative stratification (`prepare.split`),
-train is shuffled with the seed so that a streaming shuffle buffer sees mixed classes, val and test
-are sorted by key. Worker processes each write whole shards; every image is fully decoded on the
-way, so a truncated or corrupt file is caught here and not in the middle of a training run.
+labelled images are split into train and val by iterative stratification (`pure.split`), or with
+`--folds K` dealt into K folds the same way (`pure.folds`: fold0 ... fold{K-1}, each in its own
+shards). Train and every fold are shuffled with the seed so that a streaming shuffle buffer sees
+mixed classes; val and test are sorted by key. Worker processes each write whole shards; every
+image is fully decoded on the way, so a truncated or corrupt file is caught here and not in the
+middle of a training run.
 
 Every input file ends in a shard or in `manifest["rejected"]` with its reason; images without labels
 are counted in `manifest["unlabelled_images"]`. `--strict` turns any rejection into a failed run
@@ -55,15 +58,16 @@ from cocoshard.prepare.sources import (
     take_inventory,
 )
 from cocoshard.prepare.summary import print_summary
+from cocoshard.pure.folds import FOLD_METHOD, stratified_folds
 from cocoshard.pure.format import (
     EXT_JPEG,
     EXT_LABELS,
     EXT_PIXELS,
     EXT_PNG,
     FORMAT_VERSION,
-    SPLITS,
     encode_labels,
     encode_pixels,
+    fold_split,
     member_name,
     shard_name,
 )
@@ -269,19 +273,25 @@ def write_shard(task: ShardTask) -> ShardResult:
 Sample = tuple[str, str, str, bytes]
 
 
-def plan_splits(inventory: Inventory, val_fraction: float, seed: int) -> dict[str, list[Sample]]:
-    """The samples of each split in shard order: train shuffled with the seed, val and test by key."""
+def plan_splits(
+    inventory: Inventory, val_fraction: float, seed: int, folds: int = 0
+) -> dict[str, list[Sample]]:
+    """The samples of each split in shard order: train (or each of `folds` folds) shuffled with the
+    seed, val and test by key."""
     labelled = inventory.labelled
     matrix = (
         np.stack([multi_hot(ids) for *_, ids in labelled])
         if labelled
         else np.zeros((0, NUM_CLASSES), np.uint8)
     )
-    is_val = stratified_split(matrix, val_fraction, seed)
     samples = [
         (key, str(image), str(cls), row.tobytes())
         for (key, image, cls, _), row in zip(labelled, matrix, strict=True)
     ]
+    test = [(key, str(image), "", b"") for key, image in inventory.test]
+    if folds:
+        return {**_plan_folds(samples, matrix, folds, seed), "test": test}
+    is_val = stratified_split(matrix, val_fraction, seed)
     train = [samples[i] for i in np.flatnonzero(~is_val)]
     order = numpy_rng(seed, Stream.PACK_TRAIN_ORDER).permutation(
         len(train)
@@ -289,14 +299,28 @@ def plan_splits(inventory: Inventory, val_fraction: float, seed: int) -> dict[st
     return {
         "train": [train[i] for i in order],
         "val": [samples[i] for i in np.flatnonzero(is_val)],
-        "test": [(key, str(image), "", b"") for key, image in inventory.test],
+        "test": test,
     }
+
+
+def _plan_folds(samples: list[Sample], matrix: np.ndarray, folds: int, seed: int) -> dict[str, list[Sample]]:
+    """fold0 ... fold{K-1}: stratified (`pure.folds`), each shuffled with a stream of its own."""
+    if len(samples) < folds:
+        raise UserError(f"--folds {folds} needs at least {folds} labelled images; there are {len(samples)}")
+    fold = stratified_folds(matrix, folds, seed)
+    plan = {}
+    for index in range(folds):
+        members = np.flatnonzero(fold == index)
+        order = numpy_rng(seed, index, Stream.PACK_FOLD_ORDER).permutation(len(members))
+        plan[fold_split(index)] = [samples[i] for i in members[order]]
+    return plan
 
 
 def shard_tasks(
     plan: dict[str, list[Sample]], out: Path, pixel_format: str, size: int, per_shard: int
 ) -> list[ShardTask]:
-    """Consecutive runs of `per_shard` samples, named `{split}-NNNNNN.tar` from 0 in each split."""
+    """Consecutive runs of `per_shard` samples, named `{split}-NNNNNN.tar` from 0 in each split (in
+    the plan's order of splits)."""
     return [
         ShardTask(
             str(out),
@@ -305,8 +329,7 @@ def shard_tasks(
             size,
             samples[start : start + per_shard],
         )
-        for split in SPLITS
-        for samples in (plan[split],)
+        for split, samples in plan.items()
         for start in range(0, len(samples), per_shard)
     ]
 
@@ -342,21 +365,23 @@ def build_manifest(
     inventory: Inventory,
     results: list[ShardResult],
     rejected: list[dict[str, str]],
+    splits: list[str],
 ) -> dict[str, Any]:
-    """Everything a reader needs about the shards; see docs/architecture.md for the schema."""
+    """Everything a reader needs about the shards; see docs/format.md for the schema."""
+    how = {"folds": cfg.folds} if cfg.folds else {"val_fraction": cfg.val_fraction}
     return {
         "format_version": FORMAT_VERSION,
         "created_by": f"cocoshard {__version__}",
         "pixel_format": cfg.format,
         "size": cfg.size,
         "seed": cfg.seed,
-        "val_fraction": cfg.val_fraction,
-        "split_method": SPLIT_METHOD,
+        **how,
+        "split_method": FOLD_METHOD if cfg.folds else SPLIT_METHOD,
         "shard_samples": cfg.shard_samples,
         "sources": {name: str(path) if path else None for name, path in vars(sources).items()},
         "num_classes": NUM_CLASSES,
         "classes": dataset_class_names(cfg.root),
-        "splits": {split: _split_entry(split, results) for split in SPLITS},
+        "splits": {split: _split_entry(split, results) for split in splits},
         "rejected": rejected,
         "unlabelled_images": _examples(inventory.unlabelled),
         "deduplicated_labels": _examples(inventory.deduplicated),
@@ -404,7 +429,7 @@ def pack_folder(cfg: PackConfig, progress: bool = False) -> dict[str, Any]:
     sources = find_sources(cfg.root, cfg.train_images, cfg.train_labels, cfg.test_images)
     check_out_apart(out, sources)
     inventory = take_inventory(sources)
-    plan = plan_splits(inventory, cfg.val_fraction, cfg.seed)  # all that can fail before a file changes
+    plan = plan_splits(inventory, cfg.val_fraction, cfg.seed, cfg.folds)  # what can fail, before any change
     tasks = shard_tasks(plan, out, cfg.format, cfg.size, cfg.shard_samples)
     with folder_lock(out, "cocoshard pack"):
         check_no_links(out, [MANIFEST, *(task.name for task in tasks)])
@@ -436,7 +461,7 @@ def pack_folder(cfg: PackConfig, progress: bool = False) -> dict[str, Any]:
                 f"no usable labelled image in {sources.train_images}: all {len(rejected)} inputs were "
                 f"rejected, e.g. {rejected[0]['path']}: {rejected[0]['reason']}"
             )
-        manifest = build_manifest(cfg, sources, inventory, results, rejected)
+        manifest = build_manifest(cfg, sources, inventory, results, rejected, list(plan))
         _remove_unlisted(out, (r.name for r in results if r.samples))
         atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1) + "\n")
     return manifest

@@ -11,7 +11,8 @@ from typing import Any
 import numpy as np
 
 from cocoshard.console import literal
-from cocoshard.pure.format import MEMBER_LAYOUT, SPLITS
+from cocoshard.prepare.manifest import labelled_splits
+from cocoshard.pure.format import MEMBER_LAYOUT
 
 HEAD_TAIL = 5
 SHOWN_REJECTIONS = 10
@@ -28,7 +29,7 @@ def _split_table(manifest: dict[str, Any], title: str) -> Any:
     table = Table(title=Text(title) if title else None, title_justify="left")
     for column in ("split", "samples", "shards", "size", "pixels", "empty labels"):
         table.add_column(column, justify="left" if column in ("split", "pixels") else "right")
-    for split in SPLITS:
+    for split in (*labelled_splits(manifest), "test"):
         entry = manifest["splits"].get(split, {})
         fields = ", ".join(f"{count} {name}" for name, count in entry.get("fields", {}).items())
         empty = entry.get("empty_labels")
@@ -44,9 +45,9 @@ def _split_table(manifest: dict[str, Any], title: str) -> Any:
 
 
 def class_frequency_lines(manifest: dict[str, Any]) -> list[str]:
-    """The most and least frequent classes over train + val, as 'name (id): count' strings."""
+    """The most and least frequent classes over the labelled splits, as 'name (id): count' strings."""
     splits = manifest["splits"]
-    counts = np.sum([splits[s]["class_counts"] for s in ("train", "val") if s in splits], axis=0)
+    counts = np.sum([splits[s]["class_counts"] for s in labelled_splits(manifest) if s in splits], axis=0)
     names = manifest.get("classes") or [str(i) for i in range(len(counts))]
     order = np.argsort(-counts, kind="stable")
     describe = lambda ids: ", ".join(f"{names[i]} ({i}): {counts[i]:,}" for i in ids)  # noqa: E731
@@ -72,10 +73,11 @@ def member_layout_table(pixel_format: str) -> Any:
 def print_summary(manifest: dict[str, Any], console: Any, title: str = "", layout: bool = False) -> None:
     """A table of the splits, then class frequency head and tail, then what was left out; with
     `layout`, the members of a sample too."""
+    how = f"{manifest['folds']} folds" if manifest.get("folds") else f"val {manifest.get('val_fraction')}"
     console.print(
         f"format [bold]{literal(manifest['pixel_format'])}[/] (shard format {manifest['format_version']}), "
         f"images up to {manifest['size']} px, split {literal(manifest['split_method'])} "
-        f"(val {manifest['val_fraction']}, seed {manifest['seed']}), {literal(manifest['created_by'])}"
+        f"({how}, seed {manifest['seed']}), {literal(manifest['created_by'])}"
     )
     console.print(_split_table(manifest, title))
     if layout:

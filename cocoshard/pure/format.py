@@ -1,6 +1,7 @@
 """What a shard holds: file names, sample member names and the codecs of their bytes (pure, no I/O).
 
-A shard is a plain tar file, `{split}-NNNNNN.tar`; a sample is a group of consecutive members
+A shard is a plain tar file, `{split}-NNNNNN.tar`, the split being train, val or test, or for a
+K-fold pack (`pack --folds K`) fold0 ... fold{K-1} and test; a sample is a group of consecutive members
 sharing the key (the image stem, no dots), as WebDataset groups them. Every member is decodable
 by its extension with WebDataset's default decoders, Hugging Face `datasets`' webdataset loader,
 or `tarfile` + `numpy.load(allow_pickle=False)` (docs/format.md has the table):
@@ -32,7 +33,8 @@ import numpy as np
 from cocoshard import NUM_CLASSES
 
 FORMAT_VERSION = 2
-SPLITS = ("train", "val", "test")
+SPLITS = ("train", "val", "test")  # the splits of a pack without folds
+FOLD_PREFIX = "fold"  # a K-fold pack's labelled splits: fold0 ... fold{K-1}
 
 EXT_JPEG = "jpg"
 EXT_PNG = "png"
@@ -40,7 +42,7 @@ EXT_PIXELS = "pixels.npy"
 EXT_LABELS = "labels.npy"
 IMAGE_FIELDS = {"jpeg": (EXT_JPEG, EXT_PNG), "raw": (EXT_PIXELS,)}
 
-SHARD_FILE = re.compile(r"^(train|val|test)-[0-9]{6}\.tar$")
+SHARD_FILE = re.compile(r"^(train|val|test|fold(?:0|[1-9][0-9]?))-[0-9]{6}\.tar$")
 
 # What each member holds, as `cocoshard inspect` and docs/format.md show it.
 MEMBER_LAYOUT = (
@@ -57,6 +59,11 @@ MEMBER_LAYOUT = (
 def shard_name(split: str, index: int) -> str:
     """`train-000042.tar`."""
     return f"{split}-{index:06d}.tar"
+
+
+def fold_split(index: int) -> str:
+    """`fold3`: the split name of fold `index` of a K-fold pack."""
+    return f"{FOLD_PREFIX}{index}"
 
 
 def is_shard_file(name: str) -> bool:

@@ -5,10 +5,12 @@
     $ cocoshard evaluate --predictions val.json --labels shards --scores val.npz \
           --report report --run runs/train
     $ cocoshard evaluate --predictions predictions.json --images ms-coco/images/test-resized/test-resized
+    $ cocoshard evaluate --predictions fold2.json --labels shards-5fold --split fold2
 
 The format check comes first and names every offending entry (see `cocoshard.submission`). With
 `--images` the file must cover exactly those images; with `--labels` (a folder of `.cls` files, or
-a shards folder whose val split is used) every key must be a labelled image, and the images the
+a shards folder whose val split is used, every fold of a K-fold pack, or the `--split` given)
+every key must be a labelled image, and the images the
 file predicts are the ones evaluated: the labels may cover more. The server F1 is the statement's
 `validation_loop` F1 with weights from the labels of the evaluated images (`cocoshard.metrics`).
 """
@@ -41,6 +43,7 @@ from cocoshard.scoring.ground_truth import (
     image_keys,
     is_label_input,
     is_shard_folder,
+    labels_split,
     load_labels,
 )
 from cocoshard.scoring.report import REPORT_FILES
@@ -179,7 +182,8 @@ def check_file(cfg: EvaluateConfig, labels: dict[str, np.ndarray] | None) -> tup
         if labels is not None and not cfg.subset and "missing image" in str(exc):
             raise UserError(
                 f"{exc}\n(the labels in {cfg.labels} cover {len(labels)} images and a submission covers "
-                f"each; to score only the images the file has, give --subset)"
+                f"each; to score only the images the file has, give --subset, or --split to name the "
+                f"split of the shards it predicts)"
             ) from None
         raise
     return submission, unsorted_entries(raw)
@@ -217,7 +221,7 @@ class Assessment:
 
 def assess(cfg: EvaluateConfig) -> Assessment:
     """Check the file strictly, then score it and write the report when labels are given."""
-    labels = load_labels(cfg.labels) if cfg.labels else None
+    labels = load_labels(cfg.labels, cfg.split) if cfg.labels else None
     submission, unsorted = check_file(cfg, labels)
     notes = [f"{len(unsorted)} list(s) were not sorted (accepted; e.g. {unsorted[0]!r})"] if unsorted else []
     if cfg.images and not is_shard_folder(cfg.images):
@@ -243,7 +247,8 @@ def assess(cfg: EvaluateConfig) -> Assessment:
         checkpoint = f"{found.checkpoint} (sha256 {found.checkpoint_sha256[:12]})" if found.checkpoint else ""
         manifest = read_manifest(cfg.labels) if is_shard_folder(cfg.labels) else None
         identity = shards_identity(manifest) if manifest is not None else None
-        check_scores_match(found, cfg.scores, submission, cfg.predictions, identity)
+        split = labels_split(cfg.labels, cfg.split) if identity is not None else "val"
+        check_scores_match(found, cfg.scores, submission, cfg.predictions, identity, split)
         if manifest is not None:
             other = check_trained_on(
                 Trained(found.trained_on, found.trained_split),

@@ -1,6 +1,8 @@
 """What a submission is checked and scored against: the true labels, and the keys it must cover.
 
     labels = load_labels("shards")                          # the val split of a shards folder
+    labels = load_labels("shards-5fold")                    # every fold of a K-fold pack
+    labels = load_labels("shards-5fold", "fold2")           # one fold (or several: fold0+fold2)
     labels = load_labels("ms-coco/labels/train/train")      # a folder of .cls files
     keys = image_keys("ms-coco/images/test-resized/test-resized")
 
@@ -23,6 +25,7 @@ from cocoshard.loading.image_files import list_images
 from cocoshard.loading.tario import Sample, read_samples
 from cocoshard.prepare.manifest import (
     MANIFEST,
+    fold_splits,
     manifest_class_names,
     read_manifest,
     shard_urls,
@@ -95,11 +98,24 @@ def class_names_of(location: str | os.PathLike | None) -> tuple[str, ...]:
     return CLASSES
 
 
-def load_labels(location: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Labels from a shards folder (its val split) or from a folder of `.cls` files."""
+def labels_split(location: str | os.PathLike, split: str | None = None) -> str:
+    """The split of a shards folder that labels are read from: `split` when given, else val, or
+    every fold of a K-fold pack (`fold0+fold1+...`: each labelled image once, the out-of-fold set)."""
+    if split is not None:
+        return split
+    return "+".join(fold_splits(read_manifest(location))) or "val"
+
+
+def load_labels(location: str | os.PathLike, split: str | None = None) -> dict[str, np.ndarray]:
+    """Labels from a shards folder (`labels_split`: val, every fold, or the split given) or from a
+    folder of `.cls` files."""
     if not Path(location).is_dir():
         raise UserError(f"--labels {location}: no such folder")
-    return read_shard_labels(location, "val") if is_shard_folder(location) else read_label_folder(location)
+    if not is_shard_folder(location):
+        if split is not None:
+            raise UserError(f"--split {split} names a split of shards; {location} is a folder of .cls files")
+        return read_label_folder(location)
+    return read_shard_labels(location, labels_split(location, split))
 
 
 def image_keys(location: str | os.PathLike, split: str = "test") -> list[str]:

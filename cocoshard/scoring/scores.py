@@ -211,10 +211,15 @@ def _json_dict(text: str) -> dict[str, Any]:
 
 
 def check_scores_match(
-    found: Scores, path: str, submission: Submission, source: str, labels_identity: str | None = None
+    found: Scores,
+    path: str,
+    submission: Submission,
+    source: str,
+    labels_identity: str | None = None,
+    labels_split: str = "val",
 ) -> None:
     """Refuse scores that did not make `submission`: other images, other thresholds or model,
-    another split."""
+    another split than `labels_split` of the shards the labels come from."""
     keys, wanted = set(found.keys), set(submission)
     if keys != wanted:
         raise UserError(
@@ -233,11 +238,12 @@ def check_scores_match(
     if (
         labels_identity is not None
         and found.source.startswith("shards ")
-        and (found.source.split(" ", 1)[1] != labels_identity or found.split != "val")
+        and (found.source.split(" ", 1)[1] != labels_identity or found.split != labels_split)
     ):
         raise UserError(
-            f"{path} scores the {found.split!r} split of other shards than the labels given: "
-            f"evaluate scores against the val split of the shards they were predicted from"
+            f"{path} scores the {found.split!r} split of other shards than the labels given "
+            f"({labels_split!r}): evaluate scores against the split of the shards they were predicted "
+            f"from (--split)"
         )
 
 

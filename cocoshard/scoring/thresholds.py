@@ -3,6 +3,7 @@
     $ cocoshard predict --checkpoint runs/train/best.pt --shards shards --split val \
           --out val.json --scores val.npz
     $ cocoshard thresholds --scores val.npz --labels shards --out thresholds.json
+    $ cocoshard thresholds --scores runs/fold2/val-scores.npz --labels shards-5fold --split fold2
     $ cocoshard predict --checkpoint runs/train/best.pt --images ms-coco/images/test-resized/test-resized \\
           --thresholds thresholds.json --out predictions.json
 
@@ -52,7 +53,7 @@ def run(cfg: ThresholdsConfig) -> int:
     labels = [("--labels", cfg.out)] if is_label_input(cfg.labels, cfg.out) else []
     check_apart([("--out", cfg.out)], [("--scores", cfg.scores), *labels])
     found = read_scores(cfg.scores)
-    labels = load_labels(cfg.labels)
+    labels = load_labels(cfg.labels, cfg.split)
     unlabelled = [key for key in found.keys if key not in labels]
     if unlabelled:
         raise UserError(

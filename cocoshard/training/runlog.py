@@ -6,6 +6,8 @@
     OUT/train.log         what the screen showed, and each epoch's full table (raw weights and EMA)
     OUT/metrics.jsonl     one JSON object per epoch (train and validation figures)
     OUT/thresholds.json   the best epoch's per-class thresholds, with the scores they gave
+    OUT/val-scores.npz    the best epoch's validation scores, with keys, in the format of
+                          `predict --scores` (what `cocoshard ensemble` and `thresholds` read)
     OUT/tensorboard/      per-step loss and learning rate, per-epoch figures and tables, when
                           tensorboard is installed (`tensorboard --logdir OUT/tensorboard`)
 
@@ -20,6 +22,8 @@ copies as one. Nothing on screen is cut with "…": parts are left out whole.
 from __future__ import annotations
 
 import errno
+import hashlib
+import io
 import json
 import os
 import shutil
@@ -28,12 +32,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
+import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn
 from rich.table import Table
 from rich.text import Text
 
-from cocoshard.atomic import WriteFailed, atomic_write_text
+from cocoshard.atomic import WriteFailed, atomic_write_bytes, atomic_write_text
 from cocoshard.folder_lock import LOCK_FILE
 from cocoshard.input_files import parse_json
 from cocoshard.settings import print_config, to_dict
@@ -44,6 +49,7 @@ RUN_FILE = "run.json"
 LOG_FILE = "train.log"
 METRICS_LOG = "metrics.jsonl"
 THRESHOLDS_FILE = "thresholds.json"
+VAL_SCORES_FILE = "val-scores.npz"
 TENSORBOARD_DIR = "tensorboard"
 # every file and folder a run writes in its folder (what a failed start removes again)
 RUN_OUTPUTS = (CONFIG_FILE, RUN_FILE, LOG_FILE, METRICS_LOG, THRESHOLDS_FILE, TENSORBOARD_DIR)
@@ -63,6 +69,7 @@ SUMMARY_FILES = (
     ("best checkpoint", BEST),
     ("last checkpoint", LAST),
     ("thresholds", THRESHOLDS_FILE),
+    ("val scores", VAL_SCORES_FILE),
     ("metrics", METRICS_LOG),
     ("log", LOG_FILE),
     ("tensorboard", TENSORBOARD_DIR),
@@ -436,6 +443,44 @@ class RunLog:
         """The best epoch's per-class thresholds (and the scores they gave) as JSON."""
         if self.enabled:
             atomic_write_text(self.out / THRESHOLDS_FILE, json.dumps(payload, indent=2) + "\n")
+
+    def save_val_scores(
+        self,
+        keys: Sequence[str],
+        scores: np.ndarray,
+        thresholds: np.ndarray,
+        classes: Sequence[str],
+        checkpoint: Path,
+        source: str,
+        split: str,
+    ) -> None:
+        """The best epoch's validation scores with their keys, tied to `checkpoint` by its sha256.
+
+        The arrays are those of `cocoshard.scoring.scores.save_scores` (`predict --scores`), the
+        format `thresholds`, `evaluate --scores` and `ensemble` read (the scoring layer is above
+        this one: `tests/scoring/test_scores.py` holds the two writers to one format)."""
+        if not self.enabled:
+            return
+        digest = hashlib.sha256()
+        with open(checkpoint, "rb") as handle:
+            while chunk := handle.read(1 << 22):
+                digest.update(chunk)
+        arrays = {
+            "keys": np.asarray(list(keys), dtype=str),
+            "scores": np.asarray(scores, dtype=np.float32),
+            "thresholds": np.asarray(thresholds, dtype=np.float64),
+            "classes": np.asarray(list(classes), dtype=str),
+            "min_labels": np.asarray(1),
+            "tta": np.asarray(False),
+            "checkpoint": np.asarray(str(checkpoint)),
+            "checkpoint_sha256": np.asarray(digest.hexdigest()),
+            "source": np.asarray(source),
+            "split": np.asarray(split),
+            "unreadable": np.asarray([], dtype=str),
+        }
+        buffer = io.BytesIO()
+        np.savez_compressed(buffer, **arrays)
+        atomic_write_bytes(self.out / VAL_SCORES_FILE, buffer.getvalue())
 
     def close(self) -> None:
         """Flush and close the TensorBoard writer and train.log."""

@@ -4,15 +4,17 @@
     $ cocoshard train --shards shards --out runs/maxvit --resume            # after a crash or kill -9
     $ torchrun --nproc_per_node=4 -m cocoshard train --shards shards --out runs/ddp --resume auto
     $ cocoshard train --shards demo/shards --model cocoshard_tiny --weights none --size 96 --device cpu
+    $ cocoshard train --shards shards-5fold --val-fold 2 --out runs/fold2    # K-fold: fold2 validates
 
 The shape of torchvision's classification reference: `run` decides the settings
 (`resume.settings_to_run`) and builds the trainer (`trainer.build_trainer`), then each epoch is
 `train_one_epoch` followed by `validate` of the raw weights and of their EMA, threshold tuning on
 the validation split for the server F1, one line in metrics.jsonl and atomic `last.pt` /
-`best.pt` (and `last.pt` inside an epoch too, every `--checkpoint-every` minutes: `midepoch`).
-Batches arrive training-ready from the loader (`batch.inputs`: cropped, resized and
-normalised where that was cheapest, see `cocoshard.loading`). The step never waits for the device
-except every `--log-every` steps, to show progress.
+`best.pt` (with the best epoch's validation scores, `val-scores.npz`: with `--val-fold` on a
+K-fold pack, the out-of-fold scores `cocoshard ensemble` tunes on), and `last.pt` inside an epoch
+too, every `--checkpoint-every` minutes (`midepoch`). Batches arrive training-ready from the loader
+(`batch.inputs`: cropped, resized and normalised where that was cheapest, see `cocoshard.loading`).
+The step never waits for the device except every `--log-every` steps, to show progress.
 """
 
 from __future__ import annotations
@@ -264,8 +266,9 @@ class NothingToValidate(UserError):
 @torch.no_grad()
 def validation_scores(
     tr: Trainer, model: torch.nn.Module
-) -> tuple[np.ndarray | None, np.ndarray | None, float]:
-    """Scores and labels of the whole validation split (gathered on rank 0) and its mean loss.
+) -> tuple[np.ndarray | None, np.ndarray | None, float, list[str]]:
+    """Scores and labels of the whole validation split (gathered on rank 0), its mean loss and the
+    images' keys.
 
     Raises NothingToValidate on every rank when no rank read a single validation image."""
     runtime = tr.runtime
@@ -295,7 +298,7 @@ def validation_scores(
             f"with cocoshard inspect --shards {tr.cfg.shards} --verify and re-pack"
         )
     if not runtime.is_main:
-        return None, None, 0.0
+        return None, None, 0.0, []
     # A loader may repeat a sample to even out ranks: count every image once.
     _, first = np.unique(np.asarray(all_keys), return_index=True)
     first.sort()
@@ -303,6 +306,7 @@ def validation_scores(
         all_scores.cpu().numpy()[first],
         all_labels.cpu().numpy()[first],
         float(loss_sum) / max(len(all_keys), 1),
+        [all_keys[i] for i in first],
     )
 
 
@@ -340,27 +344,34 @@ def _written_metrics(scores: np.ndarray, labels: np.ndarray, thresholds: Any) ->
     return metrics.metrics_from_predictions(decision.decide_labels(scores, thresholds, MIN_LABELS), labels)
 
 
-def validate(tr: Trainer) -> tuple[dict[str, dict[str, float]], dict[str, np.ndarray]]:
-    """Evaluate the raw weights and the EMA; on rank 0, their figures and tuned thresholds."""
+Scored = dict[str, tuple[list[str], np.ndarray]]  # weights -> (keys, validation scores)
+
+
+def validate(tr: Trainer) -> tuple[dict[str, dict[str, float]], dict[str, np.ndarray], Scored]:
+    """Evaluate the raw weights and the EMA; on rank 0, their figures, tuned thresholds and scores."""
     candidates = {RAW: tr.model}
     if tr.ema is not None:
         candidates[EMA] = tr.ema.module
-    figures, thresholds = {}, {}
+    figures, thresholds, scored = {}, {}, {}
     for name, model in candidates.items():
         # every rank scores the weights rank 0 saves: a rank's own batch-norm statistics (and its
         # EMA of them) differ from rank 0's, and a resumed rank has rank 0's
         broadcast_state(model)
-        scores, labels, loss = validation_scores(tr, model)
+        scores, labels, loss, keys = validation_scores(tr, model)
         if tr.runtime.is_main:
             figures[name], thresholds[name] = score_validation(scores, labels, loss, tr.cfg.seed)
-    return figures, thresholds
+            scored[name] = (keys, scores)
+    return figures, thresholds, scored
 
 
 # ----------------------------------------------------------------------------------- epochs
 
 
-def finish_epoch(tr: Trainer, epoch: int, train: dict[str, Any], figures: dict, thresholds: dict) -> None:
-    """Rank 0: choose the better weights, log the epoch, write last.pt, and best.pt when it improved."""
+def finish_epoch(
+    tr: Trainer, epoch: int, train: dict[str, Any], figures: dict, thresholds: dict, scored: Scored
+) -> None:
+    """Rank 0: choose the better weights, log the epoch, write last.pt, and best.pt (with its
+    validation scores) when it improved."""
     selected = max(figures, key=lambda name: (figures[name]["server_f1_tuned"], name == EMA))
     score = figures[selected]["server_f1_tuned"]
     improved = score > tr.best_score
@@ -391,6 +402,16 @@ def finish_epoch(tr: Trainer, epoch: int, train: dict[str, Any], figures: dict, 
     if improved:
         with tr.saving():
             save_checkpoint(tr.out / BEST, prediction_state(state))
+        keys, scores = scored[selected]
+        tr.log.save_val_scores(
+            keys,
+            scores,
+            thresholds[selected],
+            tr.classes,
+            tr.out / BEST,
+            f"shards {tr.shards_identity}",
+            tr.val_split,
+        )
         tr.log.save_thresholds(
             {
                 "epoch": epoch + 1,
@@ -418,13 +439,13 @@ def fit(tr: Trainer) -> None:
         train = train_one_epoch(tr, epoch)
         check_weights(tr, epoch)  # a non-finite model is never validated, let alone kept as best
         started = time.perf_counter()
-        figures, thresholds = validate(tr)
+        figures, thresholds, scored = validate(tr)
         train["val_time_s"] = time.perf_counter() - started
         skipped = all_reduce_sum(torch.tensor(float(tr.skipped_samples()), device=tr.runtime.device))
         train["skipped_samples"] = int(skipped.item())
         tr.epoch = epoch + 1
         if tr.runtime.is_main:
-            finish_epoch(tr, epoch, train, figures, thresholds)
+            finish_epoch(tr, epoch, train, figures, thresholds, scored)
         barrier()
         tr.saved, tr.last_save = (tr.epoch, 0), time.monotonic()
         if tr.cfg.max_steps and tr.step >= tr.cfg.max_steps:
@@ -449,6 +470,11 @@ def summarise(tr: Trainer, first_epoch: int, seconds: float) -> None:
     """What a finished run says (`RunLog.summary`): this invocation's epochs and time, the best
     epoch, the files written, the commands to run next."""
     tr.log.summary(first_epoch, tr.epoch, tr.cfg.epochs, seconds, tr.best_epoch, tr.best_score, tr.cfg.shards)
+    if tr.val_split != "val":  # one fold of a K-fold set: the set's runs become one submission
+        tr.log.note(
+            f"this run is fold {tr.cfg.val_fold} of a K-fold set: with a run for every fold (--val-fold), "
+            "cocoshard ensemble RUN... --out ensemble makes them one submission (docs/kfold.md)"
+        )
 
 
 def nothing_left(tr: Trainer) -> str | None:

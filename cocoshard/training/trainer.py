@@ -6,6 +6,8 @@ them: a new run's own, or a resumed run's) and does every check that can fail be
 run folder that already holds a run), resolves every automatic setting to what the run really
 uses (device, AMP dtype, loader workers, CPU threads), prints and saves it, and only then builds
 the model, loaders, optimiser, schedule and EMA, restored from the checkpoint when resuming.
+Which splits are train and val is `run_splits`'s one decision: the shards' train and val, or with
+`--val-fold I` on a K-fold pack every other fold (read as one) and fold I.
 `enter_phase` freezes or releases the backbone per epoch.
 """
 
@@ -35,13 +37,17 @@ from cocoshard.loading.spec import Loader, LoaderSpec
 from cocoshard.loading.tario import BadShard, shard_keys
 from cocoshard.machine import ThreadPlan, cores_per_process, thread_plan
 from cocoshard.prepare.manifest import (
+    fold_splits,
     is_url,
     load_manifest,
     manifest_class_names,
     read_manifest,
     shard_urls,
     shards_identity,
+    split_names,
     split_record,
+    split_shards,
+    split_size,
 )
 from cocoshard.settings import to_dict
 from cocoshard.shard_cache import Remote, remote_of
@@ -85,9 +91,10 @@ class Trainer:
     steps_per_epoch: int
     classes: Sequence[str]
     input_dtype: torch.dtype
-    shards_identity: str = ""  # which train/val shards the run trains on (`manifest.shards_identity`)
+    shards_identity: str = ""  # which labelled shards the run trains on (`manifest.shards_identity`)
     shards_split: dict[str, Any] = dataclasses.field(default_factory=dict)  # their split's seed, val share
     class_counts: Sequence[int] = ()  # train images holding each class
+    val_split: str = "val"  # the split it validates on (`fold2` with --val-fold 2)
     num_classes: int = NUM_CLASSES
     net: nn.Module | None = None
     frozen: bool | None = None
@@ -194,6 +201,35 @@ def run_facts(
 # ----------------------------------------------------------------------------------- checks
 
 
+@dataclass(frozen=True)
+class RunSplits:
+    """The splits a run trains and validates on: each a split name, or several joined by `+`."""
+
+    train: str
+    val: str
+
+
+def run_splits(cfg: TrainConfig, manifest: dict[str, Any]) -> RunSplits:
+    """train and val; or on a K-fold pack with `--val-fold I`, every other fold (read as one) and
+    fold I. A K-fold pack without `--val-fold`, or folds asked of a train/val pack, is refused."""
+    folds = fold_splits(manifest)
+    if not folds:
+        if cfg.val_fold is not None:
+            raise ConfigError(
+                f"--val-fold {cfg.val_fold}: {cfg.shards} holds a train/val split, not folds; pack with "
+                f"--folds K to train on folds, or drop --val-fold"
+            )
+        return RunSplits("train", "val")
+    if cfg.val_fold is None or cfg.val_fold >= len(folds):
+        which = "" if cfg.val_fold is None else f", not {cfg.val_fold}"
+        raise ConfigError(
+            f"{cfg.shards} holds {len(folds)} folds (pack --folds {len(folds)}): give --val-fold 0 to "
+            f"{len(folds) - 1}{which}, the fold this run validates on (the other folds train it)"
+        )
+    val = folds[cfg.val_fold]
+    return RunSplits("+".join(fold for fold in folds if fold != val), val)
+
+
 def check_shards(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
     """The manifest, after checking that both splits exist, have files, share no image, and fit the batch.
 
@@ -202,11 +238,12 @@ def check_shards(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
     more without one."""
     remote = remote_of(cfg)
     manifest = read_manifest(cfg.shards, remote.network)
-    for split in ("train", "val"):
-        if not manifest["splits"][split]["samples"]:
+    splits = run_splits(cfg, manifest)
+    for split in (splits.train, splits.val):
+        if not split_size(manifest, split):
             raise UserError(
                 f"{cfg.shards}: the {split} split is empty; re-pack with more images "
-                f"(or a larger --val-fraction) before training"
+                f"(or a larger --val-fraction, or fewer --folds) before training"
             )
         if not is_url(cfg.shards):
             missing = [url for url in shard_urls(cfg.shards, manifest, split) if not Path(url).is_file()]
@@ -215,13 +252,14 @@ def check_shards(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
                     f"shard {missing[0]} listed in the manifest is missing ({len(missing)} missing "
                     f"in all): re-pack into {cfg.shards}"
                 )
-    shared = _keys_in_both_splits(cfg, manifest, remote)
+    shared = _keys_in_both_splits(cfg, manifest, remote, splits)
     if shared:
+        which = f" ({splits.train} and {splits.val})" if splits.val != "val" else ""
         raise UserError(
-            f"{cfg.shards}: {len(shared)} images are in both the train and the val split (e.g. "
+            f"{cfg.shards}: {len(shared)} images are in both the train and the val split{which} (e.g. "
             f"{', '.join(shared[:3])}): validation would score images the model learns from; re-pack"
         )
-    train_samples = manifest["splits"]["train"]["samples"]
+    train_samples = split_size(manifest, splits.train)
     if cfg.batch_size * world_size > train_samples:
         raise ConfigError(
             f"--batch-size {cfg.batch_size} x {world_size} process(es) is larger than the train split "
@@ -230,25 +268,26 @@ def check_shards(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
     return manifest
 
 
-def _keys_in_both_splits(cfg: TrainConfig, manifest: dict[str, Any], remote: Remote) -> list[str]:
+def _keys_in_both_splits(
+    cfg: TrainConfig, manifest: dict[str, Any], remote: Remote, splits: RunSplits
+) -> list[str]:
     """Keys of a train shard that a val shard holds too, once each shard is known to be the one
     packed: identity before keys, so that a shard replaced since pack is named as such, never
     blamed on the split (a size differs at a stat; a sha256 is read only when keys are shared)."""
-    entries = {
-        split: {e["name"]: e for e in manifest["splits"][split]["shards"]} for split in ("train", "val")
-    }
+    roles = {"train": splits.train, "val": splits.val}
+    entries = {role: {e["name"]: e for e in split_shards(manifest, split)} for role, split in roles.items()}
     keys = {
-        split: {
-            url: _keys(url, entries[split][Path(url).name], cfg, remote)
+        role: {
+            url: _keys(url, entries[role][Path(url).name], cfg, remote)
             for url in shard_urls(cfg.shards, manifest, split)
         }
-        for split in ("train", "val")
+        for role, split in roles.items()
     }
     shared = set(_shared_keys(keys))
     if shared:  # rare: hash each shard holding them before blaming the split
-        for split, found in keys.items():
+        for role, found in keys.items():
             for url in [url for url, its in found.items() if shared.intersection(its)]:
-                found[url] = _keys(url, entries[split][Path(url).name], cfg, remote, full=True)
+                found[url] = _keys(url, entries[role][Path(url).name], cfg, remote, full=True)
     return _shared_keys(keys)
 
 
@@ -305,10 +344,18 @@ def check_run_folder(out: Path) -> None:
         )
 
 
-def class_prior(manifest: dict[str, Any]) -> list[float] | None:
+def train_class_counts(manifest: dict[str, Any], split: str) -> list[int]:
+    """Images holding each class in the train split (or in the folds it names), from the manifest."""
+    names = split_names(split)
+    return [
+        sum(int(manifest["splits"][name]["class_counts"][c]) for name in names) for c in range(NUM_CLASSES)
+    ]
+
+
+def class_prior(manifest: dict[str, Any], split: str = "train") -> list[float] | None:
     """Each class's share of the train images, from the manifest's counts."""
-    train = manifest["splits"]["train"]
-    return [count / train["samples"] for count in train["class_counts"]]
+    samples = split_size(manifest, split)
+    return [count / samples for count in train_class_counts(manifest, split)]
 
 
 # ----------------------------------------------------------------------------------- building
@@ -326,7 +373,7 @@ def validation_transform(cfg: TrainConfig, dtype: torch.dtype) -> EvalTransform:
     return EvalTransform(out_size=cfg.size, dtype=dtype, channels_last=cfg.channels_last)
 
 
-def build_loaders(cfg: TrainConfig, runtime: Runtime) -> tuple[Loader, Loader]:
+def build_loaders(cfg: TrainConfig, runtime: Runtime, splits: RunSplits) -> tuple[Loader, Loader]:
     """The train loader (shuffled, equal steps on every rank) and the validation loader, both
     delivering model-ready inputs; `cfg` holds the workers and threads the thread plan chose."""
     dtype = runtime.amp_dtype or torch.float32
@@ -347,7 +394,7 @@ def build_loaders(cfg: TrainConfig, runtime: Runtime) -> tuple[Loader, Loader]:
     )
     validation = dataclasses.replace(common, train=False, transform=validation_transform(cfg, dtype))
     shards = load_manifest(cfg.shards, remote_of(cfg))  # read once; shards at URLs read as --cache etc. say
-    return build_loader(shards, "train", common), build_loader(shards, "val", validation)
+    return build_loader(shards, splits.train, common), build_loader(shards, splits.val, validation)
 
 
 def agreed_steps(loader: Loader, runtime: Runtime) -> int:
@@ -376,6 +423,7 @@ def build_trainer(
     if resumed is None:
         check_run_folder(out)
     manifest = check_shards(cfg, runtime.world_size)
+    splits = run_splits(cfg, manifest)
     identity = shards_identity(manifest)
     if resumed is not None and resumed_from is not None:
         check_same_shards(resumed, identity, cfg.shards, resumed_from)
@@ -395,15 +443,15 @@ def build_trainer(
     cfg = resolved_settings(cfg, runtime, plan)
     hosts = gather_objects(platform.node())
     if runtime.is_main:
-        log.start(
-            cfg, run_facts(cfg, runtime, identity, plan, hosts)
-        )  # train.log, the settings once, config.json
+        facts = run_facts(cfg, runtime, identity, plan, hosts)
+        facts["splits"] = f"train {splits.train}, val {splits.val}"
+        log.start(cfg, facts)  # train.log, the settings once, config.json
     seed_everything(cfg.seed)
-    model = build_model(cfg.model, cfg.weights, class_prior=class_prior(manifest))
+    model = build_model(cfg.model, cfg.weights, class_prior=class_prior(manifest, splits.train))
     check_input_size(model, cfg.size, cfg.model)
     fmt = torch.channels_last if cfg.channels_last else torch.preserve_format
     model = model.to(runtime.device).to(memory_format=fmt)
-    train_loader, val_loader = build_loaders(cfg, runtime)
+    train_loader, val_loader = build_loaders(cfg, runtime, splits)
     steps = agreed_steps(train_loader, runtime)
     freeze_epochs, backbone_lr_mult = cfg.freeze_epochs, cfg.backbone_lr_mult
     assert freeze_epochs is not None and backbone_lr_mult is not None, "resolved settings only"
@@ -432,7 +480,8 @@ def build_trainer(
         input_dtype=runtime.amp_dtype or torch.float32,
         shards_identity=identity,
         shards_split=split_record(manifest),
-        class_counts=manifest["splits"]["train"]["class_counts"],
+        class_counts=train_class_counts(manifest, splits.train),
+        val_split=splits.val,
     )
     if resumed is not None and resumed_from is not None:
         restore(tr, resumed, resumed_from, is_main=runtime.is_main)

@@ -78,6 +78,24 @@ def test_summary_without_verify(sample_shards_jpeg, capsys):
     assert "2imageswithouta.clsfile" in out and "formatjpeg" in out
 
 
+def test_folds_are_summarised_verified_and_checked_for_shared_keys(sample_folds_jpeg, tmp_path, capsys):
+    code, out = inspect(sample_folds_jpeg, capsys, "--verify")
+    assert code == 0 and "verified" in out and "(3folds,seed0)" in out
+    manifest = json.loads((sample_folds_jpeg / "manifest.json").read_text())
+    for split in ("fold0", "fold1", "fold2", "test"):
+        entry = manifest["splits"][split]
+        assert f"│{split}│{entry['samples']}│{len(entry['shards'])}│" in out
+    # a fold shard copied into another fold: the same images in two folds are named
+    shards = Path(shutil.copytree(sample_folds_jpeg, tmp_path / "folds"))
+    copied = dict(manifest["splits"]["fold0"]["shards"][0], name="fold2-000099.tar")
+    shutil.copy(shards / "fold0-000000.tar", shards / copied["name"])
+    manifest["splits"]["fold2"]["shards"].append(copied)
+    manifest["splits"]["fold2"]["samples"] += copied["samples"]
+    (shards / "manifest.json").write_text(json.dumps(manifest))
+    code, out = inspect(shards, capsys, "--verify")
+    assert code == 1 and "fold0/fold1/fold2:16keysappearinmorethanonesample" in out
+
+
 def test_class_frequency_head_and_tail():
     manifest = {
         "classes": [f"c{i}" for i in range(80)],

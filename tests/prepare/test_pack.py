@@ -449,3 +449,52 @@ def test_cli_names_what_it_looked_for(tmp_path, capsys):
     err = "".join(capsys.readouterr().err.split())
     assert f"lookedfor{tmp_path}/images/train-resized/train-resizedor{tmp_path}/images/train" in err
     assert not (tmp_path / "out").exists()  # nothing written before the inputs are found
+
+
+# ----------------------------------------------------------------------------------- K folds
+
+
+def test_folds_hold_every_labelled_image_once_with_classes_spread_evenly(sample_folds_jpeg, coco_sample):
+    manifest = json.loads((sample_folds_jpeg / "manifest.json").read_text())
+    assert manifest["folds"] == 3 and "val_fraction" not in manifest
+    assert list(manifest["splits"]) == ["fold0", "fold1", "fold2", "test"]
+    folds = {split: read_split(sample_folds_jpeg, split) for split in ("fold0", "fold1", "fold2")}
+    check_manifest(sample_folds_jpeg, {**folds, "test": read_split(sample_folds_jpeg, "test")})
+    _, labels, _ = challenge_folders(coco_sample)
+    keys = [key for samples in folds.values() for key in samples]
+    assert sorted(keys) == sorted(p.stem for p in labels.glob("*.cls"))  # each once, none left out
+    for samples in folds.values():
+        for key, sample in samples.items():
+            assert np.array_equal(npy(sample["labels.npy"]), read_cls(labels / f"{key}.cls")), key
+    assert [len(samples) for samples in folds.values()] == [42, 42, 42]
+    counts = np.array([manifest["splits"][split]["class_counts"] for split in folds])
+    # 126 real photos, 80 classes, ~3 labels each: 74 classes within one image across the folds,
+    # six at two, where no single image can move without spreading another class it carries
+    spread = counts.max(axis=0) - counts.min(axis=0)
+    assert (spread <= 2).all() and (spread <= 1).sum() == 74
+    for split in folds:
+        order = list(folds[split])
+        assert order != sorted(order)  # shuffled: a fold is a training split too
+        assert manifest["splits"][split]["shards"][0]["name"] == f"{split}-000000.tar"
+
+
+def test_folds_are_seeded_and_repeatable(sample_folds_jpeg, tmp_path, pack_dir, coco_sample):
+    again = pack_dir(coco_sample, tmp_path / "again", folds=3, shard_samples=16)
+    assert _shard_bytes(again) == _shard_bytes(sample_folds_jpeg) | {
+        "manifest.json": (again / "manifest.json").read_bytes()  # (it names its own output folder)
+    }
+    other = pack_dir(coco_sample, tmp_path / "other", folds=3, shard_samples=16, seed=1)
+    assert set(read_split(other, "fold0")) != set(read_split(sample_folds_jpeg, "fold0"))
+
+
+def test_more_folds_than_labelled_images_are_refused(tmp_path, capsys):
+    root = tmp_path / "root"
+    (root / "images/train").mkdir(parents=True)
+    (root / "labels/train").mkdir(parents=True)
+    for key in ("a1", "a2"):
+        Image.new("RGB", (8, 8)).save(root / f"images/train/{key}.jpg")
+        (root / f"labels/train/{key}.cls").write_text("3\n")
+    code = main(["pack", "--root", str(root), "--out", str(tmp_path / "shards"), "--folds", "3"])
+    assert code == 2
+    assert "--folds 3 needs at least 3 labelled images" in " ".join(capsys.readouterr().err.split())
+    assert main(["pack", "--root", str(root), "--out", str(tmp_path / "shards"), "--folds", "1"]) == 2

@@ -17,6 +17,7 @@ from cocoshard.pure.format import (
     encode_labels,
     encode_npy,
     encode_pixels,
+    fold_split,
     is_shard_file,
     key_problem,
     npy_array,
@@ -28,11 +29,21 @@ from cocoshard.pure.labels import multi_hot, parse_cls
 
 def test_shard_names_and_the_files_pack_owns(tmp_path):
     assert shard_name("train", 42) == "train-000042.tar"
-    for name in ("train-000000.tar", "val-000123.tar", "test-999999.tar"):
+    assert shard_name(fold_split(3), 0) == "fold3-000000.tar"
+    for name in (
+        "train-000000.tar",
+        "val-000123.tar",
+        "test-999999.tar",
+        "fold0-000000.tar",
+        "fold99-000001.tar",
+    ):
         assert is_shard_file(name)
     for name in (
         "train-0.tar",
         "other-000000.tar",
+        "fold-000000.tar",
+        "fold01-000000.tar",  # one name per fold: fold1, never fold01
+        "fold100-000000.tar",
         "train-000000.tar.tmp",
         ".tmp-train-000000.tar",
         "manifest.json",

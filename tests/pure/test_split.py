@@ -10,16 +10,7 @@ from hypothesis.extra.numpy import arrays
 
 from cocoshard.pure.labels import multi_hot
 from cocoshard.pure.split import stratified_split
-
-
-def coco_like_labels(rng: np.random.Generator, images: int = 65_000) -> np.ndarray:
-    """A (images, 80) label matrix shaped like the challenge's: person in 35,494 of 65k images, a
-    log-linear tail from ~9,000 down to 102 images (hair drier), ~2.93 labels per image."""
-    counts = np.concatenate([[35_494], np.geomspace(9_000, 102, 79)]) * images / 65_000
-    labels = rng.random((images, 80)) < counts / images
-    empty = np.flatnonzero(~labels.any(axis=1))
-    labels[empty, rng.choice(80, size=len(empty), p=counts / counts.sum())] = True  # every image has a class
-    return labels
+from conftest import coco_like_labels
 
 
 @pytest.fixture(scope="module")

@@ -239,3 +239,60 @@ def test_predictions_of_the_test_split_scored_on_val_say_to_predict_with_split_v
     said = " ".join(capsys.readouterr().err.split())
     assert f"holds the test split's images ({len(test_keys)} of them)" in said
     assert f"--shards {sample_shards_jpeg} --split val" in said
+
+
+def test_labels_of_a_fold_pack_are_every_fold_or_the_split_given(
+    sample_folds_jpeg, sample_labels, coco_sample, tmp_path, capsys
+) -> None:
+    from cocoshard.prepare.manifest import read_manifest, shards_identity
+
+    every = load_labels(sample_folds_jpeg)  # the default: every fold, each labelled image once
+    assert sorted(every) == sorted(sample_labels)
+    fold1 = load_labels(sample_folds_jpeg, "fold1")
+    assert len(fold1) == 42 and set(fold1) < set(every)
+    assert set(load_labels(sample_folds_jpeg, "fold0+fold1")) == set(fold1) | set(
+        load_labels(sample_folds_jpeg, "fold0")
+    )
+    submission, scores = noisy_submission(fold1, seed=9)
+    predictions = write(tmp_path / "p.json", submission)
+    assert (
+        evaluate_json(capsys, predictions=str(predictions), labels=str(sample_folds_jpeg), split="fold1")[
+            "images"
+        ]
+        == 42
+    )
+    # scores of fold1 are scores of fold1 only: against every fold they are refused by split
+    identity = shards_identity(read_manifest(sample_folds_jpeg))
+    keys = sorted(submission)
+    found = Scores(keys, scores, np.full(80, 0.5), source=f"shards {identity}", split="fold1")
+    save_scores(tmp_path / "s.npz", found)
+    settings = {
+        "predictions": str(predictions),
+        "labels": str(sample_folds_jpeg),
+        "scores": str(tmp_path / "s.npz"),
+    }
+    assert evaluate_json(capsys, **settings, split="fold1")["images"] == 42
+    with pytest.raises(UserError, match="scores the 'fold1' split of other shards than the labels given"):
+        evaluate.run(resolve(config.EvaluateConfig, {**settings, "subset": True}))
+    with pytest.raises(UserError, match="names a split of shards"):
+        load_labels(coco_sample / LABELS, "fold1")
+
+
+def test_thresholds_tune_on_the_fold_given(sample_folds_jpeg, tmp_path, capsys) -> None:
+    fold2 = load_labels(sample_folds_jpeg, "fold2")
+    _, scores = noisy_submission(fold2, seed=10)
+    save_scores(tmp_path / "s.npz", Scores(sorted(fold2), scores, np.full(80, 0.5)))
+    out = tmp_path / "t.json"
+    args = [
+        "thresholds",
+        "--scores",
+        str(tmp_path / "s.npz"),
+        "--labels",
+        str(sample_folds_jpeg),
+        "--out",
+        str(out),
+    ]
+    assert cli.main([*args, "--split", "fold2"]) == 0
+    assert json.loads(out.read_text())["images"] == 42
+    assert cli.main([*args, "--split", "fold1"]) == 2  # its images have no labels in fold1
+    assert "scored images have no labels" in " ".join(capsys.readouterr().err.split())

@@ -231,3 +231,28 @@ def test_bad_inputs_are_user_errors(tmp_path, checkpoint, capsys) -> None:
         predict.run(predict_cfg(checkpoint=str(tmp_path / "partial.pt"), images=str(empty)))
     assert cli.main(["predict", "--checkpoint", str(checkpoint)]) == 2
     assert "exactly one of --shards" in capsys.readouterr().err
+
+
+def test_a_fold_of_a_k_fold_pack_is_a_split_to_predict(tmp_path, sample_folds_jpeg, checkpoint) -> None:
+    from cocoshard.scoring.ground_truth import load_labels
+
+    for split, expected in (("fold1", load_labels(sample_folds_jpeg, "fold1")), ("fold0+fold2", None)):
+        out, scores = tmp_path / f"{split}.json", tmp_path / f"{split}.npz"
+        args = [
+            "--shards",
+            str(sample_folds_jpeg),
+            "--split",
+            split,
+            "--out",
+            str(out),
+            "--scores",
+            str(scores),
+        ]
+        assert cli.main(["predict", "--checkpoint", str(checkpoint), *args, "--workers", "0"]) == 0
+        found = read_scores(scores)
+        assert found.split == split
+        wanted = expected or {
+            **load_labels(sample_folds_jpeg, "fold0"),
+            **load_labels(sample_folds_jpeg, "fold2"),
+        }
+        assert sorted(found.keys) == sorted(wanted) == sorted(json.loads(out.read_text()))

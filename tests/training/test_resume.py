@@ -68,7 +68,9 @@ def test_a_resumed_run_keeps_its_own_settings_and_chooses_the_machine_ones_again
     assert cfg.out == str(path.parent)
 
 
-@pytest.mark.parametrize("name, value", [("lr", 0.5), ("model", "resnet50"), ("batch_size", 8), ("seed", 1)])
+@pytest.mark.parametrize(
+    "name, value", [("lr", 0.5), ("model", "resnet50"), ("batch_size", 8), ("seed", 1), ("val_fold", 1)]
+)
 def test_a_setting_that_changes_what_is_trained_is_refused_by_name(
     tmp_path: Path, name: str, value: Any
 ) -> None:
@@ -340,3 +342,32 @@ def _children(pid: int) -> list[int]:
             if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
                 found.append(int(entry.name))
     return sorted(found)
+
+
+# ----------------------------------------------------------------------------------- a K-fold run
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_fold(synth_folds_raw: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The final figures of a --val-fold run that nothing interrupted."""
+    run = tmp_path_factory.mktemp("uninterrupted-fold") / "run"
+    args = ["--shards", str(synth_folds_raw), "--out", str(run), *RESUME_ARGS, "--val-fold", "1"]
+    assert train(*args) == 0
+    return _final_figures(run)
+
+
+@pytest.mark.slow
+def test_a_val_fold_run_killed_mid_epoch_resumes_exactly_on_its_fold(
+    synth_folds_raw: Path, tmp_path: Path, uninterrupted_fold: dict[str, Any]
+) -> None:
+    run = tmp_path / "run"
+    process = _start(synth_folds_raw, run, "--val-fold", "1")
+    _wait_for(lambda: (run / LAST).is_file(), process)  # epoch 1 is saved; epoch 2 is under way
+    time.sleep(0.3)
+    _kill(process)
+    # the fold is part of the run: another one is refused by name, none given means its own
+    assert train("--shards", str(synth_folds_raw), "--out", str(run), "--resume", "--val-fold", "2") == 2
+    assert train("--shards", str(synth_folds_raw), "--out", str(run), *RESUME_ARGS, "--resume") == 0
+    assert [r["epoch"] for r in records(run)] == [1, 2, 3]
+    assert _final_figures(run) == uninterrupted_fold
+    assert load_checkpoint(run / LAST)["config"]["val_fold"] == 1
