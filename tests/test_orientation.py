@@ -25,6 +25,7 @@ from cocoshard.loading.device_decode import KIND_JPEG, decode_on_device
 from cocoshard.loading.image_backend import _torchcodec_or_why, load_backend
 from cocoshard.loading.image_files import FolderImages
 from cocoshard.loading.loader import build_loader
+from cocoshard.loading.spec import LoaderSpec
 
 ORIENTATIONS = range(1, 9)
 
@@ -62,9 +63,7 @@ def _pictures(location: Path, **settings: object) -> dict[str, np.ndarray]:
     """key -> its upright pixels as the loader delivers them, over the train and val splits."""
     found = {}
     for split in ("train", "val"):
-        loader = build_loader(
-            location, split, batch_size=8, device="cpu", mode="stream", train=False, seed=0, **settings
-        )
+        loader = build_loader(location, split, LoaderSpec(batch_size=8, device="cpu", train=False, **settings))
         try:
             for batch in loader:
                 for row, key in enumerate(batch.keys):

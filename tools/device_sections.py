@@ -82,6 +82,7 @@ class Run:
     small_shards: Path | None = None
     step_rate: float | None = None  # resnet18's eager ceiling, images/s
     checkpoint: Path | None = None
+    checkpoint_shards: Path | None = None  # the shards that checkpoint's run trained on
 
     @property
     def cpu(self) -> bool:

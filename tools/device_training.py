@@ -183,7 +183,7 @@ def _epoch(run: Run, name: str, loader: str, decode: str, pixel_format: str, clo
         val_f1=round(record["val"][record["selected"]]["server_f1"], 4),
     )
     if run.checkpoint is None:
-        run.checkpoint = out / "best.pt"
+        run.checkpoint, run.checkpoint_shards = out / "best.pt", run.shards[pixel_format]
     return row
 
 
@@ -210,7 +210,7 @@ def predict_and_evaluate(run: Run, found: dict[str, Any], clock: Clock) -> None:
     """A test submission (checked for format) and the val split's leaderboard F1, from one run."""
     if run.checkpoint is None or not run.checkpoint.exists():
         raise RuntimeError("no checkpoint: no epoch finished")
-    shards = run.shards["jpeg"]
+    shards = run.checkpoint_shards or run.shards["jpeg"]  # predict refuses shards it was not trained on
     for split in ("test", "val"):
         out = run.work / f"{split}.json"
         started = time.perf_counter()

@@ -143,7 +143,7 @@ def tune(cfg: EnsembleConfig, found: ScoreSet, truth: np.ndarray) -> tuple[np.nd
         scores, truth, default=cfg.default, min_positives=cfg.min_positives
     )
     holdout = threshold_tuning.holdout_threshold_gain(
-        scores, truth, default=cfg.default, min_positives=cfg.min_positives
+        scores, truth, default=cfg.default, min_positives=cfg.min_positives, min_labels=cfg.min_labels
     )
     default = np.full(len(tuned), cfg.default)
     return tuned, {
