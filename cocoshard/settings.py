@@ -169,7 +169,7 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
 
 def _dash_keys(data: dict[str, Any], path: Path) -> dict[str, Any]:
     """Keys with - read as _, in command sections too; a setting given twice (`batch-size` and
-    `batch_size`) or as a list is refused."""
+    `batch_size`) is refused."""
     settings: dict[str, Any] = {}
     for key, value in data.items():
         name = str(key).replace("-", "_")
@@ -177,8 +177,6 @@ def _dash_keys(data: dict[str, Any], path: Path) -> dict[str, Any]:
             raise ConfigError(
                 f"config file {path}: the setting {name!r} is given twice ({key!r} and another)"
             )
-        if isinstance(value, list):
-            raise ConfigError(f"config file {path}: {key!r} is a list; a setting is one value")
         settings[name] = _dash_keys(value, path) if isinstance(value, dict) else value
     return settings
 
@@ -291,7 +289,8 @@ def resolve(
         for key, value in data.items():
             if key not in known:
                 raise unknown_setting(key, source, f"cocoshard {command}", list(known))
-            values[key] = _coerce(key, value, *known[key])
+            named = key if source == "override" else f"{source}: {key}"  # a file's value names the file
+            values[key] = _coerce(named, value, *known[key])
     if any(f.name == "given" for f in dataclasses.fields(cls)):
         values["given"] = frozenset(values)
     return cls(**values)

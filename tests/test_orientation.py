@@ -63,7 +63,9 @@ def _pictures(location: Path, **settings: object) -> dict[str, np.ndarray]:
     """key -> its upright pixels as the loader delivers them, over the train and val splits."""
     found = {}
     for split in ("train", "val"):
-        loader = build_loader(location, split, LoaderSpec(batch_size=8, device="cpu", train=False, **settings))
+        loader = build_loader(
+            location, split, LoaderSpec(batch_size=8, device="cpu", train=False, **settings)
+        )
         try:
             for batch in loader:
                 for row, key in enumerate(batch.keys):

@@ -39,6 +39,7 @@ from rich.table import Table
 from rich.text import Text
 
 from cocoshard.atomic import WriteFailed, atomic_write_bytes, atomic_write_text
+from cocoshard.config import MIN_LABELS
 from cocoshard.folder_lock import LOCK_FILE
 from cocoshard.input_files import parse_json
 from cocoshard.settings import print_config, to_dict
@@ -453,8 +454,12 @@ class RunLog:
         checkpoint: Path,
         source: str,
         split: str,
+        trained_on: str = "",
+        trained_split: dict[str, Any] | None = None,
     ) -> None:
-        """The best epoch's validation scores with their keys, tied to `checkpoint` by its sha256.
+        """The best epoch's validation scores with their keys, tied to `checkpoint` by its sha256;
+        `trained_on`/`trained_split`: the identity of the shards the model trained on and how their
+        split was drawn (what evaluate and thresholds compare with the labels' shards).
 
         The arrays are those of `cocoshard.scoring.scores.save_scores` (`predict --scores`), the
         format `thresholds`, `evaluate --scores` and `ensemble` read (the scoring layer is above
@@ -470,13 +475,16 @@ class RunLog:
             "scores": np.asarray(scores, dtype=np.float32),
             "thresholds": np.asarray(thresholds, dtype=np.float64),
             "classes": np.asarray(list(classes), dtype=str),
-            "min_labels": np.asarray(1),
+            "min_labels": np.asarray(MIN_LABELS),  # predict's default: what the figures were made with
             "tta": np.asarray(False),
             "checkpoint": np.asarray(str(checkpoint)),
             "checkpoint_sha256": np.asarray(digest.hexdigest()),
             "source": np.asarray(source),
             "split": np.asarray(split),
             "unreadable": np.asarray([], dtype=str),
+            "trained_on": np.asarray(trained_on),
+            "trained_split": np.asarray(json.dumps(trained_split or {})),
+            "other_shards": np.asarray(""),
         }
         buffer = io.BytesIO()
         np.savez_compressed(buffer, **arrays)

@@ -411,6 +411,8 @@ def finish_epoch(
             tr.out / BEST,
             f"shards {tr.shards_identity}",
             tr.val_split,
+            trained_on=tr.shards_identity,
+            trained_split=tr.shards_split,
         )
         tr.log.save_thresholds(
             {
