@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import os
 import re
 import signal
 import sys
@@ -169,7 +170,17 @@ def _parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argpa
     return ns
 
 
+_MAIN_PID = os.getpid()
+
+
 def _stop_as_interrupt(signum: int, frame: Any) -> None:
+    """In the command's own process a stop signal unwinds it (cleanup runs, a message is printed).
+    A forked worker inherits this handler until it installs its own: a signal caught in that window
+    ends the worker the default way, not with a traceback from inside its start-up."""
+    if os.getpid() != _MAIN_PID:
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return
     raise Interrupted(signum)
 
 
@@ -189,6 +200,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     overrides = {
         k: v for k, v in vars(ns).items() if k not in ("command", "config", "version", "command_parsers")
     }
+    global _MAIN_PID
+    _MAIN_PID = os.getpid()
     previous = {signum: signal.signal(signum, _stop_as_interrupt) for signum in STOP_SIGNALS}
     try:
         every = {name: command_cls for name, (command_cls, _module) in COMMANDS.items()}

@@ -92,6 +92,32 @@ def test_sighup_ends_a_command_like_sigterm(monkeypatch, capsys) -> None:
     assert signal.getsignal(signal.SIGHUP) is previous  # put back once the command ends
 
 
+def test_a_forked_worker_stopped_before_its_own_handlers_ends_quietly(monkeypatch, capsys) -> None:
+    """A worker forked by a command inherits its stop handler; SIGTERM caught before the worker
+    installs its own must end it by the signal, not raise the command's interrupt inside it (which a
+    process pool prints as a traceback from the worker's initializer)."""
+
+    def command(name, cfg):
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the worker: still running the command's handler
+            os.close(read)
+            os.write(write, b"ready")
+            try:
+                time.sleep(30)
+            except BaseException:  # what the old handler did: raise inside the worker
+                os._exit(3)
+            os._exit(0)
+        os.close(write)
+        assert os.read(read, 5) == b"ready"
+        os.kill(pid, signal.SIGTERM)
+        _, status = os.waitpid(pid, 0)
+        return 10 + os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+
+    monkeypatch.setattr(cli, "run_command", command)
+    assert cli.main(["info"]) == 10 + signal.SIGTERM
+
+
 def test_a_plain_editable_install_puts_the_clone_on_sys_path(tmp_path) -> None:
     """`pip install -e .` without editable_mode=compat: the clone's folder goes on sys.path (a static
     .pth), so the package is found before a folder named cocoshard in the current directory."""
