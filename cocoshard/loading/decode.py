@@ -136,7 +136,7 @@ def jpeg_orientation(data: bytes | memoryview | np.ndarray) -> int:
 
     The readers cocoshard uses (PIL, torchvision, torchcodec) all take the first APP1 "Exif" segment
     before the image data; so does this."""
-    view = memoryview(data).cast("B") if not isinstance(data, memoryview) else data.cast("B")
+    view = memoryview(data if not isinstance(data, np.ndarray) else data.data).cast("B")
     if bytes(view[:2]) != b"\xff\xd8":
         return 1
     position, end = 2, len(view)
@@ -176,7 +176,7 @@ def _decode_jpeg_fast(data: bytes | memoryview) -> np.ndarray:
 def _decode_with_pil(data: bytes | memoryview, size: int) -> np.ndarray:
     """Any accepted format (`prepare.images.DECODABLE_FORMATS`), to the RGB a person sees
     (`prepare.images.to_rgb`, as pack converts: 16-bit scaled, alpha composited)."""
-    image = Image.open(io.BytesIO(data), formats=DECODABLE_FORMATS)
+    image: Image.Image = Image.open(io.BytesIO(data), formats=DECODABLE_FORMATS)
     width, height = image.size
     target_h, target_w = _fit(height, width, size)
     if (target_h, target_w) != (height, width):

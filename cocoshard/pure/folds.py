@@ -50,7 +50,7 @@ def stratified_folds(labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
 def _deal_rarest_first(y: np.ndarray, folds: int, rng: np.random.Generator) -> np.ndarray:
     """The core of iterative stratification; images without labels keep -1 here."""
     fold = np.full(len(y), -1, dtype=np.int64)
-    unassigned = y.any(axis=1)
+    unassigned = np.array(y.any(axis=1), dtype=bool)
     by_class = np.ascontiguousarray(y.T)
     remaining = y.sum(axis=0).astype(np.int64)
     # wanted[k, c]: how many more images of class c fold k should receive; wanted_images[k]: in all

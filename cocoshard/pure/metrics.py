@@ -28,6 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 DEFAULT_THRESHOLD = 0.5
 
@@ -118,7 +119,7 @@ def safe_ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
     return out
 
 
-def harmonic_mean(precision: np.ndarray, recall: np.ndarray) -> np.ndarray:
+def harmonic_mean(precision: ArrayLike, recall: ArrayLike) -> np.ndarray:
     """2 p r / (p + r) elementwise, 0 where p + r = 0."""
     precision, recall = np.asarray(precision, np.float64), np.asarray(recall, np.float64)
     total = precision + recall

@@ -51,7 +51,7 @@ def _deal_rarest_first(
     """The core of iterative stratification; images without labels stay in train here."""
     n = len(y)
     is_val = np.zeros(n, dtype=bool)
-    unassigned = y.any(axis=1)
+    unassigned = np.array(y.any(axis=1), dtype=bool)
     by_class = np.ascontiguousarray(y.T)
     remaining = y.sum(axis=0).astype(np.int64)
     # wanted[s][c]: how many more images of class c split s (0 train, 1 val) should receive; a

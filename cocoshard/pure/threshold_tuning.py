@@ -128,7 +128,9 @@ def holdout_threshold_gain(
     seed: int = 0,
     default: float = DEFAULT_THRESHOLD,
     min_labels: int = 0,
-    **tune_options: float,
+    min_positives: int = 10,
+    shrink: float = 0.0,
+    sweeps: int = 3,
 ) -> dict[str, float]:
     """Tune on one seeded half of the images, score the other half at `default` and at the tuned ones.
 
@@ -140,7 +142,9 @@ def holdout_threshold_gain(
     scores, labels = check_pair(scores, labels, "scores")
     order = numpy_rng(seed).permutation(len(scores))
     fit, held = order[: len(order) // 2], order[len(order) // 2 :]
-    tuned = tune_thresholds(scores[fit], labels[fit], default=default, **tune_options)
+    tuned = tune_thresholds(
+        scores[fit], labels[fit], default=default, min_positives=min_positives, shrink=shrink, sweeps=sweeps
+    )
     at_default = server_f1(decide_labels(scores[held], default, min_labels), labels[held]).f1
     at_tuned = server_f1(decide_labels(scores[held], tuned, min_labels), labels[held]).f1
     return {"server_f1_default": at_default, "server_f1_tuned": at_tuned, "gain": at_tuned - at_default}

@@ -163,6 +163,7 @@ def replace_head(
     """Swap the last linear layer for a `num_classes` one; its bias starts at the prior's log-odds."""
     name = head_layer_name(model)
     old = model.get_submodule(name)
+    assert isinstance(old, nn.Linear)  # head_layer_name names the last nn.Linear
     head = nn.Linear(old.in_features, num_classes)
     nn.init.normal_(head.weight, std=0.01)
     with torch.no_grad():
@@ -242,6 +243,8 @@ def _load_matching(model: nn.Module, state: dict[str, torch.Tensor], source: str
         else f"{foreign!r} is not in this model"
         if foreign
         else f"{shapes!r} has shape {tuple(state[shapes].shape)}, the model's {tuple(own[shapes].shape)}"
+        if shapes
+        else "its keys and shapes differ"
     )
     raise UserError(
         f"{source} are weights of another architecture: {fitting} of their {len(state)} tensors fit "

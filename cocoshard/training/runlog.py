@@ -487,7 +487,7 @@ class RunLog:
             "other_shards": np.asarray(""),
         }
         buffer = io.BytesIO()
-        np.savez_compressed(buffer, **arrays)
+        np.savez_compressed(buffer, allow_pickle=False, **arrays)
         atomic_write_bytes(self.out / VAL_SCORES_FILE, buffer.getvalue())
 
     def close(self) -> None:

@@ -151,6 +151,7 @@ def train_step(tr: Trainer, batch: Batch, meter: OnlineMetrics) -> None:
 
     The loader made the batch ready where it was cheapest (`state.train_transform`): in its
     worker processes on a CPU, on the device after the copy on CUDA."""
+    assert tr.net is not None and batch.labels is not None, "set_train_mode first; a labelled split"
     with tr.runtime.autocast():
         logits = tr.net(batch.inputs)
     loss = tr.criterion(logits, batch.labels)
@@ -178,7 +179,7 @@ def start_epoch(tr: Trainer, epoch: int) -> tuple[OnlineMetrics, Position | None
     torch.manual_seed(
         derive_seed(tr.cfg.seed, epoch, tr.runtime.rank, Stream.TORCH_GLOBAL)
     )  # dropout, stochastic depth
-    set_train_mode(tr.model, backbone_frozen=tr.frozen)
+    set_train_mode(tr.model, backbone_frozen=bool(tr.frozen))
     meter = OnlineMetrics(tr.runtime.device)
     if position is not None:  # the figures and generators as the interrupted epoch left them
         meter.restore(position.meter)
@@ -277,6 +278,7 @@ def validation_scores(
     loss_sum = torch.zeros((), device=runtime.device, dtype=torch.float64)
     for batch in tr.val_loader:
         inputs = batch.inputs
+        assert batch.labels is not None, "the validation split is labelled"
         with runtime.autocast():
             logits = model(inputs).float()
         loss_sum += tr.criterion(logits, batch.labels).double() * batch.labels.shape[0]
@@ -359,6 +361,7 @@ def validate(tr: Trainer) -> tuple[dict[str, dict[str, float]], dict[str, np.nda
         broadcast_state(model)
         scores, labels, loss, keys = validation_scores(tr, model)
         if tr.runtime.is_main:
+            assert scores is not None and labels is not None, "gathered on rank 0"
             figures[name], thresholds[name] = score_validation(scores, labels, loss, tr.cfg.seed)
             scored[name] = (keys, scores)
     return figures, thresholds, scored
