@@ -86,12 +86,10 @@ def test_1_info_reports_the_pil_really_imported():
 def test_5_the_printed_and_saved_settings_are_the_resolved_ones(run):
     out, text = run
     config = json.loads((out / CONFIG_FILE).read_text())
-    assert (
-        config["device"] == "cpu"
-        and config["amp_dtype"] in ("bf16", "fp16")
-        and isinstance(config["workers"], int)
-    )
     facts = json.loads((out / RUN_FILE).read_text())
+    assert config["device"] == "cpu" and isinstance(config["workers"], int)
+    # AMP resolved: a dtype, or auto left to the next machine where this CPU computes no bf16
+    assert config["amp_dtype"] == {"bfloat16": "bf16", "float16": "fp16"}.get(facts["amp"], "auto")
     assert {"device_name", "world_size", "loader", "amp", "command", "versions"} <= set(facts), facts
     assert {"cocoshard", "torch", "torchvision", "PIL"} <= set(facts["versions"]), facts["versions"]
     assert "cpu_threads" in facts and "cpu_threads" in text  # 8: the thread choice is printed

@@ -74,8 +74,21 @@ def resolve_device(choice: str) -> torch.device:
     return torch.device(choice)
 
 
+def cpu_bf16_is_native() -> bool:
+    """Whether this CPU computes in bf16 natively (oneDNN's AVX512 / AMX kernels). Without them
+    autocast emulates bf16: on a 2-core AVX2 EPYC a training step of resnet18 at 224 px took ~10x
+    as long in bf16 as in float32, and cocoshard_tiny's 12x."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def resolve_amp_dtype(amp: bool, choice: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for `--amp/--amp-dtype` on `device`, or None for full precision."""
+    """The autocast dtype for `--amp/--amp-dtype` on `device`, or None for full precision.
+
+    On a CPU, `auto` is bf16 only where the CPU computes it natively (float32 is faster elsewhere);
+    an explicit `bf16` is honoured anyway."""
     if not amp:
         return None
     if device.type == "cuda":
@@ -89,6 +102,8 @@ def resolve_amp_dtype(amp: bool, choice: str, device: torch.device) -> torch.dty
         return AMP_DTYPES[choice]
     if choice == "fp16":
         raise ConfigError("--amp-dtype fp16 needs a GPU; on a CPU use --amp-dtype bf16 (or auto) or --no-amp")
+    if choice == "auto" and not cpu_bf16_is_native():
+        return None
     return torch.bfloat16
 
 

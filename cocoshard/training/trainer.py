@@ -177,6 +177,15 @@ def resolved_settings(cfg: TrainConfig, runtime: Runtime, plan: ThreadPlan) -> T
     )
 
 
+def amp_fact(cfg: TrainConfig, runtime: Runtime) -> str:
+    """The autocast dtype the run uses, and why none where --amp asked for one."""
+    if runtime.amp_dtype is not None:
+        return str(runtime.amp_dtype).removeprefix("torch.")
+    if cfg.amp and runtime.device.type == "cpu":
+        return "off (no native bf16 on this CPU)"
+    return "off"
+
+
 def run_facts(
     cfg: TrainConfig, runtime: Runtime, identity: str, plan: ThreadPlan, hosts: list[str]
 ) -> dict[str, Any]:
@@ -191,7 +200,7 @@ def run_facts(
         "ranks": ", ".join(f"{rank}: {host}" for rank, host in enumerate(hosts)),  # rank 0 writes
         "loader": cfg.loader,
         "cpu_threads": f"{plan.compute} ({plan.why})",
-        "amp": str(runtime.amp_dtype).removeprefix("torch.") if runtime.amp_dtype else "off",
+        "amp": amp_fact(cfg, runtime),
         "shards_identity": identity[:16],
         "command": " ".join(sys.argv),
         "versions": versions(),

@@ -215,10 +215,11 @@ def test_bf16_autocast_and_channels_last_reach_the_model(
             "batch_size": 8,
             "workers": 0,
             "amp": amp,
+            "amp_dtype": "bf16",  # auto is float32 on a CPU without native bf16
             "channels_last": channels_last,
         },
     )
-    tr = build_trainer(cfg, setup("cpu", amp=amp), RunLog(tmp_path / "run", enabled=False))
+    tr = build_trainer(cfg, setup("cpu", amp=amp, amp_dtype="bf16"), RunLog(tmp_path / "run", enabled=False))
     enter_phase(tr, 0)
     seen: dict[str, Any] = {}
 
