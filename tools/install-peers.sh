@@ -6,9 +6,13 @@
 # What it does:
 # 1. the system libraries FFCV compiles against (Debian/Ubuntu: libturbojpeg0-dev, libopencv-dev,
 #    pkg-config), through apt-get when they are missing (it asks for sudo when not root);
-# 2. `pip install -e '.[test,peers,dali-cudaNN]'` into .venv: FFCV, NVIDIA DALI, LitData, Mosaic
-#    Streaming (and what they need: numba, OpenCV, transformers), resolved together with the test
-#    tools so that pip leaves no conflict (it may choose older releases of some shared dependencies).
+# 2. `pip install -e '.[peers,dali-cudaNN]'` into .venv: FFCV, NVIDIA DALI, LitData, Mosaic
+#    Streaming (and what they need: numba, OpenCV, transformers), with the installed torch, torchvision
+#    and NumPy held where they are (a constraints file): the figures are of the torch the bench
+#    reports, and pip never backtracks through 800 MB torch wheels looking for another resolution.
+#    Some peers pin shared libraries older than the test tools' (transformers wants huggingface-hub
+#    < 1.0, the `datasets` interop test a newer one); `pip check` names such conflicts and the
+#    script goes on: the bench does not use them.
 #    DALI is built per CUDA major version: the build matching the installed torch's CUDA
 #    (torch.version.cuda; a CPU-only torch gets the CUDA 13 build, whose CPU pipeline runs anywhere).
 # A peer that still cannot be installed or run is reported by the benchmark as skipped, with the
@@ -40,6 +44,11 @@ case "$cuda" in
     *) dali=dali-cuda13 ;;
 esac
 echo "== installing the peers: FFCV, DALI ($dali, for torch's CUDA $cuda), LitData, Mosaic Streaming"
-"$PY" -m pip --disable-pip-version-check install -e ".[test,peers,$dali]" --config-settings editable_mode=compat
-"$PY" -m pip --disable-pip-version-check check
+held="$(mktemp)"
+trap 'rm -f "$held"' EXIT
+"$PY" -m pip --disable-pip-version-check freeze | grep -E '^(torch|torchvision|numpy)==' >"$held" || true
+"$PY" -m pip --disable-pip-version-check install -c "$held" -e ".[peers,$dali]" \
+    --config-settings editable_mode=compat
+"$PY" -m pip --disable-pip-version-check check ||
+    echo "WARNING: the conflicts above are between the peers and other installed tools; the bench does not use them" >&2
 "$PY" -m cocoshard info --brief
