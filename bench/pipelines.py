@@ -40,10 +40,14 @@ class Pipeline:
 
 
 def training_dtype(device: torch.device) -> torch.dtype:
-    """What `cocoshard train` feeds its model with AMP on (its default)."""
+    """What `cocoshard train` feeds its model with AMP on (its default) on a GPU: bf16 (fp16 where
+    the GPU lacks it). On a CPU bf16 too, so that the figures are of a GPU run's host work (train's
+    own AMP is float32 on a CPU that computes no bf16 natively)."""
     from cocoshard.training.runtime import resolve_amp_dtype
 
-    return resolve_amp_dtype(True, "auto", device)
+    dtype = resolve_amp_dtype(True, "auto" if device.type == "cuda" else "bf16", device)
+    assert dtype is not None
+    return dtype
 
 
 def check_first_batch(pipeline: Pipeline, batch: tuple, data, size: int, expected: int) -> None:
