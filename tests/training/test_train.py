@@ -502,7 +502,7 @@ def test_the_tuned_f1_a_run_reports_is_that_of_what_predict_writes() -> None:
     """The epoch's tuned server F1 is computed on predict's output, --min-labels top-up included."""
     from cocoshard.pure import metrics
     from cocoshard.pure.decision import decide_labels
-    from cocoshard.training.train import score_validation
+    from cocoshard.training.validation import score_validation
     from conftest import random_problem
 
     scores, labels = random_problem(5, images=150)

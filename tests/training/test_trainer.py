@@ -21,8 +21,8 @@ from cocoshard.prepare.manifest import MANIFEST, read_manifest
 from cocoshard.scoring.ground_truth import read_shard_labels
 from cocoshard.scoring.scores import file_sha256, read_scores
 from cocoshard.training.checkpoint import BEST, LAST, load_checkpoint
+from cocoshard.training.run_shards import RunSplits, run_splits
 from cocoshard.training.runlog import RUN_FILE, VAL_SCORES_FILE
-from cocoshard.training.trainer import RunSplits, run_splits
 from conftest import FROM_SCRATCH, TINY, records
 
 
