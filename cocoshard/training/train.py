@@ -429,4 +429,5 @@ def train_run(
             return 0
         finally:
             if not completed and resumed is None and runtime.is_main and before:
+                log.close()  # TensorBoard's writer thread must not write into what is removed next
                 remove_failed_start(out, before[0])  # a run that saved nothing leaves nothing
