@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from cocoshard import config
+from cocoshard import config, config_scoring
 
 # command -> (config class, module whose run(cfg) does the work)
 COMMANDS: dict[str, tuple[type, str]] = {
@@ -17,10 +17,10 @@ COMMANDS: dict[str, tuple[type, str]] = {
     "pack": (config.PackConfig, "cocoshard.prepare.pack"),
     "inspect": (config.InspectConfig, "cocoshard.prepare.inspect"),
     "train": (config.TrainConfig, "cocoshard.training.train"),
-    "predict": (config.PredictConfig, "cocoshard.scoring.predict"),
-    "evaluate": (config.EvaluateConfig, "cocoshard.scoring.evaluate"),
-    "thresholds": (config.ThresholdsConfig, "cocoshard.scoring.thresholds"),
-    "ensemble": (config.EnsembleConfig, "cocoshard.scoring.ensemble"),
+    "predict": (config_scoring.PredictConfig, "cocoshard.scoring.predict"),
+    "evaluate": (config_scoring.EvaluateConfig, "cocoshard.scoring.evaluate"),
+    "thresholds": (config_scoring.ThresholdsConfig, "cocoshard.scoring.thresholds"),
+    "ensemble": (config_scoring.EnsembleConfig, "cocoshard.scoring.ensemble"),
     "demo": (config.DemoConfig, "cocoshard.demo"),
     "info": (config.InfoConfig, "cocoshard.info"),
 }

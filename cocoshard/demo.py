@@ -37,7 +37,7 @@ from typing import Any
 from rich.console import Console
 from rich.rule import Rule
 
-from cocoshard import config
+from cocoshard import config, config_scoring
 from cocoshard.atomic import atomic_write_text
 from cocoshard.commands import run_command
 from cocoshard.config import DemoConfig
@@ -163,9 +163,9 @@ def train_config(cfg: DemoConfig, out: Path) -> config.TrainConfig:
 
 def predict_config(
     cfg: DemoConfig, out: Path, split: str, target: str, scores: str | None = None
-) -> config.PredictConfig:
+) -> config_scoring.PredictConfig:
     return resolve(
-        config.PredictConfig,
+        config_scoring.PredictConfig,
         {
             "checkpoint": str(out / RUN / "best.pt"),
             "shards": str(out / SHARDS),
@@ -182,7 +182,7 @@ def predict_config(
 
 def evaluate_config(
     out: Path, predictions: str, labels: Path, metrics: str, report: bool
-) -> config.EvaluateConfig:
+) -> config_scoring.EvaluateConfig:
     settings: dict[str, Any] = {
         "predictions": str(out / predictions),
         "labels": str(labels),
@@ -190,7 +190,7 @@ def evaluate_config(
     }
     if report:
         settings.update(scores=str(out / VAL_SCORES), report=str(out / REPORT), run=str(out / RUN))
-    return resolve(config.EvaluateConfig, settings)
+    return resolve(config_scoring.EvaluateConfig, settings)
 
 
 # ----------------------------------------------------------------------------------- the run

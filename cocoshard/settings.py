@@ -343,3 +343,9 @@ def print_config(cfg: Any, console: Any = None, extra: dict[str, Any] | None = N
             cells += [Text(key), Text(repr(value) if key else "")]
         table.add_row(*cells)
     console.print(table)
+
+
+def inherit(source: type, name: str, default: Any) -> Any:
+    """A field that means exactly what `source`'s field `name` means (its help), with its own default."""
+    original = next(f for f in dataclasses.fields(source) if f.name == name)
+    return field(default=default, metadata={**original.metadata, "inherited": source.__name__})

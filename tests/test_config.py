@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from cocoshard import config
+from cocoshard import config, config_scoring
 from cocoshard.commands import COMMANDS
 from cocoshard.errors import ConfigError
 from cocoshard.settings import CONFIG_LIMIT, read_config_file, resolve
@@ -54,16 +54,16 @@ def test_a_list_of_runs_comes_from_the_command_line_or_a_file(tmp_path: Path, ca
 
     ns = build_parser().parse_args(["ensemble", "runs/f0", "runs/f1", "--test-scores", "a.npz", "b.npz"])
     assert (ns.runs, ns.test_scores) == (["runs/f0", "runs/f1"], ["a.npz", "b.npz"])
-    cfg = resolve(config.EnsembleConfig, {"runs": ns.runs, "test_scores": ns.test_scores})
+    cfg = resolve(config_scoring.EnsembleConfig, {"runs": ns.runs, "test_scores": ns.test_scores})
     assert cfg.runs == ("runs/f0", "runs/f1") and cfg.test_scores == ("a.npz", "b.npz")
     toml = tmp_path / "ensemble.toml"
     toml.write_text('runs = ["runs/f0", "runs/f1"]\ntta = true\n')
-    assert resolve(config.EnsembleConfig, {}, str(toml)).runs == ("runs/f0", "runs/f1")
+    assert resolve(config_scoring.EnsembleConfig, {}, str(toml)).runs == ("runs/f0", "runs/f1")
     toml.write_text('runs = "runs/f0"\n')
     with pytest.raises(ConfigError, match="runs: expected a list of str"):
-        resolve(config.EnsembleConfig, {}, str(toml))
+        resolve(config_scoring.EnsembleConfig, {}, str(toml))
     with pytest.raises(ConfigError, match="name the runs to ensemble"):
-        resolve(config.EnsembleConfig, {})
+        resolve(config_scoring.EnsembleConfig, {})
 
 
 def test_a_file_that_is_not_a_settings_file_is_named(tmp_path: Path) -> None:
@@ -126,9 +126,9 @@ def test_a_file_holds_a_section_per_command_and_shares_its_top_level_settings(tm
     every = {name: cls for name, (cls, _) in COMMANDS.items()}
     train = resolve(config.TrainConfig, {"lr": 0.5}, str(path), command="train", commands=every)
     assert (train.shards, train.epochs, train.batch_size, train.lr) == ("packed", 3, 8, 0.5)
-    predict = resolve(config.PredictConfig, {}, str(path), command="predict", commands=every)
+    predict = resolve(config_scoring.PredictConfig, {}, str(path), command="predict", commands=every)
     assert (predict.shards, predict.batch_size, predict.checkpoint) == ("packed", 64, "runs/a/best.pt")
-    thresholds = resolve(config.ThresholdsConfig, {}, str(path), command="thresholds", commands=every)
+    thresholds = resolve(config_scoring.ThresholdsConfig, {}, str(path), command="thresholds", commands=every)
     assert thresholds.out == "thresholds.json"  # no `shards` setting there: the shared one is not its
     path.write_text("[trian]\nepochs = 3\n")
     with pytest.raises(ConfigError, match=r"\[trian\] is not a command: did you mean \[train\]"):

@@ -27,7 +27,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cocoshard import CLASSES, NUM_CLASSES, config
+from cocoshard import CLASSES, NUM_CLASSES, config, config_scoring
 from cocoshard.atomic import WriteFailed, atomic_write_text
 from cocoshard.errors import ConfigError, UserError
 from cocoshard.folder_lock import LOCK_FILE, folder_lock
@@ -107,9 +107,9 @@ REFUSED_SETTINGS = [
     (config.SynthConfig, "clutter", float("inf")),
     (config.SynthConfig, "seed", -1),
     (config.SynthConfig, "size", 100000),
-    (config.PredictConfig, "batch_size", 10**12),
+    (config_scoring.PredictConfig, "batch_size", 10**12),
     (config.InspectConfig, "workers", 10**6),
-    (config.ThresholdsConfig, "min_positives", 10**30),
+    (config_scoring.ThresholdsConfig, "min_positives", 10**30),
     (config.DemoConfig, "image_size", 8),
     (config.DemoConfig, "lr", float("nan")),
 ]
@@ -121,7 +121,7 @@ REFUSED_SETTINGS = [
 def test_1_a_setting_no_reader_accepts_is_refused_by_its_flag(cls, name, value):
     """NaN and infinity pass `<= 0` checks; ranges are those the readers accept (the manifest's
     size, NumPy's seeds, the loaders' canvases)."""
-    extra = {"images": "x"} if cls is config.PredictConfig else {}
+    extra = {"images": "x"} if cls is config_scoring.PredictConfig else {}
     with pytest.raises(ConfigError, match="--" + name.replace("_", "-")):
         resolve(cls, {name: value, **extra})
 

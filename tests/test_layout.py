@@ -3,7 +3,8 @@
 Layers, lowest first (docs/architecture.md has the table):
 
     foundation   cocoshard (the class tuple), errors, atomic, input_files, folder_lock, output_paths,
-                 machine, seeds, console, settings, config, commands, remote, shard_cache
+                 machine, seeds, console, settings, config, config_scoring, commands, remote,
+                 shard_cache
     pure         cocoshard.pure: labels, format, split, folds, plan, metrics, threshold_tuning
     prepare      the rest of cocoshard.prepare
     loading      the rest of cocoshard.loading
@@ -38,6 +39,7 @@ FOUNDATION = {
     "cocoshard.console",
     "cocoshard.settings",
     "cocoshard.config",
+    "cocoshard.config_scoring",
     "cocoshard.commands",
     "cocoshard.remote",
     "cocoshard.shard_cache",

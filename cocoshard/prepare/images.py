@@ -22,8 +22,8 @@ some builds) is rejected with the decoder's reason.
                                  the scaling above)
     I (32-bit integer)           read as 16-bit samples; values outside 0-65535 are rejected
     F (32-bit float)             read as 0.0 black to 1.0 white; values outside [0, 1] rejected
-Any other mode (LAB, HSV, ...) is rejected with its name. EXIF orientation is not applied, as
-the challenge's own Dataset does not apply it.
+Any other mode (LAB, HSV, ...) is rejected with its name. EXIF orientation is not applied here:
+pack (`prepare.encode`), the loaders and predict each turn an image upright.
 """
 
 from __future__ import annotations

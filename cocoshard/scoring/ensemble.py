@@ -36,7 +36,7 @@ from rich.table import Table
 
 from cocoshard.atomic import atomic_write_text
 from cocoshard.commands import run_command
-from cocoshard.config import EnsembleConfig, PredictConfig
+from cocoshard.config_scoring import EnsembleConfig, PredictConfig
 from cocoshard.console import literal, stdout_console
 from cocoshard.errors import UserError
 from cocoshard.folder_lock import folder_lock

@@ -30,7 +30,7 @@ from rich.text import Text
 
 from cocoshard import CLASSES, NUM_CLASSES
 from cocoshard.atomic import atomic_write_text
-from cocoshard.config import EvaluateConfig
+from cocoshard.config_scoring import EvaluateConfig
 from cocoshard.console import literal, stdout_console
 from cocoshard.errors import UserError
 from cocoshard.folder_lock import folder_lock

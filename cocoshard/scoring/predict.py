@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from cocoshard import NUM_CLASSES
-from cocoshard.config import PredictConfig
+from cocoshard.config_scoring import PredictConfig
 from cocoshard.console import literal, stderr_console
 from cocoshard.errors import UserError
 from cocoshard.input_files import shown_path

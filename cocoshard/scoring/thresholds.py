@@ -22,7 +22,7 @@ import numpy as np
 from rich.table import Table
 from rich.text import Text
 
-from cocoshard.config import ThresholdsConfig
+from cocoshard.config_scoring import ThresholdsConfig
 from cocoshard.console import literal, stdout_console
 from cocoshard.errors import UserError
 from cocoshard.output_paths import check_apart, check_output_file

@@ -6,7 +6,7 @@ resuming a run (`resume`), checkpoints inside an epoch (`midepoch`), the run's o
 they are built (`trainer`), which shards a run reads and their checks (`run_shards`), scoring the
 validation split each epoch (`validation`), signals and lost peers (`watchdog`), how a run stops
 and what it says (`stopping`), the command and its epochs (`train`) and what a run writes and
-shows (`runlog`).
+shows (`runlog`; `screen` lays out its epochs).
 
 May import: the foundation modules, `cocoshard.pure`, `prepare` and `loading`; never `scoring`
 (validation scores with `cocoshard.pure.metrics`).

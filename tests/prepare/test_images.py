@@ -1,7 +1,7 @@
 """Input images as a person sees them (`cocoshard.prepare.images`), mode by mode, against a reference.
 
 Each Pillow mode an input may have is written to a file (PNG or TIFF; 16-bit RGB PNGs by hand, as
-Pillow cannot write them), then packed (`pack.encode_image`, raw and jpeg formats) and decoded as
+Pillow cannot write them), then packed (`encode.encode_image`, raw and jpeg formats) and decoded as
 `predict --images` decodes it (`decode_image_to_canvas`); both must give the RGB computed here
 with NumPy alone: 16-bit levels scaled, alpha composited over white, CMYK by (255 - c)(255 - k) /
 255. Round three of docs/reliability.md cites these tests.
@@ -22,7 +22,7 @@ from PIL import Image
 from cocoshard.loading.decode import decode_image_to_canvas
 from cocoshard.loading.image_files import image_problem
 from cocoshard.loading.tario import read_samples
-from cocoshard.prepare import pack
+from cocoshard.prepare import encode
 from cocoshard.prepare.manifest import read_manifest, shard_urls
 from cocoshard.pure.format import EXT_PIXELS, decode_pixels
 
@@ -135,7 +135,7 @@ TOLERANCE = {"16-bit RGB": 1, "16-bit RGBA": 2}
 @pytest.mark.parametrize("mode", list(MODE_CASES))
 def test_every_mode_packs_and_predicts_as_the_picture_a_person_sees(mode):
     data, ext, expected = MODE_CASES[mode]
-    packed = pack.encode_image(data, "raw", 224)  # what pack stores
+    packed = encode.encode_image(data, "raw", 224)  # what pack stores
     assert packed.field == EXT_PIXELS
     stored = decode_pixels(packed.payload, max_side=224).astype(np.float64)
     assert stored.shape == expected.shape
@@ -143,7 +143,7 @@ def test_every_mode_packs_and_predicts_as_the_picture_a_person_sees(mode):
     canvas = np.zeros((224, 224, 3), np.uint8)  # what predict --images sees
     height, width = decode_image_to_canvas(data, ext, canvas)
     assert np.abs(canvas[:height, :width].astype(np.float64) - expected).max() <= TOLERANCE.get(mode, 0)
-    jpeg_kind = pack.encode_image(data, "jpeg", 224)  # a jpeg pack stores a converted PNG: the same
+    jpeg_kind = encode.encode_image(data, "jpeg", 224)  # a jpeg pack stores a converted PNG: the same
     assert jpeg_kind.field == "png"
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(jpeg_kind.payload))), stored.astype(np.uint8))
 
@@ -158,8 +158,8 @@ def test_every_mode_packs_and_predicts_as_the_picture_a_person_sees(mode):
 )
 def test_an_image_that_cannot_be_read_faithfully_is_rejected_with_its_reason(case, image, reason, tmp_path):
     data = _saved(image, "TIFF")
-    with pytest.raises(pack.BadImage, match=re.escape(reason)):
-        pack.encode_image(data, "raw", 224)
+    with pytest.raises(encode.BadImage, match=re.escape(reason)):
+        encode.encode_image(data, "raw", 224)
     path = tmp_path / "odd.tif"
     path.write_bytes(data)
     assert reason in (image_problem(str(path)) or "")

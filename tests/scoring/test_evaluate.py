@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cocoshard import cli, config
+from cocoshard import cli, config_scoring
 from cocoshard.errors import UserError
 from cocoshard.pure import metrics
 from cocoshard.scoring import evaluate
@@ -53,7 +53,7 @@ def write(path: Path, submission: dict) -> Path:
 
 
 def evaluate_json(capsys: pytest.CaptureFixture, **settings) -> dict:
-    assert evaluate.run(resolve(config.EvaluateConfig, {"json": True, **settings})) == 0
+    assert evaluate.run(resolve(config_scoring.EvaluateConfig, {"json": True, **settings})) == 0
     return json.loads(capsys.readouterr().out)
 
 
@@ -119,7 +119,9 @@ def test_a_key_without_labels_is_rejected_by_name(tmp_path, coco_sample, sample_
     path = write(tmp_path / "p.json", submission)
     with pytest.raises(UserError, match="'000000999999': unknown image"):
         evaluate.run(
-            resolve(config.EvaluateConfig, {"predictions": str(path), "labels": str(coco_sample / LABELS)})
+            resolve(
+                config_scoring.EvaluateConfig, {"predictions": str(path), "labels": str(coco_sample / LABELS)}
+            )
         )
 
 
@@ -273,7 +275,7 @@ def test_labels_of_a_fold_pack_are_every_fold_or_the_split_given(
     }
     assert evaluate_json(capsys, **settings, split="fold1")["images"] == 42
     with pytest.raises(UserError, match="scores the 'fold1' split of other shards than the labels given"):
-        evaluate.run(resolve(config.EvaluateConfig, {**settings, "subset": True}))
+        evaluate.run(resolve(config_scoring.EvaluateConfig, {**settings, "subset": True}))
     with pytest.raises(UserError, match="names a split of shards"):
         load_labels(coco_sample / LABELS, "fold1")
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from cocoshard import CLASSES, cli, config
+from cocoshard import CLASSES, cli, config, config_scoring
 from cocoshard.errors import UserError
 from cocoshard.loading.augment import eval_transform
 from cocoshard.loading.image_files import folder_batches, list_images
@@ -65,8 +65,8 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "best.pt")
 
 
-def predict_cfg(**settings) -> config.PredictConfig:
-    return resolve(config.PredictConfig, {"workers": 2, "batch_size": 8, "device": "cpu", **settings})
+def predict_cfg(**settings) -> config_scoring.PredictConfig:
+    return resolve(config_scoring.PredictConfig, {"workers": 2, "batch_size": 8, "device": "cpu", **settings})
 
 
 def test_folder_of_real_photos_gives_a_strictly_valid_file(tmp_path, coco_sample, checkpoint) -> None:

@@ -11,7 +11,8 @@ from rich.console import Console
 
 from cocoshard import config
 from cocoshard.settings import resolve
-from cocoshard.training.runlog import EpochProgress, RunLog, command_lines, epoch_line, fit_parts
+from cocoshard.training.runlog import RunLog
+from cocoshard.training.screen import EpochProgress, command_lines, epoch_line, fit_parts
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[a-zA-Z]")
 
