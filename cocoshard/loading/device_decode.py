@@ -38,13 +38,35 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from cocoshard.loading.decode import BadSample, decode_image_to_canvas, jpeg_orientation
+from cocoshard.loading.decode import (
+    BadSample,
+    check_pixel_count,
+    decode_image_to_canvas,
+    image_member,
+    image_size,
+    jpeg_orientation,
+)
 from cocoshard.loading.image_backend import BACKEND
+from cocoshard.loading.tario import Sample
+from cocoshard.pure.format import EXT_JPEG, EXT_PNG
 
 KIND_JPEG, KIND_PNG = 0, 1
 Where = Callable[[str], str]  # a key -> the shard that holds it, for messages only
 _EXTENSION = {KIND_JPEG: "jpg", KIND_PNG: "png"}
 _local = threading.local()
+
+
+def compressed_image(sample: Sample) -> tuple[memoryview, int]:
+    """A sample's compressed image and its kind, as the host hands it to the device decoder, once
+    its header reads and declares no more pixels than an image may have; BadSample otherwise."""
+    ext = image_member(sample)
+    if ext not in (EXT_JPEG, EXT_PNG):
+        raise BadSample(f"--decode device reads jpeg shards; this sample holds .{ext}")
+    data = sample.members[ext]
+    if image_size(data, ext) is None:
+        raise BadSample(f"its .{ext} member has no readable image header")
+    check_pixel_count(data, ext)
+    return data, KIND_JPEG if ext == EXT_JPEG else KIND_PNG
 
 
 def _named(key: str, where: Where | None) -> str:

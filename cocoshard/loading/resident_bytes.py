@@ -23,15 +23,14 @@ import torch
 from cocoshard import NUM_CLASSES
 from cocoshard.loading.batch import KINDS, LABELS, SPANS
 from cocoshard.loading.buffers import SlotShapes
-from cocoshard.loading.decode import check_pixel_count, fill_labels, image_member, image_size
-from cocoshard.loading.device_decode import KIND_JPEG, KIND_PNG
+from cocoshard.loading.decode import fill_labels
+from cocoshard.loading.device_decode import compressed_image
 from cocoshard.loading.pipeline import Pipeline
 from cocoshard.loading.resident import choose_placement, human
 from cocoshard.loading.spec import LoaderSpec
-from cocoshard.loading.tario import BadSample, BadShard, Sample, read_samples
+from cocoshard.loading.tario import BadSample, BadShard, read_samples
 from cocoshard.loading.worker_side import Acquire, Filled
 from cocoshard.prepare.manifest import Manifest, is_labelled
-from cocoshard.pure.format import EXT_JPEG, EXT_PNG
 from cocoshard.pure.plan import epoch_permutation, rank_batches
 
 
@@ -46,17 +45,6 @@ class ResidentBytes:
     keys: list[str]
     shard_of: dict[str, str]  # key -> shard, for messages
     unread: int  # samples lost to bad shards or unreadable images when loading
-
-
-def _compressed(sample: Sample) -> tuple[memoryview, int]:
-    ext = image_member(sample)
-    if ext not in (EXT_JPEG, EXT_PNG):
-        raise BadSample(f"--decode device reads jpeg shards; this sample holds .{ext}")
-    data = sample.members[ext]
-    if image_size(data, ext) is None:
-        raise BadSample(f"its .{ext} member has no readable image header")
-    check_pixel_count(data, ext)
-    return data, KIND_JPEG if ext == EXT_JPEG else KIND_PNG
 
 
 def load_bytes(manifest: Manifest, split: str | Sequence[str], spec: LoaderSpec) -> ResidentBytes:
@@ -77,7 +65,7 @@ def load_bytes(manifest: Manifest, split: str | Sequence[str], spec: LoaderSpec)
             continue
         for sample in samples:
             try:
-                data, kind = _compressed(sample)
+                data, kind = compressed_image(sample)
                 row = np.zeros(NUM_CLASSES, np.uint8)
                 if is_labelled(split):
                     fill_labels(sample, row)

@@ -28,11 +28,10 @@ from cocoshard import NUM_CLASSES
 from cocoshard.loading.augment import Transform
 from cocoshard.loading.batch import BYTES, IMAGES, INPUTS, KINDS, LABELS, SIZES, SPANS
 from cocoshard.loading.buffers import Slot, SlotShapes
-from cocoshard.loading.decode import check_pixel_count, fill_canvas, fill_labels, image_member, image_size
-from cocoshard.loading.device_decode import KIND_JPEG, KIND_PNG
+from cocoshard.loading.decode import fill_canvas, fill_labels
+from cocoshard.loading.device_decode import compressed_image
 from cocoshard.loading.tario import BadSample, BadShard, Sample, ShardChecks, read_samples
 from cocoshard.loading.worker_side import Acquire, Filled
-from cocoshard.pure.format import EXT_JPEG, EXT_PNG
 from cocoshard.pure.plan import Segment, WorkerPlan, plan_epoch
 from cocoshard.seeds import Stream, numpy_rng, torch_generator
 from cocoshard.shard_cache import Remote
@@ -310,14 +309,7 @@ def _put_bytes(
     spill: dict[int, bytes],
 ) -> int:
     """Copy a sample's compressed image into the slot (or, past its end, into `spill`)."""
-    ext = image_member(sample)
-    if ext not in (EXT_JPEG, EXT_PNG):
-        raise BadSample(f"--decode device reads jpeg shards; this sample holds .{ext}")
-    data = sample.members[ext]
-    if image_size(data, ext) is None:
-        raise BadSample(f"its .{ext} member has no readable image header")
-    check_pixel_count(data, ext)
-    kinds[row] = KIND_JPEG if ext == EXT_JPEG else KIND_PNG
+    data, kinds[row] = compressed_image(sample)
     if used + len(data) > len(encoded):
         spill[row] = bytes(data)
         spans[row] = (-1, len(data))
