@@ -20,6 +20,7 @@ from __future__ import annotations
 import io
 import re
 import struct
+from collections.abc import Collection
 
 import numpy as np
 import torch
@@ -196,15 +197,18 @@ def decoder_message(exc: BaseException) -> str:
     return _OBJECT_REPR.sub("the file", str(exc)) or type(exc).__name__
 
 
-def decode_image_to_canvas(data: bytes | memoryview, ext: str, canvas: np.ndarray) -> tuple[int, int]:
+def decode_image_to_canvas(
+    data: bytes | memoryview, ext: str, canvas: np.ndarray, checked: bool = False
+) -> tuple[int, int]:
     """Decode JPEG or PNG bytes into the top-left corner of `canvas` (uint8, S x S x 3).
 
     Grayscale, palette, CMYK and alpha images become RGB; an image larger than the canvas is
     shrunk to fit with its aspect ratio kept (JPEG DCT scaling first, then Lanczos). Returns the
     image's (height, width) inside the canvas. Raises BadSample when the bytes do not decode or
-    declare too many pixels.
+    declare too many pixels (`checked`: its header was read already, by `check_pixel_count`).
     """
-    check_pixel_count(data, ext)
+    if not checked:
+        check_pixel_count(data, ext)
     size = canvas.shape[0]
     try:
         pixels = None
@@ -227,14 +231,19 @@ def decode_image_to_canvas(data: bytes | memoryview, ext: str, canvas: np.ndarra
 
 def image_member(sample: Sample) -> str:
     """The extension of a sample's one image member; BadSample when it has none or a bad key."""
-    problem = key_problem(sample.key)
+    return image_extension(sample.key, sample.members)
+
+
+def image_extension(key: str, exts: Collection[str]) -> str:
+    """`image_member` from a sample's key and member extensions alone."""
+    problem = key_problem(key)
     if problem:  # a forged member name (a path) never becomes a sample, nor an output key
         raise BadSample(problem)
-    found = [ext for ext in (EXT_PIXELS, EXT_JPEG, EXT_PNG) if ext in sample.members]
+    found = [ext for ext in (EXT_PIXELS, EXT_JPEG, EXT_PNG) if ext in exts]
     if len(found) != 1:
         raise BadSample(
             f"{'no' if not found else len(found)} image members (.{EXT_JPEG}, .{EXT_PNG} or "
-            f".{EXT_PIXELS}); it has {sorted(sample.members)}"
+            f".{EXT_PIXELS}); it has {sorted(exts)}"
         )
     return found[0]
 

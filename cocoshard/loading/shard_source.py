@@ -18,6 +18,7 @@ epoch resumed mid-way yields exactly what the uninterrupted epoch would have fro
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Iterator
 
@@ -28,10 +29,10 @@ from cocoshard import NUM_CLASSES
 from cocoshard.loading.augment import Transform
 from cocoshard.loading.batch import BYTES, IMAGES, INPUTS, KINDS, LABELS, SIZES, SPANS
 from cocoshard.loading.buffers import Slot, SlotShapes
-from cocoshard.loading.decode import fill_canvas, fill_labels
-from cocoshard.loading.device_decode import compressed_image
-from cocoshard.loading.tario import BadSample, BadShard, Sample, ShardChecks, read_samples
+from cocoshard.loading.layout import ShardLayout
+from cocoshard.loading.tario import BadSample, BadShard, ShardChecks, read_shard
 from cocoshard.loading.worker_side import Acquire, Filled
+from cocoshard.pure.format import EXT_PIXELS
 from cocoshard.pure.plan import Segment, WorkerPlan, plan_epoch
 from cocoshard.seeds import Stream, numpy_rng, torch_generator
 from cocoshard.shard_cache import Remote
@@ -39,18 +40,28 @@ from cocoshard.shard_cache import Remote
 # Room for the compressed image of a sample in a `--decode device` slot, on average over a batch
 # (the challenge's JPEGs average 12 KB; a slot is then no larger than one of raw 224 px canvases).
 BYTES_PER_IMAGE = 160 * 1024
+# Shards whose layout (and map) each process keeps between epochs: each holds a file descriptor.
+KEPT_SHARDS = 128
+DRAWS = 1024  # shuffle buffer positions drawn at once
 
-Item = tuple[str, Sample | None, BadShard | None]  # (shard url, sample, or the error that lost it)
+# (shard url, its layout and the sample's number in it, or the error that lost the sample)
+Item = tuple[str, ShardLayout | None, int, BadShard | None]
 
 
 def shuffled(items: Iterator[Item], capacity: int, rng: np.random.Generator) -> Iterator[Item]:
-    """A seeded shuffle buffer: fill `capacity` items, then emit a random one per item read."""
+    """A seeded shuffle buffer: fill `capacity` items, then emit a random one per item read.
+
+    The buffer's positions are drawn a thousand at a time: one `rng.integers` call per item cost
+    more than copying a raw sample's pixels."""
     buffer: list[Item] = []
+    draws: list[int] = []
     for item in items:
         if len(buffer) < capacity:
             buffer.append(item)
             continue
-        slot = int(rng.integers(capacity))
+        if not draws:
+            draws = rng.integers(capacity, size=DRAWS).tolist()[::-1]
+        slot = draws.pop()
         buffer[slot], item = item, buffer[slot]
         yield item
     rng.shuffle(buffer)  # numpy shuffles a list in place
@@ -92,6 +103,10 @@ class ShardBatchSource:
         self.transform_threads = 1 if workers > 0 else threads
         self.checks = ShardChecks(len(urls))
         self._canvas: tuple[torch.Tensor, torch.Tensor] | None = None  # private buffers when transforming
+        self._layouts: dict[int, ShardLayout] = {}  # this process's, by shard number, oldest use first
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_layouts": {}}  # a spawned worker maps its shards itself
 
     def plans(self, epoch: int) -> list[WorkerPlan]:
         """What each worker of this rank reads in `epoch`."""
@@ -139,30 +154,44 @@ class ShardBatchSource:
         return _BatchAssembler(self, plans[worker], rng, acquire, epoch, first).batches(start)
 
     def read_segments(self, segments: tuple[Segment, ...]) -> Iterator[Item]:
-        """(url, sample, None) for each planned sample; (url, None, error) for each lost to a bad shard."""
-        cached: tuple[int, list[Sample]] | None = None
+        """(url, layout, i, None) for each planned sample; (url, None, 0, error) for each sample lost
+        to a bad shard."""
+        layout, current = None, -1
         for seg in segments:
             url = self.urls[seg.shard]
-            if cached is None or cached[0] != seg.shard:
+            if current != seg.shard:
                 try:
-                    samples = read_samples(
-                        url,
-                        self.hashes[seg.shard],
-                        self.counts[seg.shard],
-                        checks=self.checks,
-                        index=seg.shard,
-                        remote=self.remote,
-                    )
-                    cached = (seg.shard, samples)
+                    layout, current = self.layout(seg.shard), seg.shard
                 except BadShard as exc:
                     if not self.skip_bad_samples:
                         raise
-                    cached = None
+                    current = -1
                     for _ in range(seg.take):
-                        yield url, None, exc
+                        yield url, None, 0, exc
                     continue
-            for sample in cached[1][seg.skip : seg.skip + seg.take]:
-                yield url, sample, None
+            for i in range(seg.skip, seg.skip + seg.take):
+                yield url, layout, i, None
+
+    def layout(self, shard: int) -> ShardLayout:
+        """Shard `shard` read and checked, its layout kept while its file version stays the same."""
+        mapped = read_shard(
+            self.urls[shard],
+            self.hashes[shard],
+            self.counts[shard],
+            checks=self.checks,
+            index=shard,
+            remote=self.remote,
+        )
+        layout = self._layouts.pop(shard, None)
+        if layout is None or not mapped.stamp or layout.stamp != mapped.stamp:
+            layout = ShardLayout.build(
+                mapped, canvas_size=self.canvas_size, labelled=self.labelled, send_bytes=self.send_bytes
+            )
+        if mapped.stamp:  # (a download held in memory is read again next epoch, as it was)
+            self._layouts[shard] = layout
+            while len(self._layouts) > KEPT_SHARDS:
+                del self._layouts[next(iter(self._layouts))]
+        return layout
 
     def canvases(self) -> tuple[torch.Tensor, torch.Tensor]:
         """This process's own canvas buffers, filled before the transform writes into the slot."""
@@ -232,23 +261,33 @@ class _BatchAssembler:
         bad; with skip_bad_samples, decode each into scratch canvases to know which were bad."""
         src, taken, consumed = self.source, 0, 0
         canvas = src.canvases()[0].numpy()
+        canvas_bytes = canvas.data.cast("B")
         while taken < size and (src.train or consumed < size):
             stream, item = self._next(stream)
             if item is None:
                 break
             consumed += 1
-            url, sample, error = item
+            url, layout, i, error = item
             if src.skip_bad_samples:
                 try:
                     if error is not None:
                         raise error
-                    assert sample is not None
-                    fill_canvas(sample, canvas[0])
+                    assert layout is not None
+                    layout.check(i)
+                    layout.fill(i, canvas, 0, canvas_bytes)
                 except (BadSample, BadShard):
                     continue
             taken += 1
             self.good += 1
         return stream
+
+    def _take(self, stream: Iterator[Item], count: int) -> tuple[Iterator[Item], list[Item]]:
+        """The next `count` items (fewer at the end of an evaluation's stream; none when it is over)."""
+        items = list(itertools.islice(stream, count))
+        if not items:
+            stream, item = self._next(stream)
+            items = [item] if item is not None else []
+        return stream, items
 
     def _fill(
         self, size: int, stream: Iterator[Item], tensors: Slot, spill: dict[int, bytes], index: int
@@ -260,34 +299,53 @@ class _BatchAssembler:
         else:
             images, sizes = src.canvases() if src.transform is not None else (tensors[IMAGES], tensors[SIZES])
             pixels, hw = images.numpy(), sizes.numpy()
-        label_rows = tensors[LABELS].numpy() if src.labelled else None
+            pixel_bytes = pixels.data.cast("B")
         keys: list[str] = []
+        shapes: list[tuple[int, int]] = []
+        taken: dict[int, tuple[ShardLayout, list[int], list[int]]] = {}  # by layout: (it, rows, samples)
         skipped = consumed = 0
         while len(keys) < size and (src.train or consumed < size):
-            stream, item = self._next(stream)
-            if item is None:
+            stream, items = self._take(stream, size - len(keys) if src.train else size - consumed)
+            if not items:
                 break
-            url, sample, error = item
-            consumed += 1
-            try:
-                if error is not None:
-                    raise error
-                assert sample is not None
-                row = len(keys)
-                if src.send_bytes:
-                    used = _put_bytes(sample, row, encoded, spans, kinds, used, spill)
-                else:
-                    hw[row] = fill_canvas(sample, pixels[row])
-                if label_rows is not None:
-                    fill_labels(sample, label_rows[row])
-            except (BadSample, BadShard) as exc:
-                if not src.skip_bad_samples:
-                    key = sample.key if sample is not None else "?"
-                    raise BadSample(f"shard {url}, sample {key}: {exc}") from exc
-                skipped += self.passes == 0
-                continue
-            keys.append(sample.key)
-            self.good += 1
+            consumed += len(items)
+            before = len(keys)
+            for url, layout, i, error in items:
+                try:
+                    if error is not None:
+                        raise error
+                    assert layout is not None
+                    if i in layout.problems:
+                        raise BadSample(layout.problems[i])
+                    row = len(keys)
+                    if src.send_bytes:
+                        used = _put_bytes(layout, i, row, encoded, spans, kinds, used, spill)
+                    elif layout.exts[i] == EXT_PIXELS:  # copied below, a shard's samples at once
+                        shapes.append(layout.sizes[i])
+                    else:
+                        shapes.append(layout.fill(i, pixels, row, pixel_bytes))
+                except (BadSample, BadShard) as exc:
+                    if not src.skip_bad_samples:
+                        key = layout.keys[i] if layout is not None else "?"
+                        raise BadSample(f"shard {url}, sample {key}: {exc}") from exc
+                    skipped += self.passes == 0
+                    continue
+                keys.append(layout.keys[i])
+                group = taken.get(id(layout))
+                if group is None:
+                    group = taken[id(layout)] = (layout, [], [])
+                group[1].append(row)
+                group[2].append(i)
+            self.good += len(keys) - before  # (a stream that ends asks whether any sample was good)
+        if shapes:
+            hw[: len(shapes)] = shapes
+            for layout, rows, picked in taken.values():
+                layout.copy_pixels(picked, rows, pixels, pixel_bytes)
+        if src.labelled:
+            label_rows = tensors[LABELS].numpy()
+            for layout, rows, picked in taken.values():  # one gather per shard in the batch
+                assert layout.labels is not None
+                label_rows[rows] = layout.labels[picked]
         if src.transform is not None and keys and not src.send_bytes:
             generator = None
             if src.transform.random:
@@ -300,7 +358,8 @@ class _BatchAssembler:
 
 
 def _put_bytes(
-    sample: Sample,
+    layout: ShardLayout,
+    i: int,
     row: int,
     encoded: np.ndarray,
     spans: np.ndarray,
@@ -308,12 +367,13 @@ def _put_bytes(
     used: int,
     spill: dict[int, bytes],
 ) -> int:
-    """Copy a sample's compressed image into the slot (or, past its end, into `spill`)."""
-    data, kinds[row] = compressed_image(sample)
-    if used + len(data) > len(encoded):
-        spill[row] = bytes(data)
-        spans[row] = (-1, len(data))
+    """Copy sample `i`'s compressed image into the slot (or, past its end, into `spill`)."""
+    start, end = layout.starts[i], layout.ends[i]
+    kinds[row], size = layout.kinds[i], end - start
+    if used + size > len(encoded):
+        spill[row] = layout.flat[start:end].tobytes()
+        spans[row] = (-1, size)
         return used
-    encoded[used : used + len(data)] = np.frombuffer(data, dtype=np.uint8)
-    spans[row] = (used, len(data))
-    return used + len(data)
+    encoded[used : used + size] = layout.flat[start:end]
+    spans[row] = (used, size)
+    return used + size

@@ -2,8 +2,10 @@
 
     samples = read_samples(url, expected_sha256, expected_samples, remote=manifest.remote)
     for key, members in samples: members["jpg"], members["labels.npy"]
+    shard = read_shard(url, expected_sha256, expected_samples)   # its bytes, version and index
 
-Every reader of shards goes through `read_samples`: the loaders, evaluate's labels, predict. A
+Every reader of shards goes through `read_shard`: the loaders (a stream worker through the
+layout it keeps of each shard, `cocoshard.loading.layout`), evaluate's labels, predict. A
 local shard is memory-mapped, not read: a loader worker touches only the pages of the samples it
 reads (a 120 MB raw shard read whole took a quarter of a short epoch), and the page cache is
 shared by all workers. A URL is read whole (`cocoshard.remote`: bounded waits, retries, a network
@@ -102,9 +104,14 @@ def open_shard(url: str, sha256: str | None = None, remote: Remote | None = None
             if info.st_size == 0:
                 raise BadShard(f"shard {url} is empty (0 bytes)")
             data = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
-        return Shard(data, (info.st_mtime_ns * 1_000_003 + info.st_size) % (2**62) + 1)
+        return Shard(data, file_version(info))
     except (OSError, ValueError) as exc:
         raise BadShard(f"cannot read shard {url}: {exc}") from exc
+
+
+def file_version(info: os.stat_result) -> int:
+    """A number that changes when a file is rewritten in place or replaced by another (a re-pack)."""
+    return hash((info.st_mtime_ns, info.st_size, info.st_ino, info.st_dev)) % (2**62) + 1
 
 
 def check_sha256(url: str, data: bytes | mmap.mmap, expected: str | None) -> None:
@@ -272,7 +279,18 @@ def parse_samples(data: bytes | mmap.mmap, url: str, check_headers: bool = True)
 _indexes: dict[str, tuple[int, ShardIndex]] = {}
 
 
-def read_samples(
+class MappedShard(NamedTuple):
+    """A checked shard: its bytes, their file version (0: a download held in memory), its index."""
+
+    data: bytes | mmap.mmap
+    stamp: int
+    table: ShardIndex  # (`index` would hide the tuple's own method)
+
+    def samples(self) -> list[Sample]:
+        return self.table.samples(self.data)
+
+
+def read_shard(
     url: str,
     sha256: str | None = None,
     expected_samples: int | None = None,
@@ -280,7 +298,7 @@ def read_samples(
     checks: ShardChecks | None = None,
     index: int = 0,
     remote: Remote | None = None,
-) -> list[Sample]:
+) -> MappedShard:
     """Read, check and index one shard. Raises BadShard naming the shard on any inconsistency, and
     NetworkError (`cocoshard.remote`) when a URL cannot be read.
 
@@ -305,10 +323,18 @@ def read_samples(
         shard_index = index_samples(tar_spans(data, url, check_headers=not sha256), url)
         if stamp:
             _indexes[url] = (stamp, shard_index)
-    samples = shard_index.samples(data)
-    if expected_samples is not None and len(samples) != expected_samples:
-        raise BadShard(f"shard {url} holds {len(samples)} samples, the manifest says {expected_samples}")
-    return samples
+    if expected_samples is not None and len(shard_index.keys) != expected_samples:
+        raise BadShard(
+            f"shard {url} holds {len(shard_index.keys)} samples, the manifest says {expected_samples}"
+        )
+    return MappedShard(data, stamp, shard_index)
+
+
+def read_samples(
+    url: str, sha256: str | None = None, expected_samples: int | None = None, remote: Remote | None = None
+) -> list[Sample]:
+    """The samples of one shard, read and checked by `read_shard`, members as zero-copy views."""
+    return read_shard(url, sha256, expected_samples, remote=remote).samples()
 
 
 def shard_keys(url: str, sha256: str | None = None, remote: Remote | None = None) -> list[str]:

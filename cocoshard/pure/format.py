@@ -71,6 +71,9 @@ def is_shard_file(name: str) -> bool:
     return SHARD_FILE.match(name) is not None
 
 
+_CONTROL_OR_SURROGATE = re.compile("[\x00-\x1f\ud800-\udfff]")
+
+
 def key_problem(key: str) -> str | None:
     """Why `key` cannot name a sample in a tar shard, or None when it can."""
     if not key:
@@ -83,7 +86,7 @@ def key_problem(key: str) -> str | None:
         # A member name that is a path (absolute, `..`, or a folder) is never one of our samples;
         # shards are only read, but such a key must not become an output file name either.
         return f"the key {key!r} is a path, not an image stem"
-    if key != key.strip() or any(ord(c) < 32 or 0xD800 <= ord(c) <= 0xDFFF for c in key):
+    if key != key.strip() or _CONTROL_OR_SURROGATE.search(key):
         # (surrogates: what Python makes of a file name whose bytes are not UTF-8)
         return f"the stem {key!r} has leading/trailing spaces, control characters or bytes that are not UTF-8"
     return None
@@ -156,19 +159,22 @@ def encode_pixels(rgb: np.ndarray) -> bytes:
     return encode_npy(rgb)
 
 
-def decode_pixels(data: bytes | memoryview, max_side: int) -> np.ndarray:
-    """uint8 (h, w, 3) view of a `.pixels.npy` member; ValueError unless 0 < h, w <= max_side."""
+def pixels_layout(data: bytes | memoryview, max_side: int) -> NpyArray:
+    """Shape (h, w, 3) and data offset of a `.pixels.npy` member; ValueError unless 0 < h, w <= max_side."""
     try:
-        pixels = npy_array(data)
+        layout = npy_layout(data)
     except ValueError as exc:
         raise ValueError(f"pixels: {exc}") from None
-    if (
-        pixels.ndim != 3
-        or pixels.shape[2] != 3
-        or not (0 < pixels.shape[0] <= max_side and 0 < pixels.shape[1] <= max_side)
-    ):
-        raise ValueError(f"pixels: a {pixels.shape} array, expected (h, w, 3) with sides in 1-{max_side}")
-    return pixels
+    shape = layout.shape
+    if len(shape) != 3 or shape[2] != 3 or not (0 < shape[0] <= max_side and 0 < shape[1] <= max_side):
+        raise ValueError(f"pixels: a {shape} array, expected (h, w, 3) with sides in 1-{max_side}")
+    return layout
+
+
+def decode_pixels(data: bytes | memoryview, max_side: int) -> np.ndarray:
+    """uint8 (h, w, 3) view of a `.pixels.npy` member; ValueError unless 0 < h, w <= max_side."""
+    layout = pixels_layout(data, max_side)
+    return np.frombuffer(data, dtype=np.uint8, offset=layout.offset).reshape(layout.shape)
 
 
 def encode_labels(vector: np.ndarray) -> bytes:
