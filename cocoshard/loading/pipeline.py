@@ -177,7 +177,10 @@ class Pipeline:
     def _host_batch(self, worker: int, filled: Filled) -> HostBatch:
         slot = self.producer.slots[worker][filled.slot]
         n = filled.size
-        views = {name: tensor if name == BYTES else tensor[:n] for name, tensor in slot.items()}
+        views = {
+            name: tensor if name == BYTES or len(tensor) == n else tensor[:n]  # (a full slot: as it is)
+            for name, tensor in slot.items()
+        }
         return HostBatch(
             views, filled.keys, filled.skipped, (worker, filled.slot), filled.number, filled.spill
         )

@@ -24,8 +24,8 @@ exception type with its message; anything else with the worker's traceback.
 from __future__ import annotations
 
 import contextlib
-import multiprocessing.connection
 import os
+import select
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -155,6 +155,7 @@ class WorkerPool:
         self._at_worker: list[set[int]] = [set() for _ in range(count)]
         self._processes: list[BaseProcess] = []
         self._conns: list[Connection] = []
+        self._pollers: list[select.poll] = []  # each worker's pipe and sentinel, registered once
         self._running = [False] * count
 
     def _new_slot(self) -> Slot:
@@ -182,6 +183,10 @@ class WorkerPool:
             child.close()
             self._processes.append(process)
             self._conns.append(parent)
+            poller = select.poll()
+            for fd in (parent.fileno(), process.sentinel):
+                poller.register(fd, select.POLLIN)
+            self._pollers.append(poller)
 
     def begin(self, epoch: int, starts: list[int]) -> None:
         """Start epoch `epoch` in every worker, worker w from its batch `starts[w]` (ending an epoch
@@ -227,10 +232,12 @@ class WorkerPool:
         raise WorkerFailed(f"{self.name} worker {worker} failed:\n{message[1]}")
 
     def _wait(self, worker: int) -> tuple:
-        conn, process = self._conns[worker], self._processes[worker]
+        conn, process, poller = self._conns[worker], self._processes[worker], self._pollers[worker]
         while True:
-            ready = multiprocessing.connection.wait([conn, process.sentinel], timeout=POLL_S)
-            if conn in ready:
+            # (one poll object a worker, not multiprocessing.connection.wait: that builds a selector
+            # and registers both descriptors again for every batch)
+            ready = {fd for fd, _ in poller.poll(POLL_S * 1000)}
+            if conn.fileno() in ready:
                 with contextlib.suppress(EOFError):
                     return conn.recv()
             if process.sentinel in ready or not process.is_alive():
@@ -265,7 +272,7 @@ class WorkerPool:
                 process.join(timeout=5)
         for conn in self._conns:
             conn.close()
-        self._processes, self._conns = [], []
+        self._processes, self._conns, self._pollers = [], [], []
         self._running = [False] * self.count
         self._at_worker = [set() for _ in range(self.count)]
 
