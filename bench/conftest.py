@@ -270,12 +270,16 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
             write(f"train step {name:<28}{entry['images_per_s']:>10.1f} images/s")
     host = data["host_side"]
     if host:
-        limits = host.get("limits_us_per_image", {})
-        write(f"host side alone (what {cores()} cores feed a GPU); one core: {limits}")
+        limits, alone = host.get("limits_us_per_image", {}), host.get("one_core_limits_us_per_image", {})
+        write(
+            f"host side alone (what {cores()} cores feed a GPU); limits, {cores()} cores at once: "
+            f"{limits}, one alone: {alone}"
+        )
         for name, entry in host.items():
-            if name != "limits_us_per_image":
+            if "images_per_s" in entry:
                 bar = (
-                    f"  {entry['x_limit']:.2f}x its {entry['limit']} (bar {entry['bar']})"
+                    f"  {entry['x_limit']:.2f}x its {entry['limit']} (bar {entry['bar']};"
+                    f" {entry['x_one_core_limit']:.2f}x one core's)"
                     if "limit" in entry
                     else ""
                 )

@@ -6,20 +6,26 @@ A GPU run's loader does on the host only what `cocoshard.loading.pipeline.Pipeli
 does: worker processes fill uint8 canvases (or copy compressed bytes, `--decode device`) into
 shared-memory slots, and the device does the rest. This bench runs exactly that on this machine's
 cores, with the same workers as the throughput bench, and reports images/s and CPU µs per image
-per loader mode. Beside each mode, measured just before its rounds on one core, what it costs at
-the least: for a resident split (full canvases in memory), copying a canvas to a place of its
-own; for raw shards, copying each of the bench's raw images (its own pixels) into a canvas of its
-own; for jpeg shards, decoding each of the bench's JPEGs into a canvas of its own. The
-first timed round is reported apart from the later ones: a stream worker maps and checks each
-shard the first time it reads it (`cocoshard.loading.layout`), and with shards dealt out afresh
-every epoch, a worker meets shards new to it in the first few epochs of a run. The later rounds
-are what the rest of a run costs, and are held to the bars: resident and raw <= 1.5x their copy,
-jpeg <= 1.15x its decode. A user reads off how many images/s their cores can deliver to a GPU: cores / (CPU µs
-per image).
+per loader mode. Beside each mode, measured just before its rounds, what it costs at the least:
+for a resident split (full canvases in memory), copying a canvas to a place of its own; for raw
+shards, copying each of the bench's raw images (its own pixels) into a canvas of its own; for jpeg
+shards, decoding each of the bench's JPEGs into a canvas of its own. Each limit is measured twice:
+by as many processes at once as the loader has workers, each on images of its own, and by one
+process alone. The loader's workers copy at the same time, and memory is shared by the cores: on
+the 2-core bench machine one core alone copies a raw image in 16-20 µs, each of two copying at once
+takes 21-27. The bars hold each mode to the limit measured as it runs (all its cores at once); the
+one-core figure and the ratio to it are reported beside. The first timed round is reported apart
+from the later ones: a stream worker maps and checks each shard the first time it reads it
+(`cocoshard.loading.layout`), and with shards dealt out afresh every epoch, a worker meets shards
+new to it in the first few epochs of a run. The later rounds are what the rest of a run costs, and
+are held to the bars: resident and raw <= 1.5x their copy, jpeg <= 1.15x its decode. A user reads
+off how many images/s their cores can deliver to a GPU: cores / (CPU µs per image).
 """
 
 from __future__ import annotations
 
+import multiprocessing
+import queue
 import statistics
 import time
 from collections.abc import Callable
@@ -43,25 +49,38 @@ BARS = {"copy": 1.5, "pixels": 1.5, "decode": 1.15}
 COPY_IMAGES = 512  # distinct canvases: 77 MB at 224 px, more than any cache
 
 
-def copy_us_per_image(size: int, rounds: int = 5) -> float:
-    """One core copying canvases of size x size x 3 bytes from and to memory no cache holds.
+def no_wait() -> None:
+    pass
+
+
+def copy_us_per_image(
+    size: int, rounds: int = 5, *, part: int = 0, parts: int = 1, ready: Callable[[], object] = no_wait
+) -> float:
+    """One core copying canvases of size x size x 3 bytes from and to memory no cache holds (CPU µs
+    a canvas, median of `rounds`; `ready` is called once the arrays are made, before the rounds).
 
     Each canvas goes to a place of its own, as each image of a batch does: copied again and again
     into one canvas, which stays in the core's cache, a canvas cost half as much (8.9 against
     17.5 µs on the 2-core bench machine), a limit no loader that writes batches can reach."""
-    source = np.random.default_rng(0).integers(0, 255, (COPY_IMAGES, size, size, 3), dtype=np.uint8)
+    source = np.random.default_rng([part, parts]).integers(
+        0, 255, (COPY_IMAGES, size, size, 3), dtype=np.uint8
+    )
     target = np.zeros_like(source)  # written once before timing: its pages exist
+    ready()
     times = []
     for _ in range(rounds):
-        start = time.perf_counter()
+        start = time.thread_time()
         for image, place in zip(source, target, strict=True):
             np.copyto(place, image)
-        times.append((time.perf_counter() - start) / COPY_IMAGES)
+        times.append((time.thread_time() - start) / COPY_IMAGES)
     return statistics.median(times) * 1e6
 
 
-def _train_samples(data: BenchData, pixel_format: str, count: int) -> tuple[list, int]:
-    """The first `count` samples of the bench's train shards in `pixel_format`, and the canvas side."""
+def _train_samples(
+    data: BenchData, pixel_format: str, count: int, part: int = 0, parts: int = 1
+) -> tuple[list, int]:
+    """Every `parts`-th of the first `count * parts` samples of the bench's train shards in
+    `pixel_format` from the `part`-th on (a process's own images), and the canvas side."""
     from cocoshard.loading.tario import read_samples
     from cocoshard.prepare.manifest import load_manifest
 
@@ -69,52 +88,100 @@ def _train_samples(data: BenchData, pixel_format: str, count: int) -> tuple[list
     samples = []
     for url, entry in zip(manifest.urls("train"), manifest.shards("train"), strict=True):
         samples += read_samples(url, entry.sha256, entry.samples)
-    return samples[:count], manifest.size
+    return samples[: count * parts][part::parts], manifest.size
 
 
-def pixels_us_per_image(data: BenchData, rounds: int = 5) -> float:
+def pixels_us_per_image(
+    data: BenchData, rounds: int = 5, *, part: int = 0, parts: int = 1, ready: Callable[[], object] = no_wait
+) -> float:
     """One core copying the bench's raw images (its own pixels, 73% of a canvas's bytes at 224 px)
     from memory into the top-left corner of canvases of their own, no cache holding either: what
     a raw shard costs at the least."""
     from cocoshard.pure.format import EXT_PIXELS, decode_pixels
 
-    samples, side = _train_samples(data, "raw", COPY_IMAGES)
+    samples, side = _train_samples(data, "raw", COPY_IMAGES, part, parts)
     images = [decode_pixels(s.members[EXT_PIXELS], side).copy() for s in samples]
     target = np.zeros((len(images), side, side, 3), np.uint8)
+    ready()
     times = []
     for _ in range(rounds):
-        start = time.perf_counter()
+        start = time.thread_time()
         for image, place in zip(images, target, strict=True):
             place[: image.shape[0], : image.shape[1]] = image
-        times.append((time.perf_counter() - start) / len(images))
+        times.append((time.thread_time() - start) / len(images))
     return statistics.median(times) * 1e6
 
 
-def decode_us_per_image(data: BenchData, limit: int = 400, rounds: int = 3) -> float:
+def decode_us_per_image(
+    data: BenchData,
+    limit: int = 400,
+    rounds: int = 3,
+    *,
+    part: int = 0,
+    parts: int = 1,
+    ready: Callable[[], object] = no_wait,
+) -> float:
     """One core decoding the bench's JPEGs into canvases of their own: the decode a stream worker
     runs, without the checks it makes once per shard."""
     from cocoshard.loading.decode import decode_image_to_canvas, image_member
 
-    samples, side = _train_samples(data, "jpeg", limit)
+    samples, side = _train_samples(data, "jpeg", limit, part, parts)
     images = [(sample.members[ext], ext) for sample in samples for ext in [image_member(sample)]]
     canvases = np.zeros((len(images), side, side, 3), np.uint8)
     torch.set_num_threads(1)
     for (image, ext), canvas in zip(images[:20], canvases[:20], strict=True):  # warm-up
         decode_image_to_canvas(image, ext, canvas, checked=True)
+    ready()
     times = []
     for _ in range(rounds):
-        start = time.perf_counter()
+        start = time.thread_time()
         for (image, ext), canvas in zip(images, canvases, strict=True):
             decode_image_to_canvas(image, ext, canvas, checked=True)
-        times.append((time.perf_counter() - start) / len(images))
+        times.append((time.thread_time() - start) / len(images))
     return statistics.median(times) * 1e6
 
 
+def at_once(measure: Callable[..., float], processes: int, timeout_s: float = 600) -> float:
+    """`measure(part=k, parts=processes, ready=...)` in `processes` forked processes (as the
+    loaders' workers are) that start their rounds together; the median of their figures."""
+    if processes == 1:
+        return measure()
+    context = multiprocessing.get_context("fork")
+    barrier, results = context.Barrier(processes), context.Queue()
+
+    def run(part: int) -> None:
+        try:
+            results.put(measure(part=part, parts=processes, ready=barrier.wait))
+        except BaseException as exc:  # noqa: BLE001 (reported in the bench process)
+            barrier.abort()
+            results.put(f"{type(exc).__name__}: {exc}")
+
+    children = [context.Process(target=run, args=(part,), daemon=True) for part in range(processes)]
+    for child in children:
+        child.start()
+    try:
+        figures = [results.get(timeout=timeout_s) for _ in children]
+    except queue.Empty:
+        raise AssertionError(
+            f"a limit measured in {processes} processes at once took over {timeout_s} s"
+        ) from None
+    finally:
+        for child in children:
+            child.join(timeout=10)
+            if child.is_alive():
+                child.kill()
+    errors = [figure for figure in figures if isinstance(figure, str)]
+    assert not errors, f"measuring a limit in {processes} processes at once failed: {errors[0]}"
+    return statistics.median(figures)
+
+
 def host_rates(
-    data: BenchData, batch: int, workers: int, rounds: int, limits: dict[str, Callable[[], float]]
+    data: BenchData, batch: int, workers: int, rounds: int, limits: dict[str, Callable[..., float]]
 ) -> dict[str, dict[str, float]]:
     """Per mode: images/s (median round), CPU µs per image of the first timed round and of the
-    later ones, and its limit measured just before its rounds (this machine's speed drifts)."""
+    later ones, and its limit measured just before each round (this machine's speed drifts within
+    seconds), by `workers` processes at once and by one alone; the ratios are the median of the
+    later rounds' ratios to the limit measured just before them."""
     from cocoshard.loading.loader import build_loader
     from cocoshard.loading.pipeline import Pipeline
     from cocoshard.loading.spec import LoaderSpec
@@ -126,35 +193,46 @@ def host_rates(
             assert isinstance(loader, Pipeline)
             sum(len(b) for b in loader.host_batches(0))  # warm-up: workers, page cache, checksums
             settle()
-            entry = {"limit_us": limits[limit]()} if limit is not None else {}
-            settle()
-            rates, cpu, images = [], [], []
+            rates, cpu, images, at_limit, alone = [], [], [], [], []
             for epoch in range(1, rounds + 1):
+                if limit is not None:
+                    at_limit.append(at_once(limits[limit], workers))
+                    alone.append(limits[limit]())
+                    settle()
                 start, cpu_start = time.perf_counter(), process_tree_cpu_seconds()
                 count = sum(len(b) for b in loader.host_batches(epoch))
                 rates.append(count / (time.perf_counter() - start))
                 settle()
                 cpu.append(process_tree_cpu_seconds() - cpu_start)
                 images.append(count)
-        found[name] = {
-            **entry,
+        entry = {
             "images_per_s": statistics.median(rates),
             "cpu_us_per_image": sum(cpu) / sum(images) * 1e6,
             "first_round_cpu_us_per_image": cpu[0] / images[0] * 1e6,
             "later_rounds_cpu_us_per_image": sum(cpu[1:]) / max(1, sum(images[1:])) * 1e6,
         }
+        if limit is not None:
+            later = [c / n * 1e6 for c, n in zip(cpu[1:], images[1:], strict=True)]
+            entry.update(
+                limit_us=statistics.median(at_limit[1:]),
+                one_core_limit_us=statistics.median(alone[1:]),
+                x_limit=statistics.median(u / v for u, v in zip(later, at_limit[1:], strict=True)),
+                x_one_core_limit=statistics.median(u / v for u, v in zip(later, alone[1:], strict=True)),
+            )
+        found[name] = entry
     return found
 
 
 def test_host_side_against_the_machines_limits(bench_data: BenchData, report: BenchReport, request) -> None:
     opts = request.config.option
-    limits = {
-        "copy": lambda: copy_us_per_image(224),
-        "pixels": lambda: pixels_us_per_image(bench_data),
-        "decode": lambda: decode_us_per_image(bench_data),
+    limits: dict[str, Callable[..., float]] = {
+        "copy": lambda **part: copy_us_per_image(224, **part),
+        "pixels": lambda **part: pixels_us_per_image(bench_data, **part),
+        "decode": lambda **part: decode_us_per_image(bench_data, **part),
     }
     rates = host_rates(bench_data, opts.bench_batch_size, cores(), max(2, opts.bench_rounds), limits)
     measured: dict[str, list[float]] = {}
+    one_core: dict[str, list[float]] = {}
     for name, entry in rates.items():
         limit = HOST_MODES[name][2]
         report.host_side[name] = {
@@ -166,10 +244,18 @@ def test_host_side_against_the_machines_limits(bench_data: BenchData, report: Be
         }
         if limit is not None:
             measured.setdefault(limit, []).append(entry["limit_us"])
-            ratio = entry["later_rounds_cpu_us_per_image"] / entry["limit_us"]
+            one_core.setdefault(limit, []).append(entry["one_core_limit_us"])
             report.host_side[name].update(
-                limit=limit, limit_us=round(entry["limit_us"], 1), x_limit=round(ratio, 2), bar=BARS[limit]
+                limit=limit,
+                limit_us=round(entry["limit_us"], 1),
+                x_limit=round(entry["x_limit"], 2),
+                bar=BARS[limit],
+                one_core_limit_us=round(entry["one_core_limit_us"], 1),
+                x_one_core_limit=round(entry["x_one_core_limit"], 2),
             )
     report.host_side["limits_us_per_image"] = {
         name: round(statistics.median(values), 1) for name, values in measured.items()
+    }
+    report.host_side["one_core_limits_us_per_image"] = {
+        name: round(statistics.median(values), 1) for name, values in one_core.items()
     }
