@@ -6,13 +6,13 @@ A GPU run's loader does on the host only what `cocoshard.loading.pipeline.Pipeli
 does: worker processes fill uint8 canvases (or copy compressed bytes, `--decode device`) into
 shared-memory slots, and the device does the rest. This bench runs exactly that on this machine's
 cores, with the same workers as the throughput bench, and reports images/s and CPU µs per image
-per loader mode. Beside each mode, measured just before its rounds, what it costs at the least:
-for a resident split (full canvases in memory), copying a canvas to a place of its own; for raw
-shards, copying each of the bench's raw images (its own pixels) into a canvas of its own; for jpeg
+per loader mode. Beside each mode, measured just before each of its rounds, what it costs at the
+least: for a resident split (full canvases in memory), copying a canvas to a place of its own; for
+raw shards, copying each of the bench's raw images (its own pixels) into a canvas of its own; for jpeg
 shards, decoding each of the bench's JPEGs into a canvas of its own. Each limit is measured twice:
 by as many processes at once as the loader has workers, each on images of its own, and by one
 process alone. The loader's workers copy at the same time, and memory is shared by the cores: on
-the 2-core bench machine one core alone copies a raw image in 16-20 µs, each of two copying at once
+the 2-core bench machine one core alone copies a raw image in 16-21 µs, each of two copying at once
 takes 21-27. The bars hold each mode to the limit measured as it runs (all its cores at once); the
 one-core figure and the ratio to it are reported beside. The first timed round is reported apart
 from the later ones: a stream worker maps and checks each shard the first time it reads it

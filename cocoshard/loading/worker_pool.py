@@ -24,6 +24,7 @@ exception type with its message; anything else with the worker's traceback.
 from __future__ import annotations
 
 import contextlib
+import multiprocessing.connection
 import os
 import select
 import sys
@@ -44,6 +45,10 @@ from cocoshard.machine import SHARED_MEMORY, shared_memory_available
 START_METHOD = "fork" if sys.platform.startswith("linux") else "spawn"
 POLL_S = 1.0  # how often a waiting trainer checks that its worker is alive
 SHM_HEADROOM = 1.25  # slots made later (a caller holding every batch) and torch's own bookkeeping
+# A poll object per worker, its pipe and sentinel registered once (multiprocessing.connection.wait
+# builds a selector and registers both again for every batch); Windows has none: its pipes are
+# waited on by multiprocessing.connection.wait.
+POLLABLE = hasattr(select, "poll")
 
 
 class WorkerDied(UserError):
@@ -183,10 +188,11 @@ class WorkerPool:
             child.close()
             self._processes.append(process)
             self._conns.append(parent)
-            poller = select.poll()
-            for fd in (parent.fileno(), process.sentinel):
-                poller.register(fd, select.POLLIN)
-            self._pollers.append(poller)
+            if POLLABLE:
+                poller = select.poll()
+                for fd in (parent.fileno(), process.sentinel):
+                    poller.register(fd, select.POLLIN)
+                self._pollers.append(poller)
 
     def begin(self, epoch: int, starts: list[int]) -> None:
         """Start epoch `epoch` in every worker, worker w from its batch `starts[w]` (ending an epoch
@@ -232,15 +238,18 @@ class WorkerPool:
         raise WorkerFailed(f"{self.name} worker {worker} failed:\n{message[1]}")
 
     def _wait(self, worker: int) -> tuple:
-        conn, process, poller = self._conns[worker], self._processes[worker], self._pollers[worker]
+        conn, process = self._conns[worker], self._processes[worker]
         while True:
-            # (one poll object a worker, not multiprocessing.connection.wait: that builds a selector
-            # and registers both descriptors again for every batch)
-            ready = {fd for fd, _ in poller.poll(POLL_S * 1000)}
-            if conn.fileno() in ready:
-                with contextlib.suppress(EOFError):
+            if POLLABLE:
+                ready = {fd for fd, _ in self._pollers[worker].poll(POLL_S * 1000)}
+                message, ended = conn.fileno() in ready, process.sentinel in ready
+            else:
+                waited = multiprocessing.connection.wait([conn, process.sentinel], timeout=POLL_S)
+                message, ended = conn in waited, process.sentinel in waited
+            if message:  # (a worker killed with a message of ours unread resets its end: OSError)
+                with contextlib.suppress(EOFError, OSError):
                     return conn.recv()
-            if process.sentinel in ready or not process.is_alive():
+            if ended or not process.is_alive():
                 code = process.exitcode
                 self.close()
                 how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"

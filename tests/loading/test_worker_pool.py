@@ -86,3 +86,28 @@ def test_shared_memory_too_small_for_the_slots_is_refused_before_workers_start(
         sample_shards_raw, "val", LoaderSpec(batch_size=128, device="cpu", train=False)
     ) as loader:
         assert len(list(loader)) == len(loader)  # --workers 0 needs no shared memory
+
+
+@pytest.mark.parametrize("pollable", [True, False], ids=["poll", "connection-wait"])
+def test_a_worker_killed_mid_epoch_is_named_at_once_with_either_wait(
+    sample_shards_raw: Path, monkeypatch: pytest.MonkeyPatch, pollable: bool
+) -> None:
+    """The training process waits on each worker's pipe and sentinel with one poll object a worker,
+    or (where there is no poll: Windows) with multiprocessing.connection.wait; both deliver every
+    batch of an epoch, and both notice a killed worker at once instead of waiting on its pipe."""
+    monkeypatch.setattr(worker_pool, "POLLABLE", pollable)
+    spec = LoaderSpec(batch_size=8, device="cpu", train=True, workers=2)
+    with build_loader(sample_shards_raw, "train", spec) as loader:
+        assert sum(len(batch.keys) for batch in loader) == loader.num_samples
+        assert bool(loader.producer._pollers) == pollable
+        # more batches than a worker can fill ahead: the killed one cannot have finished its epoch
+        assert len(loader) > 2 * (spec.prefetch + 2)
+        batches = iter(loader)
+        next(batches)
+        victim = loader.producer.pids()[1]
+        os.kill(victim, signal.SIGKILL)
+        started = time.monotonic()
+        with pytest.raises(worker_pool.WorkerDied, match=rf"worker 1 \(pid {victim}\) died during an epoch"):
+            for _ in batches:
+                pass
+        assert time.monotonic() - started < 10 * worker_pool.POLL_S
