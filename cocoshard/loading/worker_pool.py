@@ -32,7 +32,7 @@ import threading
 from collections.abc import Callable, Iterator
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
 
 import torch.multiprocessing as mp
 
@@ -246,24 +246,37 @@ class WorkerPool:
             else:
                 waited = multiprocessing.connection.wait([conn, process.sentinel], timeout=POLL_S)
                 message, ended = conn in waited, process.sentinel in waited
-            if message:  # (a worker killed with a message of ours unread resets its end: OSError)
-                with contextlib.suppress(EOFError, OSError):
+            if message:
+                try:
                     return conn.recv()
+                except (EOFError, ConnectionResetError):  # its end is closed: it died, or is dying
+                    self._died(worker)  # (killed with a message of ours unread, it resets the pipe)
             if ended or not process.is_alive():
-                code = process.exitcode
-                self.close()
-                how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
-                raise WorkerDied(
-                    f"{self.name} worker {worker} (pid {process.pid}) died during an epoch ({how}; "
-                    f"out of memory?): run again, with fewer --workers if memory is short"
-                )
+                self._died(worker)
+
+    def _died(self, worker: int) -> NoReturn:
+        """Raise WorkerDied naming `worker`, whose pipe or process has ended, once it has exited (at
+        most POLL_S: a worker whose pipe closed is ending), and stop the others."""
+        process = self._processes[worker]
+        process.join(timeout=POLL_S)
+        code = process.exitcode
+        self.close()
+        if code is None:
+            how = "its pipe closed, the process still running"
+        elif code < 0:
+            how = f"killed by signal {-code}"
+        else:
+            how = f"exit code {code}"
+        raise WorkerDied(
+            f"{self.name} worker {worker} (pid {process.pid}) died during an epoch ({how}; "
+            f"out of memory?): run again, with fewer --workers if memory is short"
+        )
 
     def _send(self, worker: int, message: tuple) -> None:
         try:
             self._conns[worker].send(message)
-        except (BrokenPipeError, ConnectionResetError, OSError):
-            self._wait(worker)  # names the dead worker
-            raise
+        except (BrokenPipeError, ConnectionResetError):
+            self._died(worker)  # (not _wait: a batch it sent before dying would be taken for an answer)
 
     def pids(self) -> list[int]:
         """The worker processes' ids (none before the first epoch)."""
