@@ -54,9 +54,14 @@ def _stop_now(pool: ProcessPoolExecutor) -> None:
         terminate()
         return
     processes = list((getattr(pool, "_processes", None) or {}).values())  # shutdown() forgets them
+    manager = getattr(pool, "_executor_manager_thread", None)  # and this
     pool.shutdown(wait=False, cancel_futures=True)
     for process in processes:
         process.terminate()
+    if manager is not None:
+        # Its end closes the pipe that wakes it: left running, the interpreter's exit could wake it
+        # as it closes the pipe, and print "Exception ignored ... Bad file descriptor" after our message.
+        manager.join(timeout=10)
 
 
 def worker_count(requested: int | None, tasks: int) -> int:
