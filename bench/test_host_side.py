@@ -27,11 +27,13 @@ image).
 
 from __future__ import annotations
 
+import functools
 import multiprocessing
 import queue
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -56,6 +58,16 @@ def no_wait() -> None:
     pass
 
 
+def cpu_us_per_item(one_pass: Callable[[], object], items: int, rounds: int) -> float:
+    """CPU µs of this thread per item of `one_pass` (which handles `items` items), median of `rounds`."""
+    times = []
+    for _ in range(rounds):
+        start = time.thread_time()
+        one_pass()
+        times.append((time.thread_time() - start) / items)
+    return statistics.median(times) * 1e6
+
+
 def copy_us_per_image(
     size: int, rounds: int = 5, *, part: int = 0, parts: int = 1, ready: Callable[[], object] = no_wait
 ) -> float:
@@ -69,14 +81,27 @@ def copy_us_per_image(
         0, 255, (COPY_IMAGES, size, size, 3), dtype=np.uint8
     )
     target = np.zeros_like(source)  # written once before timing: its pages exist
-    ready()
-    times = []
-    for _ in range(rounds):
-        start = time.thread_time()
+
+    def one_pass() -> None:
         for image, place in zip(source, target, strict=True):
             np.copyto(place, image)
-        times.append((time.thread_time() - start) / COPY_IMAGES)
-    return statistics.median(times) * 1e6
+
+    ready()
+    return cpu_us_per_item(one_pass, COPY_IMAGES, rounds)
+
+
+@functools.cache
+def _all_train_samples(shards: Path) -> tuple[list, int]:
+    """Every sample of the packed train split at `shards` and the canvas side, read (and hashed)
+    once: the processes that measure a limit are forked with it."""
+    from cocoshard.loading.tario import read_samples
+    from cocoshard.prepare.manifest import load_manifest
+
+    manifest = load_manifest(shards)
+    samples = []
+    for url, entry in zip(manifest.urls("train"), manifest.shards("train"), strict=True):
+        samples += read_samples(url, entry.sha256, entry.samples)
+    return samples, manifest.size
 
 
 def _train_samples(
@@ -84,14 +109,8 @@ def _train_samples(
 ) -> tuple[list, int]:
     """Every `parts`-th of the first `count * parts` samples of the bench's train shards in
     `pixel_format` from the `part`-th on (a process's own images), and the canvas side."""
-    from cocoshard.loading.tario import read_samples
-    from cocoshard.prepare.manifest import load_manifest
-
-    manifest = load_manifest(data.shards[pixel_format])
-    samples = []
-    for url, entry in zip(manifest.urls("train"), manifest.shards("train"), strict=True):
-        samples += read_samples(url, entry.sha256, entry.samples)
-    return samples[: count * parts][part::parts], manifest.size
+    samples, side = _all_train_samples(data.shards[pixel_format])
+    return samples[: count * parts][part::parts], side
 
 
 def pixels_us_per_image(
@@ -105,14 +124,13 @@ def pixels_us_per_image(
     samples, side = _train_samples(data, "raw", COPY_IMAGES, part, parts)
     images = [decode_pixels(s.members[EXT_PIXELS], side).copy() for s in samples]
     target = np.zeros((len(images), side, side, 3), np.uint8)
-    ready()
-    times = []
-    for _ in range(rounds):
-        start = time.thread_time()
+
+    def one_pass() -> None:
         for image, place in zip(images, target, strict=True):
             place[: image.shape[0], : image.shape[1]] = image
-        times.append((time.thread_time() - start) / len(images))
-    return statistics.median(times) * 1e6
+
+    ready()
+    return cpu_us_per_item(one_pass, len(images), rounds)
 
 
 def decode_us_per_image(
@@ -134,14 +152,13 @@ def decode_us_per_image(
     torch.set_num_threads(1)
     for (image, ext), canvas in zip(images[:20], canvases[:20], strict=True):  # warm-up
         decode_image_to_canvas(image, ext, canvas, checked=True)
-    ready()
-    times = []
-    for _ in range(rounds):
-        start = time.thread_time()
+
+    def one_pass() -> None:
         for (image, ext), canvas in zip(images, canvases, strict=True):
             decode_image_to_canvas(image, ext, canvas, checked=True)
-        times.append((time.thread_time() - start) / len(images))
-    return statistics.median(times) * 1e6
+
+    ready()
+    return cpu_us_per_item(one_pass, len(images), rounds)
 
 
 def at_once(measure: Callable[..., float], processes: int, timeout_s: float = 600) -> float:
